@@ -1,0 +1,21 @@
+"""acon: ACON activations (Ma et al., CVPR 2021) and the training suite built on them."""
+
+from acon.activations import AconA, AconB, AconC, BatchNorm2dB1, MetaAconC, ReLU, Swish
+from acon.factory import ACTIVATIONS, create_activation, resolve_activation
+from acon.params import activation_parameters, is_weight_decayed, param_groups
+
+__all__ = [
+    "ACTIVATIONS",
+    "AconA",
+    "AconB",
+    "AconC",
+    "BatchNorm2dB1",
+    "MetaAconC",
+    "ReLU",
+    "Swish",
+    "activation_parameters",
+    "create_activation",
+    "is_weight_decayed",
+    "param_groups",
+    "resolve_activation",
+]

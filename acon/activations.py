@@ -1,0 +1,142 @@
+"""ACON activation modules: ReLU, Swish/ACON-A, ACON-B, ACON-C and Meta-ACON-C.
+
+Every module takes ``channels`` first. Per-channel parameters are stored as (1, C, 1, 1), the layout
+of the authors' released checkpoints, and are reshaped to the input's rank (2-D, 3-D or 4-D) at call
+time. Under autocast the parameters are cast to the input's dtype so a bf16/fp16 activation tensor
+stays bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acon.functional import acon_c_reference, channel_view, spatial_mean, swish_reference
+
+IMPLS = ("auto", "reference", "fused")
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    return impl
+
+
+def _acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, impl: str):
+    """Dispatch ACON-C to the reference form or a fused kernel (see ``acon.fused``)."""
+    if impl != "reference":
+        from acon import fused
+
+        if fused.available(x, impl):
+            return fused.acon_c(x, p1, p2, beta)
+    return acon_c_reference(x, p1, p2, beta)
+
+
+class ReLU(nn.ReLU):
+    """ReLU with the suite's ``(channels, ...)`` signature; ``channels`` is ignored."""
+
+    def __init__(self, channels: int | None = None, inplace: bool = False) -> None:
+        super().__init__(inplace=inplace)
+
+
+class Swish(nn.Module):
+    """Swish x·σ(βx); with a learnable per-channel β (the default) this is ACON-A."""
+
+    def __init__(self, channels: int, learnable_beta: bool = True) -> None:
+        super().__init__()
+        beta = torch.ones(1, channels, 1, 1)
+        if learnable_beta:
+            self.beta = nn.Parameter(beta)
+        else:
+            self.register_buffer("beta", beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swish_reference(x, channel_view(self.beta, x))
+
+
+class AconA(Swish):
+    """ACON-A: the smooth maximum of x and 0, i.e. Swish with a learnable per-channel β."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, learnable_beta=True)
+
+
+class AconC(nn.Module):
+    """ACON-C: (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x with learnable per-channel p1, p2, β."""
+
+    def __init__(self, channels: int, impl: str = "auto") -> None:
+        super().__init__()
+        self.channels = channels
+        self.impl = _check_impl(impl)
+        self.p1 = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = lambda p: channel_view(p, x)  # noqa: E731
+        return _acon_c(x, v(self.p1), v(self.p2), v(self.beta), self.impl)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, impl={self.impl!r}"
+
+
+class AconB(nn.Module):
+    """ACON-B, the smooth PReLU: (1 - p)·x·σ(β(1 - p)·x) + p·x."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = channel_view(self.p, x)
+        return acon_c_reference(x, torch.ones_like(p), p, channel_view(self.beta, x))
+
+
+class BatchNorm2dB1(nn.BatchNorm2d):
+    """BatchNorm2d that, in training mode, falls back to running statistics when it sees one value
+    per channel (batch size 1 after global pooling), instead of raising. Running stats are then left
+    untouched. State-dict keys are those of ``nn.BatchNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() // x.shape[1] <= 1:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
+class MetaAconC(nn.Module):
+    """Meta-ACON-C: ACON-C whose β = σ(bn2(fc2(bn1(fc1(mean_HW(x)))))) is generated per sample and channel.
+
+    Batch size 1 in training mode: the β network's BatchNorms use their running statistics for that
+    batch (and do not update them), so training never crashes on a single sample.
+    """
+
+    def __init__(self, channels: int, r: int = 16, impl: str = "auto") -> None:
+        super().__init__()
+        hidden = max(r, channels // r)
+        self.channels, self.r = channels, r
+        self.impl = _check_impl(impl)
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=True)
+        self.bn1 = BatchNorm2dB1(hidden)
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=True)
+        self.bn2 = BatchNorm2dB1(channels)
+        self.p1 = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, channels, 1, 1))
+
+    def generate_beta(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-sample, per-channel β in (0, 1), shaped (N, C, 1, ..., 1) like ``x``."""
+        beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(spatial_mean(x))))))
+        return beta.reshape(x.shape[:2] + (1,) * (x.dim() - 2)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = lambda p: channel_view(p, x)  # noqa: E731
+        return _acon_c(x, v(self.p1), v(self.p2), self.generate_beta(x), self.impl)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, r={self.r}, impl={self.impl!r}"
+
+
+ACON_MODULES = (Swish, AconB, AconC, MetaAconC)

@@ -1,0 +1,33 @@
+"""Paper-form (reference) ACON functions: the ground truth every faster path is tested against."""
+
+from __future__ import annotations
+
+import torch
+
+
+def channel_view(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-channel parameter stored as (1, C, 1, 1) to broadcast over ``x`` (N, C, ...)."""
+    if x.dim() < 2:
+        raise ValueError(f"activation input must be (N, C, ...), got shape {tuple(x.shape)}")
+    return param.reshape((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
+
+
+def acon_c_reference(
+    x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
+    """ACON-C, (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x, exactly as the authors wrote it."""
+    dpx = p1 * x - p2 * x
+    return dpx * torch.sigmoid(beta * dpx) + p2 * x
+
+
+def swish_reference(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Swish / ACON-A, x·σ(βx)."""
+    return x * torch.sigmoid(beta * x)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dim after (N, C), returned as (N, C, 1, 1) for the β network's 1×1 convs."""
+    n, c = x.shape[:2]
+    if x.dim() == 2:
+        return x.reshape(n, c, 1, 1)
+    return x.flatten(2).mean(dim=2).reshape(n, c, 1, 1)
