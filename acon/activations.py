@@ -23,7 +23,9 @@ def _check_impl(impl: str) -> str:
     return impl
 
 
-def _acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, impl: str):
+def _acon_c(
+    x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, impl: str
+) -> torch.Tensor:
     """Dispatch ACON-C to the reference form or a fused kernel (see ``acon.fused``)."""
     if impl != "reference":
         from acon import fused
@@ -45,6 +47,7 @@ class Swish(nn.Module):
 
     def __init__(self, channels: int, learnable_beta: bool = True) -> None:
         super().__init__()
+        self.channels, self.learnable_beta = channels, learnable_beta
         beta = torch.ones(1, channels, 1, 1)
         if learnable_beta:
             self.beta = nn.Parameter(beta)
@@ -53,6 +56,9 @@ class Swish(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swish_reference(x, channel_view(self.beta, x))
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, learnable_beta={self.learnable_beta}"
 
 
 class AconA(Swish):
@@ -86,12 +92,16 @@ class AconB(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
+        self.channels = channels
         self.p = nn.Parameter(torch.randn(1, channels, 1, 1))
         self.beta = nn.Parameter(torch.ones(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = channel_view(self.p, x)
         return acon_c_reference(x, torch.ones_like(p), p, channel_view(self.beta, x))
+
+    def extra_repr(self) -> str:
+        return str(self.channels)
 
 
 class BatchNorm2dB1(nn.BatchNorm2d):
@@ -100,7 +110,7 @@ class BatchNorm2dB1(nn.BatchNorm2d):
     untouched. State-dict keys are those of ``nn.BatchNorm2d``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.numel() // x.shape[1] <= 1:
+        if self.training and self.track_running_stats and x.numel() // x.shape[1] <= 1:
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
@@ -110,8 +120,15 @@ class BatchNorm2dB1(nn.BatchNorm2d):
 class MetaAconC(nn.Module):
     """Meta-ACON-C: ACON-C whose β = σ(bn2(fc2(bn1(fc1(mean_HW(x)))))) is generated per sample and channel.
 
-    Batch size 1 in training mode: the β network's BatchNorms use their running statistics for that
-    batch (and do not update them), so training never crashes on a single sample.
+    fc1/fc2 are 1×1 convs with bias, hidden width max(r, C // r), no nonlinearity between them; the
+    state-dict keys (p1, p2, fc1.*, bn1.*, fc2.*, bn2.*) are those of the authors' module.
+
+    Batch size 1: in eval mode the β network's BatchNorms use their running statistics, as usual. In
+    training mode a batch of one sample has a single value per channel after pooling, which
+    ``nn.BatchNorm2d`` rejects (the authors' module crashes there). Here the BatchNorms then normalise
+    with their running statistics instead and leave them (and ``num_batches_tracked``) untouched, so
+    the output equals the eval-mode output and gradients still reach every parameter. Batches of two
+    or more samples use batch statistics and update the running ones, exactly like ``nn.BatchNorm2d``.
     """
 
     def __init__(self, channels: int, r: int = 16, impl: str = "auto") -> None:

@@ -38,6 +38,11 @@ def resolve_activation(spec: ActivationSpec) -> Callable[..., nn.Module]:
         if key not in ACTIVATIONS:
             raise ValueError(f"unknown activation {spec!r}; valid names: {', '.join(sorted(ACTIVATIONS))}")
         return ACTIVATIONS[key]
+    if isinstance(spec, nn.Module):
+        raise TypeError(
+            f"activation must be a name, class or partial (a constructor called once per layer), "
+            f"got the module instance {spec!r}"
+        )
     if callable(spec):
         return spec
     raise TypeError(f"activation must be a name, class or partial, got {type(spec).__name__}")

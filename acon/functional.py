@@ -9,12 +9,15 @@ def channel_view(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-channel parameter stored as (1, C, 1, 1) to broadcast over ``x`` (N, C, ...)."""
     if x.dim() < 2:
         raise ValueError(f"activation input must be (N, C, ...), got shape {tuple(x.shape)}")
+    if param.numel() != x.shape[1]:
+        raise ValueError(
+            f"activation has {param.numel()} channels but its input has shape {tuple(x.shape)} "
+            f"(channels at dim 1)"
+        )
     return param.reshape((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
 
 
-def acon_c_reference(
-    x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor
-) -> torch.Tensor:
+def acon_c_reference(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """ACON-C, (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x, exactly as the authors wrote it."""
     dpx = p1 * x - p2 * x
     return dpx * torch.sigmoid(beta * dpx) + p2 * x
