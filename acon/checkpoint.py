@@ -1,0 +1,140 @@
+"""Full-state checkpoints: written atomically, loaded without executing code, checked before use."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "acon-suite/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used here; the message says which file and why."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: dict, path: str | os.PathLike) -> Path:
+    """torch.save to a temp file in the same folder, flush + fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Make ``dst`` an atomic copy of ``src`` (a hard link where the filesystem allows)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load with ``weights_only=True``: tensors and plain containers only, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"refused to load {str(path)!r}: it holds objects other than tensors and plain containers, "
+            f"and loading it would run code ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} is a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def load_model_state(model: nn.Module, state: dict, source: str) -> None:
+    """Load a state_dict strictly; a mismatch lists the missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+
+        def show(xs):
+            return ", ".join(xs[:12]) + (f" … (+{len(xs) - 12})" if len(xs) > 12 else "") if xs else "none"
+
+        raise CheckpointError(
+            f"{source} does not fit this model ({type(model).__name__}): missing keys: {show(missing)}; "
+            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(shapes)}"
+        )
+    model.load_state_dict(state)
+
+
+def capture_rng() -> dict:
+    """This process's python, numpy, torch and CUDA RNG states, in weights-only-loadable types."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def assert_finite(model: nn.Module) -> None:
+    """Refuse to checkpoint weights holding NaN or Inf."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"refusing to save a checkpoint: {name} holds NaN/Inf")
+
+
+def prune_step_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step_<n>.pt files (called after the new one is on disk)."""
+    files = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    for old in files[: max(len(files) - keep, 0)]:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,104 @@
+"""Datasets and loaders from the ``data`` config group."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from acon.data.digits import prepare_digits
+from acon.data.folder import ImageFolderDataset, collate_skipping_bad, find_classes
+from acon.data.samplers import ExactShardSampler, ResumableTrainSampler, SeededDataset
+from acon.data.synthetic import SyntheticDataset
+
+DATA_KINDS = ("digits", "folder", "synthetic")
+
+
+def resolve_root(cfg: DictConfig) -> Path:
+    """The dataset root holding train/ and val/, checked before any expensive work starts."""
+    if cfg.kind == "digits":
+        return prepare_digits(cfg.root)
+    if not cfg.root:
+        raise ValueError(f"data.root is not set for data={cfg.name}; pass data.root=/path/to/imagenet")
+    root = Path(cfg.root).expanduser()
+    for split in (cfg.train_split, cfg.val_split):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"data.root={str(root)!r}: missing folder {str(root / split)!r}")
+    return root
+
+
+def check_class_sets(train_dir: Path, val_dir: Path, num_classes: int) -> list[str]:
+    """The class list, after checking that train/ and val/ agree and match ``num_classes``."""
+    train, val = find_classes(train_dir), find_classes(val_dir)
+    if train != val:
+        only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise ValueError(
+            f"class folders differ between {train_dir} and {val_dir}: "
+            f"only in train: {only_t[:10]}{'…' if len(only_t) > 10 else ''}; "
+            f"only in val: {only_v[:10]}{'…' if len(only_v) > 10 else ''}"
+        )
+    if len(train) != num_classes:
+        raise ValueError(f"{train_dir} has {len(train)} class folders but data.num_classes={num_classes}")
+    return train
+
+
+def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    """(train, val) datasets for ``cfg`` (the data group)."""
+    if cfg.kind not in DATA_KINDS:
+        raise ValueError(f"data.kind={cfg.kind!r} is not one of {DATA_KINDS}")
+    if cfg.kind == "synthetic":
+        make = lambda n: SyntheticDataset(n, cfg.num_classes, cfg.img_size)  # noqa: E731
+        return make(cfg.train_samples), make(cfg.val_samples)
+    root = resolve_root(cfg)
+    classes = check_class_sets(root / cfg.train_split, root / cfg.val_split, cfg.num_classes)
+    policy = cfg.bad_image_policy
+    train = ImageFolderDataset(
+        root / cfg.train_split, instantiate(cfg.train_transform), classes=classes, bad_image_policy=policy
+    )
+    val = ImageFolderDataset(
+        root / cfg.val_split, instantiate(cfg.val_transform), classes=classes, bad_image_policy=policy
+    )
+    if train.empty_classes:
+        raise ValueError(f"empty class folders in {train.root}: {train.empty_classes}")
+    if val.empty_classes:
+        warnings.warn(f"empty class folders in {val.root}: {val.empty_classes}", stacklevel=2)
+    return train, val
+
+
+def _loader_kwargs(cfg: DictConfig) -> dict:
+    workers = int(cfg.num_workers)
+    kw = {"num_workers": workers, "pin_memory": bool(cfg.pin_memory) and torch.cuda.is_available()}
+    if workers > 0:
+        kw.update(persistent_workers=bool(cfg.persistent_workers), prefetch_factor=int(cfg.prefetch_factor))
+    return kw
+
+
+def build_train_loader(
+    dataset: Dataset, cfg: DictConfig, global_batch: int, rank: int, world_size: int, seed: int
+) -> DataLoader:
+    """A resumable training loader: per-rank batch = global batch / world size, tail dropped."""
+    sampler = ResumableTrainSampler(len(dataset), global_batch, rank, world_size, seed)
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_size=sampler.per_rank_batch,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_skipping_bad,
+        generator=torch.Generator().manual_seed(seed + rank),
+        **_loader_kwargs(cfg),
+    )
+
+
+def build_eval_loader(
+    dataset: Dataset, cfg: DictConfig, batch_size: int, rank: int, world_size: int
+) -> DataLoader:
+    """An evaluation loader in which every sample is seen exactly once across ranks."""
+    sampler = ExactShardSampler(len(dataset), rank, world_size)
+    kw = _loader_kwargs(cfg)
+    kw["persistent_workers"] = False if kw["num_workers"] else None
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_skipping_bad, **kw)

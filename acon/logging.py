@@ -1,0 +1,118 @@
+"""Rank-0 run logging: TensorBoard scalars and histograms, metrics.jsonl and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from acon.activations import MetaAconC
+from acon.params import activation_parameters
+
+
+class RunLogger:
+    """Writes TensorBoard events and metrics.jsonl into the run dir; a no-op on ranks other than 0."""
+
+    def __init__(
+        self, run_dir: Path, enabled: bool, start_step: int = 0, history: list | None = None
+    ) -> None:
+        self.enabled, self.run_dir = enabled, Path(run_dir)
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.run_dir / "tb", purge_step=start_step or None)
+            self.rewrite_metrics(history or [])
+
+    def scalars(self, step: int, values: dict) -> None:
+        """Log several scalars at ``step`` under their keys (e.g. ``train/loss``)."""
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def activation_histograms(self, model: nn.Module, step: int) -> None:
+        """Histograms of every activation layer's p1, p2 and β (p for ACON-B)."""
+        if not self.writer:
+            return
+        for name, p in activation_parameters(model):
+            self.writer.add_histogram(f"act/{name}", p.detach().float().flatten().cpu(), step)
+
+    def meta_beta_stats(self, model: nn.Module, images: torch.Tensor, step: int) -> None:
+        """For Meta-ACON, the mean and std of the generated β of each layer on one batch."""
+        if not self.writer:
+            return
+        metas = [(n, m) for n, m in model.named_modules() if isinstance(m, MetaAconC)]
+        if not metas:
+            return
+        stats, hooks = {}, []
+        for name, mod in metas:
+
+            def hook(m, inp, _out, name=name):
+                stats[name] = m.generate_beta(inp[0]).detach().float()
+
+            hooks.append(mod.register_forward_hook(hook))
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(images)
+        model.train(was)
+        for h in hooks:
+            h.remove()
+        for name, beta in stats.items():
+            self.writer.add_histogram(f"meta_beta/{name}", beta.flatten().cpu(), step)
+            self.writer.add_scalar(f"meta_beta_mean/{name}", beta.mean().item(), step)
+            self.writer.add_scalar(f"meta_beta_std/{name}", beta.std().item(), step)
+
+    def epoch_line(self, record: dict) -> None:
+        """Append one epoch's record to metrics.jsonl."""
+        if self.enabled:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def rewrite_metrics(self, history: list) -> None:
+        """Make metrics.jsonl exactly the checkpoint's history (after a resume)."""
+        with open(self.run_dir / "metrics.jsonl", "w") as f:
+            for rec in history:
+                f.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self.writer:
+            self.writer.close()
+
+
+class Progress:
+    """A tqdm bar over the whole run with images/s and ETA (rank 0, when enabled)."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.bar = None
+        self.t0, self.images = time.perf_counter(), 0
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 15.0,
+            )
+
+    def update(self, images: int, **postfix) -> float:
+        """Advance one step; returns images/s since the start of this process."""
+        self.images += images
+        rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix({"img/s": f"{rate:.0f}", **postfix}, refresh=False)
+            self.bar.update(1)
+        return rate
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()

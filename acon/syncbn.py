@@ -1,0 +1,87 @@
+"""SyncBatchNorm for CPU (gloo) as well as GPU: torch's SyncBatchNorm only runs on accelerators."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def _global_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+class _SyncBNFunction(torch.autograd.Function):
+    """Batch statistics and their gradients reduced over every rank (sums in float64)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        dims = [0] + list(range(2, x.dim()))
+        xd = x.double()
+        local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() / x.shape[1]])])
+        total = _global_sum(local)
+        c = x.shape[1]
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)
+        invstd = torch.rsqrt(var + eps)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
+        ctx.save_for_backward(xhat, weight, invstd.to(x.dtype))
+        ctx.count, ctx.dims = count, dims
+        return xhat * weight.view(shape) + bias.view(shape), mean, var * count / (count - 1).clamp_min(1)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        xhat, weight, invstd = ctx.saved_tensors
+        c, dims = xhat.shape[1], ctx.dims
+        shape = (1, c) + (1,) * (xhat.dim() - 2)
+        dw = (dy * xhat).sum(dims)
+        db = dy.sum(dims)
+        sums = _global_sum(torch.cat([db, dw]).double())
+        mean_g = (sums[:c] / ctx.count).to(dy.dtype) * weight
+        mean_gx = (sums[c:] / ctx.count).to(dy.dtype) * weight
+        dx = (dy * weight.view(shape) - mean_g.view(shape) - xhat * mean_gx.view(shape)) * invstd.view(shape)
+        return dx, dw, db, None
+
+
+class GlooSyncBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics span all ranks, on any device and backend (gloo included).
+
+    Evaluation, or a single process, is plain batch norm. State-dict keys are those of BatchNorm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        y, mean, unbiased_var = _SyncBNFunction.apply(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased_var.to(self.running_var.dtype), alpha=m)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """torch's SyncBatchNorm on CUDA; :class:`GlooSyncBatchNorm` elsewhere (same keys, same stats)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, _BatchNorm):
+        new = GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, device))
+    return module

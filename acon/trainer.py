@@ -1,0 +1,345 @@
+"""The training run: config → data, model, optimiser → resumable loop → checkpoints and results."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from acon import checkpoint as ckpt
+from acon import distributed
+from acon.builders import build_model, run_identity
+from acon.data import build_datasets, build_eval_loader, build_train_loader
+from acon.engine import StepContext, agree, evaluate, forward_loss, optimizer_step
+from acon.logging import Progress, RunLogger
+from acon.optim import build_criterion, build_ema, build_mixup, build_optimizer, build_scheduler
+from acon.preempt import PreemptionFlag, requeue_and_exit
+from acon.report import git_commit, write_json
+from acon.syncbn import convert_sync_batchnorm
+from acon.validate import check_train_config
+
+
+@dataclass
+class Progression:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    bad_images_skipped: int = 0
+    nonfinite_steps_skipped: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """Hydra's output dir for this run, or out_dir/run_name outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.out_dir) / cfg.run_name
+
+
+def configure_determinism(cfg: DictConfig) -> None:
+    """Threads and deterministic algorithms, as the trainer config asks."""
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_process(seed: int) -> None:
+    """Seed python, numpy and torch for this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Holds one run's objects; :meth:`fit` runs it to completion, preemption or ``max_steps``."""
+
+    def __init__(self, cfg: DictConfig, info: distributed.DistInfo) -> None:
+        self.cfg, self.info, self.run_dir = cfg, info, run_dir_of(cfg)
+        tcfg, recipe = cfg.trainer, cfg.recipe
+        self.train_set, self.val_set = build_datasets(cfg.data)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, cfg.activation, int(cfg.data.num_classes))
+        if tcfg.sync_bn and info.enabled:
+            model = convert_sync_batchnorm(model, info.device)
+        fmt = torch.channels_last if tcfg.channels_last else torch.preserve_format
+        self.model = model.to(info.device, memory_format=fmt)
+        net = (
+            DDP(self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            if info.enabled
+            else self.model
+        )
+        net = torch.compile(net) if tcfg.compile else net
+        self.batches_per_epoch = len(self.train_set) // int(recipe.batch_size)
+        self.total_steps = int(recipe.iterations or int(recipe.epochs) * self.batches_per_epoch)
+        optimizer = build_optimizer(self.model, recipe)
+        mixup = build_mixup(recipe, int(cfg.data.num_classes))
+        self.ctx = StepContext(
+            model=net,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, recipe, self.total_steps),
+            scaler=torch.amp.GradScaler(info.device.type, enabled=tcfg.precision == "fp16"),
+            criterion=build_criterion(recipe, mixup),
+            device=info.device,
+            precision=tcfg.precision,
+            channels_last=bool(tcfg.channels_last),
+            clip_grad=recipe.clip_grad,
+            mixup=mixup,
+            ema=build_ema(self.model, recipe),
+            raw_model=self.model,
+        )
+        self.state = Progression()
+        self.resumed_from = self.maybe_resume()
+        if self.resumed_from is None:
+            seed_process(int(cfg.seed) * 1000 + info.rank)
+        self.train_loader = build_train_loader(
+            self.train_set, cfg.data, int(recipe.batch_size), info.rank, info.world_size, int(cfg.seed)
+        )
+        self.val_loader = build_eval_loader(
+            self.val_set, cfg.data, int(tcfg.eval_batch_size), info.rank, info.world_size
+        )
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_state(self, rng_all: list) -> dict:
+        """The full state: everything needed to continue exactly where the run is."""
+        c = self.ctx
+        return {
+            "format": ckpt.FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": c.optimizer.state_dict(),
+            "scheduler": c.scheduler.state_dict(),
+            "scaler": c.scaler.state_dict(),
+            "ema": c.ema.state_dict() if c.ema is not None else None,
+            "progress": vars(self.state).copy(),
+            "rng": rng_all,
+            "world_size": self.info.world_size,
+            "identity": run_identity(self.cfg),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save(self, best: bool = False) -> None:
+        """Write last.pt atomically on rank 0 (all ranks contribute their RNG states); best.pt if asked."""
+        rng_all = distributed.all_gather_object(ckpt.capture_rng())
+        if self.info.is_main:
+            ckpt.assert_finite(self.model)
+            last = ckpt.atomic_save(self.checkpoint_state(rng_all), self.run_dir / "last.pt")
+            keep = int(self.cfg.trainer.keep_step_checkpoints)
+            if keep > 0:
+                ckpt.atomic_copy(last, self.run_dir / f"step_{self.state.step}.pt")
+                ckpt.prune_step_checkpoints(self.run_dir, keep)
+            if best:
+                ckpt.atomic_copy(last, self.run_dir / "best.pt")
+        distributed.barrier()
+
+    def maybe_resume(self) -> Path | None:
+        """Load last.pt from the run dir (resume=auto) or an explicit resume=PATH; check identity."""
+        r = self.cfg.resume
+        path = self.run_dir / "last.pt" if r in ("auto", None) else None if r == "none" else Path(r)
+        if path is None or not path.is_file():
+            return None
+        state = ckpt.load_checkpoint(path, map_location=self.info.device)
+        mine, theirs = run_identity(self.cfg), state.get("identity")
+        if theirs != mine:
+            diff = [k for k in mine if theirs is None or mine[k] != theirs.get(k)]
+            raise ckpt.CheckpointError(
+                f"refusing to resume from {path}: its {', '.join(diff)} differ from this run's config; "
+                f"use a different run dir (out_dir/run_name) or resume=none"
+            )
+        ckpt.load_model_state(self.model, state["model"], str(path))
+        c = self.ctx
+        c.optimizer.load_state_dict(state["optimizer"])
+        c.scheduler.load_state_dict(state["scheduler"])
+        c.scaler.load_state_dict(state["scaler"])
+        if c.ema is not None and state.get("ema") is not None:
+            c.ema.load_state_dict(state["ema"])
+        self.state = Progression(**state["progress"])
+        rngs = state["rng"]
+        if self.info.rank < len(rngs) and state.get("world_size") == self.info.world_size:
+            ckpt.restore_rng(rngs[self.info.rank])
+        else:
+            seed_process(int(self.cfg.seed) * 1000 + self.info.rank + 7919 * self.state.step)
+        return path
+
+    # ---------------------------------------------------------------- loop
+    def validate(self) -> dict:
+        """Evaluate on the validation set (every image once across ranks); EMA weights too if kept."""
+        t, c = self.cfg.trainer, self.ctx
+        metrics = evaluate(self.model, self.val_loader, self.info.device, t.precision, bool(t.channels_last))
+        if c.ema is not None:
+            ema = evaluate(
+                c.ema.module, self.val_loader, self.info.device, t.precision, bool(t.channels_last)
+            )
+            metrics.update({f"ema_{k}": v for k, v in ema.items() if k.endswith("_err")})
+        return metrics
+
+    def end_of_epoch(self, logger: RunLogger, train_loss: float, lr: float, elapsed: float) -> None:
+        """Validate, record the epoch, and save last.pt (and best.pt on a new best top-1 error)."""
+        s = self.state
+        val = self.validate()
+        s.bad_images_skipped += val.pop("bad_images_skipped")
+        record = {
+            "epoch": s.epoch,
+            "step": s.step,
+            "train_loss": train_loss,
+            "lr": lr,
+            "epoch_time_s": elapsed,
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        s.history.append(record)
+        logger.epoch_line(record)
+        logger.scalars(
+            s.step,
+            {"val/top1_err": val["top1_err"], "val/top5_err": val["top5_err"], "val/loss": val["loss"]},
+        )
+        is_best = s.best is None or val["top1_err"] < s.best["top1_err"]
+        if is_best:
+            s.best = {
+                "top1_err": val["top1_err"],
+                "top5_err": val["top5_err"],
+                "epoch": s.epoch,
+                "step": s.step,
+            }
+        self.save(best=is_best)
+
+    def fit(self) -> dict | None:
+        """Train to the end; returns the results dict on rank 0 (None when stopped early)."""
+        cfg, t, s, c = self.cfg, self.cfg.trainer, self.state, self.ctx
+        logger = RunLogger(self.run_dir, self.info.is_main, s.step, s.history)
+        bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
+        flag = PreemptionFlag().install()
+        sampler = self.train_loader.sampler
+        max_steps = int(t.max_steps) if t.max_steps else None
+        t_start, rate = time.perf_counter(), 0.0
+        try:
+            while s.step < self.total_steps:
+                sampler.set_position(s.epoch, s.batch_in_epoch)
+                t_epoch = time.perf_counter()
+                for images, targets, n_bad in self.train_loader:
+                    s.bad_images_skipped += n_bad
+                    loss = forward_loss(c, images, targets)
+                    nonfinite, stop_now = agree(
+                        [float(not torch.isfinite(loss)), float(bool(flag))], self.info.device
+                    )
+                    if nonfinite:
+                        if t.nan_policy == "stop":
+                            raise FloatingPointError(
+                                f"non-finite training loss at step {s.step} (epoch {s.epoch}); the last "
+                                f"good checkpoint is {self.run_dir / 'last.pt'} (trainer.nan_policy=stop)"
+                            )
+                        s.nonfinite_steps_skipped += 1
+                    else:
+                        optimizer_step(c, loss, s.step)
+                        s.epoch_loss_sum += loss.item()
+                        s.epoch_loss_count += 1
+                    s.step += 1
+                    s.batch_in_epoch += 1
+                    rate = bar.update(int(cfg.recipe.batch_size), epoch=s.epoch)
+                    if s.step % int(t.log_every) == 0:
+                        logger.scalars(
+                            s.step,
+                            {
+                                "train/loss": loss.item(),
+                                "train/lr": c.optimizer.param_groups[0]["lr"],
+                                "train/images_per_s": rate,
+                            },
+                        )
+                    if s.step % int(t.hist_every) == 0:
+                        logger.activation_histograms(self.model, s.step)
+                        logger.meta_beta_stats(self.model, images[:8].to(self.info.device), s.step)
+                    epoch_done = s.batch_in_epoch == self.batches_per_epoch
+                    if stop_now and not epoch_done:
+                        self.save()
+                        bar.close()
+                        requeue_and_exit(
+                            f"received {flag.received or 'a stop signal on another rank'}", self.info.is_main
+                        )
+                    if epoch_done or s.step >= self.total_steps:
+                        break
+                    if s.step % int(t.ckpt_every_steps) == 0:
+                        self.save()
+                    if max_steps and s.step >= max_steps:
+                        break
+                if s.batch_in_epoch == self.batches_per_epoch or s.step >= self.total_steps:
+                    train_loss = s.epoch_loss_sum / max(s.epoch_loss_count, 1)
+                    s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
+                    if s.batch_in_epoch == self.batches_per_epoch:
+                        s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                    self.end_of_epoch(
+                        logger, train_loss, c.optimizer.param_groups[0]["lr"], time.perf_counter() - t_epoch
+                    )
+                    if stop_now:
+                        requeue_and_exit(f"received {flag.received or 'a stop signal'}", self.info.is_main)
+                if max_steps and s.step >= max_steps and s.step < self.total_steps:
+                    self.save()
+                    return None
+        finally:
+            flag.restore()
+            bar.close()
+            logger.close()
+        return self.finish(time.perf_counter() - t_start, rate)
+
+    def finish(self, wall: float, rate: float) -> dict | None:
+        """Write results.json on rank 0: final errors, params, FLOPs, time, throughput, commit."""
+        if not self.info.is_main:
+            return None
+        import models
+
+        last = self.state.history[-1]
+        results = {
+            "status": "complete",
+            "top1_err": last["val_top1_err"],
+            "top5_err": last["val_top5_err"],
+            "best_top1_err": self.state.best["top1_err"],
+            "best_epoch": self.state.best["epoch"],
+            "params": models.count_params(self.model),
+            "flops": models.count_flops(self.model, int(self.cfg.data.img_size)),
+            "wall_time_s": wall,
+            "images_per_s": rate,
+            "world_size": self.info.world_size,
+            "steps": self.state.step,
+            "epochs": self.state.epoch,
+            "bad_images_skipped": self.state.bad_images_skipped,
+            "nonfinite_steps_skipped": self.state.nonfinite_steps_skipped,
+            "model": self.cfg.model.name,
+            "activation": self.cfg.activation.name,
+            "recipe": self.cfg.recipe.name,
+            "data": self.cfg.data.name,
+            "seed": int(self.cfg.seed),
+            "git_commit": git_commit(),
+            "identity": run_identity(self.cfg),
+        }
+        write_json(self.run_dir / "results.json", results)
+        return results
+
+
+def train(cfg: DictConfig) -> dict | None:
+    """Check the config, set up DDP from the environment, and run training."""
+    import os
+
+    check_train_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    configure_determinism(cfg)
+    info = distributed.setup(cfg.trainer.device, float(cfg.trainer.dist_timeout_s))
+    try:
+        trainer = Trainer(cfg, info)
+        if info.is_main:
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, trainer.run_dir / "config.yaml", resolve=True)
+        return trainer.fit()
+    finally:
+        distributed.teardown()
