@@ -1,17 +1,72 @@
-"""Fused ACON-C kernels (placeholder until the fused implementation lands): nothing is available,
-so every module falls back to the reference form."""
+"""Fused, memory-efficient ACON-C (used by ``AconC`` and ``MetaAconC`` with ``impl="auto"|"fused"``).
+
+One custom autograd op (``acon.fused.ops``) saves only x plus the per-channel p1, p2 and β (or the
+per-sample β of Meta-ACON) and recomputes the sigmoid in backward; backward yields dx, dp1, dp2 and dβ
+in one pass. CUDA runs Triton kernels (``acon.fused.triton_kernels``); CPU runs Inductor-compiled torch
+formulas (``acon.fused.cpu``), or the same formulas eagerly when no C compiler is found.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from acon.fused import cpu
+from acon.fused.layout import dense
+from acon.fused.ops import acon_c_backward_op, acon_c_op, triton_importable
+
+# Below this many elements the CPU per-call overhead of the fused op outweighs its gain; "auto" then
+# keeps the reference form (tiny tensors also never trigger a kernel compile).
+AUTO_MIN_NUMEL_CPU = 1 << 16
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_IMPLS = ("auto", "reference", "fused")
+
 
 def available(x: torch.Tensor, impl: str) -> bool:
-    """Whether a fused path serves ``x`` for the requested ``impl``."""
+    """Whether a fused path serves ``x``: ``"auto"`` when it is the fastest correct one for x's device and
+    dtype, ``"fused"`` when any exists (raises if none exists for x's device or dtype)."""
+    if impl not in _IMPLS:
+        raise ValueError(f"acon.fused.available: impl={impl!r} is not one of {_IMPLS}")
+    if impl == "reference":
+        return False
+    dev = x.device.type
     if impl == "fused":
-        raise NotImplementedError("impl='fused' is not available yet; use impl='reference' or 'auto'")
+        if dev not in ("cpu", "cuda"):
+            raise RuntimeError(
+                f"acon.fused: no fused ACON-C path for device {dev!r}; use impl='reference' or 'auto'"
+            )
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"acon.fused: ACON-C needs a floating-point input, got dtype {x.dtype}")
+        return True
+    if x.dtype not in _FLOATS:
+        return False
+    if dev == "cuda":
+        return triton_importable()
+    if dev == "cpu":
+        return cpu.mode() == "compiled" and x.numel() >= AUTO_MIN_NUMEL_CPU
     return False
 
 
-def acon_c(x, p1, p2, beta):  # pragma: no cover - replaced by the fused implementation
-    raise NotImplementedError
+def _check_shapes(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"acon.fused.acon_c: x must be (N, C, ...), got shape {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    for name, p in (("p1", p1), ("p2", p2)):
+        if p.dim() != x.dim() or p.shape[1] != c or p.numel() != c:
+            raise ValueError(
+                f"acon.fused.acon_c: {name} must be (1, {c}, 1, ...) for x {tuple(x.shape)}, "
+                f"got {tuple(p.shape)}"
+            )
+    if beta.dim() != x.dim() or beta.shape[0] not in (1, n) or beta.shape[1] != c or beta[0].numel() != c:
+        raise ValueError(
+            f"acon.fused.acon_c: beta must be (1, {c}, 1, ...) or ({n}, {c}, 1, ...) for x "
+            f"{tuple(x.shape)}, got {tuple(beta.shape)}"
+        )
+
+
+def acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Fused ACON-C: (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x, saving only x and the small parameters."""
+    _check_shapes(x, p1, p2, beta)
+    return acon_c_op(dense(x), p1, p2, beta)
+
+
+__all__ = ["AUTO_MIN_NUMEL_CPU", "acon_c", "acon_c_backward_op", "acon_c_op", "available"]

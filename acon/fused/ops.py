@@ -1,0 +1,123 @@
+"""ACON-C as two ``torch.library`` custom ops with autograd: ``acon::acon_c`` and ``acon::acon_c_backward``.
+
+Autograd saves only x and the per-channel p1, p2 and the per-channel or per-sample β; backward
+recomputes the sigmoid. Being custom ops, they stay opaque (one node each) under ``torch.compile`` of a
+whole model and work with autocast, DDP and channels_last. Device kernels:
+
+- CUDA: Triton (``acon.fused.triton_kernels``) when Triton imports, else the torch formulas;
+- CPU and others: the torch formulas of ``acon.fused.cpu`` (Inductor-compiled when a C compiler exists).
+  With ``ACON_FUSED_CPU_BACKEND=triton`` and ``TRITON_INTERPRET=1`` CPU runs the Triton kernels in the
+  interpreter, which is how the kernels are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from acon.fused import cpu
+from acon.fused.layout import as_3d, compute_dtype, layout_of, like, param_views, same_layout
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Whether ``triton`` imports in this process."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_on_cpu() -> bool:
+    """CPU tensors go through the Triton interpreter (tests only)."""
+    return (
+        os.environ.get("ACON_FUSED_CPU_BACKEND") == "triton"
+        and os.environ.get("TRITON_INTERPRET") == "1"
+        and triton_importable()
+    )
+
+
+def _torch_forward(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    layout, ct = layout_of(x), compute_dtype(x.dtype)
+    y3 = cpu.forward(as_3d(x, layout), *param_views(p1, p2, beta, x, layout, ct), layout, ct)
+    return like(y3.contiguous(), x)
+
+
+def _torch_backward(dy: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):
+    layout, ct = layout_of(x), compute_dtype(x.dtype)
+    views = param_views(p1, p2, beta, x, layout, ct)
+    dx3, s1, s2, sb = cpu.backward(as_3d(dy, layout), as_3d(x, layout), *views, layout, ct)
+    return like(dx3.contiguous(), x), s1, s2, sb
+
+
+def _use_triton(x: Tensor) -> bool:
+    return (x.is_cuda and triton_importable()) or (x.device.type == "cpu" and triton_on_cpu())
+
+
+def _check(x: Tensor) -> None:
+    if layout_of(x) is None:
+        raise ValueError(f"acon::acon_c needs a contiguous or channels-last x, got strides {x.stride()}")
+
+
+@torch.library.custom_op("acon::acon_c", mutates_args=())
+def acon_c_op(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    """ACON-C forward on a dense x; p1, p2 are (1, C, 1..), β is (1, C, 1..) or (N, C, 1..)."""
+    _check(x)
+    if _use_triton(x):
+        from acon.fused import triton_kernels
+
+        return triton_kernels.forward(x, p1, p2, beta)
+    return _torch_forward(x, p1, p2, beta)
+
+
+@acon_c_op.register_fake
+def _(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("acon::acon_c_backward", mutates_args=())
+def acon_c_backward_op(
+    dy: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dp1, dp2, dβ) of ACON-C in one pass over x and dy; dβ has β's shape (per channel or sample)."""
+    _check(x)
+    dy = same_layout(dy, x)
+    if _use_triton(x):
+        from acon.fused import triton_kernels
+
+        dx, s1, s2, sb = triton_kernels.backward(dy, x, p1, p2, beta)
+    else:
+        dx, s1, s2, sb = _torch_backward(dy, x, p1, p2, beta)
+    if beta.shape[0] != sb.shape[0]:
+        sb = sb.sum(0, keepdim=True)
+    return (
+        dx,
+        s1.to(p1.dtype).reshape(p1.shape),
+        s2.to(p2.dtype).reshape(p2.shape),
+        sb.to(beta.dtype).reshape(beta.shape),
+    )
+
+
+@acon_c_backward_op.register_fake
+def _(dy: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):
+    new = lambda p: p.new_empty(p.shape)  # noqa: E731
+    return torch.empty_like(x), new(p1), new(p2), new(beta)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, p1, p2, beta = inputs
+    ctx.save_for_backward(x, p1, p2, beta)
+
+
+def _backward(ctx, dy: Tensor):
+    x, p1, p2, beta = ctx.saved_tensors
+    return acon_c_backward_op(dy, x, p1, p2, beta)
+
+
+torch.library.register_autograd("acon::acon_c", _backward, setup_context=_setup_context)
+
+__all__ = ["acon_c_op", "acon_c_backward_op", "triton_importable", "triton_on_cpu"]

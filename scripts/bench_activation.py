@@ -1,0 +1,200 @@
+"""Forward+backward time and saved-for-backward memory of each activation/implementation vs nn.SiLU.
+
+Shapes come from ShuffleNetV2 1.0x (batch 64) and ResNet-50 stages (batch 32). Every row is timed in
+the same run as nn.SiLU on the same tensor, in interleaved rounds; the printed time is the median round
+as a ratio to SiLU's median. Saved bytes are counted with ``torch.autograd.graph.saved_tensors_hooks``
+(each storage once) relative to the input's bytes. On CUDA the fused kernels' effective bandwidth is also
+reported as a percentage of a plain copy's (forward moves 2 tensors, backward 3).
+
+    python scripts/bench_activation.py                      # CPU, fp32, all shapes
+    python scripts/bench_activation.py --quick              # two shapes, fewer repeats
+    python scripts/bench_activation.py --device cuda --dtype bf16 --out benchmarks/act.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from acon import AconC, MetaAconC  # noqa: E402
+from acon.fused import cpu as fused_cpu  # noqa: E402
+
+SHAPES = {
+    "shufflenetv2 s2 [64,116,28,28]": (64, 116, 28, 28),
+    "shufflenetv2 s3 [64,232,14,14]": (64, 232, 14, 14),
+    "shufflenetv2 s4 [64,464,7,7]": (64, 464, 7, 7),
+    "resnet50 s1 [32,64,56,56]": (32, 64, 56, 56),
+    "resnet50 s2 [32,128,28,28]": (32, 128, 28, 28),
+    "resnet50 s3 [32,256,14,14]": (32, 256, 14, 14),
+    "resnet50 s4 [32,512,7,7]": (32, 512, 7, 7),
+}
+QUICK = ("shufflenetv2 s2 [64,116,28,28]", "resnet50 s3 [32,256,14,14]")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def candidates(c: int, device: str) -> dict[str, tuple[nn.Module, str | None]]:
+    """name -> (module, CPU execution mode of the fused formulas or None)."""
+    rows = {
+        "SiLU": (nn.SiLU(), None),
+        "ReLU": (nn.ReLU(), None),
+        "AconC reference": (AconC(c, impl="reference"), None),
+        "AconC fused": (AconC(c, impl="fused"), "compiled"),
+        "MetaAconC reference": (MetaAconC(c, impl="reference"), None),
+        "MetaAconC fused": (MetaAconC(c, impl="fused"), "compiled"),
+    }
+    if device == "cpu":
+        rows["AconC fused (eager formulas)"] = (AconC(c, impl="fused"), "eager")
+        if not fused_cpu.compile_supported():
+            rows = {k: v for k, v in rows.items() if v[1] != "compiled"}
+    return rows
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fwd_bwd(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+    x.grad = None
+    m(x).backward(dy)
+
+
+def saved_bytes(m: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward of ``m(x)`` (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    del y
+    return sum(seen.values())
+
+
+def timed(fn, device: str, inner: int) -> float:
+    """Seconds per call of ``fn``, averaged over ``inner`` back-to-back calls."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / inner
+
+
+def kernel_bandwidth_rows(x: torch.Tensor, dy: torch.Tensor, args) -> list[tuple]:
+    """CUDA: median GB/s of the Triton forward/backward kernels as a fraction of a plain copy's."""
+    from acon.fused import triton_kernels
+
+    c = x.shape[1]
+    p1, p2 = (torch.randn(1, c, 1, 1, device=x.device, dtype=x.dtype) for _ in range(2))
+    beta = torch.ones(1, c, 1, 1, device=x.device, dtype=x.dtype)
+    xd, y = x.detach(), torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    cases = {
+        "copy": (lambda: y.copy_(xd), 2),
+        "fused fwd kernel": (lambda: triton_kernels.forward(xd, p1, p2, beta), 2),
+        "fused bwd kernel": (lambda: triton_kernels.backward(dy, xd, p1, p2, beta), 3),
+    }
+    med = {}
+    for name, (fn, _) in cases.items():
+        fn()
+        med[name] = statistics.median(timed(fn, "cuda", args.inner) for _ in range(args.repeats))
+    copy_bw = 2 * nbytes / med["copy"]
+    rows = []
+    for name, (_, tensors) in cases.items():
+        bw = tensors * nbytes / med[name]
+        rows.append((f"{name}: {bw / 1e9:.0f} GB/s", med[name] * 1e3, bw / copy_bw, float("nan")))
+    return rows
+
+
+def bench_shape(shape, args) -> list[tuple]:
+    device, dtype = args.device, DTYPES[args.dtype]
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if args.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    rows = candidates(shape[1], device)
+    for m, _ in rows.values():
+        m.to(device=device, dtype=dtype)
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    for m, mode in rows.values():  # warm-up (includes kernel compiles)
+        fused_cpu.set_mode(mode)
+        for _ in range(args.warmup):
+            fwd_bwd(m, x, dy)
+    for _ in range(args.repeats):  # interleaved rounds so machine noise hits every row alike
+        for name, (m, mode) in rows.items():
+            fused_cpu.set_mode(mode)
+            times[name].append(timed(lambda m=m: fwd_bwd(m, x, dy), device, args.inner))
+    fused_cpu.set_mode(None)
+    base = statistics.median(times["SiLU"])
+    nbytes = x.numel() * x.element_size()
+    out = []
+    for name, (m, mode) in rows.items():
+        fused_cpu.set_mode(mode)
+        med = statistics.median(times[name])
+        out.append((name, med * 1e3, med / base, saved_bytes(m, x) / nbytes))
+    fused_cpu.set_mode(None)
+    if device == "cuda":
+        out += kernel_bandwidth_rows(x, dy, args)
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark, print a markdown table and return it."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--inner", type=int, default=0, help="calls per timed round (0: 1 on CPU, 20 on CUDA)")
+    ap.add_argument("--quick", action="store_true", help="two shapes, 7 repeats")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.inner = args.inner or (20 if args.device == "cuda" else 1)
+    if args.quick:
+        args.repeats = min(args.repeats, 7)
+    names = QUICK if args.quick else tuple(SHAPES)
+    fmt = "channels_last" if args.channels_last else "contiguous"
+    lines = [
+        f"# bench_activation: {args.device}, {args.dtype}, {fmt}, median of {args.repeats} interleaved rounds",
+        "",
+        "| shape | activation / impl | fwd+bwd ms | × SiLU | saved / input |",
+        "|---|---|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    for name in names:
+        for row, ms, ratio, saved in bench_shape(SHAPES[name], args):
+            if "GB/s" in row:  # CUDA kernel rows: ratio is the fraction of copy bandwidth
+                line = f"| {name} | {row} | {ms:.3f} | {100 * ratio:.0f}% of copy | – |"
+            else:
+                line = f"| {name} | {row} | {ms:.2f} | {ratio:.2f} | {saved:.2f} |"
+            print(line, flush=True)
+            lines.append(line)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

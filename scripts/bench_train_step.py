@@ -1,0 +1,148 @@
+"""Training-step time and saved-activation memory of ShuffleNetV2 1.0x and ResNet-50 per activation, vs ReLU.
+
+A step is forward, cross-entropy, backward and an SGD update. All variants of one model are timed in
+interleaved rounds in the same run; the printed numbers are medians and ratios to ReLU's median.
+Saved-activation memory is the sum of distinct storages autograd saves during the forward pass
+(``torch.autograd.graph.saved_tensors_hooks``, parameters excluded).
+
+    python scripts/bench_train_step.py                          # CPU defaults: batch 8, 112 px
+    python scripts/bench_train_step.py --batch 32 --img 224     # the issue's setting
+    python scripts/bench_train_step.py --device cuda --amp bf16 --batch 128 --img 224 --out benchmarks/x.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import create_model  # noqa: E402
+
+VARIANTS = {  # label -> (activation name, act_kwargs)
+    "ReLU": ("relu", None),
+    "ACON-C fused": ("acon_c", {"impl": "fused"}),
+    "Meta-ACON fused": ("meta_acon", {"impl": "fused"}),
+    "ACON-C reference": ("acon_c", {"impl": "reference"}),
+    "Meta-ACON reference": ("meta_acon", {"impl": "reference"}),
+}
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> int:
+    """Bytes of distinct non-parameter storages saved for backward during one forward pass."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x)
+    del out
+    return sum(seen.values())
+
+
+def step(model, opt, x, y, amp) -> None:
+    """One SGD training step."""
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_model(name: str, variants: list[str], args) -> list[str]:
+    dev = args.device
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img, args.img, device=dev)
+    y = torch.randint(0, 1000, (args.batch,), device=dev)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    runs = {}
+    for label in variants:
+        act, kw = VARIANTS[label]
+        torch.manual_seed(0)
+        m = create_model(name, activation=act, num_classes=1000, act_kwargs=kw).to(dev, memory_format=fmt)
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+        for _ in range(args.warmup):  # includes kernel compiles
+            step(m, opt, x, y, amp)
+        runs[label] = (m, opt, [])
+    for _ in range(args.steps):
+        for m, opt, times in runs.values():
+            sync(dev)
+            t0 = time.perf_counter()
+            step(m, opt, x, y, amp)
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+    base_t = statistics.median(runs["ReLU"][2])
+    base_m = saved_activation_bytes(runs["ReLU"][0], x, amp)
+    rows = []
+    for label, (m, _, times) in runs.items():
+        t = statistics.median(times)
+        mem = saved_activation_bytes(m, x, amp)
+        rows.append(
+            f"| {name} | {label} | {1e3 * t:.1f} | {args.batch / t:.1f} | {t / base_t:.2f} "
+            f"| {mem / 2**20:.0f} | {mem / base_m:.2f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark, print a markdown table and return it."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="shufflenetv2_x1_0,resnet50")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--img", type=int, default=112)
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "ReLU" not in variants:
+        ap.error(f"--variants must include 'ReLU' and only names from {list(VARIANTS)}; got {unknown}")
+    lines = [
+        f"# bench_train_step: {args.device}, amp={args.amp}, batch {args.batch}, {args.img} px, "
+        f"{'channels_last' if args.channels_last else 'contiguous'}, median of {args.steps} interleaved steps",
+        "",
+        "| model | activation | step ms | img/s | time × ReLU | saved MiB | saved × ReLU |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    for name in args.models.split(","):
+        lines += bench_model(name.strip(), variants, args)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
