@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from acon import checkpoint as ckpt
 from acon import distributed
 from acon.builders import build_model, run_identity
 from acon.data import build_datasets, build_eval_loader, build_train_loader
+from acon.data.build import build_pipeline_loaders
 from acon.engine import StepContext, agree, evaluate, forward_loss, optimizer_step
 from acon.logging import Progress, RunLogger
 from acon.optim import build_criterion, build_ema, build_mixup, build_optimizer, build_scheduler
@@ -73,7 +75,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, info: distributed.DistInfo) -> None:
         self.cfg, self.info, self.run_dir = cfg, info, run_dir_of(cfg)
         tcfg, recipe = cfg.trainer, cfg.recipe
-        self.train_set, self.val_set = build_datasets(cfg.data)
+        self.train_loader, self.val_loader, n_train = self.build_loaders()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, cfg.activation, int(cfg.data.num_classes))
         if tcfg.sync_bn and info.enabled:
@@ -86,7 +88,7 @@ class Trainer:
             else self.model
         )
         net = torch.compile(net) if tcfg.compile else net
-        self.batches_per_epoch = len(self.train_set) // int(recipe.batch_size)
+        self.batches_per_epoch = n_train // int(recipe.batch_size)
         self.total_steps = int(recipe.iterations or int(recipe.epochs) * self.batches_per_epoch)
         optimizer = build_optimizer(self.model, recipe)
         mixup = build_mixup(recipe, int(cfg.data.num_classes))
@@ -108,12 +110,28 @@ class Trainer:
         self.resumed_from = self.maybe_resume()
         if self.resumed_from is None:
             seed_process(int(cfg.seed) * 1000 + info.rank)
-        self.train_loader = build_train_loader(
-            self.train_set, cfg.data, int(recipe.batch_size), info.rank, info.world_size, int(cfg.seed)
-        )
-        self.val_loader = build_eval_loader(
-            self.val_set, cfg.data, int(tcfg.eval_batch_size), info.rank, info.world_size
-        )
+
+    def build_loaders(self) -> tuple:
+        """(train loader, val loader, training-set size) for the configured data pipeline."""
+        cfg, info, batch = self.cfg, self.info, int(self.cfg.recipe.batch_size)
+        eval_batch, seed = int(cfg.trainer.eval_batch_size), int(cfg.seed)
+        if cfg.data.get("pipeline", "reference") != "reference":
+            return build_pipeline_loaders(
+                cfg.data, batch, eval_batch, info.rank, info.world_size, seed, info.device
+            )
+        train_set, val_set = build_datasets(cfg.data)
+        train = build_train_loader(train_set, cfg.data, batch, info.rank, info.world_size, seed)
+        val = build_eval_loader(val_set, cfg.data, eval_batch, info.rank, info.world_size)
+        return train, val, len(train_set)
+
+    def epoch_batches(self, epoch: int, batches_done: int):
+        """The training batches of ``epoch`` after the first ``batches_done`` (resumable mid-epoch)."""
+        loader = getattr(self.train_loader, "loader", self.train_loader)
+        if hasattr(loader.sampler, "set_position"):
+            loader.sampler.set_position(epoch, batches_done)
+            return iter(self.train_loader)
+        loader.dataset.set_epoch(epoch)  # streaming shards: replay the epoch and skip what was consumed
+        return itertools.islice(iter(self.train_loader), batches_done, None)
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_state(self, rng_all: list) -> dict:
@@ -223,14 +241,12 @@ class Trainer:
         logger = RunLogger(self.run_dir, self.info.is_main, s.step, s.history)
         bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
         flag = PreemptionFlag().install()
-        sampler = self.train_loader.sampler
         max_steps = int(t.max_steps) if t.max_steps else None
         t_start, rate = time.perf_counter(), 0.0
         try:
             while s.step < self.total_steps:
-                sampler.set_position(s.epoch, s.batch_in_epoch)
                 t_epoch = time.perf_counter()
-                for images, targets, n_bad in self.train_loader:
+                for images, targets, n_bad in self.epoch_batches(s.epoch, s.batch_in_epoch):
                     s.bad_images_skipped += n_bad
                     loss = forward_loss(c, images, targets)
                     nonfinite, stop_now = agree(

@@ -200,3 +200,37 @@ def test_ddp_two_processes_match_one(tiny_imagenet, tmp_path):
     assert e2["top1_err"] == pytest.approx(e1["top1_err"]) and e2["loss"] == pytest.approx(
         e1["loss"], rel=1e-5
     )
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "gpu", "shards"])
+def test_trains_with_each_input_pipeline(tiny_imagenet, tmp_path, pipeline):
+    """data.pipeline=fast|gpu|shards run through the same trainer (the device stage runs on CPU here)."""
+    root = tiny_imagenet
+    if pipeline == "shards":
+        root = tmp_path / "shards"
+        for split, extra in (("train", []), ("val", ["--no-shuffle"])):
+            run_cli(
+                [
+                    sys.executable,
+                    "scripts/prepare_fast_imagenet.py",
+                    "--src",
+                    str(tiny_imagenet / split),
+                    "--dst",
+                    str(root),
+                    "--split",
+                    split,
+                    "--samples-per-shard",
+                    "5",
+                    *extra,
+                ]
+            )
+    ov = tiny_overrides(root, tmp_path) + [
+        f"data.pipeline={pipeline}",
+        "model=resnet18_small",
+        "activation=relu",
+    ]
+    results = _train(ov)
+    assert results["status"] == "complete" and results["steps"] == 6
+    run = tmp_path / RUN.format(model="resnet18_small", act="relu")
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["val_count"] == 9 and 0 <= results["top1_err"] <= 100

@@ -14,6 +14,8 @@ from acon.data.digits import prepare_digits
 from acon.data.folder import ImageFolderDataset, collate_skipping_bad, find_classes
 from acon.data.samplers import ExactShardSampler, ResumableTrainSampler, SeededDataset
 from acon.data.synthetic import SyntheticDataset
+from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from acon.validate import ConfigError
 
 DATA_KINDS = ("digits", "folder", "synthetic")
 
@@ -23,7 +25,7 @@ def resolve_root(cfg: DictConfig) -> Path:
     if cfg.kind == "digits":
         return prepare_digits(cfg.root)
     if not cfg.root:
-        raise ValueError(f"data.root is not set for data={cfg.name}; pass data.root=/path/to/imagenet")
+        raise ConfigError(f"data.root is not set for data={cfg.name}; pass data.root=/path/to/imagenet")
     root = Path(cfg.root).expanduser()
     for split in (cfg.train_split, cfg.val_split):
         if not (root / split).is_dir():
@@ -36,13 +38,13 @@ def check_class_sets(train_dir: Path, val_dir: Path, num_classes: int) -> list[s
     train, val = find_classes(train_dir), find_classes(val_dir)
     if train != val:
         only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        raise ValueError(
+        raise ConfigError(
             f"class folders differ between {train_dir} and {val_dir}: "
             f"only in train: {only_t[:10]}{'…' if len(only_t) > 10 else ''}; "
             f"only in val: {only_v[:10]}{'…' if len(only_v) > 10 else ''}"
         )
     if len(train) != num_classes:
-        raise ValueError(f"{train_dir} has {len(train)} class folders but data.num_classes={num_classes}")
+        raise ConfigError(f"{train_dir} has {len(train)} class folders but data.num_classes={num_classes}")
     return train
 
 
@@ -63,7 +65,10 @@ def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
         root / cfg.val_split, instantiate(cfg.val_transform), classes=classes, bad_image_policy=policy
     )
     if train.empty_classes:
-        raise ValueError(f"empty class folders in {train.root}: {train.empty_classes}")
+        raise ConfigError(
+            f"empty class folders in {train.root}: "
+            + ", ".join(str(train.root / c) for c in train.empty_classes)
+        )
     if val.empty_classes:
         warnings.warn(f"empty class folders in {val.root}: {val.empty_classes}", stacklevel=2)
     return train, val
@@ -102,3 +107,70 @@ def build_eval_loader(
     kw["persistent_workers"] = False if kw["num_workers"] else None
     kw = {k: v for k, v in kw.items() if v is not None}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_skipping_bad, **kw)
+
+
+def _transform_args(cfg: DictConfig) -> dict:
+    """The augmentation settings of the reference transforms, for the fast/GPU pipelines."""
+    t, v = cfg.train_transform, cfg.val_transform
+    mean = tuple(t.get("mean", IMAGENET_MEAN))
+    std = tuple(t.get("std", IMAGENET_STD))
+    return dict(
+        train=dict(
+            color_jitter=float(t.color_jitter), scale=tuple(t.scale), hflip=bool(t.hflip), mean=mean, std=std
+        ),
+        val=dict(resize=int(v.resize), mean=mean, std=std),
+    )
+
+
+def build_pipeline_loaders(
+    cfg: DictConfig,
+    global_batch: int,
+    eval_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+) -> tuple:
+    """(train loader, val loader, number of training samples) for ``data.pipeline`` other than reference.
+
+    Loaders yield (images on ``device``, targets, n_bad); augmentation finishes on the device.
+    """
+    from acon.data.pipelines import DeviceLoader, build_loader, build_train_pipeline, build_val_pipeline
+
+    name = cfg.pipeline
+    shards = name.startswith("shards")
+    root = Path(cfg.root).expanduser() if shards else resolve_root(cfg)
+    classes = (
+        None if shards else check_class_sets(root / cfg.train_split, root / cfg.val_split, cfg.num_classes)
+    )
+    args = _transform_args(cfg)
+    common = dict(
+        img_size=int(cfg.img_size),
+        classes=classes,
+        bad_image_policy=cfg.bad_image_policy,
+        device=device,
+        preprocess=cfg.preprocess,
+        rank=rank,
+        world_size=world_size,
+    )
+    train_root = root if shards else root / cfg.train_split
+    val_root = root if shards else root / cfg.val_split
+    tp = build_train_pipeline(name, train_root, split=cfg.train_split, seed=seed, **args["train"], **common)
+    vp = build_val_pipeline(name, val_root, split=cfg.val_split, **args["val"], **common)
+    kw = dict(
+        num_workers=int(cfg.num_workers),
+        persistent_workers=bool(cfg.persistent_workers),
+        prefetch_factor=int(cfg.prefetch_factor),
+    )
+    train = DeviceLoader(
+        build_loader(tp, global_batch, rank=rank, world_size=world_size, seed=seed, **kw),
+        tp.device_transform,
+        device,
+    )
+    val = DeviceLoader(
+        build_loader(vp, eval_batch * world_size, rank=rank, world_size=world_size, train=False, **kw),
+        vp.device_transform,
+        device,
+    )
+    n_train = len(tp.dataset) * (world_size if shards else 1)
+    return train, val, n_train

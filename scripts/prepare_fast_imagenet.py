@@ -1,0 +1,122 @@
+"""Rewrite an ImageNet-layout folder (root/<class>/<image>) into re-encoded JPEG tar shards.
+
+Images are re-encoded as RGB JPEG with the short side capped (default 256, which the 224 training
+crops and the Resize(256) validation transform never need more of), shuffled once with a fixed seed,
+and packed into WebDataset-style shards that ``acon.data.shards.ShardDataset`` and timm's ``wds/``
+reader both read::
+
+    python scripts/prepare_fast_imagenet.py --src /data/imagenet/train --dst /data/imagenet-fast --split train
+    python scripts/prepare_fast_imagenet.py --src /data/imagenet/val --dst /data/imagenet-fast --split val \
+        --no-shuffle
+
+Then train with ``data.pipeline=shards data.root=/data/imagenet-fast``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from acon.data.folder import find_classes, open_image, scan_samples  # noqa: E402
+from acon.data.shards import ShardWriter, reencode_jpeg  # noqa: E402
+
+
+def _encode(job: tuple[str, int, int, int]) -> tuple[bytes | None, int, str]:
+    path, label, max_short_side, quality = job
+    try:
+        return reencode_jpeg(open_image(path), max_short_side, quality), label, path
+    except Exception as e:  # noqa: BLE001 - reported with the path, the run continues
+        return None, label, f"{path}: {type(e).__name__}: {e}"
+
+
+def prepare(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    split: str = "train",
+    max_short_side: int = 256,
+    quality: int = 90,
+    samples_per_shard: int = 2500,
+    shuffle: bool = True,
+    seed: int = 0,
+    workers: int = 1,
+    limit: int = 0,
+) -> dict:
+    """Re-encode and shard one split; returns its ``_info.json`` entry (with a ``failed`` list)."""
+    src = Path(src)
+    classes = find_classes(src)
+    samples, _ = scan_samples(src, classes)
+    if shuffle:
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+        samples = [samples[i] for i in order]
+    if limit:
+        samples = samples[:limit]
+    writer = ShardWriter(dst, split, samples_per_shard)
+    jobs = [(p, t, max_short_side, quality) for p, t in samples]
+    failed, t0 = [], time.time()
+    with Pool(workers) if workers > 1 else _Inline() as pool:
+        for i, (data, label, path) in enumerate(pool.imap(_encode, jobs, chunksize=16)):
+            if data is None:
+                failed.append(path)
+                print(f"skipped {path}", file=sys.stderr)
+                continue
+            writer.write(f"{split}_{i:08d}", data, label)
+            if (i + 1) % 10000 == 0:
+                print(f"{i + 1}/{len(jobs)} images, {(i + 1) / (time.time() - t0):.0f}/s", flush=True)
+    entry = writer.close(classes)
+    entry["failed"] = failed
+    return entry
+
+
+class _Inline:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def imap(self, fn, jobs, chunksize: int = 1):
+        return map(fn, jobs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", required=True, help="class folder of one split, e.g. /data/imagenet/train")
+    ap.add_argument("--dst", required=True, help="output shard folder (shared by all splits)")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--max-short-side", type=int, default=256, help="0 keeps the original size")
+    ap.add_argument("--quality", type=int, default=90)
+    ap.add_argument("--samples-per-shard", type=int, default=2500)
+    ap.add_argument("--no-shuffle", action="store_true", help="keep folder order (use for val)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--limit", type=int, default=0, help="only the first N samples (for trials)")
+    a = ap.parse_args(argv)
+    entry = prepare(
+        a.src,
+        a.dst,
+        a.split,
+        a.max_short_side,
+        a.quality,
+        a.samples_per_shard,
+        not a.no_shuffle,
+        a.seed,
+        a.workers,
+        a.limit,
+    )
+    print(
+        f"{a.split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards under {a.dst}"
+        f" ({len(entry['failed'])} failed)"
+    )
+
+
+if __name__ == "__main__":
+    main()
