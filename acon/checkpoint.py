@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,20 +61,39 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load with ``weights_only=True``: tensors and plain containers only, never code."""
+def _rejection_reason(e: Exception) -> str:
+    """The informative line of torch's weights-only refusal (e.g. the blocked global it names)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or ln.startswith("Unsupported"):
+            return ln
+    return lines[-1] if lines else type(e).__name__
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict:
+    """Load with ``weights_only=True``: tensors and plain containers only, never code.
+
+    ``mmap=True`` maps the tensors instead of reading them (a cheap look at a large checkpoint).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        mmap = mmap and zipfile.is_zipfile(path)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"refused to load {str(path)!r}: it holds objects other than tensors and plain containers, "
-            f"and loading it would run code ({first})"
+            f"refused to load {str(path)!r}: weights-only loading rejected it ({_rejection_reason(e)}); "
+            f"only tensors and plain containers are accepted, so nothing in it was run (a corrupt file "
+            f"fails the same way)"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except EOFError:
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r}: the file is empty or truncated"
+        ) from None
+    except (RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {e}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} is a {type(obj).__name__}, not a dict")

@@ -1,0 +1,224 @@
+"""Crash safety: atomic checkpoints, kill -9 at random points (some during saves), bit-exact resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose, tiny_overrides
+
+import acon.checkpoint as ckpt
+from acon.checkpoint import atomic_save, load_checkpoint
+
+RUN = "r"
+
+
+def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Start a command from the repo root in its own session (so it can be cleaned up as a group)."""
+    full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(
+        args, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), children first."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process it started (they may sit in other sessions), then wait."""
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.communicate(timeout=30)
+    except (subprocess.TimeoutExpired, ValueError):
+        pass
+
+
+def wait_for(cond, proc: subprocess.Popen, timeout: float = 120, poll: float = 0.0005) -> bool:
+    """Poll ``cond()`` until true; False if ``proc`` exits first or on timeout."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return bool(cond())
+        time.sleep(poll)
+    return False
+
+
+def train_cmd(root: Path, out: Path, *extra: str) -> list[str]:
+    """The deterministic CPU run used for kill/resume tests (12 steps, a save after every step)."""
+    return [sys.executable, "train.py", *overrides(root, out), *extra]
+
+
+def overrides(root: Path, out: Path) -> list[str]:
+    return tiny_overrides(root, out) + [
+        "model=shufflenetv2_x0_5_small",
+        "activation=relu",
+        "recipe.epochs=2",
+        "deterministic=true",
+        "trainer.threads=1",
+        "trainer.ckpt_every_steps=1",
+        "trainer.keep_step_checkpoints=2",
+        f"run_name={RUN}",
+    ]
+
+
+def saving(run_dir: Path):
+    """True while a checkpoint temp file exists, i.e. a save is in progress."""
+
+    def cond() -> bool:
+        try:
+            return any(n.startswith(".") and ".tmp" in n for n in os.listdir(run_dir))
+        except FileNotFoundError:
+            return False
+
+    return cond
+
+
+def assert_loadable(run_dir: Path) -> int:
+    """last.pt and every step checkpoint load and hold finite weights; returns last.pt's step."""
+    state = load_checkpoint(run_dir / "last.pt")
+    for f in run_dir.glob("step_*.pt"):
+        assert load_checkpoint(f)["progress"]["step"] == int(f.stem.split("_")[1])
+    return state["progress"]["step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_imagenet, tmp_path_factory) -> dict:
+    """An uninterrupted run's final checkpoint."""
+    from acon.trainer import train
+
+    out = tmp_path_factory.mktemp("ref")
+    train(compose(overrides(tiny_imagenet, out)))
+    return load_checkpoint(out / RUN / "last.pt")
+
+
+def kill_and_resume(root: Path, out: Path, plan: list[str], rng: random.Random) -> list[int]:
+    """Run, SIGKILL per ``plan`` ("save": while a save is in progress, "random": at a random moment), and
+    resume each time with the same command; returns last.pt's step after each kill."""
+    run_dir, steps = out / RUN, []
+    for how in plan:
+        proc = start(train_cmd(root, out))
+        try:
+            before = (run_dir / "last.pt").stat().st_mtime_ns if (run_dir / "last.pt").exists() else 0
+
+            def progressed(b: int = before) -> bool:
+                last = run_dir / "last.pt"
+                return last.exists() and last.stat().st_mtime_ns != b
+
+            assert wait_for(progressed, proc), proc.communicate()[1][-3000:]
+            if how == "save":
+                assert wait_for(saving(run_dir), proc), "no save in progress was seen"
+            else:
+                time.sleep(rng.uniform(0, 0.3))
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL, "the run finished before it was killed"
+        finally:
+            reap(proc)
+        steps.append(assert_loadable(run_dir))
+    return steps
+
+
+def finish_and_compare(root: Path, out: Path, reference: dict) -> None:
+    """Rerun the same command to completion: final weights are bit-identical to the uninterrupted run."""
+    proc = start(train_cmd(root, out))
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err[-3000:]
+    final = load_checkpoint(out / RUN / "last.pt")
+    assert final["progress"]["step"] == reference["progress"]["step"] == 12
+    for k, v in reference["model"].items():
+        assert torch.equal(v, final["model"][k]), k
+    for key, va in reference["optimizer"]["state"].items():
+        assert torch.equal(va["momentum_buffer"], final["optimizer"]["state"][key]["momentum_buffer"]), key
+    assert (out / RUN / "results.json").is_file()
+    assert sorted(p.name for p in (out / RUN).glob("step_*.pt")) == ["step_11.pt", "step_12.pt"]
+
+
+def test_kill9_during_save_and_at_random_then_bit_exact_resume(tiny_imagenet, tmp_path, reference):
+    steps = kill_and_resume(tiny_imagenet, tmp_path, ["save", "random"], random.Random(0))
+    assert 0 < steps[0] <= steps[1] < 12, steps
+    finish_and_compare(tiny_imagenet, tmp_path, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill9_many_random_points(tiny_imagenet, tmp_path, reference, seed):
+    rng = random.Random(seed)
+    plan = [rng.choice(["save", "random"]) for _ in range(4)]
+    steps = kill_and_resume(tiny_imagenet, tmp_path, plan, rng)
+    assert steps == sorted(steps) and steps[-1] < 12, steps
+    finish_and_compare(tiny_imagenet, tmp_path, reference)
+
+
+def test_atomic_save_failure_mid_write_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"step": torch.tensor(1)}, path)
+
+    def dies_midway(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temp file was removed
+
+
+def test_step_checkpoints_pruned_only_after_new_one_is_safe(tiny_imagenet, tmp_path, monkeypatch):
+    from acon.trainer import train
+
+    real, seen = ckpt.prune_step_checkpoints, []
+
+    def spy(folder, keep):
+        files = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        newest = load_checkpoint(files[-1])  # the new one is complete before anything is deleted
+        seen.append((newest["progress"]["step"], [p.name for p in files]))
+        real(folder, keep)
+
+    monkeypatch.setattr(ckpt, "prune_step_checkpoints", spy)
+    cfg = compose(
+        tiny_overrides(tiny_imagenet, tmp_path, steps=4)
+        + ["model=resnet18_small", "activation=relu", "run_name=p", "trainer.ckpt_every_steps=1"]
+        + ["trainer.keep_step_checkpoints=1"]
+    )
+    train(cfg)
+    assert [s for s, _ in seen] == [1, 2, 3, 4, 4]  # the last save at max_steps repeats step 4
+    assert seen[1][1] == ["step_1.pt", "step_2.pt"]
+    assert sorted(p.name for p in (tmp_path / "p").glob("step_*.pt")) == ["step_4.pt"]
+    (tmp_path / "q").mkdir()
+    for n in (9, 10, 100):
+        (tmp_path / "q" / f"step_{n}.pt").write_bytes(b"x")
+    real(tmp_path / "q", 2)
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["step_10.pt", "step_100.pt"]
