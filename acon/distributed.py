@@ -39,9 +39,37 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def adopt_slurm_env() -> None:
+    """Under SLURM tasks without torchrun (e.g. submitit), export RANK/WORLD_SIZE/LOCAL_RANK for env://."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) < 2:
+        return
+    os.environ.update(
+        RANK=os.environ["SLURM_PROCID"],
+        WORLD_SIZE=os.environ["SLURM_NTASKS"],
+        LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+    )
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        import subprocess
+
+        nodes = subprocess.run(
+            ["scontrol", "show", "hostnames", os.environ.get("SLURM_JOB_NODELIST", "")],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
+        os.environ["MASTER_ADDR"] = nodes[0] if nodes else "127.0.0.1"
+
+
+def world_size_from_env() -> int:
+    """The world size this process will join (torchrun or SLURM tasks)."""
+    adopt_slurm_env()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def setup(device: str = "auto", timeout_s: float = 600) -> DistInfo:
-    """Read RANK/LOCAL_RANK/WORLD_SIZE (torchrun) and init NCCL on GPU or gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """Read RANK/LOCAL_RANK/WORLD_SIZE (torchrun, or SLURM tasks) and init NCCL on GPU or gloo on CPU."""
+    world = world_size_from_env()
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     dev = resolve_device(device, local)
     if dev.type == "cuda":

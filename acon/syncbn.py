@@ -79,6 +79,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
         new = GlooSyncBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
+        ref = next(iter(module.state_dict().values()), None)
+        if ref is not None:
+            new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new

@@ -346,9 +346,8 @@ class Trainer:
 
 def train(cfg: DictConfig) -> dict | None:
     """Check the config, set up DDP from the environment, and run training."""
-    import os
 
-    check_train_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    check_train_config(cfg, distributed.world_size_from_env())
     configure_determinism(cfg)
     info = distributed.setup(cfg.trainer.device, float(cfg.trainer.dist_timeout_s))
     try:

@@ -32,7 +32,7 @@ class ToBGR255:
 
 def _to_tensor(preprocess: str, mean: tuple, std: tuple) -> list:
     if preprocess == "rgb_normalized":
-        return [T.ToTensor(), T.Normalize(mean, std)]
+        return [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
     if preprocess == "bgr_255":
         return [ToBGR255()]
     raise ValueError(f"data.preprocess={preprocess!r} is not one of ('rgb_normalized', 'bgr_255')")

@@ -16,6 +16,7 @@ import functools
 import os
 import shutil
 import types
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -110,12 +111,34 @@ def mode() -> str:
     return _MODE["cpu"] or default_mode()
 
 
+def _run_compiled(kind: str, key: tuple, eager: Callable, *args):
+    """Run the compiled variant on detached inputs (one guard set whatever autograd state the caller has);
+    if Dynamo gives up on it (e.g. its recompile limit), switch that variant to the eager formulas."""
+    if (kind, key) in _EAGER_FALLBACK:
+        return eager(*args)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    try:
+        with torch.no_grad():
+            return _compiled(kind, key)(*detached)
+    except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+        _EAGER_FALLBACK.add((kind, key))
+        warnings.warn(
+            f"acon.fused: compiled CPU kernel {kind}{key} unavailable ({type(e).__name__}); "
+            "using the eager formulas for it",
+            stacklevel=2,
+        )
+        return eager(*args)
+
+
+_EAGER_FALLBACK: set = set()
+
+
 def forward(x3, p1, p2, beta, layout: str, ct: torch.dtype) -> torch.Tensor:
     """Forward on the 3-D view ``x3`` with broadcastable parameter views."""
     if mode() == "eager" or torch.compiler.is_compiling():
         return forward_math(x3, p1, p2, beta, ct)
     key = (layout, x3.dtype, beta.shape[0] > 1)
-    return _compiled("fwd", key)(x3, p1, p2, beta, ct)
+    return _run_compiled("fwd", key, forward_math, x3, p1, p2, beta, ct)
 
 
 def backward(dy3, x3, p1, p2, beta, layout: str, ct: torch.dtype):
@@ -129,4 +152,4 @@ def _backward_nc(dy3, x3, p1, p2, beta, layout: str, ct: torch.dtype):
     if mode() == "eager" or torch.compiler.is_compiling():
         return backward_math(dy3, x3, p1, p2, beta, ct, sdim)
     key = (layout, x3.dtype, beta.shape[0] > 1)
-    return _compiled("bwd", key)(dy3, x3, p1, p2, beta, ct, sdim)
+    return _run_compiled("bwd", key, backward_math, dy3, x3, p1, p2, beta, ct, sdim)

@@ -1,0 +1,124 @@
+"""One experiment file per cell of the paper's table: it composes, builds, trains, and quotes the paper."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import CONFIGS, compose, tiny_overrides
+
+from acon.activations import AconC, MetaAconC, Swish
+from acon.tables import load_paper_results
+
+MODELS = (
+    "shufflenetv2_x0_5",
+    "shufflenetv2_x1_0",
+    "shufflenetv2_x1_5",
+    "shufflenetv2_x2_0",
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+)
+ACTIVATIONS = ("relu", "swish", "acon_c", "meta_acon")
+CELLS = [f"{m}_{a}" for m in MODELS for a in ACTIVATIONS]
+ACT_MODULE = {"swish": Swish, "acon_c": AconC, "meta_acon": MetaAconC}
+# One 2-step training per family and activation by default; every cell under -m slow.
+REPRESENTATIVE = ["shufflenetv2_x0_5_meta_acon", "resnet18_acon_c", "resnet50_swish", "resnet50_relu"]
+
+
+def header(name: str) -> dict[str, str]:
+    """The ``# Key: value`` lines at the top of an experiment file."""
+    out = {}
+    for line in (CONFIGS / "experiment" / f"{name}.yaml").read_text().splitlines():
+        m = re.match(r"#\s*([A-Za-z][\w\- ()%]*?):\s*(.*)$", line)
+        if m:
+            out[m.group(1).strip()] = m.group(2).strip()
+    return out
+
+
+def test_every_cell_has_a_file_and_nothing_else_is_unexpected():
+    files = {p.stem for p in (CONFIGS / "experiment").glob("*.yaml")}
+    assert set(CELLS) <= files, sorted(set(CELLS) - files)
+    assert files - set(CELLS) == {"proxy_digits"}
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_experiment_header_states_command_hardware_hours_and_paper_value(name):
+    h = header(name)
+    assert f"experiment={name}" in h["Command"] and "train.py" in h["Command"]
+    assert "A100" in h["Hardware"] or "H100" in h["Hardware"]
+    hours = h["Expected GPU-hours"]
+    assert re.match(r"\d+(\.\d+)? ", hours) and "estimate" in hours
+    paper = load_paper_results()
+    model, act = next((m, a) for m in MODELS for a in ACTIVATIONS if f"{m}_{a}" == name)
+    quoted = h["Paper top-1 error (%)"]
+    if (model, act) in paper:
+        assert float(quoted) == paper[(model, act)]
+    else:
+        assert quoted == "", f"{name}: the paper does not publish this cell; the header must stay empty"
+
+
+def test_paper_data_file_holds_exactly_the_published_cells():
+    paper = load_paper_results()
+    assert len(paper) == 20
+    assert paper[("shufflenetv2_x0_5", "meta_acon")] == 34.8
+    assert paper[("resnet152", "relu")] == 22.3
+    assert all((m, a) in paper for m in ("resnet50", "resnet101", "resnet152") for a in ACTIVATIONS)
+    assert not any(m in ("shufflenetv2_x1_0", "shufflenetv2_x2_0", "resnet18") for m, _ in paper)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_experiment_composes_and_builds(name):
+    from acon.builders import build_model
+
+    cfg = compose([f"experiment={name}"])
+    model, act = next((m, a) for m in MODELS for a in ACTIVATIONS if f"{m}_{a}" == name)
+    assert (cfg.model.name, cfg.activation.name) == (model, act)
+    assert cfg.recipe.name == ("shufflenetv2" if model.startswith("shufflenet") else "resnet")
+    assert cfg.data.name == "imagenet" and cfg.data.num_classes == 1000
+    assert cfg.trainer.device == "cuda" and cfg.trainer.precision == "bf16"
+    assert cfg.run_name == f"imagenet-{model}-{act}-s0"
+    with torch.device("meta"):
+        net = build_model(cfg.model, cfg.activation, int(cfg.data.num_classes))
+    kinds = {type(m) for m in net.modules()}
+    for other, cls in ACT_MODULE.items():
+        assert (cls in kinds) == (other == act), f"{name}: {cls.__name__} present={cls in kinds}"
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears[-1].out_features == 1000
+
+
+def _train_two_steps(name, tiny_imagenet, tmp_path):
+    from acon.trainer import train
+
+    out = tmp_path / "runs"
+    cfg = compose(
+        tiny_overrides(tiny_imagenet, out, steps=2) + [f"experiment={name}", "trainer.precision=fp32"]
+    )
+    assert train(cfg) is None  # stopped at max_steps before the end of the schedule
+    run_dir = out / cfg.run_name
+    from acon.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["progress"]["step"] == 2
+    assert state["identity"]["activation"]["name"] == cfg.activation.name
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVE)
+def test_representative_experiments_train_two_steps(name, tiny_imagenet, tmp_path):
+    _train_two_steps(name, tiny_imagenet, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [c for c in CELLS if c not in REPRESENTATIVE])
+def test_every_experiment_trains_two_steps(name, tiny_imagenet, tmp_path):
+    _train_two_steps(name, tiny_imagenet, tmp_path)
+
+
+def test_proxy_experiment_is_the_cpu_digits_proxy():
+    cfg = compose(["experiment=proxy_digits", "activation=meta_acon", "seed=1"])
+    assert cfg.data.name == "digits" and cfg.model.name == "shufflenetv2_x0_5_small"
+    assert cfg.trainer.device == "cpu" and cfg.recipe.name == "digits" and cfg.recipe.epochs >= 1
+    assert cfg.run_name == "digits-shufflenetv2_x0_5_small-meta_acon-s1"
