@@ -67,6 +67,21 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """After a torchrun elastic restart, a store namespace of its own for this attempt.
+
+    The agent keeps serving the same store across restarts, so without a prefix the new workers read
+    the dead attempt's gloo addresses and fail to connect.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    return {"store": dist.PrefixStore(f"acon/attempt_{attempt}", client), "rank": rank, "world_size": world}
+
+
 def setup(device: str = "auto", timeout_s: float = 600) -> DistInfo:
     """Read RANK/LOCAL_RANK/WORLD_SIZE (torchrun, or SLURM tasks) and init NCCL on GPU or gloo on CPU."""
     world = world_size_from_env()
@@ -76,7 +91,8 @@ def setup(device: str = "auto", timeout_s: float = 600) -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, timeout=timeout, **_restart_store(rank, world, timeout))
     return DistInfo(rank, local, world, dev)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,13 @@ class Trainer:
         if c.ema is not None and state.get("ema") is not None:
             c.ema.load_state_dict(state["ema"])
         self.state = Progression(**state["progress"])
+        if self.info.is_main:
+            print(
+                f"acon: resuming from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                f"batch {self.state.batch_in_epoch})",
+                file=sys.stderr,
+                flush=True,
+            )
         rngs = state["rng"]
         if self.info.rank < len(rngs) and state.get("world_size") == self.info.world_size:
             ckpt.restore_rng(rngs[self.info.rank])
