@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acon import AconC, MetaAconC  # noqa: E402
 from acon.fused import cpu as fused_cpu  # noqa: E402
+from acon.memory import saved_tensor_bytes  # noqa: E402
 
 SHAPES = {
     "shufflenetv2 s2 [64,116,28,28]": (64, 116, 28, 28),
@@ -69,19 +70,7 @@ def fwd_bwd(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
 
 def saved_bytes(m: nn.Module, x: torch.Tensor) -> int:
     """Bytes of distinct storages autograd saves for backward of ``m(x)`` (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = m(x)
-    del y
-    return sum(seen.values())
+    return saved_tensor_bytes(m, lambda: m(x))
 
 
 def timed(fn, device: str, inner: int) -> float:

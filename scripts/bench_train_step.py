@@ -24,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from acon.memory import saved_tensor_bytes  # noqa: E402
 from models import create_model  # noqa: E402
 
 VARIANTS = {  # label -> (activation name, act_kwargs)
@@ -37,20 +38,12 @@ VARIANTS = {  # label -> (activation name, act_kwargs)
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> int:
     """Bytes of distinct non-parameter storages saved for backward during one forward pass."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def forward():
         with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(x)
-    del out
-    return sum(seen.values())
+            return model(x)
+
+    return saved_tensor_bytes(model, forward)
 
 
 def step(model, opt, x, y, amp) -> None:
