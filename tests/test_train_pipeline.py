@@ -234,3 +234,23 @@ def test_trains_with_each_input_pipeline(tiny_imagenet, tmp_path, pipeline):
     run = tmp_path / RUN.format(model="resnet18_small", act="relu")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["val_count"] == 9 and 0 <= results["top1_err"] <= 100
+
+
+@pytest.mark.parametrize("compile_model", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bf16_autocast_channels_last_and_compile_train(tiny_imagenet, tmp_path, compile_model):
+    """The GPU-oriented trainer options run on CPU too: bf16 autocast, channels_last, torch.compile
+    (the compiled variant takes minutes of Inductor compilation on 2 cores, so it is marked slow)."""
+    ov = tiny_overrides(tiny_imagenet, tmp_path, steps=2) + [
+        "model=shufflenetv2_x0_5_small",
+        "activation=acon_c",
+        "activation.layer.impl=reference",
+        "trainer.precision=bf16",
+        "trainer.channels_last=true",
+        f"trainer.compile={compile_model}",
+        "recipe.lr=0.01",
+    ]
+    assert _train(ov) is None  # stopped at max_steps with a checkpoint
+    state = load_checkpoint(tmp_path / RUN.format(model="shufflenetv2_x0_5_small", act="acon_c") / "last.pt")
+    assert state["progress"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # weights stay fp32
