@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run_eval(cfg)
-    except (CheckpointError, ConfigError, FileNotFoundError, KeyError, BadImageError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError, KeyError, ValueError, BadImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

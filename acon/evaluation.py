@@ -56,8 +56,14 @@ def model_for_checkpoint(state: dict, path: Path, cfg: DictConfig) -> tuple[torc
             f"official.model=<one of {', '.join(models.list_models())}> and "
             f"official.activation=<relu|swish|acon_c|meta_acon>"
         )
-    model = models.create_model(name, activation=act, num_classes=int(cfg.data.num_classes))
-    ckpt.load_model_state(model, models.convert_official_state_dict(state, name, act), str(path))
+    kw = (
+        OmegaConf.to_container(cfg.official.model_kwargs, resolve=True)
+        if cfg.official.get("model_kwargs")
+        else {}
+    )
+    kw["num_classes"] = int(cfg.data.num_classes)
+    model = models.create_model(name, activation=act, **kw)
+    ckpt.load_model_state(model, models.convert_official_state_dict(state, name, act, **kw), str(path))
     data = OmegaConf.merge(cfg.data, {"preprocess": "bgr_255"})
     return model, data
 
