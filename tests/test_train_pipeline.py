@@ -31,7 +31,12 @@ def test_train_then_eval_end_to_end(tiny_imagenet, tmp_path):
     run_dir = out / RUN.format(model="resnet18_small", act="acon_c")
     for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "results.json"):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0}).Reload()
+    scalars, hists = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/top1_err", "val/top5_err"} <= scalars
+    assert {"act/layer1.0.acon1.p1", "act/layer1.0.acon1.p2", "act/layer1.0.acon1.beta"} <= hists
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2] and all(h["val_count"] == 9 for h in history)
     results = json.loads((run_dir / "results.json").read_text())
