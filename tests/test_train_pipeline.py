@@ -259,3 +259,26 @@ def test_bf16_autocast_channels_last_and_compile_train(tiny_imagenet, tmp_path, 
     assert state["progress"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # weights stay fp32
+
+
+def test_synthetic_data_for_throughput(tmp_path):
+    """data=synthetic trains with no files at all (throughput measurements)."""
+    ov = [
+        "data=synthetic",
+        "data.num_classes=5",
+        "data.img_size=16",
+        "data.train_samples=16",
+        "data.val_samples=6",
+        "recipe.batch_size=4",
+        "recipe.base_batch_size=4",
+        "recipe.iterations=null",
+        "recipe.epochs=1",
+        "trainer.progress=false",
+        "trainer.device=cpu",
+        "trainer.eval_batch_size=4",
+        "model=resnet18_small",
+        "activation=swish",
+        f"out_dir={tmp_path}",
+    ]
+    results = _train(ov)
+    assert results["status"] == "complete" and results["steps"] == 4 and results["images_per_s"] > 0
