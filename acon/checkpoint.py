@@ -158,3 +158,14 @@ def prune_step_checkpoints(folder: Path, keep: int) -> None:
     files = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     for old in files[: max(len(files) - keep, 0)]:
         old.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete temp files that a process killed mid-save left behind (``.<name>.pt.tmp<pid>``)."""
+    removed = []
+    for tmp in Path(folder).glob(".*.pt.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed

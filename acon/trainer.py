@@ -362,6 +362,7 @@ def train(cfg: DictConfig) -> dict | None:
         trainer = Trainer(cfg, info)
         if info.is_main:
             trainer.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temp_files(trainer.run_dir)
             OmegaConf.save(cfg, trainer.run_dir / "config.yaml", resolve=True)
         return trainer.fit()
     finally:

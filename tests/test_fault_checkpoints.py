@@ -162,6 +162,7 @@ def finish_and_compare(root: Path, out: Path, reference: dict) -> None:
         assert torch.equal(va["momentum_buffer"], final["optimizer"]["state"][key]["momentum_buffer"]), key
     assert (out / RUN / "results.json").is_file()
     assert sorted(p.name for p in (out / RUN).glob("step_*.pt")) == ["step_11.pt", "step_12.pt"]
+    assert not list((out / RUN).glob(".*.tmp*"))  # temp files of killed saves are cleaned on restart
 
 
 def test_kill9_during_save_and_at_random_then_bit_exact_resume(tiny_imagenet, tmp_path, reference):
@@ -222,3 +223,14 @@ def test_step_checkpoints_pruned_only_after_new_one_is_safe(tiny_imagenet, tmp_p
         (tmp_path / "q" / f"step_{n}.pt").write_bytes(b"x")
     real(tmp_path / "q", 2)
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["step_10.pt", "step_100.pt"]
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
+    from acon.checkpoint import remove_stale_temp_files
+
+    (tmp_path / "last.pt").write_bytes(b"keep")
+    dead, own = tmp_path / ".last.pt.tmp999999", tmp_path / f".best.pt.tmp{os.getpid()}"
+    dead.write_bytes(b"partial")
+    own.write_bytes(b"in progress")
+    assert remove_stale_temp_files(tmp_path) == [dead]
+    assert not dead.exists() and own.exists() and (tmp_path / "last.pt").exists()
