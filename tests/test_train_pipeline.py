@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,16 @@ def test_train_then_eval_end_to_end(tiny_imagenet, tmp_path):
     assert evaluated["top1_err"] == pytest.approx(best["val_top1_err"], abs=1e-9)
     assert evaluated["top5_err"] == pytest.approx(best["val_top5_err"], abs=1e-9)
     assert "top-1 error" in proc.stdout
+    # a whole folder: one row per checkpoint
+    run_cli(
+        [sys.executable, "eval.py", f"checkpoint={run_dir}"], env={"ACON_EVAL_DIR": str(tmp_path / "eval")}
+    )
+    import csv
+
+    rows = {Path(r["checkpoint"]).name: r for r in csv.DictReader(open(run_dir / "eval.csv"))}
+    assert set(rows) == {"best.pt", "last.pt"}
+    assert float(rows["best.pt"]["top1_err"]) == pytest.approx(evaluated["top1_err"])
+    assert float(rows["last.pt"]["top1_err"]) == pytest.approx(history[-1]["val_top1_err"])
 
 
 def _train(overrides):
