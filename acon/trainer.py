@@ -25,7 +25,7 @@ from acon.optim import build_criterion, build_ema, build_mixup, build_optimizer,
 from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, write_json
 from acon.syncbn import convert_sync_batchnorm
-from acon.validate import check_train_config
+from acon.validate import check_train_config, resume_path
 
 
 @dataclass
@@ -167,19 +167,14 @@ class Trainer:
         distributed.barrier()
 
     def maybe_resume(self) -> Path | None:
-        """Load last.pt from the run dir (resume=auto) or an explicit resume=PATH; check identity."""
-        r = self.cfg.resume
-        path = self.run_dir / "last.pt" if r in ("auto", None) else None if r == "none" else Path(r)
-        if path is None or not path.is_file():
+        """Load the resume checkpoint (resume=auto: run_dir/last.pt, or resume=PATH), if there is one.
+
+        Its model, activation and recipe were already checked against this run by ``check_train_config``.
+        """
+        path = resume_path(self.cfg, self.run_dir)
+        if path is None:
             return None
         state = ckpt.load_checkpoint(path, map_location=self.info.device)
-        mine, theirs = run_identity(self.cfg), state.get("identity")
-        if theirs != mine:
-            diff = [k for k in mine if theirs is None or mine[k] != theirs.get(k)]
-            raise ckpt.CheckpointError(
-                f"refusing to resume from {path}: its {', '.join(diff)} differ from this run's config; "
-                f"use a different run dir (out_dir/run_name) or resume=none"
-            )
         ckpt.load_model_state(self.model, state["model"], str(path))
         c = self.ctx
         c.optimizer.load_state_dict(state["optimizer"])
