@@ -39,6 +39,17 @@ def tiny_imagenet(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("tiny_imagenet"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on shared cores OpenMP spin-waiting makes 2 threads far slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def compose(overrides: list[str], config_name: str = "train"):
     """Compose the real configs with ``overrides`` (no Hydra run dir is created)."""
     from hydra import compose as hydra_compose

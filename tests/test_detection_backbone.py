@@ -7,13 +7,7 @@ from torchvision.models.detection import FasterRCNN, RetinaNet
 import models
 from models.features import FPNBackbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_detections(out: list[dict], num_classes: int) -> None:

@@ -15,12 +15,7 @@ from tests.official_reference import RefAconC, RefMetaAconC, RefResNet, RefShuff
 KIND = {"relu": "relu", "acon_c": "acon", "meta_acon": "meta"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
