@@ -14,7 +14,14 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from acon.data.fast import FastTrainTransform, FastValTransform, collate_augment, read_bytes, rrc_params
+from acon.data.fast import (
+    FastTrainTransform,
+    FastValTransform,
+    collate_augment,
+    jpeg_header,
+    read_bytes,
+    rrc_params,
+)
 from acon.data.folder import ImageFolderDataset
 from acon.data.gpu import (
     DeviceAugment,
@@ -216,6 +223,44 @@ def test_fast_transform_handles_odd_modes():
         torch.manual_seed(0)
         x, params = FastTrainTransform(SIZE)(read_bytes_from(_jpeg(200, 150, 0, mode)))
         assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.uint8 and params.shape == (11,)
+
+
+def test_jpeg_header_matches_pil_or_defers_to_it():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: sizes stay the stored ones, as PIL and torchvision.io report them
+    cases = {}
+    for name, mode, kw in [
+        ("baseline", "RGB", {}),
+        ("progressive", "RGB", {"progressive": True}),
+        ("grey", "L", {}),
+        ("cmyk", "CMYK", {}),
+        ("exif", "RGB", {"exif": exif.tobytes()}),
+    ]:
+        out = io.BytesIO()
+        _photo(70, 45, 1).convert(mode).save(out, format="JPEG", quality=80, **kw)
+        cases[name] = out.getvalue()
+    for name, data in cases.items():
+        img = Image.open(io.BytesIO(data))
+        assert jpeg_header(read_bytes_from(data)) == (*img.size, img.mode), name
+    png = io.BytesIO()
+    _photo(20, 10, 0).save(png, format="PNG")
+    for data in (png.getvalue(), cases["baseline"][:20], b"\xff\xd8" + bytes(30), b"abc"):
+        assert jpeg_header(read_bytes_from(data)) is None
+
+
+def test_fast_transform_gives_contiguous_planes_with_every_decoder():
+    raw = _jpeg(200, 150, seed=4)
+    for seed in range(4):
+        outs = {}
+        for decoder in ("tvio", "auto", "pil"):
+            torch.manual_seed(seed)
+            outs[decoder] = FastTrainTransform(SIZE, decoder=decoder)(read_bytes_from(raw))
+        torch.manual_seed(seed)
+        outs["pil_image"] = FastTrainTransform(SIZE)(Image.open(io.BytesIO(raw)))
+        x0, p0 = outs["tvio"]
+        for name, (x, params) in outs.items():
+            assert x.shape == (3, SIZE, SIZE) and x.is_contiguous() and torch.equal(params, p0), name
+            assert (x.float() - x0.float()).abs().mean() < 3, name  # only resampling detail differs
 
 
 def test_collate_drops_bad_samples():

@@ -63,7 +63,11 @@ class ExactShardSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset so that keys (index, seed) seed torch's RNG before loading that sample."""
+    """Wraps a dataset so that keys (index, seed) seed torch's RNG before loading that sample.
+
+    Only the CPU generator is seeded: the transforms draw from it alone, so samples are the same as with
+    ``torch.manual_seed``, which also seeds (or queues seeding for) every CUDA generator at ~100x the cost.
+    """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
