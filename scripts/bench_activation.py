@@ -25,7 +25,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acon import AconC, MetaAconC  # noqa: E402
+from acon.bench import malloc_note, steady_malloc  # noqa: E402
 from acon.fused import cpu as fused_cpu  # noqa: E402
+from acon.fused import native as fused_native  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
 
 SHAPES = {
@@ -38,23 +40,31 @@ SHAPES = {
     "resnet50 s4 [32,512,7,7]": (32, 512, 7, 7),
 }
 QUICK = ("shufflenetv2 s2 [64,116,28,28]", "resnet50 s3 [32,256,14,14]")
+MODE_LABEL = {"native": "C++ kernels", "compiled": "Inductor", "eager": "eager formulas"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def candidates(c: int, device: str) -> dict[str, tuple[nn.Module, str | None]]:
-    """name -> (module, CPU execution mode of the fused formulas or None)."""
+    """name -> (module, CPU execution mode of the fused path or None); on CPU every available mode."""
     rows = {
         "SiLU": (nn.SiLU(), None),
         "ReLU": (nn.ReLU(), None),
         "AconC reference": (AconC(c, impl="reference"), None),
-        "AconC fused": (AconC(c, impl="fused"), "compiled"),
+        "AconC fused": (AconC(c, impl="fused"), None),
         "MetaAconC reference": (MetaAconC(c, impl="reference"), None),
-        "MetaAconC fused": (MetaAconC(c, impl="fused"), "compiled"),
+        "MetaAconC fused": (MetaAconC(c, impl="fused"), None),
     }
     if device == "cpu":
-        rows["AconC fused (eager formulas)"] = (AconC(c, impl="fused"), "eager")
-        if not fused_cpu.compile_supported():
-            rows = {k: v for k, v in rows.items() if v[1] != "compiled"}
+        default = fused_cpu.default_mode()
+        if default == "native" and not fused_native.available():
+            default = "compiled"
+        for mode in fused_cpu.MODES:
+            if mode == default or (mode != "eager" and not fused_cpu.compile_supported()):
+                continue
+            if mode == "native" and not fused_native.available():
+                continue
+            rows[f"AconC fused ({MODE_LABEL[mode]})"] = (AconC(c, impl="fused"), mode)
+        rows = {(f"{k} ({MODE_LABEL[default]})" if k.endswith("fused") else k): v for k, v in rows.items()}
     return rows
 
 
@@ -83,6 +93,22 @@ def timed(fn, device: str, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed_faults(fn, device: str, inner: int) -> tuple[float, float]:
+    """(seconds per call, minor page faults per call) of ``fn`` over ``inner`` calls."""
+    f0 = minor_faults()
+    sec = timed(fn, device, inner)
+    return sec, (minor_faults() - f0) / inner
+
+
 def kernel_bandwidth_rows(x: torch.Tensor, dy: torch.Tensor, args) -> list[tuple]:
     """CUDA: median GB/s of the Triton forward/backward kernels as a fraction of a plain copy's."""
     from acon.fused import triton_kernels
@@ -105,7 +131,7 @@ def kernel_bandwidth_rows(x: torch.Tensor, dy: torch.Tensor, args) -> list[tuple
     rows = []
     for name, (_, tensors) in cases.items():
         bw = tensors * nbytes / med[name]
-        rows.append((f"{name}: {bw / 1e9:.0f} GB/s", med[name] * 1e3, bw / copy_bw, float("nan")))
+        rows.append((f"{name}: {bw / 1e9:.0f} GB/s", med[name] * 1e3, bw / copy_bw, float("nan"), 0.0))
     return rows
 
 
@@ -121,6 +147,7 @@ def bench_shape(shape, args) -> list[tuple]:
     for m, _ in rows.values():
         m.to(device=device, dtype=dtype)
     times: dict[str, list[float]] = {k: [] for k in rows}
+    faults: dict[str, list[float]] = {k: [] for k in rows}
     for m, mode in rows.values():  # warm-up (includes kernel compiles)
         fused_cpu.set_mode(mode)
         for _ in range(args.warmup):
@@ -128,7 +155,9 @@ def bench_shape(shape, args) -> list[tuple]:
     for _ in range(args.repeats):  # interleaved rounds so machine noise hits every row alike
         for name, (m, mode) in rows.items():
             fused_cpu.set_mode(mode)
-            times[name].append(timed(lambda m=m: fwd_bwd(m, x, dy), device, args.inner))
+            sec, flt = timed_faults(lambda m=m: fwd_bwd(m, x, dy), device, args.inner)
+            times[name].append(sec)
+            faults[name].append(flt)
     fused_cpu.set_mode(None)
     base = statistics.median(times["SiLU"])
     nbytes = x.numel() * x.element_size()
@@ -136,7 +165,8 @@ def bench_shape(shape, args) -> list[tuple]:
     for name, (m, mode) in rows.items():
         fused_cpu.set_mode(mode)
         med = statistics.median(times[name])
-        out.append((name, med * 1e3, med / base, saved_bytes(m, x) / nbytes))
+        flt = statistics.median(faults[name])
+        out.append((name, med * 1e3, med / base, saved_bytes(m, x) / nbytes, flt))
     fused_cpu.set_mode(None)
     if device == "cuda":
         out += kernel_bandwidth_rows(x, dy, args)
@@ -154,6 +184,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--inner", type=int, default=0, help="calls per timed round (0: 1 on CPU, 20 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="two shapes, 7 repeats")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's default malloc (see acon.bench)"
+    )
     ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -164,18 +197,19 @@ def main(argv: list[str] | None = None) -> str:
     names = QUICK if args.quick else tuple(SHAPES)
     fmt = "channels_last" if args.channels_last else "contiguous"
     lines = [
-        f"# bench_activation: {args.device}, {args.dtype}, {fmt}, median of {args.repeats} interleaved rounds",
+        f"# bench_activation: {args.device}, {args.dtype}, {fmt}, median of {args.repeats} interleaved rounds"
+        f", {malloc_note()}",
         "",
-        "| shape | activation / impl | fwd+bwd ms | × SiLU | saved / input |",
-        "|---|---|---:|---:|---:|",
+        "| shape | activation / impl | fwd+bwd ms | × SiLU | saved / input | page faults / call |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
     for name in names:
-        for row, ms, ratio, saved in bench_shape(SHAPES[name], args):
+        for row, ms, ratio, saved, flt in bench_shape(SHAPES[name], args):
             if "GB/s" in row:  # CUDA kernel rows: ratio is the fraction of copy bandwidth
-                line = f"| {name} | {row} | {ms:.3f} | {100 * ratio:.0f}% of copy | – |"
+                line = f"| {name} | {row} | {ms:.3f} | {100 * ratio:.0f}% of copy | – | – |"
             else:
-                line = f"| {name} | {row} | {ms:.2f} | {ratio:.2f} | {saved:.2f} |"
+                line = f"| {name} | {row} | {ms:.2f} | {ratio:.2f} | {saved:.2f} | {flt:.0f} |"
             print(line, flush=True)
             lines.append(line)
     text = "\n".join(lines) + "\n"
@@ -186,4 +220,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    steady_malloc("--default-malloc" not in sys.argv)
     main()

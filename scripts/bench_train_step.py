@@ -24,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from acon.bench import malloc_note, steady_malloc  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
 from models import create_model  # noqa: E402
 
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's default malloc (see acon.bench)"
+    )
     ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> str:
         ap.error(f"--variants must include 'ReLU' and only names from {list(VARIANTS)}; got {unknown}")
     lines = [
         f"# bench_train_step: {args.device}, amp={args.amp}, batch {args.batch}, {args.img} px, "
-        f"{'channels_last' if args.channels_last else 'contiguous'}, median of {args.steps} interleaved steps",
+        f"{'channels_last' if args.channels_last else 'contiguous'}, median of {args.steps} interleaved steps, "
+        f"{malloc_note()}",
         "",
         "| model | activation | step ms | img/s | time × ReLU | saved MiB | saved × ReLU |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -138,4 +143,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    steady_malloc("--default-malloc" not in sys.argv)
     main()

@@ -1,13 +1,17 @@
-"""ACON-C forward/backward formulas for the fused path on any device without Triton (CPU first).
+"""ACON-C forward/backward for the fused path on any device without Triton (CPU first).
 
 The math works on a 3-D view of x, (N, C, S) or (N, S, C) (see ``acon.fused.layout``), in fp32 (fp64 for
-fp64 inputs). Two executions of the same formulas exist:
+fp64 inputs). Three executions exist, selected by ``mode()``:
 
-- ``eager``: plain vectorised torch ops (always available; temporaries live only inside one call);
-- ``compiled``: the same functions through ``torch.compile`` (Inductor emits one fused C++/OpenMP loop
-  per pass, so forward reads x once and backward reads x and dy once). Needs a C compiler at run time.
+- ``native``: the C++ kernels of ``acon.fused.native`` (fp32 and bf16; other dtypes use ``compiled``, or
+  ``eager`` without a compiler): one pass per direction, no scalar tails on short rows, no per-call
+  tracing. Built on first use with the system C++ compiler.
+- ``compiled``: the torch formulas below through ``torch.compile`` (Inductor emits one fused C++/OpenMP
+  loop per pass, so forward reads x once and backward reads x and dy once). Needs a C compiler.
+- ``eager``: the same formulas as plain vectorised torch ops (always available; temporaries live only
+  inside one call).
 
-``scripts/bench_activation.py`` measures both; ``compiled`` is the default CPU path when it works.
+``scripts/bench_activation.py`` measures all three; the default is the first one that works here.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from acon.fused import native
 from acon.fused.layout import NCS
 
 
@@ -92,17 +97,24 @@ def compile_supported() -> bool:
 
 
 def default_mode() -> str:
-    """``"compiled"`` when Inductor can build CPU kernels, else ``"eager"``."""
-    return "compiled" if compile_supported() else "eager"
+    """``"native"`` when a C++ compiler is found, else ``"eager"``.
+
+    Decided without building anything, so it is safe inside traced code; if the C++ kernels then fail to
+    build, ``native`` runs the Inductor-compiled formulas instead (see ``_execution``).
+    """
+    return "native" if compile_supported() else "eager"
+
+
+MODES = ("native", "compiled", "eager")
 
 
 _MODE = {"cpu": None}
 
 
 def set_mode(mode: str | None) -> None:
-    """Force the CPU execution mode (``"eager"``/``"compiled"``), or ``None`` for the default."""
-    if mode not in (None, "eager", "compiled"):
-        raise ValueError(f"acon.fused.cpu.set_mode: mode={mode!r} is not 'eager', 'compiled' or None")
+    """Force the CPU execution mode (one of ``MODES``), or ``None`` for the default."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"acon.fused.cpu.set_mode: mode={mode!r} is not one of {MODES} or None")
     _MODE["cpu"] = mode
 
 
@@ -133,23 +145,40 @@ def _run_compiled(kind: str, key: tuple, eager: Callable, *args):
 _EAGER_FALLBACK: set = set()
 
 
+def _execution(x3: torch.Tensor) -> str:
+    """The execution serving ``x3``: the chosen mode, narrowed to what exists for its dtype."""
+    m = mode()
+    if torch.compiler.is_compiling():
+        return "eager"
+    if m == "native":
+        if native.supports(x3) and native.available():
+            return "native"
+        return "compiled" if compile_supported() else "eager"
+    return m
+
+
 def forward(x3, p1, p2, beta, layout: str, ct: torch.dtype) -> torch.Tensor:
     """Forward on the 3-D view ``x3`` with broadcastable parameter views."""
-    if mode() == "eager" or torch.compiler.is_compiling():
+    how = _execution(x3)
+    if how == "native":
+        return native.forward(x3, p1, p2, beta, layout)
+    if how == "eager":
         return forward_math(x3, p1, p2, beta, ct)
     key = (layout, x3.dtype, beta.shape[0] > 1)
     return _run_compiled("fwd", key, forward_math, x3, p1, p2, beta, ct)
 
 
 def backward(dy3, x3, p1, p2, beta, layout: str, ct: torch.dtype):
-    """Backward on the 3-D views: (dx3, Σ for dp1 (C,), Σ for dp2 (C,), Σ for dβ (N, C))."""
+    """Backward on the 3-D views: (dx3, Σ for dp1 (C,), Σ for dp2 (C,), Σ for dβ ((N, C) or (1, C)))."""
+    if _execution(x3) == "native":
+        return native.backward(dy3, x3, p1, p2, beta, layout)
     dx, s1, s2, sb = _backward_nc(dy3, x3, p1, p2, beta, layout, ct)
     return dx, s1.sum(0), s2.sum(0), sb
 
 
 def _backward_nc(dy3, x3, p1, p2, beta, layout: str, ct: torch.dtype):
     sdim = 2 if layout == NCS else 1
-    if mode() == "eager" or torch.compiler.is_compiling():
+    if _execution(x3) == "eager":
         return backward_math(dy3, x3, p1, p2, beta, ct, sdim)
     key = (layout, x3.dtype, beta.shape[0] > 1)
     return _run_compiled("bwd", key, backward_math, dy3, x3, p1, p2, beta, ct, sdim)

@@ -18,7 +18,7 @@ import os
 import torch
 from torch import Tensor
 
-from acon.fused import cpu
+from acon.fused import cpu, native
 from acon.fused.layout import as_3d, compute_dtype, layout_of, like, param_views, same_layout
 
 
@@ -92,10 +92,14 @@ def acon_c_backward_op(
         dx, s1, s2, sb = triton_kernels.backward(dy, x, p1, p2, beta)
     else:
         dx, s1, s2, sb = _torch_backward(dy, x, p1, p2, beta)
+    return (dx, *_param_grads(s1, s2, sb, p1, p2, beta))
+
+
+def _param_grads(s1: Tensor, s2: Tensor, sb: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):
+    """Per-channel sums (C,) and β sums ((N, C) or (1, C)) as gradients shaped and typed like p1, p2, β."""
     if beta.shape[0] != sb.shape[0]:
         sb = sb.sum(0, keepdim=True)
     return (
-        dx,
         s1.to(p1.dtype).reshape(p1.shape),
         s2.to(p2.dtype).reshape(p2.shape),
         sb.to(beta.dtype).reshape(beta.shape),
@@ -120,4 +124,43 @@ def _backward(ctx, dy: Tensor):
 
 torch.library.register_autograd("acon::acon_c", _backward, setup_context=_setup_context)
 
-__all__ = ["acon_c_op", "acon_c_backward_op", "triton_importable", "triton_on_cpu"]
+
+class NativeAconC(torch.autograd.Function):
+    """``acon::acon_c`` straight on the C++ CPU kernels, for eager mode: the same saved tensors and
+    results without the custom-op dispatch (about 0.15-0.25 ms less per forward+backward). Traced code
+    keeps the opaque custom op."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+        ctx.save_for_backward(x, p1, p2, beta)
+        layout = layout_of(x)
+        return like(native.forward(as_3d(x, layout), p1, p2, beta, layout), x)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, p1, p2, beta = ctx.saved_tensors
+        layout = layout_of(x)
+        dy3 = as_3d(same_layout(dy, x), layout)
+        dx3, g1, g2, gb = native.backward(dy3, as_3d(x, layout), p1, p2, beta, layout)
+        return (like(dx3, x), *_param_grads(g1, g2, gb, p1, p2, beta))
+
+
+def native_serves(x: Tensor) -> bool:
+    """Whether eager-mode ``x`` (dense, CPU) runs on the C++ kernels, so :class:`NativeAconC` applies."""
+    return (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not triton_on_cpu()
+        and layout_of(x) is not None
+        and cpu._execution(x) == "native"
+    )
+
+
+__all__ = [
+    "NativeAconC",
+    "acon_c_backward_op",
+    "acon_c_op",
+    "native_serves",
+    "triton_importable",
+    "triton_on_cpu",
+]

@@ -1,0 +1,210 @@
+"""ACON-C CPU kernels in C++ (``acon_cpu.cpp``), built once per machine with the system compiler.
+
+The source uses portable compiler vector extensions (16 floats per chunk: AVX-512, AVX2 or NEON, whatever
+``-march=native`` gives) and OpenMP. It is compiled on first use into a cache directory
+(``$ACON_KERNEL_CACHE``, default ``~/.cache/acon-suite/kernels``), keyed by the source, the compiler and the
+CPU, and loaded with ``ctypes``: no build step for the user, and no per-call tracing or guards. Serves fp32
+and bf16 tensors in the "ncs" and "nsc" 3-D layouts of ``acon.fused.layout``; other dtypes use the
+Inductor or eager formulas of ``acon.fused.cpu``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from acon.fused.layout import NCS
+
+SOURCE = Path(__file__).with_name("acon_cpu.cpp")
+ABI_VERSION = 2
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_BASE_FLAGS = [
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-ffp-contract=fast",
+]
+# Tried in order: the first flag set the compiler accepts is used.
+_FLAG_SETS = [["-march=native", "-fopenmp"], ["-mcpu=native", "-fopenmp"], ["-fopenmp"], []]
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (``$ACON_KERNEL_CACHE`` or ``~/.cache/acon-suite/kernels``)."""
+    return Path(os.environ.get("ACON_KERNEL_CACHE") or Path.home() / ".cache" / "acon-suite" / "kernels")
+
+
+def compiler() -> str | None:
+    """The C++ compiler to use: ``$CXX``, else ``g++``, else ``c++``; ``None`` when none is found."""
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def extra_flags() -> list[str]:
+    """Additional compiler flags from ``$ACON_KERNEL_CFLAGS`` (e.g. ``-mno-avx512f`` to build narrower)."""
+    return os.environ.get("ACON_KERNEL_CFLAGS", "").split()
+
+
+def _compile(cxx: str, out: Path) -> list[str]:
+    """Build ``out`` with the first accepted flag set; returns the flags, raises with the last error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    err = ""
+    for extra in _FLAG_SETS:
+        fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        cmd = [cxx, *_BASE_FLAGS, *extra, *extra_flags(), str(SOURCE), "-o", tmp]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            res, err = None, str(e)
+        if res is not None and res.returncode == 0:
+            os.replace(tmp, out)  # atomic: concurrent builders (DDP ranks) never see a partial file
+            return extra
+        err = err if res is None else res.stderr[-2000:]
+        Path(tmp).unlink(missing_ok=True)
+    raise RuntimeError(f"acon.fused.native: could not compile {SOURCE} with {cxx}:\n{err}")
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for layout in ("ncs", "nsc"):
+        for dt in DTYPES.values():
+            getattr(lib, f"acon_fwd_{layout}_{dt}").argtypes = [ptr] * 5 + [i64, i64, i64, i32, i64, i32]
+            getattr(lib, f"acon_bwd_{layout}_{dt}").argtypes = [ptr] * 9 + [i64, i64, i64, i32, i64, i32]
+    lib.acon_abi_version.restype = i32
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels for this machine if needed (cached) and return the library's path."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("acon.fused.native: no C++ compiler found (set $CXX or install g++)")
+    key = hashlib.sha256(
+        b"\0".join(
+            x.encode()
+            for x in (SOURCE.read_text(), _version(cxx), _cpu_id(), " ".join(_BASE_FLAGS + extra_flags()))
+        )
+    ).hexdigest()[:20]
+    out = cache_dir() / f"acon_cpu_{key}.so"
+    if force or not out.exists():
+        _compile(cxx, out)
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; ``None`` (with one warning) if that fails."""
+    if os.environ.get("ACON_FUSED_NO_NATIVE", "0") == "1":
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+        _declare(lib)
+        if lib.acon_abi_version() != ABI_VERSION:
+            raise RuntimeError(f"ABI {lib.acon_abi_version()} != {ABI_VERSION}")
+    except (OSError, RuntimeError, AttributeError) as e:
+        warnings.warn(
+            f"acon.fused: C++ CPU kernels unavailable ({e}); using the torch formulas", stacklevel=2
+        )
+        return None
+    return lib
+
+
+def available() -> bool:
+    """Whether the C++ kernels are built and loaded (builds them on the first call)."""
+    return library() is not None
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the kernels serve this tensor's dtype (fp32, bf16) on the CPU."""
+    return x.device.type == "cpu" and x.dtype in DTYPES
+
+
+def _flat32(p: torch.Tensor) -> torch.Tensor:
+    """``p`` as contiguous fp32 memory (itself when it already is: parameters usually are)."""
+    return p if p.dtype == torch.float32 and p.is_contiguous() else p.float().contiguous()
+
+
+def _blocks(layout: str, n: int, c: int, s: int, threads: int) -> int:
+    """Work blocks: rows split into a few blocks per thread ("ncs"), or per sample split along S ("nsc")."""
+    if layout == NCS:
+        return max(1, min(n * c, 4 * threads))
+    return max(1, min(s, -(-threads // n)))
+
+
+def _kernel(kind: str, layout: str, dtype: torch.dtype):
+    return _entry(library(), kind, layout, dtype)
+
+
+@functools.cache
+def _entry(lib: ctypes.CDLL, kind: str, layout: str, dtype: torch.dtype):
+    return getattr(lib, f"acon_{kind}_{layout}_{DTYPES[dtype]}")
+
+
+def _dims(x3: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    n, a, b = x3.shape
+    return (n, a, b) if layout == NCS else (n, b, a)
+
+
+def forward(
+    x3: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, layout: str
+) -> torch.Tensor:
+    """y on the dense 3-D view ``x3`` ((N, C, S) for "ncs", (N, S, C) for "nsc"); p1, p2 hold C values and
+    β C or N·C (per sample), in any shape."""
+    n, c, s = _dims(x3, layout)
+    p1, p2, beta = _flat32(p1), _flat32(p2), _flat32(beta)
+    y3 = torch.empty_like(x3, memory_format=torch.contiguous_format)
+    threads = torch.get_num_threads()
+    _kernel("fwd", layout, x3.dtype)(
+        x3.data_ptr(), y3.data_ptr(), p1.data_ptr(), p2.data_ptr(), beta.data_ptr(),
+        n, c, s, int(beta.numel() > c), _blocks(layout, n, c, s, threads), threads,
+    )  # fmt: skip
+    return y3
+
+
+def backward(
+    dy3: torch.Tensor, x3: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, layout: str
+):
+    """(dx3, and the fp32 gradients of p1 (C,), p2 (C,) and β ((N, C) per sample, else (1, C)))."""
+    n, c, s = _dims(x3, layout)
+    p1, p2, beta = _flat32(p1), _flat32(p2), _flat32(beta)
+    per_sample = beta.numel() > c
+    dx3 = torch.empty_like(x3, memory_format=torch.contiguous_format)
+    g1, g2 = torch.empty(c), torch.empty(c)  # separate tensors: custom-op outputs must not alias
+    gb = torch.empty(n if per_sample else 1, c)
+    threads = torch.get_num_threads()
+    _kernel("bwd", layout, x3.dtype)(
+        dy3.data_ptr(), x3.data_ptr(), dx3.data_ptr(), g1.data_ptr(), g2.data_ptr(), gb.data_ptr(),
+        p1.data_ptr(), p2.data_ptr(), beta.data_ptr(),
+        n, c, s, int(per_sample), _blocks(layout, n, c, s, threads), threads,
+    )  # fmt: skip
+    return dx3, g1, g2, gb

@@ -1,0 +1,175 @@
+"""The C++ CPU kernels of ``acon.fused.native`` (the CPU default) against the paper-form reference.
+
+Same tolerances as ``test_fused`` (see its docstring). The kernels are also built at narrower vector
+widths (AVX2: 8 lanes, SSE: 4 lanes) so the row-crossing and short-row paths are exercised at every
+width the source supports, not just this machine's.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+from test_fused import check_against_reference
+
+import acon.fused
+from acon import AconC, MetaAconC
+from acon.functional import acon_c_reference
+from acon.fused import cpu, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
+
+# S = H·W below, at and above one vector (4/8/16 lanes), rows crossing chunk boundaries, C = 1, H·W = 1,
+# C above and below the vector width for channels-last.
+SHAPES = [
+    (2, 5, 3, 4),
+    (2, 1, 3, 5),
+    (3, 7, 1, 1),
+    (1, 3, 33, 17),
+    (4, 6),
+    (2, 6, 7),
+    (3, 5, 7, 7),
+    (2, 3, 4, 4),
+    (2, 20, 5, 4),
+    (2, 37, 3, 3),
+    (5, 17, 4, 5),
+]
+
+
+@pytest.fixture
+def native_mode():
+    cpu.set_mode("native")
+    yield
+    cpu.set_mode(None)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count calls into the C++ kernels, so a silent fallback to another path fails the test."""
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        fn = getattr(native, name)
+
+        def wrapper(*a, _fn=fn, _name=name, **k):
+            calls[_name] += 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(native, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_native_matches_reference(native_mode, counted, dtype, shape, per_sample):
+    check_against_reference(acon.fused.acon_c, shape, dtype, per_sample, channels_last=False)
+    if len(shape) == 4:
+        check_against_reference(acon.fused.acon_c, shape, dtype, per_sample, channels_last=True)
+    assert counted["forward"] >= 1 and counted["backward"] >= 1
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_any_thread_count_and_batch_one(native_mode, counted, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(1, 5, 7, 7), (1, 40, 5, 5), (3, 5, 7, 7)]:
+            for cl in (False, True):
+                check_against_reference(acon.fused.acon_c, shape, torch.float32, True, cl)
+    finally:
+        torch.set_num_threads(old)
+    assert counted["backward"] == 6
+
+
+def test_fp64_uses_the_torch_formulas(native_mode, counted, monkeypatch):
+    monkeypatch.setattr(cpu, "_COMPILE_OK", False)  # the eager formulas: no Inductor compile in this test
+    check_against_reference(acon.fused.acon_c, (2, 5, 7, 7), torch.float64, False, False)
+    assert counted == {"forward": 0, "backward": 0}
+
+
+def test_nan_and_inf_propagate_like_the_reference(native_mode):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 20, 5, 5, generator=g)
+    x[0, 3, 1, 1], x[1, 4, 2, 2], x[1, 5, 0, 0], x[0, 6, 0, 0] = (
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        1e30,
+    )
+    p1, p2, beta = (torch.randn(1, 20, 1, 1, generator=g) for _ in range(3))
+    y, ref = acon.fused.acon_c(x, p1, p2, beta), acon_c_reference(x, p1, p2, beta)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    torch.testing.assert_close(y[fin], ref[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_backward_is_bit_deterministic(native_mode):
+    torch.manual_seed(0)
+    for cl in (False, True):
+        m = MetaAconC(24, impl="fused")
+        x = torch.randn(4, 24, 9, 9)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        grads = []
+        for _ in range(2):
+            m.zero_grad()
+            xi = x.clone().requires_grad_()
+            m(xi).square().sum().backward()
+            grads.append([xi.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_modules_use_the_native_kernels_by_default(counted):
+    assert cpu.mode() == "native"
+    for m in (AconC(16, impl="auto"), MetaAconC(16, impl="auto")):
+        x = torch.randn(8, 16, 16, 16, requires_grad=True)
+        m(x).sum().backward()
+    assert counted == {"forward": 2, "backward": 2}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector-width flags")
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx"])
+def test_narrower_vector_builds_match_reference(native_mode, counted, monkeypatch, tmp_path, flags):
+    """Rebuild at 8 (AVX2) and 4 (SSE) lanes and rerun the shape matrix in fp32 and bf16."""
+    monkeypatch.setenv("ACON_KERNEL_CFLAGS", flags)
+    monkeypatch.setenv("ACON_KERNEL_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.available()
+        for shape in SHAPES:
+            for dtype in (torch.float32, torch.bfloat16):
+                check_against_reference(acon.fused.acon_c, shape, dtype, True, channels_last=len(shape) == 4)
+    finally:
+        native.library.cache_clear()
+    assert len(list(tmp_path.glob("acon_cpu_*.so"))) == 1
+    assert counted["backward"] == 2 * len(SHAPES)
+
+
+def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACON_KERNEL_CACHE", str(tmp_path))
+    first = native.build()
+    mtime = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == mtime  # no rebuild
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path, counted):
+    """A compiler that fails: one warning, then the Inductor/eager formulas serve the same calls."""
+    monkeypatch.setenv("ACON_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setattr(native, "compiler", lambda: "/bin/false")
+    native.library.cache_clear()
+    cpu.set_mode("native")
+    try:
+        with pytest.warns(UserWarning, match="C\\+\\+ CPU kernels unavailable"):
+            assert not native.available()
+        cpu.set_mode("eager")  # keep this test free of Inductor compiles; the fallback order is checked below
+        check_against_reference(acon.fused.acon_c, (2, 5, 7, 7), torch.float32, False, False)
+        cpu.set_mode("native")
+        assert cpu._execution(torch.empty(2, 3, 4)) in ("compiled", "eager")
+    finally:
+        cpu.set_mode(None)
+        native.library.cache_clear()
+    assert counted == {"forward": 0, "backward": 0}
