@@ -61,7 +61,12 @@ def _check_shapes(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: tor
                 f"acon.fused.acon_c: {name} must be (1, {c}, 1, ...) for x {tuple(x.shape)}, "
                 f"got {tuple(p.shape)}"
             )
-    if beta.dim() != x.dim() or beta.shape[0] not in (1, n) or beta.shape[1] != c or beta[0].numel() != c:
+    if (
+        beta.dim() != x.dim()
+        or beta.shape[0] not in (1, n)
+        or beta.shape[1] != c
+        or beta.numel() != beta.shape[0] * c
+    ):
         raise ValueError(
             f"acon.fused.acon_c: beta must be (1, {c}, 1, ...) or ({n}, {c}, 1, ...) for x "
             f"{tuple(x.shape)}, got {tuple(beta.shape)}"

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX__)
@@ -101,13 +102,15 @@ struct BF16 {  // bfloat16 stored as uint16; round to nearest even on store, NaN
 };
 
 // e^x, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), inputs clamped to [-87.3, 88].
+// n = round(x·log2 e) comes from adding 1.5·2^23, which leaves n in the low mantissa bits (no float/int
+// conversions); r = x - n·ln 2 then lies in [-ln2/2, ln2/2], the polynomial's range.
 inline vf vexp(vf x) {
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23
   x = x < splat(88.0f) ? x : splat(88.0f);
   x = x > splat(-87.3365478515625f) ? x : splat(-87.3365478515625f);
-  vf fx = x * splat(1.44269504088896341f) + splat(0.5f);
-  vf nf = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
-  nf = nf > fx ? nf - splat(1.0f) : nf;  // floor
-  vf r = x - nf * splat(0.693359375f) - nf * splat(-2.12194440e-4f);
+  const vf k = x * splat(1.44269504088896341f) + magic;
+  const vf nf = k - magic;
+  const vf r = x - nf * splat(0.693359375f) - nf * splat(-2.12194440e-4f);
   vf p = splat(1.9875691500e-4f);
   p = p * r + splat(1.3981999507e-3f);
   p = p * r + splat(8.3334519073e-3f);
@@ -115,7 +118,7 @@ inline vf vexp(vf x) {
   p = p * r + splat(1.6666665459e-1f);
   p = p * r + splat(5.0000001201e-1f);
   p = p * r * r + r + splat(1.0f);
-  vi e = (__builtin_convertvector(nf, vi) + 127) << 23;
+  const vi e = ((vi)k - (vi)magic + 127) << 23;
   return p * (vf)e;
 }
 
@@ -368,8 +371,8 @@ void bwd_ncs(const void* dy, const void* x, void* dx, float* g1, float* g2, floa
   const std::vector<float> d = difference(p1, p, C);
   const RowParams P{d.data(), p, b, C, N * C, per_sample != 0};
   const int64_t R = N * C;
-  std::vector<float> part(3 * R);
-  float *s1 = part.data(), *sx = s1 + R, *sb = sx + R;
+  std::unique_ptr<float[]> part(new float[3 * R]);  // every row's sums are written before they are read
+  float *s1 = part.get(), *sx = s1 + R, *sb = sx + R;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t k = 0; k < blocks; ++k)
     rows<IO, true>((const T*)dy, (const T*)x, (T*)dx, s1, sx, sb, P, R * k / blocks, R * (k + 1) / blocks, S);
@@ -400,8 +403,8 @@ void bwd_nsc(const void* dy, const void* x, void* dx, float* g1, float* g2, floa
   const std::vector<float> d = difference(p1, p, C);
   const Repeated dr(d.data(), C), pr(p, C);
   const int64_t Q = N * blocks * C;
-  std::vector<float> part(3 * Q);
-  float *s1 = part.data(), *sx = s1 + Q, *sb = sx + Q;
+  std::unique_ptr<float[]> part(new float[3 * Q]);  // every block's sums are written before they are read
+  float *s1 = part.get(), *sx = s1 + Q, *sb = sx + Q;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t q = 0; q < N * blocks; ++q) {
     const int64_t n = q / blocks, off = n * S * C;
