@@ -1,4 +1,4 @@
-"""Process setup shared by the benchmark scripts: a steady allocator, so ratios do not depend on luck.
+"""What the benchmark scripts share: run options, a steady allocator, device sync, writing the table.
 
 On Linux, glibc's malloc serves large blocks with fresh ``mmap`` pages and gives them back on free, and
 whether a given op's output lands in recycled or in fresh memory depends on the allocation history of
@@ -12,8 +12,12 @@ prints page faults per call, so a row paying for faults is visible. It changes n
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from pathlib import Path
+
+import torch
 
 STEADY_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
@@ -32,3 +36,39 @@ def malloc_note() -> str:
     """How this process's malloc is set up, for benchmark headers."""
     steady = all(os.environ.get(k) == v for k, v in STEADY_MALLOC_ENV.items())
     return "steady malloc" if steady else "default malloc"
+
+
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """Options every benchmark script takes: ``--threads``, ``--default-malloc`` and ``--out``."""
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's default malloc (see acon.bench)"
+    )
+    ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
+
+
+def apply_run_args(args: argparse.Namespace) -> None:
+    """Apply the options of :func:`add_run_args` that act on this process (``--threads``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work (CUDA), so wall-clock timings cover it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def finish_table(lines: list[str], out: Path | None) -> str:
+    """The markdown table as text, also written to ``out`` when given."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return text
+
+
+def run_script(main) -> None:
+    """A benchmark script's entry point: :func:`steady_malloc` unless ``--default-malloc``, then ``main()``."""
+    steady_malloc("--default-malloc" not in sys.argv)
+    main()

@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acon import AconC, MetaAconC  # noqa: E402
-from acon.bench import malloc_note, steady_malloc  # noqa: E402
+from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script, sync  # noqa: E402
 from acon.fused import cpu as fused_cpu  # noqa: E402
 from acon.fused import native as fused_native  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
@@ -66,11 +66,6 @@ def candidates(c: int, device: str) -> dict[str, tuple[nn.Module, str | None]]:
             rows[f"AconC fused ({MODE_LABEL[mode]})"] = (AconC(c, impl="fused"), mode)
         rows = {(f"{k} ({MODE_LABEL[default]})" if k.endswith("fused") else k): v for k, v in rows.items()}
     return rows
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def fwd_bwd(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -183,14 +178,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--inner", type=int, default=0, help="calls per timed round (0: 1 on CPU, 20 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="two shapes, 7 repeats")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    ap.add_argument(
-        "--default-malloc", action="store_true", help="keep glibc's default malloc (see acon.bench)"
-    )
-    ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    add_run_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_run_args(args)
     args.inner = args.inner or (20 if args.device == "cuda" else 1)
     if args.quick:
         args.repeats = min(args.repeats, 7)
@@ -212,13 +202,8 @@ def main(argv: list[str] | None = None) -> str:
                 line = f"| {name} | {row} | {ms:.2f} | {ratio:.2f} | {saved:.2f} | {flt:.0f} |"
             print(line, flush=True)
             lines.append(line)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return text
+    return finish_table(lines, args.out)
 
 
 if __name__ == "__main__":
-    steady_malloc("--default-malloc" not in sys.argv)
-    main()
+    run_script(main)

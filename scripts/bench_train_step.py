@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acon.bench import malloc_note, steady_malloc  # noqa: E402
+from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script, sync  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
 from models import create_model  # noqa: E402
 
@@ -54,11 +54,6 @@ def step(model, opt, x, y, amp) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_model(name: str, variants: list[str], args) -> list[str]:
@@ -112,14 +107,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    ap.add_argument(
-        "--default-malloc", action="store_true", help="keep glibc's default malloc (see acon.bench)"
-    )
-    ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    add_run_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_run_args(args)
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or "ReLU" not in variants:
@@ -135,13 +125,8 @@ def main(argv: list[str] | None = None) -> str:
     print("\n".join(lines), flush=True)
     for name in args.models.split(","):
         lines += bench_model(name.strip(), variants, args)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return text
+    return finish_table(lines, args.out)
 
 
 if __name__ == "__main__":
-    steady_malloc("--default-malloc" not in sys.argv)
-    main()
+    run_script(main)
