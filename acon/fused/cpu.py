@@ -170,15 +170,13 @@ def forward(x3, p1, p2, beta, layout: str, ct: torch.dtype) -> torch.Tensor:
 
 def backward(dy3, x3, p1, p2, beta, layout: str, ct: torch.dtype):
     """Backward on the 3-D views: (dx3, Σ for dp1 (C,), Σ for dp2 (C,), Σ for dβ ((N, C) or (1, C)))."""
-    if _execution(x3) == "native":
+    how = _execution(x3)
+    if how == "native":
         return native.backward(dy3, x3, p1, p2, beta, layout)
-    dx, s1, s2, sb = _backward_nc(dy3, x3, p1, p2, beta, layout, ct)
-    return dx, s1.sum(0), s2.sum(0), sb
-
-
-def _backward_nc(dy3, x3, p1, p2, beta, layout: str, ct: torch.dtype):
     sdim = 2 if layout == NCS else 1
-    if _execution(x3) == "eager":
-        return backward_math(dy3, x3, p1, p2, beta, ct, sdim)
-    key = (layout, x3.dtype, beta.shape[0] > 1)
-    return _run_compiled("bwd", key, backward_math, dy3, x3, p1, p2, beta, ct, sdim)
+    if how == "eager":
+        dx, s1, s2, sb = backward_math(dy3, x3, p1, p2, beta, ct, sdim)
+    else:
+        key = (layout, x3.dtype, beta.shape[0] > 1)
+        dx, s1, s2, sb = _run_compiled("bwd", key, backward_math, dy3, x3, p1, p2, beta, ct, sdim)
+    return dx, s1.sum(0), s2.sum(0), sb
