@@ -94,19 +94,15 @@ def build_train_pipeline(
     if name == "reference":
         tf = train_transform(img_size, color_jitter, tuple(scale), hflip, preprocess, mean, std)
         return Pipeline(name, ImageFolderDataset(root, tf, **folder), collate_skipping_bad, None)
-    if name in ("fast", "shards"):
+    if name in ("fast", "shards"):  # workers decode and crop; the batch stage jitters and normalises
         tf = FastTrainTransform(img_size, scale, color_jitter=color_jitter, hflip=p)
-        if name == "shards":
-            ds = ShardDataset(root, transform=tf, loader=bytes_tensor, **shard)
-        else:
-            ds = ImageFolderDataset(root, tf, loader=read_bytes, **folder)
-        return Pipeline(name, ds, collate_augment, dev)
-    tf = EncodedTrainTransform(scale, color_jitter=color_jitter, hflip=p)
-    if name == "shards_gpu":
-        return Pipeline(
-            name, ShardDataset(root, transform=tf, loader=bytes_tensor, **shard), collate_augment, dev
-        )
-    return Pipeline(name, ImageFolderDataset(root, tf, loader=read_bytes, **folder), collate_augment, dev)
+    else:  # gpu, shards_gpu: workers only read bytes and draw the parameters
+        tf = EncodedTrainTransform(scale, color_jitter=color_jitter, hflip=p)
+    if name.startswith("shards"):
+        ds = ShardDataset(root, transform=tf, loader=bytes_tensor, **shard)
+    else:
+        ds = ImageFolderDataset(root, tf, loader=read_bytes, **folder)
+    return Pipeline(name, ds, collate_augment, dev)
 
 
 def build_val_pipeline(
