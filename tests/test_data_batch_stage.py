@@ -4,8 +4,9 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F2
 
+from acon.data.cpu_stage import WorkPlanes, jitter_normalize_cpu
 from acon.data.fast import IMAGENET_MEAN, IMAGENET_STD, AugBatch, jitter_params
-from acon.data.gpu import DeviceAugment, WorkPlanes, color_jitter_batch, jitter_normalize_cpu
+from acon.data.gpu import DeviceAugment, color_jitter_batch
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)

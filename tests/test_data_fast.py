@@ -28,7 +28,6 @@ from acon.data.gpu import (
     DeviceLoader,
     EncodedTrainTransform,
     color_jitter_batch,
-    color_jitter_image,
     decode_batch,
 )
 from acon.data.pipelines import PIPELINES, build_loader, build_train_pipeline, build_val_pipeline
@@ -184,8 +183,6 @@ def test_color_jitter_batch_matches_torchvision_per_sample():
             y = ops[k](y, float(factors[i, k]))
         # grey weights follow PIL (0.299) where torchvision's tensor ops use 0.2989: < 0.1 of a level
         assert torch.allclose(out[i], y, atol=4e-4)
-        one = color_jitter_image(x[i : i + 1].clone(), factors[i].tolist(), order[i].tolist(), 1.0)
-        assert torch.allclose(one[0], out[i], atol=1e-5)
 
 
 def test_gpu_path_augmentation_runs_on_cpu_tensors():

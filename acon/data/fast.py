@@ -35,6 +35,7 @@ from torchvision.transforms import functional as TF
 from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "GRAY_WEIGHTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PARAM_DIM",
@@ -52,6 +53,7 @@ __all__ = [
 # Per-sample parameter vector: crop top, left, height, width; flip; brightness, contrast, saturation
 # factors; the order in which the three colour ops are applied (0=brightness, 1=contrast, 2=saturation).
 PARAM_DIM = 11
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # grey level as PIL's "L" conversion, which ColorJitter follows
 _NO_JITTER = (1.0, 1.0, 1.0, 0.0, 1.0, 2.0)
 
 

@@ -8,15 +8,13 @@ batch ahead, so it overlaps with the previous step's compute. Every augmentation
 and runs on any device; on a CPU it is what the tests exercise.
 
 It is also the batch stage of the fast CPU path (uint8 crops from the workers). On a CPU, jitter and
-normalisation run per image as a few 3x4 matrix products (:func:`jitter_normalize_cpu`) into reused
-output buffers, about 3x cheaper than the per-op passes of :func:`color_jitter_batch`.
+normalisation run per image as a few 3x4 matrix products into reused output buffers
+(:mod:`acon.data.cpu_stage`), about 3x cheaper than the per-op passes of :func:`color_jitter_batch`.
 """
 
 from __future__ import annotations
 
 import io
-import math
-import sys
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -24,24 +22,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from acon.data.fast import IMAGENET_MEAN, IMAGENET_STD, AugBatch, jitter_params, jpeg_header, rrc_params
+from acon.data.cpu_stage import OutputPool, WorkPlanes, jitter_normalize_cpu
+from acon.data.fast import (
+    GRAY_WEIGHTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugBatch,
+    jitter_params,
+    jpeg_header,
+    rrc_params,
+)
 
 __all__ = [
     "DeviceAugment",
     "DeviceLoader",
     "EncodedTrainTransform",
-    "WorkPlanes",
     "color_jitter_batch",
-    "color_jitter_image",
     "crop_resize_batch",
     "decode_batch",
-    "jitter_normalize_cpu",
 ]
 
-_GRAY = (0.299, 0.587, 0.114)
 PREPROCESS = ("rgb_normalized", "bgr_255")
-_POOL_SIZE = 3  # CPU output batches kept for reuse: the one being consumed, the next, one spare
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 class EncodedTrainTransform:
@@ -128,137 +129,12 @@ def color_jitter_batch(
     for step in range(3):
         op = order[:, step : step + 1]
         f = factors.gather(1, op).view(-1, 1, 1, 1)
-        gray = _GRAY[0] * x[:, 0:1] + _GRAY[1] * x[:, 1:2] + _GRAY[2] * x[:, 2:3]
+        w0, w1, w2 = GRAY_WEIGHTS
+        gray = w0 * x[:, 0:1] + w1 * x[:, 1:2] + w2 * x[:, 2:3]
         mean = gray.mean(dim=(-2, -1), keepdim=True)
         target = torch.where((op == 2).view(-1, 1, 1, 1), gray, (op == 1).view(-1, 1, 1, 1) * mean)
         x = torch.lerp(target, x, f).clamp_(0, bound)
     return x
-
-
-def color_jitter_image(
-    x: torch.Tensor, factors: list[float], order: list[float], bound: float
-) -> torch.Tensor:
-    """:func:`color_jitter_batch` for one (1, 3, H, W) image with host-side parameters, in place: each
-    step runs only its own op, one or two passes over the image (the per-op form of
-    :func:`jitter_normalize_cpu`, which the CPU batch stage runs instead)."""
-    for k in (int(o) for o in order):
-        f = factors[k]
-        if k == 0:
-            x.mul_(f)
-        elif k == 1:
-            mean = sum(w * float(m) for w, m in zip(_GRAY, x.mean(dim=(0, 2, 3)), strict=True))
-            x.mul_(f).add_((1 - f) * mean)
-        else:
-            gray = _GRAY[0] * x[:, 0:1] + _GRAY[1] * x[:, 1:2] + _GRAY[2] * x[:, 2:3]
-            x.mul_(f).add_(gray.mul_(1 - f))
-        x.clamp_(0, bound)
-    return x
-
-
-class WorkPlanes:
-    """Work buffers of :func:`jitter_normalize_cpu` for (3, height, width) images, reused between images.
-
-    Two stacks of (4, height * width) planes: three colour planes and a plane of ones, which turns each
-    affine colour map into one matrix product (the bias is its fourth column); plus that (3, 4) matrix.
-    Not thread-safe: one per caller.
-    """
-
-    def __init__(self, height: int, width: int, dtype: torch.dtype = torch.float32) -> None:
-        buf = torch.empty((2, 4, height * width), dtype=dtype)
-        buf[:, 3] = 1
-        self.shape, self.dtype = (height, width), dtype
-        self.full = (buf[0], buf[1])
-        self.rgb = (buf[0, :3], buf[1, :3])
-        self.image = (buf[0, :3].view(3, height, width), buf[1, :3].view(3, height, width))
-        self.matrix = torch.empty((3, 4), dtype=dtype)
-        self._host = self.matrix.numpy().reshape(-1) if dtype == torch.float32 else None
-
-    def affine(self, rows: list[float], src: int, out: torch.Tensor) -> torch.Tensor:
-        """out = rows (3x4, row-major) @ (planes ``src``; ones): one matrix product over the pixels."""
-        if self._host is not None:
-            self._host[:] = rows
-            m = self.matrix
-        else:
-            m = torch.tensor(rows, dtype=self.dtype).view(3, 4)
-        return torch.mm(m, self.full[src], out=out)
-
-
-def jitter_normalize_cpu(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    jitter: tuple[list[float], list[float]] | None,
-    mean: tuple[float, float, float],
-    scale: tuple[float, float, float],
-    bgr: bool = False,
-    planes: WorkPlanes | None = None,
-) -> torch.Tensor:
-    """Colour jitter and normalise one (3, H, W) image in 0..255 into ``out``: the CPU batch stage.
-
-    Computes what :func:`color_jitter_image` (bound 255) followed by ``(x - mean) * scale`` computes
-    (channels reversed after that when ``bgr``), with ``jitter`` = (factors, order) as in the parameter
-    vector, or None. Each op is affine and keeps the image in the form ``a * y + c * grey(y) + b``:
-    brightness scales a, c and b; contrast scales them and moves b towards the grey mean (from the
-    per-channel means of y); saturation moves c. So the ops compose into three numbers on the host, and
-    the pixels are only touched to apply them, as one (3 x 4) matrix product, where an op has a factor
-    > 1: only then can its result leave 0..255 and need the op's clamp (a blend with factor <= 1 stays
-    in range, so its clamp is a no-op). Cost: one uint8 -> float copy, one product and clamp per
-    factor > 1 and one product, with the normalisation folded in, written into ``out``.
-    """
-    planes = planes if planes is not None else WorkPlanes(x.shape[-2], x.shape[-1])
-    src = 0
-    planes.image[src].copy_(x)
-    a, c, b = 1.0, 0.0, 0.0  # the image is a * y + c * grey(y) + b, y the planes ``src``
-    g_mean = None  # grey level of the mean of y
-    w0, w1, w2 = _GRAY
-    n = x.shape[-2] * x.shape[-1]
-    for k in (int(o) for o in jitter[1]) if jitter is not None else ():
-        f = float(jitter[0][k])
-        if k == 1:
-            if g_mean is None:
-                s0, s1, s2 = planes.rgb[src].sum(dim=1).tolist()
-                g_mean = (w0 * s0 + w1 * s1 + w2 * s2) / n
-            b = f * b + (1 - f) * ((a + c) * g_mean + b)
-            a, c = f * a, f * c
-        elif k == 2:  # grey(a y + c grey(y) + b) = (a + c) grey(y) + b
-            a, c = f * a, f * c + (1 - f) * (a + c)
-        else:
-            a, c, b = f * a, f * c, f * b
-        if f > 1:  # the result can leave 0..255: apply it and clamp, as the op does
-            rows = _rows(a, c, (b, b, b), (1.0, 1.0, 1.0), (0, 1, 2))
-            planes.affine(rows, src, planes.rgb[1 - src]).clamp_(0, 255)
-            src, a, c, b, g_mean = 1 - src, 1.0, 0.0, 0.0, None
-    bias = tuple(b - m for m in mean)
-    rows = _rows(a, c, bias, scale, (2, 1, 0) if bgr else (0, 1, 2))
-    direct = out.dtype == planes.dtype and out.is_contiguous()
-    res = planes.affine(rows, src, out.view(3, n) if direct else planes.rgb[1 - src])
-    if not direct:
-        out.copy_(res.view(out.shape))
-    return out
-
-
-def _pool_refs(pool: list, i: int) -> int:
-    return sys.getrefcount(pool[i])
-
-
-_POOL_REFS = _pool_refs([object()], 0)  # the count of an object that only a list refers to
-
-
-def _unreferenced(pool: list[torch.UntypedStorage], i: int) -> bool:
-    """True when only ``pool`` refers to the storage ``pool[i]``: no tensor or view uses it (its use
-    count is the pool's 1), no Python reference to the storage object exists besides the list's (a
-    caller's ``untyped_storage()`` is this same object), and no other process maps it."""
-    if _pool_refs(pool, i) != _POOL_REFS:
-        return False
-    return _storage_use_count(pool[i]._cdata) == 1 and not pool[i].is_shared()
-
-
-def _rows(a: float, c: float, bias: tuple, scale: tuple, channels: tuple) -> list[float]:
-    """Row-major (3, 4) matrix of ``scale * (a * y + c * grey(y) + bias)`` for output ``channels``."""
-    rows = []
-    for ch in channels:
-        s = scale[ch]
-        rows += [s * (c * w + (a if j == ch else 0.0)) for j, w in enumerate(_GRAY)] + [s * bias[ch]]
-    return rows
 
 
 class DeviceAugment:
@@ -292,7 +168,7 @@ class DeviceAugment:
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        self._pool: list[torch.UntypedStorage] = []
+        self._pool = OutputPool()
         self._bufs: WorkPlanes | None = None
 
     def __call__(self, batch: AugBatch) -> torch.Tensor:
@@ -326,23 +202,11 @@ class DeviceAugment:
         return out
 
     def _new_output(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised output batch; on a CPU, a pooled buffer that nothing refers to any more.
-
-        Writing a freshly allocated 38 MB batch page-faults on every 4 KB page, which cost as much as
-        the whole jitter + normalisation arithmetic here; so up to ``_POOL_SIZE`` CPU batches are kept
-        and reused once no tensor, view, array or storage object outside the pool refers to them.
-        """
+        """An uninitialised output batch; on a CPU, from the pool of buffers nothing refers to any more."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        if self.device.type != "cpu" or _storage_use_count is None:
+        if self.device.type != "cpu":
             return torch.empty(shape, dtype=self.out_dtype, device=self.device, memory_format=fmt)
-        stride = torch.empty(shape, device="meta", memory_format=fmt).stride()
-        nbytes = math.prod(shape) * self.out_dtype.itemsize
-        for i in range(len(self._pool)):
-            if self._pool[i].nbytes() == nbytes and _unreferenced(self._pool, i):
-                return torch.empty(0, dtype=self.out_dtype).set_(self._pool[i], 0, shape, stride)
-        out = torch.empty(shape, dtype=self.out_dtype, memory_format=fmt)
-        self._pool = [*self._pool, out.untyped_storage()][-_POOL_SIZE:]
-        return out
+        return self._pool.empty(shape, self.out_dtype, fmt)
 
     def _planes(self, height: int, width: int) -> WorkPlanes:
         """The CPU stage's work buffers, kept between batches."""
@@ -353,7 +217,7 @@ class DeviceAugment:
 
     def __getstate__(self) -> dict:
         """Pickle without the buffers (they are caches)."""
-        return {**self.__dict__, "_pool": [], "_bufs": None}
+        return {**self.__dict__, "_pool": OutputPool(self._pool.size), "_bufs": None}
 
     def __repr__(self) -> str:
         return (
