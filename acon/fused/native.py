@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -170,9 +171,25 @@ def _entry(lib: ctypes.CDLL, kind: str, layout: str, dtype: torch.dtype):
     return getattr(lib, f"acon_{kind}_{layout}_{DTYPES[dtype]}")
 
 
-def _dims(x3: torch.Tensor, layout: str) -> tuple[int, int, int]:
+class _Launch(NamedTuple):
+    n: int
+    c: int
+    s: int
+    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # p1, p2, β as contiguous fp32
+    per_sample: bool
+    blocks: int
+    threads: int
+
+
+def _launch(x3: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, layout: str) -> _Launch:
+    """What forward and backward both pass to a kernel: sizes, fp32 parameter memory, the work split."""
+    if not x3.is_contiguous():
+        raise ValueError(f"acon.fused.native: x must be a dense 3-D view, got strides {x3.stride()}")
     n, a, b = x3.shape
-    return (n, a, b) if layout == NCS else (n, b, a)
+    c, s = (a, b) if layout == NCS else (b, a)
+    params = (_flat32(p1), _flat32(p2), _flat32(beta))
+    threads = torch.get_num_threads()
+    return _Launch(n, c, s, params, params[2].numel() > c, _blocks(layout, n, c, s, threads), threads)
 
 
 def forward(
@@ -180,13 +197,11 @@ def forward(
 ) -> torch.Tensor:
     """y on the dense 3-D view ``x3`` ((N, C, S) for "ncs", (N, S, C) for "nsc"); p1, p2 hold C values and
     β C or N·C (per sample), in any shape."""
-    n, c, s = _dims(x3, layout)
-    p1, p2, beta = _flat32(p1), _flat32(p2), _flat32(beta)
-    y3 = torch.empty_like(x3, memory_format=torch.contiguous_format)
-    threads = torch.get_num_threads()
+    k = _launch(x3, p1, p2, beta, layout)
+    y3 = torch.empty_like(x3)
     _kernel("fwd", layout, x3.dtype)(
-        x3.data_ptr(), y3.data_ptr(), p1.data_ptr(), p2.data_ptr(), beta.data_ptr(),
-        n, c, s, int(beta.numel() > c), _blocks(layout, n, c, s, threads), threads,
+        x3.data_ptr(), y3.data_ptr(), *(p.data_ptr() for p in k.params),
+        k.n, k.c, k.s, int(k.per_sample), k.blocks, k.threads,
     )  # fmt: skip
     return y3
 
@@ -195,16 +210,14 @@ def backward(
     dy3: torch.Tensor, x3: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, layout: str
 ):
     """(dx3, and the fp32 gradients of p1 (C,), p2 (C,) and β ((N, C) per sample, else (1, C)))."""
-    n, c, s = _dims(x3, layout)
-    p1, p2, beta = _flat32(p1), _flat32(p2), _flat32(beta)
-    per_sample = beta.numel() > c
-    dx3 = torch.empty_like(x3, memory_format=torch.contiguous_format)
-    g1, g2 = torch.empty(c), torch.empty(c)  # separate tensors: custom-op outputs must not alias
-    gb = torch.empty(n if per_sample else 1, c)
-    threads = torch.get_num_threads()
+    k = _launch(x3, p1, p2, beta, layout)
+    if dy3.shape != x3.shape or not dy3.is_contiguous():
+        raise ValueError(f"acon.fused.native: dy must be a dense view like x, got strides {dy3.stride()}")
+    dx3 = torch.empty_like(x3)
+    g1, g2 = torch.empty(k.c), torch.empty(k.c)  # separate tensors: custom-op outputs must not alias
+    gb = torch.empty(k.n if k.per_sample else 1, k.c)
     _kernel("bwd", layout, x3.dtype)(
         dy3.data_ptr(), x3.data_ptr(), dx3.data_ptr(), g1.data_ptr(), g2.data_ptr(), gb.data_ptr(),
-        p1.data_ptr(), p2.data_ptr(), beta.data_ptr(),
-        n, c, s, int(per_sample), _blocks(layout, n, c, s, threads), threads,
+        *(p.data_ptr() for p in k.params), k.n, k.c, k.s, int(k.per_sample), k.blocks, k.threads,
     )  # fmt: skip
     return dx3, g1, g2, gb
