@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acon import fused
 from acon.functional import acon_c_reference, channel_view, spatial_mean, swish_reference
 
 IMPLS = ("auto", "reference", "fused")
@@ -26,13 +27,11 @@ def _check_impl(impl: str) -> str:
 def _acon_c(
     x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, impl: str
 ) -> torch.Tensor:
-    """Dispatch ACON-C to the reference form or a fused kernel (see ``acon.fused``)."""
-    if impl != "reference":
-        from acon import fused
-
-        if fused.available(x, impl):
-            return fused.acon_c(x, p1, p2, beta)
-    return acon_c_reference(x, p1, p2, beta)
+    """ACON-C on parameters as the modules hold them ((1, C, 1, 1); β also (N, C, 1, 1)): a fused kernel
+    when one serves x (see ``acon.fused``), else the reference form."""
+    if impl != "reference" and fused.available(x, impl):
+        return fused.acon_c(x, p1, p2, beta)
+    return acon_c_reference(x, channel_view(p1, x), channel_view(p2, x), channel_view(beta, x))
 
 
 class ReLU(nn.ReLU):
@@ -80,8 +79,7 @@ class AconC(nn.Module):
         self.beta = nn.Parameter(torch.ones(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = lambda p: channel_view(p, x)  # noqa: E731
-        return _acon_c(x, v(self.p1), v(self.p2), v(self.beta), self.impl)
+        return _acon_c(x, self.p1, self.p2, self.beta, self.impl)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, impl={self.impl!r}"
@@ -149,8 +147,7 @@ class MetaAconC(nn.Module):
         return beta.reshape(x.shape[:2] + (1,) * (x.dim() - 2)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = lambda p: channel_view(p, x)  # noqa: E731
-        return _acon_c(x, v(self.p1), v(self.p2), self.generate_beta(x), self.impl)
+        return _acon_c(x, self.p1, self.p2, self.generate_beta(x), self.impl)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, r={self.r}, impl={self.impl!r}"

@@ -6,15 +6,18 @@ import torch
 
 
 def channel_view(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-channel parameter stored as (1, C, 1, 1) to broadcast over ``x`` (N, C, ...)."""
+    """Reshape a per-channel parameter stored as (1, C, 1, 1), or a per-sample one (N, C, 1, 1), to
+    broadcast over ``x`` (N, C, ...) in x's dtype."""
     if x.dim() < 2:
         raise ValueError(f"activation input must be (N, C, ...), got shape {tuple(x.shape)}")
-    if param.numel() != x.shape[1]:
+    n, c = x.shape[:2]
+    rows = 1 if param.numel() == c else n
+    if param.numel() != rows * c or (rows > 1 and param.shape[0] != n):
         raise ValueError(
             f"activation has {param.numel()} channels but its input has shape {tuple(x.shape)} "
             f"(channels at dim 1)"
         )
-    return param.reshape((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
+    return param.reshape((rows, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
 
 
 def acon_c_reference(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -30,6 +33,8 @@ def swish_reference(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dim after (N, C), returned as (N, C, 1, 1) for the β network's 1×1 convs."""
+    if x.dim() < 2:
+        raise ValueError(f"activation input must be (N, C, ...), got shape {tuple(x.shape)}")
     n, c = x.shape[:2]
     if x.dim() == 2:
         return x.reshape(n, c, 1, 1)

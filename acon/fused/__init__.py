@@ -54,23 +54,12 @@ def available(x: torch.Tensor, impl: str) -> bool:
 def _check_shapes(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> None:
     if x.dim() < 2:
         raise ValueError(f"acon.fused.acon_c: x must be (N, C, ...), got shape {tuple(x.shape)}")
-    n, c = x.shape[:2]
-    for name, p in (("p1", p1), ("p2", p2)):
-        if p.dim() != x.dim() or p.shape[1] != c or p.numel() != c:
-            raise ValueError(
-                f"acon.fused.acon_c: {name} must be (1, {c}, 1, ...) for x {tuple(x.shape)}, "
-                f"got {tuple(p.shape)}"
-            )
-    if (
-        beta.dim() != x.dim()
-        or beta.shape[0] not in (1, n)
-        or beta.shape[1] != c
-        or beta.numel() != beta.shape[0] * c
-    ):
-        raise ValueError(
-            f"acon.fused.acon_c: beta must be (1, {c}, 1, ...) or ({n}, {c}, 1, ...) for x "
-            f"{tuple(x.shape)}, got {tuple(beta.shape)}"
-        )
+    n, c = x.shape[0], x.shape[1]
+    for name, p, rows in (("p1", p1, (1,)), ("p2", p2, (1,)), ("beta", beta, (1, n))):
+        shape = tuple(p.shape)
+        if len(shape) < 2 or shape[0] not in rows or shape[1] != c or p.numel() != shape[0] * c:
+            want = " or ".join(f"({r}, {c}, 1, ...)" for r in rows)
+            raise ValueError(f"acon.fused.acon_c: {name} must be {want} for x {tuple(x.shape)}, got {shape}")
 
 
 def acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

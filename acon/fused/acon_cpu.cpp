@@ -3,16 +3,18 @@
 // Math (in fp32 whatever the storage type): d = p1 - p2, u = d·x, z = β·u, s = σ(z),
 //   y = u·s + p2·x
 //   t = u·s·(1 - s), g = s + β·t = ∂(u·s)/∂u
-//   dx = dy·(d·g + p2);  per (n, c) sums: Σ dy·x·g (→ dp1), Σ dy·x (dp2 = Σ dy·x - dp1), Σ dy·u·t (→ dβ)
+//   dx = dy·(d·g + p2);  with gx = dy·x: dp1 = Σ gx·g = Σ gx·s + β·Σ gx·t, dp2 = Σ gx - dp1, dβ = d·Σ gx·t,
+//   since β and d are constant along each summed row; so only Σ gx·s, Σ gx·t and Σ gx are accumulated.
 //
 // Layouts (x viewed as 3-D, dense):
 //   "ncs": rows of S contiguous values, one row per (n, c). Work is cut into chunks of one vector (VB
 //          values) laid end to end over the rows, so short rows cost no scalar tail: a chunk that crosses
-//          a row boundary blends the two rows' parameters (S >= VB), or gathers them per lane.
+//          a row boundary blends the two rows' parameters. Rows shorter than a vector (S < VB) run as
+//          "nsc" with one position of C·S channels, on parameters repeated S times.
 //   "nsc": rows of C contiguous channels, one row per (n, s). Parameters are read from arrays of length
 //          C + VB that repeat the channels, so a chunk crossing a row boundary needs one plain load.
-// Reductions are per row (ncs) or per (n, block of s) (nsc) in a fixed order, so results do not depend
-// on thread timing. Portable GCC/Clang vector extensions sized to the ISA (AVX-512, AVX2, SSE or NEON).
+// Reductions are per row (ncs; VB finished rows at a time) or per (n, block of s) (nsc) in a fixed order,
+// so results do not depend on thread timing. Portable GCC/Clang vector extensions sized to the ISA (AVX-512, AVX2, SSE or NEON).
 // No fast-math: NaN and Inf propagate as in the reference formula.
 
 #include <cstdint>
@@ -101,25 +103,37 @@ struct BF16 {  // bfloat16 stored as uint16; round to nearest even on store, NaN
   }
 };
 
-// e^x, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), inputs clamped to [-87.3, 88].
-// n = round(x·log2 e) comes from adding 1.5·2^23, which leaves n in the low mantissa bits (no float/int
-// conversions); r = x - n·ln 2 then lies in [-ln2/2, ln2/2], the polynomial's range.
-inline vf vexp(vf x) {
+// e^-z, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), z clamped to [-88, 87.3].
+// n = round(-z·log2 e) comes from adding 1.5·2^23, which leaves n in the low mantissa bits (no float/int
+// conversion); r = -z - n·ln 2 then lies in [-ln2/2, ln2/2], and e^r = 1 + r·(1 + r·P(r)). The code works
+// with q = -r = z + n·ln 2 (P's odd coefficients negated), so -z is never formed. 2^n is applied with
+// AVX-512's scalef, else built in the exponent bits.
+inline vf vexp_neg(vf z) {
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23
-  x = x < splat(88.0f) ? x : splat(88.0f);
-  x = x > splat(-87.3365478515625f) ? x : splat(-87.3365478515625f);
-  const vf k = x * splat(1.44269504088896341f) + magic;
+  z = z > splat(-88.0f) ? z : splat(-88.0f);
+  z = z < splat(87.3365478515625f) ? z : splat(87.3365478515625f);
+  const vf k = z * splat(-1.44269504088896341f) + magic;
   const vf nf = k - magic;
-  const vf r = x - nf * splat(0.693359375f) - nf * splat(-2.12194440e-4f);
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
+  const vf q = z + nf * splat(0.693359375f) + nf * splat(-2.12194440e-4f);
+  vf p = splat(-1.9875691500e-4f);
+  p = p * q + splat(1.3981999507e-3f);
+  p = p * q + splat(-8.3334519073e-3f);
+  p = p * q + splat(4.1665795894e-2f);
+  p = p * q + splat(-1.6666665459e-1f);
+  p = p * q + splat(5.0000001201e-1f);
+  p = splat(1.0f) - q * p;  // 1 + r·P(r)
+  p = splat(1.0f) - q * p;  // e^r
+#if ACON_VB == 16 && defined(__AVX512F__)
+  __m512 pv, nv;
+  std::memcpy(&pv, &p, sizeof pv);
+  std::memcpy(&nv, &nf, sizeof nv);
+  pv = _mm512_scalef_ps(pv, nv);
+  std::memcpy(&p, &pv, sizeof pv);
+  return p;
+#else
   const vi e = ((vi)k - (vi)magic + 127) << 23;
   return p * (vf)e;
+#endif
 }
 
 // 1/a: the hardware reciprocal estimate refined by one Newton step (relative error about 2^-23 or better),
@@ -146,15 +160,18 @@ inline vf vrecip(vf a) {
 #endif
 }
 
-inline vf vsigmoid(vf z) { return vrecip(splat(1.0f) + vexp(-z)); }
+inline vf vsigmoid(vf z) { return vrecip(splat(1.0f) + vexp_neg(z)); }
 
 inline vf fwd_math(vf x, vf d, vf p, vf b) {
   vf u = d * x;
   return u * vsigmoid(b * u) + p * x;
 }
 
+// Backward of one chunk. With gx = dy·x the per-element gradient terms of p1 and β are
+// dy·x·g = gx·s + β·gx·t and dy·u·t = d·gx·t, where β and d are constant along a row (or per channel
+// for "nsc"); so only Σ gx·s, Σ gx·t and Σ gx are accumulated, and `finish` applies β and d per row.
 struct Grads {
-  vf dx, s1, s2, sb;  // terms of Σ dy·x·g, Σ dy·x and Σ dy·u·t
+  vf dx, gs, gt, gx;  // dx, and the terms of Σ gx·s, Σ gx·t and Σ gx
 };
 
 inline Grads bwd_math(vf dy, vf x, vf d, vf p, vf b) {
@@ -163,21 +180,44 @@ inline Grads bwd_math(vf dy, vf x, vf d, vf p, vf b) {
   vf t = u * (s - s * s);
   vf g = s + b * t;
   vf gx = dy * x;
-  vf s1 = gx * g;
-  return {dy * (d * g + p), s1, gx, dy * u * t};
+  return {dy * (d * g + p), gx * s, gx * t, gx};
 }
 
-inline float hsum(vf v) {  // shuffle tree: log2(VB) shuffles and adds
-#if ACON_VB == 16
-  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-#endif
-#if ACON_VB >= 8
-  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3 ACON_VB_PAD8);
-#endif
-  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1 ACON_VB_PAD4);
-  v = v + __builtin_shufflevector(v, v, 1, 0 ACON_VB_PAD2);
-  return v[0];
+// Sums of the rows of a block, VB rows at a time: each finished row parks its three accumulator vectors
+// in the next slot, and every VB rows (and at the block's end) one transpose-and-add tree turns the VB
+// vectors of each quantity into one vector of VB row sums. That costs about 3 shuffles and adds per row
+// per quantity instead of the 2·log2(VB) of a shuffle-tree sum per row. A row's lanes are added in the
+// same order whatever its slot, so the sums do not depend on how rows fall into groups.
+constexpr int lane_lo(int h, int j) {  // pairing level h: lane j takes h-lane runs from a then b, low halves
+  return (j % (2 * h) < h) ? (j / (2 * h)) * 2 * h + j % (2 * h) : int(VB) + (j / (2 * h)) * 2 * h + j % (2 * h) - h;
 }
+template <int H, size_t... J>
+inline vf pair_sum(vf a, vf b, std::index_sequence<J...>) {
+  return __builtin_shufflevector(a, b, lane_lo(H, J)...) + __builtin_shufflevector(a, b, (lane_lo(H, J) + H)...);
+}
+template <int H>
+inline void sum_tree(vf* v) {  // v[0..2H) -> v[0..H); at H = 1, lane j of v[0] is the sum of the old v[j]
+  for (int i = 0; i < H; ++i) v[i] = pair_sum<H>(v[i], v[i + H], std::make_index_sequence<VB>{});
+  if constexpr (H > 1) sum_tree<H / 2>(v);
+}
+
+struct RowSums {
+  vf slot[3][VB] = {};
+  float* out[3];
+  int64_t first, used = 0;  // row of slot 0, slots in use
+  RowSums(float* ss, float* st, float* sx, int64_t r0) : out{ss, st, sx}, first(r0) {}
+  void park(vf a1, vf a2, vf ab) {
+    slot[0][used] = a1, slot[1][used] = a2, slot[2][used] = ab;
+    if (++used == VB) flush();
+  }
+  void flush() {
+    for (int q = 0; q < 3; ++q) {
+      sum_tree<int(VB) / 2>(slot[q]);
+      F32::store(out[q] + first, slot[q][0], used);
+    }
+    first += used, used = 0;
+  }
+};
 
 // ---- "ncs": rows r = n·C + c of S values; parameters per row -------------------------------------
 
@@ -185,146 +225,138 @@ struct RowParams {  // per-row parameters: row r = n·C + c; β index r (per sam
   const float *d, *p, *b;
   int64_t C, R;
   bool per_sample;
-  float beta(int64_t r, int64_t c) const { return b[per_sample ? r : c]; }
 };
 
 // Rows of S >= VB values, processed as chunks of VB laid end to end over rows r0..r1-1 in one flat loop:
-// a chunk inside a row uses that row's parameters; the chunk crossing into the next row blends the two
-// rows' parameters with the lane mask `m` (lanes < rem belong to the current row).
+// a chunk inside a row uses that row's parameters; the chunk that ends a row (rem <= VB values of it
+// left) blends the row's parameters with the next row's by the lane mask `m` (lanes < rem are this row's),
+// parks the row's sums and carries the next row's lanes into its accumulators.
 template <class IO, bool BWD>
 void rows_long(const typename IO::T* __restrict__ dy, const typename IO::T* __restrict__ x,
-               typename IO::T* __restrict__ out, float* __restrict__ s1, float* __restrict__ s2,
-               float* __restrict__ sb, const RowParams& P, int64_t r0, int64_t r1, int64_t S) {
+               typename IO::T* __restrict__ out, float* __restrict__ ss, float* __restrict__ st,
+               float* __restrict__ sx, const RowParams& P, int64_t r0, int64_t r1, int64_t S) {
   const float *__restrict__ pd = P.d, *__restrict__ pp = P.p, *__restrict__ pb = P.b;
   const int64_t L = (r1 - r0) * S, C = P.C, R = P.R;
   const bool per_sample = P.per_sample;
   const vf zero = {};
-  vf a1 = zero, a2 = zero, ab = zero;  // running sums of row r (carried over a crossing chunk)
-  int64_t r = r0, c = r0 % C, o = 0;     // row, its channel, offset of the chunk in the row
+  vf a1 = zero, a2 = zero, ab = zero;  // running sums of row r (carried over a row-ending chunk)
+  RowSums sums(ss, st, sx, r0);
+  int64_t r = r0, c = r0 % C, o = 0;  // row, its channel, offset of the chunk in the row
   for (int64_t i = 0; i < L; i += VB) {
     const int64_t n = L - i < VB ? L - i : VB, rem = S - o;
-    const int64_t cn = c + 1 == C ? 0 : c + 1, rn = r + 1 < R ? r + 1 : r;
     vf d = splat(pd[c]), p = splat(pp[c]), b = splat(pb[per_sample ? r : c]);
-    const bool cross = rem < VB;
-    vi m = {};
-    if (cross) {
-      m = LANE < (int32_t)rem;
-      d = m ? d : splat(pd[cn]), p = m ? p : splat(pp[cn]), b = m ? b : splat(pb[per_sample ? rn : cn]);
-    }
     const vf xv = n == VB ? IO::load(x + i, VB) : IO::load(x + i, n);
+    if (rem > VB) {  // inside row r
+      if constexpr (BWD) {
+        const Grads g = bwd_math(IO::load(dy + i, VB), xv, d, p, b);
+        IO::store(out + i, g.dx, VB);
+        a1 += g.gs, a2 += g.gt, ab += g.gx;
+      } else {
+        IO::store(out + i, fwd_math(xv, d, p, b), VB);
+      }
+      o += VB;
+      continue;
+    }
+    const int64_t cn = c + 1 == C ? 0 : c + 1, rn = r + 1 < R ? r + 1 : r;
+    const vi m = LANE < (int32_t)rem;
+    d = m ? d : splat(pd[cn]), p = m ? p : splat(pp[cn]), b = m ? b : splat(pb[per_sample ? rn : cn]);
     if constexpr (BWD) {
       const Grads g = bwd_math(n == VB ? IO::load(dy + i, VB) : IO::load(dy + i, n), xv, d, p, b);
       if (n == VB) IO::store(out + i, g.dx, VB);
       else IO::store(out + i, g.dx, n);
-      if (!cross) {
-        a1 += g.s1, a2 += g.s2, ab += g.sb;
-        if (rem == VB) {  // row r ends with this chunk
-          s1[r] = hsum(a1), s2[r] = hsum(a2), sb[r] = hsum(ab);
-          a1 = a2 = ab = zero;
-        }
-      } else {
-        s1[r] = hsum(a1 + (m ? g.s1 : zero)), s2[r] = hsum(a2 + (m ? g.s2 : zero));
-        sb[r] = hsum(ab + (m ? g.sb : zero));
-        a1 = m ? zero : g.s1, a2 = m ? zero : g.s2, ab = m ? zero : g.sb;
-      }
+      sums.park(a1 + (m ? g.gs : zero), a2 + (m ? g.gt : zero), ab + (m ? g.gx : zero));
+      a1 = m ? zero : g.gs, a2 = m ? zero : g.gt, ab = m ? zero : g.gx;
     } else {
       const vf yv = fwd_math(xv, d, p, b);
       if (n == VB) IO::store(out + i, yv, VB);
       else IO::store(out + i, yv, n);
     }
-    o += VB;
-    if (o >= S) o -= S, r = rn, c = cn;
+    o = VB - rem, r = rn, c = cn;
   }
-}
-
-// Rows shorter than a vector (S < VB): parameters gathered lane by lane, sums scattered lane by lane.
-template <class IO, bool BWD>
-void rows_short(const typename IO::T* dy, const typename IO::T* x, typename IO::T* out, float* s1, float* s2,
-                float* sb, const RowParams& P, int64_t r0, int64_t r1, int64_t S) {
-  const int64_t L = (r1 - r0) * S;
-  if constexpr (BWD) {
-    for (int64_t r = r0; r < r1; ++r) s1[r] = s2[r] = sb[r] = 0.0f;
-  }
-  int64_t row[VB];
-  for (int64_t i = 0; i < L; i += VB) {
-    const int64_t n = L - i < VB ? L - i : VB;
-    vf d = {}, p = {}, b = {};
-    for (int64_t k = 0; k < VB; ++k) {
-      const int64_t r = r0 + (i + k < L ? i + k : L - 1) / S, c = r % P.C;
-      row[k] = r, d[k] = P.d[c], p[k] = P.p[c], b[k] = P.beta(r, c);
-    }
-    const vf xv = IO::load(x + i, n);
-    if constexpr (BWD) {
-      const Grads g = bwd_math(IO::load(dy + i, n), xv, d, p, b);
-      IO::store(out + i, g.dx, n);
-      for (int64_t k = 0; k < n; ++k) s1[row[k]] += g.s1[k], s2[row[k]] += g.s2[k], sb[row[k]] += g.sb[k];
-    } else {
-      IO::store(out + i, fwd_math(xv, d, p, b), n);
-    }
-  }
-}
-
-template <class IO, bool BWD>
-void rows(const typename IO::T* dy, const typename IO::T* x, typename IO::T* out, float* s1, float* s2, float* sb,
-          const RowParams& P, int64_t r0, int64_t r1, int64_t S) {
-  dy += BWD ? r0 * S : 0;
-  x += r0 * S;
-  out += r0 * S;
-  if (S >= VB) rows_long<IO, BWD>(dy, x, out, s1, s2, sb, P, r0, r1, S);
-  else rows_short<IO, BWD>(dy, x, out, s1, s2, sb, P, r0, r1, S);
+  if constexpr (BWD) sums.flush();
 }
 
 // ---- "nsc": rows of C channels; block (n, k) covers spatial positions [k·S/B, (k+1)·S/B) of sample n -----
 
-struct Repeated {  // a per-channel array repeated to length C + VB, so lanes c0..c0+VB-1 are one load
-  std::vector<float> v;
-  Repeated(const float* src, int64_t C) : v(C + VB) {
-    for (int64_t j = 0; j < C + VB; ++j) v[j] = src[j % C];
+struct Aligned {  // n zeroed floats starting on a vector boundary, so vector loads at multiples of VB never split
+  std::unique_ptr<float[]> buf;
+  float* v;
+  explicit Aligned(int64_t n) : buf(new float[n + VB]()) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(buf.get()), w = sizeof(vf);
+    v = reinterpret_cast<float*>((a + w - 1) / w * w);
   }
-  vf at(int64_t c0) const { return F32::load(v.data() + c0, VB); }
 };
+
+struct Repeated {  // a per-channel array repeated to length C + VB, so lanes c0..c0+VB-1 are one load
+  Aligned a;
+  Repeated(const float* src, int64_t C) : a(C + VB) {
+    for (int64_t j = 0; j < C + VB;)  // no division per element: this runs once per sample and block
+      for (int64_t c = 0; c < C && j < C + VB; ++c, ++j) a.v[j] = src[c];
+  }
+  vf at(int64_t c0) const { return F32::load(a.v + c0, VB); }
+};
+
+inline int64_t next_channel(int64_t c0, int64_t C) {  // (c0 + VB) % C without a division per chunk
+  for (c0 += VB; c0 >= C;) c0 -= C;
+  return c0;
+}
 
 inline void block_range(int64_t S, int64_t B, int64_t k, int64_t* s0, int64_t* s1) {
   *s0 = S * k / B;
   *s1 = S * (k + 1) / B;
 }
 
+// Chunks of VB values over a block's rows of C channels; the last chunk may be partial. Full chunks use
+// fixed-size loads and stores (a runtime size would turn each into a library copy).
 template <class IO>
 void fwd_nsc_block(const typename IO::T* x, typename IO::T* y, const Repeated& d, const Repeated& p,
                    const Repeated& b, int64_t C, int64_t s0, int64_t s1) {
-  const int64_t L = (s1 - s0) * C;
+  const int64_t L = (s1 - s0) * C, full = L / VB * VB;
   x += s0 * C;
   y += s0 * C;
   int64_t c0 = 0;
-  for (int64_t i = 0; i < L; i += VB) {
-    const int64_t n = L - i < VB ? L - i : VB;
-    IO::store(y + i, fwd_math(IO::load(x + i, n), d.at(c0), p.at(c0), b.at(c0)), n);
-    c0 = (c0 + VB) % C;
+  for (int64_t i = 0; i < full; i += VB) {
+    IO::store(y + i, fwd_math(IO::load(x + i, VB), d.at(c0), p.at(c0), b.at(c0)), VB);
+    c0 = next_channel(c0, C);
   }
+  if (full < L) IO::store(y + full, fwd_math(IO::load(x + full, L - full), d.at(c0), p.at(c0), b.at(c0)), L - full);
 }
 
 template <class IO>
-void bwd_nsc_block(const typename IO::T* dy, const typename IO::T* x, typename IO::T* dx, float* s1, float* s2,
-                   float* sb, const Repeated& d, const Repeated& p, const Repeated& b, int64_t C, int64_t s0,
-                   int64_t s1_) {
-  const int64_t L = (s1_ - s0) * C;
+void bwd_nsc_block(const typename IO::T* dy, const typename IO::T* x, typename IO::T* dx, float* ss, float* st,
+                   float* sx, const Repeated& d, const Repeated& p, const Repeated& b, int64_t C, int64_t s0,
+                   int64_t s1) {
+  const int64_t L = (s1 - s0) * C, full = L / VB * VB;
   x += s0 * C;
   dy += s0 * C;
   dx += s0 * C;
-  std::vector<float> acc(3 * (C + VB), 0.0f);
-  float *a1 = acc.data(), *a2 = a1 + C + VB, *ab = a2 + C + VB;
-  int64_t c0 = 0;
-  for (int64_t i = 0; i < L; i += VB) {
-    const int64_t n = L - i < VB ? L - i : VB;
-    Grads g = bwd_math(IO::load(dy + i, n), IO::load(x + i, n), d.at(c0), p.at(c0), b.at(c0));
+  const int64_t W = (C + 2 * VB - 1) / VB * VB;  // C + VB rounded up to whole vectors
+  Aligned acc(3 * W);
+  float *a1 = acc.v, *a2 = a1 + W, *ab = a2 + W;
+  auto step = [&](int64_t i, int64_t n, int64_t c0) {
+    const Grads g = bwd_math(IO::load(dy + i, n), IO::load(x + i, n), d.at(c0), p.at(c0), b.at(c0));
     IO::store(dx + i, g.dx, n);
-    F32::store(a1 + c0, F32::load(a1 + c0, VB) + g.s1, VB);
-    F32::store(a2 + c0, F32::load(a2 + c0, VB) + g.s2, VB);
-    F32::store(ab + c0, F32::load(ab + c0, VB) + g.sb, VB);
-    c0 = (c0 + VB) % C;
+    F32::store(a1 + c0, F32::load(a1 + c0, VB) + g.gs, VB);
+    F32::store(a2 + c0, F32::load(a2 + c0, VB) + g.gt, VB);
+    F32::store(ab + c0, F32::load(ab + c0, VB) + g.gx, VB);
+  };
+  int64_t c0 = 0;
+  for (int64_t i = 0; i < full; i += VB) {
+    step(i, VB, c0);
+    c0 = next_channel(c0, C);
   }
-  for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = sb[c] = 0.0f;
-  for (int64_t j = 0; j < C + VB; ++j) s1[j % C] += a1[j], s2[j % C] += a2[j], sb[j % C] += ab[j];
+  if (full < L) step(full, L - full, c0);
+  for (int64_t c = 0; c < C; ++c) ss[c] = a1[c], st[c] = a2[c], sx[c] = ab[c];
+  for (int64_t j = C, c = 0; j < C + VB; ++j, c = c + 1 == C ? 0 : c + 1)  // the repeated lanes past C
+    ss[c] += a1[j], st[c] += a2[j], sx[c] += ab[j];
+}
+
+// Scratch memory for partial sums: per calling thread, grown as needed and kept, so a call does not map
+// and fault in fresh pages (large malloc blocks are fresh mmaps each time).
+inline float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
 }
 
 inline std::vector<float> difference(const float* p1, const float* p2, int64_t C) {  // d = p1 - p2
@@ -334,49 +366,56 @@ inline std::vector<float> difference(const float* p1, const float* p2, int64_t C
 }
 
 // Final gradients from partial sums laid out (N, K, C) (K = 1 row per (n, c) for "ncs", K blocks per
-// sample for "nsc"), summed in a fixed order: g1 = Σ s1, g2 = Σ sx - g1 over (n, k); gb over k, and over
-// n too unless β is per sample.
-inline void finish(const float* s1, const float* sx, const float* sb, float* g1, float* g2, float* gb, int64_t N,
-                   int64_t K, int64_t C, bool per_sample) {
+// sample for "nsc"), summed in a fixed order over (n, k): with β of (n, c) and d of c,
+// g1 = Σ (ss + β·st) (Σ dy·x·g), g2 = Σ sx - g1 and gb = d·Σ st, over k and also n unless β is per sample.
+inline void finish(const float* __restrict__ ss, const float* __restrict__ st, const float* __restrict__ sx,
+                   const float* d, const float* b, float* __restrict__ g1, float* __restrict__ g2,
+                   float* __restrict__ gb, int64_t N, int64_t K, int64_t C, bool per_sample) {
   for (int64_t c = 0; c < C; ++c) g1[c] = g2[c] = 0.0f;
-  for (int64_t n = 0; n < (per_sample ? N : 1) * C; ++n) gb[n] = 0.0f;
+  for (int64_t j = 0; j < (per_sample ? N : 1) * C; ++j) gb[j] = 0.0f;
   for (int64_t n = 0; n < N; ++n) {
+    const float* bn = b + (per_sample ? n * C : 0);
+    float* gbn = gb + (per_sample ? n * C : 0);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t q = (n * K + k) * C;
-      float* gbn = gb + (per_sample ? n * C : 0);
-      for (int64_t c = 0; c < C; ++c) g1[c] += s1[q + c], g2[c] += sx[q + c], gbn[c] += sb[q + c];
+      for (int64_t c = 0; c < C; ++c) g1[c] += ss[q + c] + bn[c] * st[q + c], g2[c] += sx[q + c], gbn[c] += st[q + c];
     }
   }
   for (int64_t c = 0; c < C; ++c) g2[c] -= g1[c];
+  for (int64_t n = 0; n < (per_sample ? N : 1); ++n)
+    for (int64_t c = 0; c < C; ++c) gb[n * C + c] *= d[c];
 }
 
 template <class IO>
-void fwd_ncs(const void* x, void* y, const float* p1, const float* p, const float* b, int64_t N, int64_t C,
-             int64_t S, int per_sample, int64_t blocks, int threads) {
+void fwd_ncs_rows(const void* x, void* y, const float* p1, const float* p, const float* b, int64_t N, int64_t C,
+                  int64_t S, int per_sample, int64_t blocks, int threads) {
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
   const RowParams P{d.data(), p, b, C, N * C, per_sample != 0};
   const int64_t R = N * C;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t k = 0; k < blocks; ++k)
-    rows<IO, false>(nullptr, (const T*)x, (T*)y, nullptr, nullptr, nullptr, P, R * k / blocks,
-                    R * (k + 1) / blocks, S);
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t r0 = R * k / blocks;
+    rows_long<IO, false>(nullptr, (const T*)x + r0 * S, (T*)y + r0 * S, nullptr, nullptr, nullptr, P, r0,
+                         R * (k + 1) / blocks, S);
+  }
 }
 
 template <class IO>
-void bwd_ncs(const void* dy, const void* x, void* dx, float* g1, float* g2, float* gb, const float* p1,
-             const float* p, const float* b, int64_t N, int64_t C, int64_t S, int per_sample, int64_t blocks,
-             int threads) {
+void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2, float* gb, const float* p1,
+                  const float* p, const float* b, int64_t N, int64_t C, int64_t S, int per_sample, int64_t blocks,
+                  int threads) {
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
   const RowParams P{d.data(), p, b, C, N * C, per_sample != 0};
   const int64_t R = N * C;
-  std::unique_ptr<float[]> part(new float[3 * R]);  // every row's sums are written before they are read
-  float *s1 = part.get(), *sx = s1 + R, *sb = sx + R;
+  float *ss = scratch(3 * R), *st = ss + R, *sx = st + R;  // every row's sums are written before being read
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t k = 0; k < blocks; ++k)
-    rows<IO, true>((const T*)dy, (const T*)x, (T*)dx, s1, sx, sb, P, R * k / blocks, R * (k + 1) / blocks, S);
-  finish(s1, sx, sb, g1, g2, gb, N, 1, C, per_sample != 0);
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t r0 = R * k / blocks, o = r0 * S;
+    rows_long<IO, true>((const T*)dy + o, (const T*)x + o, (T*)dx + o, ss, st, sx, P, r0, R * (k + 1) / blocks, S);
+  }
+  finish(ss, st, sx, d.data(), b, g1, g2, gb, N, 1, C, per_sample != 0);
 }
 
 template <class IO>
@@ -384,13 +423,15 @@ void fwd_nsc(const void* x, void* y, const float* p1, const float* p, const floa
              int64_t S, int per_sample, int64_t blocks, int threads) {
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
-  const Repeated dr(d.data(), C), pr(p, C);
+  const Repeated dr(d.data(), C), pr(p, C), b0(b, C);  // b0: β when it is per channel
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t q = 0; q < N * blocks; ++q) {
     const int64_t n = q / blocks;
     int64_t s0, s1;
     block_range(S, blocks, q % blocks, &s0, &s1);
-    const Repeated br(b + (per_sample ? n * C : 0), C);
+    std::unique_ptr<Repeated> own;  // β of sample n, when β is per sample
+    if (per_sample) own.reset(new Repeated(b + n * C, C));
+    const Repeated& br = per_sample ? *own : b0;
     fwd_nsc_block<IO>((const T*)x + n * S * C, (T*)y + n * S * C, dr, pr, br, C, s0, s1);
   }
 }
@@ -401,20 +442,69 @@ void bwd_nsc(const void* dy, const void* x, void* dx, float* g1, float* g2, floa
              int threads) {
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
-  const Repeated dr(d.data(), C), pr(p, C);
+  const Repeated dr(d.data(), C), pr(p, C), b0(b, C);  // b0: β when it is per channel
   const int64_t Q = N * blocks * C;
-  std::unique_ptr<float[]> part(new float[3 * Q]);  // every block's sums are written before they are read
-  float *s1 = part.get(), *sx = s1 + Q, *sb = sx + Q;
+  float *ss = scratch(3 * Q), *st = ss + Q, *sx = st + Q;  // every block's sums are written before being read
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t q = 0; q < N * blocks; ++q) {
     const int64_t n = q / blocks, off = n * S * C;
     int64_t a, e;
     block_range(S, blocks, q % blocks, &a, &e);
-    const Repeated br(b + (per_sample ? n * C : 0), C);
-    bwd_nsc_block<IO>((const T*)dy + off, (const T*)x + off, (T*)dx + off, s1 + q * C, sx + q * C, sb + q * C,
+    std::unique_ptr<Repeated> own;  // β of sample n, when β is per sample
+    if (per_sample) own.reset(new Repeated(b + n * C, C));
+    const Repeated& br = per_sample ? *own : b0;
+    bwd_nsc_block<IO>((const T*)dy + off, (const T*)x + off, (T*)dx + off, ss + q * C, st + q * C, sx + q * C,
                       dr, pr, br, C, a, e);
   }
-  finish(s1, sx, sb, g1, g2, gb, N, blocks, C, per_sample != 0);
+  finish(ss, st, sx, d.data(), b, g1, g2, gb, N, blocks, C, per_sample != 0);
+}
+
+// ---- "ncs" with rows shorter than a vector (S < VB) ------------------------------------------------
+// Sample n is then one run of C·S values whose parameters repeat each channel's S times: the "nsc" layout
+// with C·S channels, N positions of one sample (or, when β is per sample, one position of N samples).
+// The parameters are expanded so, and each channel's S sums folded.
+
+struct Expanded {  // p1, p2 and β with every channel's value repeated S times
+  std::vector<float> p1, p2, b;
+  Expanded(const float* p1_, const float* p2_, const float* b_, int64_t N, int64_t C, int64_t S, bool per_sample)
+      : p1(C * S), p2(C * S), b((per_sample ? N : 1) * C * S) {
+    for (int64_t c = 0, j = 0; c < C; ++c)
+      for (int64_t k = 0; k < S; ++k, ++j) p1[j] = p1_[c], p2[j] = p2_[c];
+    for (int64_t c = 0, j = 0; c < (per_sample ? N : 1) * C; ++c)
+      for (int64_t k = 0; k < S; ++k, ++j) b[j] = b_[c];
+  }
+};
+
+inline void fold(const std::vector<float>& src, float* dst, int64_t rows, int64_t S) {  // dst[r] = Σ of S values
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < S; ++k) acc += src[r * S + k];
+    dst[r] = acc;
+  }
+}
+
+template <class IO>
+void fwd_ncs(const void* x, void* y, const float* p1, const float* p, const float* b, int64_t N, int64_t C,
+             int64_t S, int per_sample, int64_t blocks, int threads) {
+  if (S >= VB) return fwd_ncs_rows<IO>(x, y, p1, p, b, N, C, S, per_sample, blocks, threads);
+  const Expanded e(p1, p, b, N, C, S, per_sample != 0);
+  const int64_t n = per_sample ? N : 1, s = per_sample ? 1 : N, k = per_sample ? 1 : (N < threads ? N : threads);
+  fwd_nsc<IO>(x, y, e.p1.data(), e.p2.data(), e.b.data(), n, C * S, s, per_sample, k, threads);
+}
+
+template <class IO>
+void bwd_ncs(const void* dy, const void* x, void* dx, float* g1, float* g2, float* gb, const float* p1,
+             const float* p, const float* b, int64_t N, int64_t C, int64_t S, int per_sample, int64_t blocks,
+             int threads) {
+  if (S >= VB) return bwd_ncs_rows<IO>(dy, x, dx, g1, g2, gb, p1, p, b, N, C, S, per_sample, blocks, threads);
+  const Expanded e(p1, p, b, N, C, S, per_sample != 0);
+  std::vector<float> e1(C * S), e2(C * S), eb(e.b.size());
+  const int64_t n = per_sample ? N : 1, s = per_sample ? 1 : N, k = per_sample ? 1 : (N < threads ? N : threads);
+  bwd_nsc<IO>(dy, x, dx, e1.data(), e2.data(), eb.data(), e.p1.data(), e.p2.data(), e.b.data(), n, C * S, s,
+              per_sample, k, threads);
+  fold(e1, g1, C, S);
+  fold(e2, g2, C, S);
+  fold(eb, gb, (per_sample ? N : 1) * C, S);
 }
 
 }  // namespace
@@ -437,4 +527,4 @@ ACON_EXPORT(ncs_bf16, ncs, BF16)
 ACON_EXPORT(nsc_f32, nsc, F32)
 ACON_EXPORT(nsc_bf16, nsc, BF16)
 
-extern "C" int acon_abi_version() { return 2; }
+extern "C" int acon_abi_version() { return 3; }

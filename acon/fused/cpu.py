@@ -100,7 +100,7 @@ def default_mode() -> str:
     """``"native"`` when a C++ compiler is found, else ``"eager"``.
 
     Decided without building anything, so it is safe inside traced code; if the C++ kernels then fail to
-    build, ``native`` runs the Inductor-compiled formulas instead (see ``_execution``).
+    build, ``native`` runs the Inductor-compiled formulas instead (see ``execution``).
     """
     return "native" if compile_supported() else "eager"
 
@@ -145,36 +145,32 @@ def _run_compiled(kind: str, key: tuple, eager: Callable, *args):
 _EAGER_FALLBACK: set = set()
 
 
-def _execution(x3: torch.Tensor) -> str:
-    """The execution serving ``x3``: the chosen mode, narrowed to what exists for its dtype."""
+def execution(x: torch.Tensor) -> str:
+    """The execution serving ``x``: the chosen mode, narrowed to what exists for its device and dtype."""
     m = mode()
     if torch.compiler.is_compiling():
         return "eager"
     if m == "native":
-        if native.supports(x3) and native.available():
+        if native.supports(x) and native.available():
             return "native"
         return "compiled" if compile_supported() else "eager"
     return m
 
 
 def forward(x3, p1, p2, beta, layout: str, ct: torch.dtype) -> torch.Tensor:
-    """Forward on the 3-D view ``x3`` with broadcastable parameter views."""
-    how = _execution(x3)
-    if how == "native":
-        return native.forward(x3, p1, p2, beta, layout)
-    if how == "eager":
+    """The torch formulas' forward on the 3-D view ``x3`` with broadcastable parameter views (``eager`` if
+    that is the execution, else ``compiled``; the ``native`` kernels take the N-D tensor, see ``acon.fused.ops``)."""
+    if execution(x3) == "eager":
         return forward_math(x3, p1, p2, beta, ct)
     key = (layout, x3.dtype, beta.shape[0] > 1)
     return _run_compiled("fwd", key, forward_math, x3, p1, p2, beta, ct)
 
 
 def backward(dy3, x3, p1, p2, beta, layout: str, ct: torch.dtype):
-    """Backward on the 3-D views: (dx3, Σ for dp1 (C,), Σ for dp2 (C,), Σ for dβ ((N, C) or (1, C)))."""
-    how = _execution(x3)
-    if how == "native":
-        return native.backward(dy3, x3, p1, p2, beta, layout)
+    """The torch formulas' backward on the 3-D views, chosen like :func:`forward`: (dx3, Σ for dp1 (C,),
+    Σ for dp2 (C,), Σ for dβ ((N, C) or (1, C)))."""
     sdim = 2 if layout == NCS else 1
-    if how == "eager":
+    if execution(x3) == "eager":
         dx, s1, s2, sb = backward_math(dy3, x3, p1, p2, beta, ct, sdim)
     else:
         key = (layout, x3.dtype, beta.shape[0] > 1)

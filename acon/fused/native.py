@@ -1,11 +1,12 @@
 """ACON-C CPU kernels in C++ (``acon_cpu.cpp``), built once per machine with the system compiler.
 
-The source uses portable compiler vector extensions (16 floats per chunk: AVX-512, AVX2 or NEON, whatever
-``-march=native`` gives) and OpenMP. It is compiled on first use into a cache directory
+The source uses portable compiler vector extensions (one native vector per chunk: 16 floats with AVX-512,
+8 with AVX2, 4 otherwise, whatever ``-march=native`` gives) and OpenMP. It is compiled on first use into a cache directory
 (``$ACON_KERNEL_CACHE``, default ``~/.cache/acon-suite/kernels``), keyed by the source, the compiler and the
 CPU, and loaded with ``ctypes``: no build step for the user, and no per-call tracing or guards. Serves fp32
-and bf16 tensors in the "ncs" and "nsc" 3-D layouts of ``acon.fused.layout``; other dtypes use the
-Inductor or eager formulas of ``acon.fused.cpu``.
+and bf16 tensors (N, C, ...), contiguous or channels-last (the "ncs" and "nsc" layouts of
+``acon.fused.layout``), straight from their memory: no views or copies. Other dtypes use the Inductor or
+eager formulas of ``acon.fused.cpu``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import NamedTuple
 
 import torch
 
-from acon.fused.layout import NCS
+from acon.fused.layout import NCS, layout_of
 
 SOURCE = Path(__file__).with_name("acon_cpu.cpp")
-ABI_VERSION = 2
+ABI_VERSION = 3
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _BASE_FLAGS = [
     "-O3",
@@ -172,6 +173,7 @@ def _entry(lib: ctypes.CDLL, kind: str, layout: str, dtype: torch.dtype):
 
 
 class _Launch(NamedTuple):
+    layout: str
     n: int
     c: int
     s: int
@@ -181,43 +183,45 @@ class _Launch(NamedTuple):
     threads: int
 
 
-def _launch(x3: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, layout: str) -> _Launch:
-    """What forward and backward both pass to a kernel: sizes, fp32 parameter memory, the work split."""
-    if not x3.is_contiguous():
-        raise ValueError(f"acon.fused.native: x must be a dense 3-D view, got strides {x3.stride()}")
-    n, a, b = x3.shape
-    c, s = (a, b) if layout == NCS else (b, a)
+def _launch(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> _Launch:
+    """What forward and backward both pass to a kernel: layout, sizes, fp32 parameter memory, work split."""
+    layout = layout_of(x)
+    if layout is None:
+        raise ValueError(
+            f"acon.fused.native: x must be contiguous or channels-last, got strides {x.stride()}"
+        )
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c) if n * c else 0
     params = (_flat32(p1), _flat32(p2), _flat32(beta))
     threads = torch.get_num_threads()
-    return _Launch(n, c, s, params, params[2].numel() > c, _blocks(layout, n, c, s, threads), threads)
+    return _Launch(layout, n, c, s, params, params[2].numel() > c, _blocks(layout, n, c, s, threads), threads)
 
 
-def forward(
-    x3: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, layout: str
-) -> torch.Tensor:
-    """y on the dense 3-D view ``x3`` ((N, C, S) for "ncs", (N, S, C) for "nsc"); p1, p2 hold C values and
+def forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """y for a dense (contiguous or channels-last) x (N, C, ...), with x's strides; p1, p2 hold C values and
     β C or N·C (per sample), in any shape."""
-    k = _launch(x3, p1, p2, beta, layout)
-    y3 = torch.empty_like(x3)
-    _kernel("fwd", layout, x3.dtype)(
-        x3.data_ptr(), y3.data_ptr(), *(p.data_ptr() for p in k.params),
+    k = _launch(x, p1, p2, beta)
+    y = torch.empty_like(x)
+    _kernel("fwd", k.layout, x.dtype)(
+        x.data_ptr(), y.data_ptr(), *(p.data_ptr() for p in k.params),
         k.n, k.c, k.s, int(k.per_sample), k.blocks, k.threads,
     )  # fmt: skip
-    return y3
+    return y
 
 
-def backward(
-    dy3: torch.Tensor, x3: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, layout: str
-):
-    """(dx3, and the fp32 gradients of p1 (C,), p2 (C,) and β ((N, C) per sample, else (1, C)))."""
-    k = _launch(x3, p1, p2, beta, layout)
-    if dy3.shape != x3.shape or not dy3.is_contiguous():
-        raise ValueError(f"acon.fused.native: dy must be a dense view like x, got strides {dy3.stride()}")
-    dx3 = torch.empty_like(x3)
-    g1, g2 = torch.empty(k.c), torch.empty(k.c)  # separate tensors: custom-op outputs must not alias
-    gb = torch.empty(k.n if k.per_sample else 1, k.c)
-    _kernel("bwd", layout, x3.dtype)(
-        dy3.data_ptr(), x3.data_ptr(), dx3.data_ptr(), g1.data_ptr(), g2.data_ptr(), gb.data_ptr(),
+def backward(dy: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor):
+    """(dx with x's strides, and the fp32 gradients of p1, p2 and β, each in that parameter's shape);
+    dy must have x's shape and strides."""
+    k = _launch(x, p1, p2, beta)
+    if dy.stride() != x.stride() or tuple(dy.shape) != tuple(x.shape):  # tuples: Size == is slow
+        raise ValueError(
+            f"acon.fused.native: dy must have x's shape and strides {tuple(x.shape)}, {x.stride()}; "
+            f"got {tuple(dy.shape)}, {dy.stride()}"
+        )
+    dx = torch.empty_like(x)
+    g1, g2, gb = torch.empty(p1.shape), torch.empty(p2.shape), torch.empty(beta.shape)
+    _kernel("bwd", k.layout, x.dtype)(
+        dy.data_ptr(), x.data_ptr(), dx.data_ptr(), g1.data_ptr(), g2.data_ptr(), gb.data_ptr(),
         *(p.data_ptr() for p in k.params), k.n, k.c, k.s, int(k.per_sample), k.blocks, k.threads,
     )  # fmt: skip
-    return dx3, g1, g2, gb
+    return dx, g1, g2, gb

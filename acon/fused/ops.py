@@ -32,8 +32,9 @@ def triton_importable() -> bool:
     return True
 
 
+@functools.cache
 def triton_on_cpu() -> bool:
-    """CPU tensors go through the Triton interpreter (tests only)."""
+    """CPU tensors go through the Triton interpreter (tests only; the environment is read once per process)."""
     return (
         os.environ.get("ACON_FUSED_CPU_BACKEND") == "triton"
         and os.environ.get("TRITON_INTERPRET") == "1"
@@ -42,12 +43,16 @@ def triton_on_cpu() -> bool:
 
 
 def _torch_forward(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    if cpu.execution(x) == "native":
+        return native.forward(x, p1, p2, beta)
     layout, ct = layout_of(x), compute_dtype(x.dtype)
     y3 = cpu.forward(as_3d(x, layout), *param_views(p1, p2, beta, x, layout, ct), layout, ct)
     return like(y3.contiguous(), x)
 
 
 def _torch_backward(dy: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):
+    if cpu.execution(x) == "native":
+        return native.backward(dy, x, p1, p2, beta)
     layout, ct = layout_of(x), compute_dtype(x.dtype)
     views = param_views(p1, p2, beta, x, layout, ct)
     dx3, s1, s2, sb = cpu.backward(as_3d(dy, layout), as_3d(x, layout), *views, layout, ct)
@@ -96,14 +101,15 @@ def acon_c_backward_op(
 
 
 def _param_grads(s1: Tensor, s2: Tensor, sb: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):
-    """Per-channel sums (C,) and β sums ((N, C) or (1, C)) as gradients shaped and typed like p1, p2, β."""
-    if beta.shape[0] != sb.shape[0]:
+    """Per-channel sums (C values) and β sums (N·C, or C values) as gradients shaped and typed like p1, p2, β."""
+    if sb.numel() != beta.numel():
         sb = sb.sum(0, keepdim=True)
-    return (
-        s1.to(p1.dtype).reshape(p1.shape),
-        s2.to(p2.dtype).reshape(p2.shape),
-        sb.to(beta.dtype).reshape(beta.shape),
-    )
+    return tuple(_typed_like(g.reshape(p.shape), p) for g, p in ((s1, p1), (s2, p2), (sb, beta)))
+
+
+def _typed_like(g: Tensor, p: Tensor) -> Tensor:
+    """``g`` in ``p``'s dtype (itself when it already is)."""
+    return g if g.dtype == p.dtype else g.to(p.dtype)
 
 
 @acon_c_backward_op.register_fake
@@ -133,16 +139,13 @@ class NativeAconC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
         ctx.save_for_backward(x, p1, p2, beta)
-        layout = layout_of(x)
-        return like(native.forward(as_3d(x, layout), p1, p2, beta, layout), x)
+        return native.forward(x, p1, p2, beta)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, p1, p2, beta = ctx.saved_tensors
-        layout = layout_of(x)
-        dy3 = as_3d(same_layout(dy, x), layout)
-        dx3, g1, g2, gb = native.backward(dy3, as_3d(x, layout), p1, p2, beta, layout)
-        return (like(dx3, x), *_param_grads(g1, g2, gb, p1, p2, beta))
+        dx, g1, g2, gb = native.backward(same_layout(dy, x), x, p1, p2, beta)
+        return dx, _typed_like(g1, p1), _typed_like(g2, p2), _typed_like(gb, beta)
 
 
 def native_serves(x: Tensor) -> bool:
@@ -152,7 +155,7 @@ def native_serves(x: Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not triton_on_cpu()
         and layout_of(x) is not None
-        and cpu._execution(x) == "native"
+        and cpu.execution(x) == "native"
     )
 
 
