@@ -115,6 +115,11 @@ class BatchNorm2dB1(nn.BatchNorm2d):
         return super().forward(x)
 
 
+def _pointwise(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution applied to (N, C) features, as a matrix product on the conv's parameters."""
+    return F.linear(v, conv.weight.flatten(1), conv.bias)
+
+
 class MetaAconC(nn.Module):
     """Meta-ACON-C: ACON-C whose β = σ(bn2(fc2(bn1(fc1(mean_HW(x)))))) is generated per sample and channel.
 
@@ -142,8 +147,13 @@ class MetaAconC(nn.Module):
         self.p2 = nn.Parameter(torch.randn(1, channels, 1, 1))
 
     def generate_beta(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-sample, per-channel β in (0, 1), shaped (N, C, 1, ..., 1) like ``x``."""
-        beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(spatial_mean(x))))))
+        """The per-sample, per-channel β in (0, 1), shaped (N, C, 1, ..., 1) like ``x``.
+
+        fc1 and fc2 act on 1×1 maps, so they run as matrix products on their own weights (a convolution
+        call costs far more here); the BatchNorms see the usual (N, C, 1, 1)."""
+        n = x.shape[0]
+        h = self.bn1(_pointwise(self.fc1, spatial_mean(x)).view(n, -1, 1, 1))
+        beta = torch.sigmoid(self.bn2(_pointwise(self.fc2, h.flatten(1)).view(n, -1, 1, 1)))
         return beta.reshape(x.shape[:2] + (1,) * (x.dim() - 2)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

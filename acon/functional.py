@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -32,10 +34,14 @@ def swish_reference(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dim after (N, C), returned as (N, C, 1, 1) for the β network's 1×1 convs."""
+    """Mean over every dim after (N, C), as (N, C).
+
+    Written as a sum times 1/S: its backward is then a broadcast view of the (N, C) gradient, which
+    autograd adds straight into x's other gradient, where ``mean``'s backward divides a full-size copy.
+    Summing over the dims (no flatten) also reads channels-last x without copying it."""
     if x.dim() < 2:
         raise ValueError(f"activation input must be (N, C, ...), got shape {tuple(x.shape)}")
-    n, c = x.shape[:2]
     if x.dim() == 2:
-        return x.reshape(n, c, 1, 1)
-    return x.flatten(2).mean(dim=2).reshape(n, c, 1, 1)
+        return x
+    dims = tuple(range(2, x.dim()))
+    return x.sum(dims) * (1.0 / math.prod(x.shape[2:]))

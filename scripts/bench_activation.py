@@ -8,6 +8,7 @@ reported as a percentage of a plain copy's (forward moves 2 tensors, backward 3)
 
     python scripts/bench_activation.py                      # CPU, fp32, all shapes
     python scripts/bench_activation.py --quick              # two shapes, fewer repeats
+    python scripts/bench_activation.py --shapes 7,7         # only the 7x7 shapes
     python scripts/bench_activation.py --device cuda --dtype bf16 --out benchmarks/act.md
 """
 
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--inner", type=int, default=0, help="calls per timed round (0: 1 on CPU, 20 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="two shapes, 7 repeats")
+    ap.add_argument("--shapes", nargs="+", metavar="TEXT", help="only shapes whose name contains a TEXT")
     add_run_args(ap)
     args = ap.parse_args(argv)
     apply_run_args(args)
@@ -185,6 +187,10 @@ def main(argv: list[str] | None = None) -> str:
     if args.quick:
         args.repeats = min(args.repeats, 7)
     names = QUICK if args.quick else tuple(SHAPES)
+    if args.shapes:
+        names = tuple(n for n in names if any(t in n for t in args.shapes))
+        if not names:
+            ap.error(f"--shapes {' '.join(args.shapes)} matches none of: {', '.join(SHAPES)}")
     fmt = "channels_last" if args.channels_last else "contiguous"
     lines = [
         f"# bench_activation: {args.device}, {args.dtype}, {fmt}, median of {args.repeats} interleaved rounds"
