@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from acon import fused
-from acon.functional import acon_c_reference, channel_view, spatial_mean, swish_reference
+from acon.functional import acon_c_reference, channel_view, check_channels, spatial_mean, swish_reference
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -29,6 +29,7 @@ def _acon_c(
 ) -> torch.Tensor:
     """ACON-C on parameters as the modules hold them ((1, C, 1, 1); β also (N, C, 1, 1)): a fused kernel
     when one serves x (see ``acon.fused``), else the reference form."""
+    check_channels(x, p1.shape[1])
     if impl != "reference" and fused.available(x, impl):
         return fused.acon_c(x, p1, p2, beta)
     return acon_c_reference(x, channel_view(p1, x), channel_view(p2, x), channel_view(beta, x))
@@ -151,6 +152,7 @@ class MetaAconC(nn.Module):
 
         fc1 and fc2 act on 1×1 maps, so they run as matrix products on their own weights (a convolution
         call costs far more here); the BatchNorms see the usual (N, C, 1, 1)."""
+        check_channels(x, self.channels)
         n = x.shape[0]
         h = self.bn1(_pointwise(self.fc1, spatial_mean(x)).view(n, -1, 1, 1))
         beta = torch.sigmoid(self.bn2(_pointwise(self.fc2, h.flatten(1)).view(n, -1, 1, 1)))

@@ -7,17 +7,26 @@ import math
 import torch
 
 
+def check_channels(x: torch.Tensor, channels: int) -> None:
+    """Raise a clear error unless ``x`` is (N, C, ...) with C = ``channels``."""
+    if x.dim() < 2:
+        raise ValueError(f"activation input must be (N, C, ...), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"activation has {channels} channels but its input has shape {tuple(x.shape)} (channels at dim 1)"
+        )
+
+
 def channel_view(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-channel parameter stored as (1, C, 1, 1), or a per-sample one (N, C, 1, 1), to
     broadcast over ``x`` (N, C, ...) in x's dtype."""
-    if x.dim() < 2:
-        raise ValueError(f"activation input must be (N, C, ...), got shape {tuple(x.shape)}")
+    check_channels(x, param.shape[1] if param.dim() >= 2 else param.numel())
     n, c = x.shape[:2]
     rows = 1 if param.numel() == c else n
     if param.numel() != rows * c or (rows > 1 and param.shape[0] != n):
         raise ValueError(
-            f"activation has {param.numel()} channels but its input has shape {tuple(x.shape)} "
-            f"(channels at dim 1)"
+            f"activation parameter of shape {tuple(param.shape)} fits neither (1, {c}, ...) nor "
+            f"({n}, {c}, ...) for input shape {tuple(x.shape)}"
         )
     return param.reshape((rows, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
 

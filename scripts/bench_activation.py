@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> str:
             ap.error(f"--shapes {' '.join(args.shapes)} matches none of: {', '.join(SHAPES)}")
     fmt = "channels_last" if args.channels_last else "contiguous"
     lines = [
-        f"# bench_activation: {args.device}, {args.dtype}, {fmt}, median of {args.repeats} interleaved rounds"
-        f", {malloc_note()}",
+        f"# bench_activation: {args.device}, {args.dtype}, {fmt}, {torch.get_num_threads()} CPU threads, "
+        f"median of {args.repeats} interleaved rounds, {malloc_note()}",
         "",
         "| shape | activation / impl | fwd+bwd ms | × SiLU | saved / input | page faults / call |",
         "|---|---|---:|---:|---:|---:|",

@@ -294,9 +294,10 @@ def test_channels_last_equals_contiguous(index):
         assert yc.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_wrong_channel_count_is_a_clear_error():
+@pytest.mark.parametrize("cls", [Swish, AconA, AconB, AconC, MetaAconC])
+def test_wrong_channel_count_is_a_clear_error(cls):
     with pytest.raises(ValueError, match=r"4 channels.*\(2, 3, 5, 5\)"):
-        AconC(4)(torch.randn(2, 3, 5, 5))
+        cls(4)(torch.randn(2, 3, 5, 5))
 
 
 @pytest.mark.parametrize("index", range(len(_all_modules())))
