@@ -2,8 +2,9 @@
 
 One custom autograd op (``acon.fused.ops``) saves only x plus the per-channel p1, p2 and β (or the
 per-sample β of Meta-ACON) and recomputes the sigmoid in backward; backward yields dx, dp1, dp2 and dβ
-in one pass. CUDA runs Triton kernels (``acon.fused.triton_kernels``); CPU runs Inductor-compiled torch
-formulas (``acon.fused.cpu``), or the same formulas eagerly when no C compiler is found.
+in one pass. CUDA runs Triton kernels (``acon.fused.triton_kernels``); CPU runs C++ kernels
+(``acon.fused.native``), or where they cannot be built the Inductor-compiled torch formulas of
+``acon.fused.cpu``, or the same formulas eagerly when no C compiler is found.
 """
 
 from __future__ import annotations

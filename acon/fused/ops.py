@@ -5,7 +5,8 @@ recomputes the sigmoid. Being custom ops, they stay opaque (one node each) under
 whole model and work with autocast, DDP and channels_last. Device kernels:
 
 - CUDA: Triton (``acon.fused.triton_kernels``) when Triton imports, else the torch formulas;
-- CPU and others: the torch formulas of ``acon.fused.cpu`` (Inductor-compiled when a C compiler exists).
+- CPU: the C++ kernels of ``acon.fused.native`` on the N-D tensor, else the torch formulas of
+  ``acon.fused.cpu`` on a 3-D view (Inductor-compiled when a C compiler exists).
   With ``ACON_FUSED_CPU_BACKEND=triton`` and ``TRITON_INTERPRET=1`` CPU runs the Triton kernels in the
   interpreter, which is how the kernels are tested without a GPU.
 """
