@@ -10,6 +10,10 @@ reported as a percentage of a plain copy's (forward moves 2 tensors, backward 3)
     python scripts/bench_activation.py --quick              # two shapes, fewer repeats
     python scripts/bench_activation.py --shapes 7,7         # only the 7x7 shapes
     python scripts/bench_activation.py --device cuda --dtype bf16 --out benchmarks/act.md
+
+    # every CPU row at AVX2 width on an AVX-512 machine (C++ kernels, ATen's SiLU, Inductor)
+    ACON_KERNEL_CFLAGS=-mno-avx512f ATEN_CPU_CAPABILITY=avx2 \
+        python scripts/bench_activation.py --threads 1 --inductor-simdlen 256
 """
 
 from __future__ import annotations
@@ -180,9 +184,16 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--inner", type=int, default=0, help="calls per timed round (0: 1 on CPU, 20 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="two shapes, 7 repeats")
     ap.add_argument("--shapes", nargs="+", metavar="TEXT", help="only shapes whose name contains a TEXT")
+    ap.add_argument(
+        "--inductor-simdlen", type=int, help="vector width in bits for Inductor's CPU code (e.g. 256: AVX2)"
+    )
     add_run_args(ap)
     args = ap.parse_args(argv)
     apply_run_args(args)
+    if args.inductor_simdlen:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.simdlen = args.inductor_simdlen
     args.inner = args.inner or (20 if args.device == "cuda" else 1)
     if args.quick:
         args.repeats = min(args.repeats, 7)

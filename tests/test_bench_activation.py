@@ -1,0 +1,47 @@
+"""scripts/bench_activation.py: shape selection and one real (tiny) run of its table."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_activation.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_activation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unknown_shape_filter_names_the_shapes(bench, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--shapes", "no such shape"])
+    assert e.value.code == 2
+    assert "resnet50 s4 [32,512,7,7]" in capsys.readouterr().err
+
+
+def test_one_shape_table(bench, monkeypatch, tmp_path):
+    monkeypatch.setitem(bench.SHAPES, "tiny [2,4,5,5]", (2, 4, 5, 5))
+    threads = torch.get_num_threads()
+    out = tmp_path / "act.md"
+    try:
+        text = bench.main(
+            ["--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert out.read_text() == text
+    assert "1 CPU threads" in text.splitlines()[0]
+    rows = [ln for ln in text.splitlines() if ln.startswith("| tiny")]
+    names = [r.split("|")[2].strip() for r in rows]
+    assert names[:2] == ["SiLU", "ReLU"] and any(n.startswith("AconC fused") for n in names)
+    silu = rows[0].split("|")
+    assert float(silu[4]) == 1.0  # SiLU is its own baseline
+    acon = next(r for r in rows if "AconC fused" in r).split("|")
+    assert float(acon[5]) == pytest.approx(1.0)  # the fused op saves only x
