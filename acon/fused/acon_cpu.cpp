@@ -296,6 +296,20 @@ struct Repeated {  // a per-channel array repeated to length C + VB, so lanes c0
   vf at(int64_t c0) const { return F32::load(a.v + c0, VB); }
 };
 
+struct BetaRepeated {  // β as Repeated arrays: one shared copy when per channel, else one per sample
+  const float* b;
+  int64_t C;
+  bool per_sample;
+  Repeated shared;
+  BetaRepeated(const float* b_, int64_t C_, bool per_sample_)
+      : b(b_), C(C_), per_sample(per_sample_), shared(b_, C_) {}
+  const Repeated& of(int64_t n, std::unique_ptr<Repeated>& own) const {  // `own` keeps sample n's copy alive
+    if (!per_sample) return shared;
+    own.reset(new Repeated(b + n * C, C));
+    return *own;
+  }
+};
+
 inline int64_t next_channel(int64_t c0, int64_t C) {  // (c0 + VB) % C without a division per chunk
   for (c0 += VB; c0 >= C;) c0 -= C;
   return c0;
@@ -423,15 +437,15 @@ void fwd_nsc(const void* x, void* y, const float* p1, const float* p, const floa
              int64_t S, int per_sample, int64_t blocks, int threads) {
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
-  const Repeated dr(d.data(), C), pr(p, C), b0(b, C);  // b0: β when it is per channel
+  const Repeated dr(d.data(), C), pr(p, C);
+  const BetaRepeated beta(b, C, per_sample != 0);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t q = 0; q < N * blocks; ++q) {
     const int64_t n = q / blocks;
     int64_t s0, s1;
     block_range(S, blocks, q % blocks, &s0, &s1);
-    std::unique_ptr<Repeated> own;  // β of sample n, when β is per sample
-    if (per_sample) own.reset(new Repeated(b + n * C, C));
-    const Repeated& br = per_sample ? *own : b0;
+    std::unique_ptr<Repeated> own;
+    const Repeated& br = beta.of(n, own);
     fwd_nsc_block<IO>((const T*)x + n * S * C, (T*)y + n * S * C, dr, pr, br, C, s0, s1);
   }
 }
@@ -442,7 +456,8 @@ void bwd_nsc(const void* dy, const void* x, void* dx, float* g1, float* g2, floa
              int threads) {
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
-  const Repeated dr(d.data(), C), pr(p, C), b0(b, C);  // b0: β when it is per channel
+  const Repeated dr(d.data(), C), pr(p, C);
+  const BetaRepeated beta(b, C, per_sample != 0);
   const int64_t Q = N * blocks * C;
   float *ss = scratch(3 * Q), *st = ss + Q, *sx = st + Q;  // every block's sums are written before being read
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -450,9 +465,8 @@ void bwd_nsc(const void* dy, const void* x, void* dx, float* g1, float* g2, floa
     const int64_t n = q / blocks, off = n * S * C;
     int64_t a, e;
     block_range(S, blocks, q % blocks, &a, &e);
-    std::unique_ptr<Repeated> own;  // β of sample n, when β is per sample
-    if (per_sample) own.reset(new Repeated(b + n * C, C));
-    const Repeated& br = per_sample ? *own : b0;
+    std::unique_ptr<Repeated> own;
+    const Repeated& br = beta.of(n, own);
     bwd_nsc_block<IO>((const T*)dy + off, (const T*)x + off, (T*)dx + off, ss + q * C, st + q * C, sx + q * C,
                       dr, pr, br, C, a, e);
   }
@@ -464,10 +478,13 @@ void bwd_nsc(const void* dy, const void* x, void* dx, float* g1, float* g2, floa
 // with C·S channels, N positions of one sample (or, when β is per sample, one position of N samples).
 // The parameters are expanded so, and each channel's S sums folded.
 
-struct Expanded {  // p1, p2 and β with every channel's value repeated S times
+struct Expanded {  // p1, p2 and β with every channel's value repeated S times, and the "nsc" run over them
   std::vector<float> p1, p2, b;
-  Expanded(const float* p1_, const float* p2_, const float* b_, int64_t N, int64_t C, int64_t S, bool per_sample)
-      : p1(C * S), p2(C * S), b((per_sample ? N : 1) * C * S) {
+  int64_t n, s, blocks;  // samples, positions per sample and blocks per sample of that run
+  Expanded(const float* p1_, const float* p2_, const float* b_, int64_t N, int64_t C, int64_t S, bool per_sample,
+           int threads)
+      : p1(C * S), p2(C * S), b((per_sample ? N : 1) * C * S), n(per_sample ? N : 1), s(per_sample ? 1 : N),
+        blocks(per_sample ? 1 : (N < threads ? N : threads)) {
     for (int64_t c = 0, j = 0; c < C; ++c)
       for (int64_t k = 0; k < S; ++k, ++j) p1[j] = p1_[c], p2[j] = p2_[c];
     for (int64_t c = 0, j = 0; c < (per_sample ? N : 1) * C; ++c)
@@ -487,9 +504,8 @@ template <class IO>
 void fwd_ncs(const void* x, void* y, const float* p1, const float* p, const float* b, int64_t N, int64_t C,
              int64_t S, int per_sample, int64_t blocks, int threads) {
   if (S >= VB) return fwd_ncs_rows<IO>(x, y, p1, p, b, N, C, S, per_sample, blocks, threads);
-  const Expanded e(p1, p, b, N, C, S, per_sample != 0);
-  const int64_t n = per_sample ? N : 1, s = per_sample ? 1 : N, k = per_sample ? 1 : (N < threads ? N : threads);
-  fwd_nsc<IO>(x, y, e.p1.data(), e.p2.data(), e.b.data(), n, C * S, s, per_sample, k, threads);
+  const Expanded e(p1, p, b, N, C, S, per_sample != 0, threads);
+  fwd_nsc<IO>(x, y, e.p1.data(), e.p2.data(), e.b.data(), e.n, C * S, e.s, per_sample, e.blocks, threads);
 }
 
 template <class IO>
@@ -497,11 +513,10 @@ void bwd_ncs(const void* dy, const void* x, void* dx, float* g1, float* g2, floa
              const float* p, const float* b, int64_t N, int64_t C, int64_t S, int per_sample, int64_t blocks,
              int threads) {
   if (S >= VB) return bwd_ncs_rows<IO>(dy, x, dx, g1, g2, gb, p1, p, b, N, C, S, per_sample, blocks, threads);
-  const Expanded e(p1, p, b, N, C, S, per_sample != 0);
+  const Expanded e(p1, p, b, N, C, S, per_sample != 0, threads);
   std::vector<float> e1(C * S), e2(C * S), eb(e.b.size());
-  const int64_t n = per_sample ? N : 1, s = per_sample ? 1 : N, k = per_sample ? 1 : (N < threads ? N : threads);
-  bwd_nsc<IO>(dy, x, dx, e1.data(), e2.data(), eb.data(), e.p1.data(), e.p2.data(), e.b.data(), n, C * S, s,
-              per_sample, k, threads);
+  bwd_nsc<IO>(dy, x, dx, e1.data(), e2.data(), eb.data(), e.p1.data(), e.p2.data(), e.b.data(), e.n, C * S, e.s,
+              per_sample, e.blocks, threads);
   fold(e1, g1, C, S);
   fold(e2, g2, C, S);
   fold(eb, gb, (per_sample ? N : 1) * C, S);

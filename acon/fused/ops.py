@@ -155,7 +155,6 @@ def native_serves(x: Tensor) -> bool:
         x.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and not triton_on_cpu()
-        and layout_of(x) is not None
         and cpu.execution(x) == "native"
     )
 
