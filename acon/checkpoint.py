@@ -95,6 +95,15 @@ def load_checkpoint(
         ) from None
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {e}") from None
+    except (
+        IndexError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ) as e:  # a malformed pickle stream trips the unpickler
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r}: not a valid checkpoint ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} is a {type(obj).__name__}, not a dict")
     return obj

@@ -79,6 +79,11 @@ def test_garbage_and_truncated_files_give_clear_errors(tmp_path):
             load_checkpoint(f)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    # malformed pickle streams, as random bytes sometimes are: the unpickler's stack and memo underflow
+    for name, raw in (("stack.pt", b"\x80\x02\x85."), ("memo.pt", b"\x80\x02h\x05.")):
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(CheckpointError, match=rf"{name}.*not a valid checkpoint"):
+            load_checkpoint(tmp_path / name)
     assert torch.equal(load_checkpoint(tmp_path / "ok.pt")["w"], torch.load(tmp_path / "ok.pt")["w"])
 
 
