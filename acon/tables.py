@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from acon.recipes import group_by_cell, mixed_recipes_message
+
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 PAPER_DATA = "imagenet"  # the paper's numbers only apply to runs on this dataset
 ACTIVATIONS = ("relu", "swish", "acon_c", "meta_acon")
@@ -180,18 +182,11 @@ def collect(roots: list[str | Path]) -> tuple[list[Run], list[Incomplete]]:
 def build_cells(runs: list[Run], paper: dict[tuple[str, str], float] | None = None) -> list[Cell]:
     """Group runs by (data, model, activation); raise :class:`TableError` on mixed recipes or seeds twice."""
     paper = load_paper_results() if paper is None else paper
-    groups: dict[tuple[str, str, str], list[Run]] = {}
-    for r in runs:
-        groups.setdefault((r.data, r.model, r.activation), []).append(r)
     cells = []
-    for (data, model, act), members in groups.items():
-        recipes = {json.dumps(r.recipe, sort_keys=True) for r in members}
-        if len(recipes) > 1:
-            detail = "; ".join(f"{r.path} (recipe {r.recipe.get('name', '?')})" for r in members)
-            raise TableError(
-                f"cell ({data}, {model}, {act}) mixes {len(recipes)} different recipes, refusing to average "
-                f"them: {detail}. Pass the run dirs of one recipe at a time."
-            )
+    for (data, model, act), by_recipe in group_by_cell(runs).items():
+        if len(by_recipe) > 1:
+            raise TableError(mixed_recipes_message((data, model, act), by_recipe))
+        members = by_recipe[0]
         seeds = [r.seed for r in members]
         dup = sorted({s for s in seeds if seeds.count(s) > 1})
         if dup:

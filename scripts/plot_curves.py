@@ -2,6 +2,9 @@
 
 python scripts/plot_curves.py runs/sweep [more dirs ...] --out figures/
   → figures/curves_<data>_<model>.png for every backbone found (complete runs only)
+
+Runs are grouped as make_table.py groups them: only runs of the same recipe share a line; where one
+backbone's runs have several recipes, each gets its own line, labelled with the recipe keys that differ.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acon.tables import ACTIVATION_LABELS, TableError, _act_rank, collect  # noqa: E402
+from acon.recipes import describe, differing_keys, group_by_cell  # noqa: E402
+from acon.tables import ACTIVATION_LABELS, Run, TableError, _act_rank, collect  # noqa: E402
 
 
 def read_curve(run_dir: Path) -> dict[int, float]:
@@ -32,36 +36,68 @@ def read_curve(run_dir: Path) -> dict[int, float]:
     return curve
 
 
-def plot_backbone(
-    curves: dict[str, list[dict[int, float]]], title: str, out: Path, log_y: bool = False
-) -> Path:
-    """One PNG: for each activation the mean curve over seeds and a min..max band."""
+BAND_NOTE = "shaded: min..max over seeds"
+
+
+def backbone_lines(cells: dict[str, list[list[Run]]]) -> list[tuple[str, list[Run]]]:
+    """(legend label, runs) per line of one backbone's figure: one line per activation and recipe.
+
+    Runs are grouped as ``make_table.py`` groups them (``acon.recipes.group_by_cell``); where one figure
+    holds several recipes, each label names its values of the recipe keys that differ.
+    """
+    groups = [g for act in sorted(cells, key=_act_rank) for g in cells[act]]
+    keys = differing_keys([g[0].recipe for g in groups])
+    lines = []
+    for g in groups:
+        label = ACTIVATION_LABELS.get(g[0].activation, g[0].activation)
+        if keys:
+            label += f", {describe(g[0].recipe, keys)}"
+        lines.append((f"{label} (n={len(g)})", g))
+    return lines
+
+
+def draw_curves(lines: list[tuple[str, list[dict[int, float]]]], title: str, log_y: bool = False):
+    """A matplotlib figure: per line the mean curve over seeds and a shaded min..max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for act in sorted(curves, key=_act_rank):
-        runs = curves[act]
-        epochs = sorted(set.intersection(*(set(c) for c in runs)))
-        vals = [[c[e] for c in runs] for e in epochs]
+    banded = False
+    for label, curves in lines:
+        epochs = sorted(set.intersection(*(set(c) for c in curves)))
+        vals = [[c[e] for c in curves] for e in epochs]
         mean = [sum(v) / len(v) for v in vals]
-        (line,) = ax.plot(
-            epochs, mean, marker="o", ms=3, label=f"{ACTIVATION_LABELS.get(act, act)} (n={len(runs)})"
-        )
-        if len(runs) > 1:
-            ax.fill_between(
-                epochs, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2
-            )
+        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=label)
+        if len(curves) > 1:
+            lo, hi = [min(v) for v in vals], [max(v) for v in vals]
+            ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2)
+            banded = True
     if log_y:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 error (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, _ = ax.get_legend_handles_labels()
+    if banded:
+        handles.append(Patch(color="grey", alpha=0.3, label=BAND_NOTE))
+    ax.legend(handles=handles, title="mean over seeds")
     fig.tight_layout()
+    return fig
+
+
+def plot_backbone(
+    lines: list[tuple[str, list[dict[int, float]]]], title: str, out: Path, log_y: bool = False
+) -> Path:
+    """One PNG of :func:`draw_curves` at ``out``."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_curves(lines, title, log_y)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -79,16 +115,21 @@ def main(argv: list[str] | None = None) -> int:
         runs, _ = collect(args.dirs)
         if not runs:
             raise TableError(f"no complete runs under {args.dirs}")
-        groups: dict[tuple[str, str], dict[str, list]] = {}
-        for r in runs:
-            groups.setdefault((r.data, r.model), {}).setdefault(r.activation, []).append(read_curve(r.path))
+        figures: dict[tuple[str, str], dict[str, list[list[Run]]]] = {}
+        for (data, model, act), by_recipe in group_by_cell(runs).items():
+            figures.setdefault((data, model), {})[act] = by_recipe
+        plots = {
+            key: [(label, [read_curve(r.path) for r in group]) for label, group in backbone_lines(cells)]
+            for key, cells in figures.items()
+        }
     except (TableError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or args.dirs[0])
-    for (data, model), curves in sorted(groups.items()):
+    for (data, model), lines in sorted(plots.items()):
         title = f"{model} on {data}: validation error"
-        print(plot_backbone(curves, title, out / f"curves_{data}_{model}.png", args.log_y))
+        path = plot_backbone(lines, title, out / f"curves_{data}_{model}.png", args.log_y)
+        print(f"wrote {path}: " + "; ".join(label for label, _ in lines))
     return 0
 
 
