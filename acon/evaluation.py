@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from acon import checkpoint as ckpt
 from acon import distributed
 from acon.builders import build_model
-from acon.data import build_datasets, build_eval_loader
+from acon.data import build_eval_loader, build_val_dataset
 from acon.engine import evaluate
 from acon.report import write_json
 
@@ -31,8 +31,37 @@ def is_ours(state: dict) -> bool:
     return state.get("format") == ckpt.FORMAT
 
 
-def model_for_checkpoint(state: dict, path: Path, cfg: DictConfig) -> tuple[torch.nn.Module, DictConfig]:
-    """The model with the checkpoint's weights and the data config to evaluate it with."""
+def official_spec(state: dict, path: Path, cfg: DictConfig) -> tuple[str, str, dict]:
+    """(model name, activation, model kwargs) of an authors' checkpoint.
+
+    ``official.*`` wins; otherwise what ``scripts/convert_official_checkpoint.py`` recorded in the file.
+    Without either, the activation is inferred from the parameter names, as the converter does.
+    """
+    import models
+    from models.official import infer_official_activation
+
+    recorded = state if isinstance(state.get("model"), str) and "state_dict" in state else {}
+    name = cfg.official.model or recorded.get("model")
+    if not name:
+        raise ckpt.CheckpointError(
+            f"{path} is neither an acon-suite checkpoint nor one written by "
+            f"scripts/convert_official_checkpoint.py; for an authors' released checkpoint pass "
+            f"official.model=<one of {', '.join(models.list_models())}> (official.activation=<relu|swish|"
+            f"acon_c|meta_acon> is inferred from its keys when not given)"
+        )
+    act = cfg.official.activation or recorded.get("activation") or infer_official_activation(state)
+    if cfg.official.get("model_kwargs"):
+        kw = OmegaConf.to_container(cfg.official.model_kwargs, resolve=True)
+    else:
+        kw = dict(recorded.get("model_kwargs") or {})
+    return str(name), str(act), kw
+
+
+def model_for_checkpoint(
+    state: dict, path: Path, cfg: DictConfig
+) -> tuple[torch.nn.Module, DictConfig, dict]:
+    """The model with the checkpoint's weights, the data config to evaluate it with, and what the model is
+    (``{"model", "activation", "seed"}``, seed empty for an authors' checkpoint)."""
     import models
 
     if is_ours(state):
@@ -48,43 +77,47 @@ def model_for_checkpoint(state: dict, path: Path, cfg: DictConfig) -> tuple[torc
                 raise ckpt.CheckpointError(f"{path} has no EMA weights (use_ema=true)")
             weights = {k.removeprefix("module."): v for k, v in state["ema"].items()}
         ckpt.load_model_state(model, weights, str(path))
-        return model, data
-    name, act = cfg.official.model, cfg.official.activation
-    if not name or not act:
-        raise ckpt.CheckpointError(
-            f"{path} is not an acon-suite checkpoint; to evaluate an authors' released checkpoint pass "
-            f"official.model=<one of {', '.join(models.list_models())}> and "
-            f"official.activation=<relu|swish|acon_c|meta_acon>"
-        )
-    kw = (
-        OmegaConf.to_container(cfg.official.model_kwargs, resolve=True)
-        if cfg.official.get("model_kwargs")
-        else {}
-    )
+        about = {"model": run_cfg.model.name, "activation": run_cfg.activation.name, "seed": run_cfg.seed}
+        return model, data, about
+    name, act, kw = official_spec(state, path, cfg)
     kw["num_classes"] = int(cfg.data.num_classes)
     model = models.create_model(name, activation=act, **kw)
-    ckpt.load_model_state(model, models.convert_official_state_dict(state, name, act, **kw), str(path))
+    try:
+        weights = models.convert_official_state_dict(state, name, act, **kw)
+    except (KeyError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    ckpt.load_model_state(model, weights, str(path))
     data = OmegaConf.merge(cfg.data, {"preprocess": "bgr_255"})
-    return model, data
+    return model, data, {"model": name, "activation": act, "seed": ""}
 
 
-def evaluate_checkpoint(path: Path, cfg: DictConfig, info: distributed.DistInfo) -> dict:
-    """Top-1/top-5 error of one checkpoint on its validation set."""
+def evaluate_checkpoint(
+    path: Path, cfg: DictConfig, info: distributed.DistInfo, val_sets: dict | None = None
+) -> dict:
+    """Top-1/top-5 error of one checkpoint on its validation set (``val_sets`` caches datasets by config)."""
     state = ckpt.load_checkpoint(path, map_location="cpu")
-    model, data = model_for_checkpoint(state, path, cfg)
+    model, data, about = model_for_checkpoint(state, path, cfg)
     model = model.to(info.device)
-    _, val_set = build_datasets(data)
-    loader = build_eval_loader(val_set, data, int(cfg.batch_size), info.rank, info.world_size)
+    val_sets = {} if val_sets is None else val_sets
+    key = OmegaConf.to_yaml(data, resolve=True)
+    if key not in val_sets:
+        val_sets[key] = build_val_dataset(data)
+    loader = build_eval_loader(val_sets[key], data, int(cfg.batch_size), info.rank, info.world_size)
     metrics = evaluate(model, loader, info.device, cfg.trainer.precision, bool(cfg.trainer.channels_last))
-    return {"checkpoint": str(path), **metrics}
+    return {"checkpoint": str(path), **about, **metrics}
 
 
 def checkpoints_in(target: Path) -> list[Path]:
-    """A single file, or every *.pt in a folder (sorted)."""
+    """A single file, or every *.pt under a folder, run dirs of a sweep included (sorted; hidden folders
+    such as .hydra are skipped)."""
     if target.is_dir():
-        found = sorted(target.glob("*.pt"))
+        found = sorted(
+            p
+            for p in target.rglob("*.pt")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(target).parts)
+        )
         if not found:
-            raise FileNotFoundError(f"no *.pt checkpoints in {target}")
+            raise FileNotFoundError(f"no *.pt checkpoints in {target} or its sub-folders")
         return found
     if not target.is_file():
         raise FileNotFoundError(f"checkpoint={str(target)!r} does not exist")
@@ -96,24 +129,27 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     target = Path(cfg.checkpoint).expanduser()
     paths = checkpoints_in(target)
     info = distributed.setup(cfg.trainer.device, float(cfg.trainer.dist_timeout_s))
+    val_sets: dict = {}
     try:
-        rows = [evaluate_checkpoint(p, cfg, info) for p in paths]
+        rows = [evaluate_checkpoint(p, cfg, info, val_sets) for p in paths]
     finally:
         distributed.teardown()
     if info.is_main:
         for r in rows:
+            seed = f" seed {r['seed']}" if r["seed"] != "" else ""
             print(
-                f"{r['checkpoint']}: top-1 error {r['top1_err']:.2f}%  top-5 error {r['top5_err']:.2f}%  "
-                f"({r['count']} images)",
+                f"{r['checkpoint']} ({r['model']}, {r['activation']}{seed}): top-1 error {r['top1_err']:.2f}%  "
+                f"top-5 error {r['top5_err']:.2f}%  ({r['count']} images)",
                 file=sys.stdout,
                 flush=True,
             )
-        write_rows(rows, target, cfg.out)
+        print(f"wrote {write_rows(rows, target, cfg.out)}", flush=True)
     return rows
 
 
 def write_rows(rows: list[dict], target: Path, out: str | None) -> Path:
-    """eval.json for one checkpoint; eval.csv (one row per checkpoint) for a folder."""
+    """eval.json for one checkpoint; eval.csv (one row per checkpoint: model, activation, seed, errors)
+    for a folder."""
     if len(rows) == 1 and not target.is_dir():
         path = Path(out) if out else target.with_suffix(".eval.json")
         return write_json(path, rows[0])

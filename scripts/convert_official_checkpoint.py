@@ -5,7 +5,10 @@
 Writes ``{'model', 'activation', 'model_kwargs', 'input', 'state_dict'}`` to OUT; the state dict loads
 into ``models.create_model(model, activation, **model_kwargs)``. The activation is inferred from the
 checkpoint's keys when not given. The converted model expects the authors' input: BGR, 0-255, no
-mean/std normalisation (``input``).
+mean/std normalisation (``input``). ``python eval.py checkpoint=OUT`` evaluates OUT with that input.
+
+A file that cannot be read, or whose keys belong to another architecture than ``--model`` (named when
+it is one of ours), gives one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from acon.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from models import convert_official_state_dict, list_models  # noqa: E402
-from models.official import OFFICIAL_INPUT, infer_official_activation  # noqa: E402
+from models.official import OFFICIAL_INPUT, infer_official_activation, official_num_classes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,15 +36,23 @@ def main(argv: list[str] | None = None) -> int:
         "--activation", default=None, help="relu | swish | acon_c | meta_acon (default: inferred)"
     )
     ap.add_argument("--variant", default=None, help="official (default) | megvii | torchvision")
+    ap.add_argument(
+        "--num-classes", type=int, default=None, help="classifier outputs (default: read from the checkpoint)"
+    )
     args = ap.parse_args(argv)
-    checkpoint = torch.load(args.src, map_location="cpu", weights_only=True)
-    activation = args.activation or infer_official_activation(checkpoint)
-    model_kwargs = {"variant": args.variant} if args.variant else {}
     try:
+        checkpoint = load_checkpoint(args.src)
+        activation = args.activation or infer_official_activation(checkpoint)
+        model_kwargs = {"variant": args.variant} if args.variant else {}
+        num_classes = args.num_classes or official_num_classes(checkpoint, args.model)
+        if num_classes:
+            model_kwargs["num_classes"] = num_classes
         state_dict = convert_official_state_dict(checkpoint, args.model, activation, **model_kwargs)
-    except (KeyError, ValueError) as err:
-        print(f"{args.src}: {err}", file=sys.stderr)
-        return 1
+    except (CheckpointError, KeyError, TypeError, ValueError) as err:
+        reason = err.args[0] if isinstance(err, KeyError) and err.args else err
+        where = "" if isinstance(err, CheckpointError) else f"{args.src}: "
+        print(f"error: {where}{reason}", file=sys.stderr)
+        return 2
     out = {
         "model": args.model,
         "activation": activation,
@@ -48,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "input": dict(OFFICIAL_INPUT),
         "state_dict": state_dict,
     }
+    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, args.dst)
     print(f"wrote {args.dst}: {args.model} ({activation}), {len(state_dict)} tensors")
     return 0

@@ -20,14 +20,14 @@ from acon.validate import ConfigError
 DATA_KINDS = ("digits", "folder", "synthetic")
 
 
-def resolve_root(cfg: DictConfig) -> Path:
-    """The dataset root holding train/ and val/, checked before any expensive work starts."""
+def resolve_root(cfg: DictConfig, splits: tuple[str, ...] | None = None) -> Path:
+    """The dataset root holding ``splits`` (default train/ and val/), checked before any expensive work."""
     if cfg.kind == "digits":
         return prepare_digits(cfg.root)
     if not cfg.root:
         raise ConfigError(f"data.root is not set for data={cfg.name}; pass data.root=/path/to/imagenet")
     root = Path(cfg.root).expanduser()
-    for split in (cfg.train_split, cfg.val_split):
+    for split in splits or (cfg.train_split, cfg.val_split):
         if not (root / split).is_dir():
             raise FileNotFoundError(f"data.root={str(root)!r}: missing folder {str(root / split)!r}")
     return root
@@ -72,6 +72,30 @@ def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     if val.empty_classes:
         warnings.warn(f"empty class folders in {val.root}: {val.empty_classes}", stacklevel=2)
     return train, val
+
+
+def build_val_dataset(cfg: DictConfig) -> Dataset:
+    """The validation dataset alone, for evaluation: needs only ``<root>/<val_split>`` (no train/ folder).
+
+    Classes are val/'s folders in sorted order, the order training takes them in (train/ and val/ must
+    hold the same class folders for training).
+    """
+    if cfg.kind not in DATA_KINDS:
+        raise ValueError(f"data.kind={cfg.kind!r} is not one of {DATA_KINDS}")
+    if cfg.kind == "synthetic":
+        return SyntheticDataset(cfg.val_samples, cfg.num_classes, cfg.img_size)
+    val_dir = resolve_root(cfg, (cfg.val_split,)) / cfg.val_split
+    classes = find_classes(val_dir)
+    if len(classes) != cfg.num_classes:
+        raise ConfigError(
+            f"{val_dir} has {len(classes)} class folders but data.num_classes={cfg.num_classes}"
+        )
+    val = ImageFolderDataset(
+        val_dir, instantiate(cfg.val_transform), classes=classes, bad_image_policy=cfg.bad_image_policy
+    )
+    if val.empty_classes:
+        warnings.warn(f"empty class folders in {val.root}: {val.empty_classes}", stacklevel=2)
+    return val
 
 
 def _loader_kwargs(cfg: DictConfig) -> dict:
