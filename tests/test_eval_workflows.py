@@ -82,11 +82,13 @@ def _eval(checkpoint, root, tmp_path, *extra):
     return row
 
 
-def test_converted_checkpoint_and_official_model_alone_evaluate(val_only, tmp_path, capsys):
+def test_converted_checkpoint_and_official_model_alone_evaluate(val_only, tmp_path):
     released = _released("shufflenetv2_x0_5", "acon_c", tmp_path / "ShuffleNetV2+ACON.pth.tar", 3)
     converted = tmp_path / "converted" / "acon_x0_5.pt"
     assert _script().main([str(released), str(converted), "--model", "shufflenetv2_x0_5"]) == 0
-    full = _eval(released, val_only, tmp_path, "official.model=shufflenetv2_x0_5", "official.activation=acon_c")
+    full = _eval(
+        released, val_only, tmp_path, "official.model=shufflenetv2_x0_5", "official.activation=acon_c"
+    )
     own = _eval(converted, val_only, tmp_path)  # the file records model and activation
     alone = _eval(released, val_only, tmp_path, "official.model=shufflenetv2_x0_5")  # activation inferred
     for row in (own, alone):

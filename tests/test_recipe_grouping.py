@@ -50,7 +50,9 @@ def test_make_table_names_the_recipe_keys_that_differ(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "they differ in epochs, lr:" in err
-    assert f"{root / 'meta-s0'} (epochs=8, lr=0.05)" in err and f"{root / 'meta-s1'} (epochs=6, lr=0.4)" in err
+    assert (
+        f"{root / 'meta-s0'} (epochs=8, lr=0.05)" in err and f"{root / 'meta-s1'} (epochs=6, lr=0.4)" in err
+    )
     assert "(recipe digits)" not in err
 
 
