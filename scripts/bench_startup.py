@@ -39,7 +39,11 @@ LINKS_PER_FILE = 50_000  # ext4 allows 65,000 hard links to one file
 
 def tree_shape(scale: float) -> tuple[int, int, int]:
     """(classes, train files, val files) at ``scale`` of ImageNet-1k."""
-    return max(2, round(CLASSES * scale)), max(2, round(TRAIN_FILES * scale)), max(2, round(VAL_FILES * scale))
+    return (
+        max(2, round(CLASSES * scale)),
+        max(2, round(TRAIN_FILES * scale)),
+        max(2, round(VAL_FILES * scale)),
+    )
 
 
 def build_tree(root: Path, scale: float) -> Path:
@@ -73,7 +77,9 @@ def build_tree(root: Path, scale: float) -> Path:
                 os.link(sources[i % len(sources)], folder / f"n{c:08d}_{i}.JPEG")
     marker.write_text(shape)
     secs = time.perf_counter() - t0
-    print(f"bench_startup: built {root} ({classes} classes, {n_train:,} + {n_val:,} hard links) in {secs:.0f} s")
+    print(
+        f"bench_startup: built {root} ({classes} classes, {n_train:,} + {n_val:,} hard links) in {secs:.0f} s"
+    )
     return root
 
 
