@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Flags and the remaining ``key=value`` config overrides."""
     ap = argparse.ArgumentParser(prog="python -m acon.doctor", description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="training config overrides, e.g. data.root=/data/imagenet")
-    ap.add_argument("--data-root", help="same as data.root=... (with data=folder unless data= is given)")
+    ap.add_argument("--data-root", help="same as data.root=... (with data=imagenet unless data= is given)")
     ap.add_argument("--out-dir", help="same as out_dir=...")
     ap.add_argument("--pipeline", help="same as data.pipeline=...")
     ap.add_argument("--samples", type=int, default=8, help="image files decoded per split (default 8)")
