@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from acon import checkpoint as ckpt
-from acon import distributed
+from acon import distributed, fallbacks
 from acon.builders import build_model, run_identity
 from acon.data import build_datasets, build_eval_loader, build_train_loader
 from acon.data.build import build_pipeline_loaders
@@ -342,6 +342,7 @@ class Trainer:
             "seed": int(self.cfg.seed),
             "git_commit": git_commit(),
             "identity": run_identity(self.cfg),
+            "fallbacks": fallbacks.recorded(),
         }
         write_json(self.run_dir / "results.json", results)
         return results

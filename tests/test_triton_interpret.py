@@ -41,7 +41,8 @@ inner = pytest.mark.skipif(not INTERPRETING, reason="runs inside the TRITON_INTE
 
 if INTERPRETING:
     import acon.fused
-    from acon.fused import ops, triton_kernels
+    from acon import fallbacks
+    from acon.fused import ops, selfcheck, triton_kernels
     from tests.test_fused import TOL, _inputs, _run, check_against_reference
 
     TOL[torch.float16] = dict(rtol=2e-3, atol=1e-3)
@@ -62,6 +63,7 @@ def count_kernel_calls(monkeypatch):
 
     monkeypatch.setattr(triton_kernels, "forward", f)
     monkeypatch.setattr(triton_kernels, "backward", b)
+    monkeypatch.setattr(selfcheck, "triton_ok", lambda x: True)  # count the op's own calls (checked below)
     return calls
 
 
@@ -99,3 +101,33 @@ def test_backward_bitwise_deterministic():
     a = _run(acon.fused.acon_c, x, p1, p2, beta, dy)[1]
     b = _run(acon.fused.acon_c, x, p1, p2, beta, dy)[1]
     assert all(torch.equal(ga, gb) for ga, gb in zip(a, b, strict=True))
+
+
+@pytest.fixture
+def fresh_selfcheck():
+    selfcheck.reset()
+    fallbacks.clear()
+    yield
+    selfcheck.reset()
+    fallbacks.clear()
+
+
+@inner
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_selfcheck_passes_real_kernels(fresh_selfcheck, dtype, channels_last):
+    """The first call checks the interpreted kernels, forward and backward, and keeps them."""
+    check_against_reference(acon.fused.acon_c, (2, 5, 3, 4), dtype, True, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(2, 5, 3, 4, dtype=dtype).contiguous(memory_format=fmt)
+    assert selfcheck._STATE[selfcheck._key(x)] is True and fallbacks.recorded() == {}
+
+
+@inner
+def test_selfcheck_catches_a_wrong_kernel(fresh_selfcheck, monkeypatch):
+    """An interpreted kernel with a wrong result: one warning, then the eager formulas serve the op."""
+    fwd = triton_kernels.forward
+    monkeypatch.setattr(triton_kernels, "forward", lambda *a: fwd(*a) * 1.1)
+    with pytest.warns(UserWarning, match="y differs from the reference"):
+        check_against_reference(acon.fused.acon_c, (2, 5, 3, 4), torch.float32, False, False)
+    assert list(fallbacks.recorded()) == ["acon_c triton cpu float32 contiguous"]

@@ -48,6 +48,11 @@ def check_class_sets(train_dir: Path, val_dir: Path, num_classes: int) -> list[s
     return train
 
 
+def index_options(cfg: DictConfig) -> dict:
+    """The file-index cache settings of the data group (on unless ``data.index_cache=false``)."""
+    return dict(index_cache=bool(cfg.get("index_cache", True)), index_cache_dir=cfg.get("index_cache_dir"))
+
+
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for ``cfg`` (the data group)."""
     if cfg.kind not in DATA_KINDS:
@@ -57,13 +62,9 @@ def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
         return make(cfg.train_samples), make(cfg.val_samples)
     root = resolve_root(cfg)
     classes = check_class_sets(root / cfg.train_split, root / cfg.val_split, cfg.num_classes)
-    policy = cfg.bad_image_policy
-    train = ImageFolderDataset(
-        root / cfg.train_split, instantiate(cfg.train_transform), classes=classes, bad_image_policy=policy
-    )
-    val = ImageFolderDataset(
-        root / cfg.val_split, instantiate(cfg.val_transform), classes=classes, bad_image_policy=policy
-    )
+    kw = dict(classes=classes, bad_image_policy=cfg.bad_image_policy, **index_options(cfg))
+    train = ImageFolderDataset(root / cfg.train_split, instantiate(cfg.train_transform), **kw)
+    val = ImageFolderDataset(root / cfg.val_split, instantiate(cfg.val_transform), **kw)
     if train.empty_classes:
         raise ConfigError(
             f"empty class folders in {train.root}: "
@@ -172,6 +173,7 @@ def build_pipeline_loaders(
         img_size=int(cfg.img_size),
         classes=classes,
         bad_image_policy=cfg.bad_image_policy,
+        **index_options(cfg),
         device=device,
         preprocess=cfg.preprocess,
         rank=rank,

@@ -11,6 +11,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
+from acon.data.index import load_index
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 BAD_IMAGE_POLICIES = ("skip", "raise")
 
@@ -64,16 +66,19 @@ class ImageFolderDataset(Dataset):
         loader: Callable[[str], Image.Image] = open_image,
         classes: list[str] | None = None,
         bad_image_policy: str = "raise",
+        index_cache: bool = False,
+        index_cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if bad_image_policy not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.bad_image_policy={bad_image_policy!r} is not one of {BAD_IMAGE_POLICIES}")
         self.root = Path(root)
         self.classes = classes if classes is not None else find_classes(self.root)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples, self.empty_classes = scan_samples(self.root, self.classes)
+        index, self.index_source = load_index(self.root, self.classes, index_cache, index_cache_dir)
+        self.samples, self.empty_classes = index.samples(self.root), index.empty
         if not self.samples:
             raise FileNotFoundError(f"data folder {str(self.root)!r} contains no image files")
-        self.targets = [t for _, t in self.samples]
+        self.targets = self.samples.targets
         self.transform, self.loader = transform, loader
         self.bad_image_policy = bad_image_policy
         self.sample_seed: Callable[[int], int] | None = None

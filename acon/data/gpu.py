@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from acon.data.cpu_stage import OutputPool, WorkPlanes, jitter_normalize_cpu
+from acon.data.decode_check import CheckedDecoder
 from acon.data.fast import (
     GRAY_WEIGHTS,
     IMAGENET_MEAN,
@@ -170,12 +171,13 @@ class DeviceAugment:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self._pool = OutputPool()
         self._bufs: WorkPlanes | None = None
+        self._decode = CheckedDecoder(self.device)  # nvJPEG checked against the CPU on the first batch
 
     def __call__(self, batch: AugBatch) -> torch.Tensor:
         params = batch.params.to(self.device, non_blocking=True)
         if isinstance(batch.images, list):
             host = batch.params if batch.params.device.type == "cpu" else batch.params.cpu()
-            decoded = decode_batch(batch.images, self.device)
+            decoded = self._decode(batch.images)
             x = crop_resize_batch(decoded, host.tolist(), self.size).to(self.compute_dtype)
             flip = params[:, 4].view(-1, 1, 1, 1) > 0.5
             x = torch.where(flip, x.flip(-1), x)

@@ -75,6 +75,8 @@ def build_train_pipeline(
     std: tuple = IMAGENET_STD,
     classes: list[str] | None = None,
     bad_image_policy: str = "raise",
+    index_cache: bool = False,
+    index_cache_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     out_dtype: torch.dtype = torch.float32,
     preprocess: str = "rgb_normalized",
@@ -89,7 +91,12 @@ def build_train_pipeline(
     dev = DeviceAugment(
         img_size, mean, std, bool(color_jitter), device, out_dtype=out_dtype, preprocess=preprocess
     )
-    folder = dict(classes=classes, bad_image_policy=bad_image_policy)
+    folder = dict(
+        classes=classes,
+        bad_image_policy=bad_image_policy,
+        index_cache=index_cache,
+        index_cache_dir=index_cache_dir,
+    )
     shard = dict(split=split, rank=rank, world_size=world_size, seed=seed)
     if name == "reference":
         tf = train_transform(img_size, color_jitter, tuple(scale), hflip, preprocess, mean, std)
@@ -114,6 +121,8 @@ def build_val_pipeline(
     std: tuple = IMAGENET_STD,
     classes: list[str] | None = None,
     bad_image_policy: str = "raise",
+    index_cache: bool = False,
+    index_cache_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     out_dtype: torch.dtype = torch.float32,
     preprocess: str = "rgb_normalized",
@@ -124,9 +133,15 @@ def build_val_pipeline(
     """Validation pipeline: the reference Resize+CenterCrop pixels, normalised on the device except for
     ``reference``; shard paths read each of the rank's shards once (no padding)."""
     _check(name)
+    folder = dict(
+        classes=classes,
+        bad_image_policy=bad_image_policy,
+        index_cache=index_cache,
+        index_cache_dir=index_cache_dir,
+    )
     if name == "reference":
         tf = val_transform(img_size, resize, preprocess, mean, std)
-        ds = ImageFolderDataset(root, tf, classes=classes, bad_image_policy=bad_image_policy)
+        ds = ImageFolderDataset(root, tf, **folder)
         return Pipeline(name, ds, collate_skipping_bad, None)
     tf = FastValTransform(img_size, resize)
     dev = DeviceAugment(img_size, mean, std, False, device, out_dtype=out_dtype, preprocess=preprocess)
@@ -135,7 +150,7 @@ def build_val_pipeline(
             root, split, tf, bytes_tensor, shuffle=False, rank=rank, world_size=world_size, pad=False
         )
     else:
-        ds = ImageFolderDataset(root, tf, classes=classes, bad_image_policy=bad_image_policy)
+        ds = ImageFolderDataset(root, tf, **folder)
     return Pipeline(name, ds, collate_augment, dev)
 
 

@@ -4,7 +4,9 @@ Autograd saves only x and the per-channel p1, p2 and the per-channel or per-samp
 recomputes the sigmoid. Being custom ops, they stay opaque (one node each) under ``torch.compile`` of a
 whole model and work with autocast, DDP and channels_last. Device kernels:
 
-- CUDA: Triton (``acon.fused.triton_kernels``) when Triton imports, else the torch formulas;
+- CUDA: Triton (``acon.fused.triton_kernels``) when Triton imports, else the torch formulas; the first
+  call per device, dtype and memory format checks the kernels against the reference form
+  (``acon.fused.selfcheck``) and falls back to the eager formulas, with one warning, if they fail;
 - CPU: the C++ kernels of ``acon.fused.native`` on the N-D tensor, else the torch formulas of
   ``acon.fused.cpu`` on a 3-D view (Inductor-compiled when a C compiler exists).
   With ``ACON_FUSED_CPU_BACKEND=triton`` and ``TRITON_INTERPRET=1`` CPU runs the Triton kernels in the
@@ -19,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-from acon.fused import cpu, native
+from acon.fused import cpu, native, selfcheck
 from acon.fused.layout import as_3d, compute_dtype, layout_of, like, param_views, same_layout
 
 
@@ -74,6 +76,8 @@ def acon_c_op(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     """ACON-C forward on a dense x; p1, p2 are (1, C, 1..), β is (1, C, 1..) or (N, C, 1..)."""
     _check(x)
     if _use_triton(x):
+        if not selfcheck.triton_ok(x):  # failed its first-call check: the eager formulas instead
+            return selfcheck.eager_forward(x, p1, p2, beta)
         from acon.fused import triton_kernels
 
         return triton_kernels.forward(x, p1, p2, beta)
@@ -92,7 +96,9 @@ def acon_c_backward_op(
     """(dx, dp1, dp2, dβ) of ACON-C in one pass over x and dy; dβ has β's shape (per channel or sample)."""
     _check(x)
     dy = same_layout(dy, x)
-    if _use_triton(x):
+    if _use_triton(x) and not selfcheck.triton_ok(x):
+        dx, s1, s2, sb = selfcheck.eager_backward(dy, x, p1, p2, beta)
+    elif _use_triton(x):
         from acon.fused import triton_kernels
 
         dx, s1, s2, sb = triton_kernels.backward(dy, x, p1, p2, beta)
