@@ -54,7 +54,7 @@ def model_for_checkpoint(state: dict, path: Path, cfg: DictConfig) -> tuple[torc
         raise ckpt.CheckpointError(
             f"{path} is not an acon-suite checkpoint; to evaluate an authors' released checkpoint pass "
             f"official.model=<one of {', '.join(models.list_models())}> and "
-            f"official.activation=<relu|swish|acon_c|meta_acon>"
+            f"official.activation=<relu|swish|acon_c|meta_acon|acon_frelu>"
         )
     kw = (
         OmegaConf.to_container(cfg.official.model_kwargs, resolve=True)
