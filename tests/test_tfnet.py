@@ -144,3 +144,13 @@ def test_eval_py_converts_a_released_tfnet(tiny_imagenet, tmp_path):
         losses = [nn.functional.cross_entropy(ref(x[None]), torch.tensor([y])).item() for x, y in val]
     assert got["count"] == len(val) == 9
     assert abs(got["loss"] - sum(losses) / len(losses)) < 1e-4 * max(1.0, abs(got["loss"]))
+
+
+def test_timm_registers_acon_tfnet():
+    import timm
+
+    import models.timm_models  # noqa: F401  (registers acon_<name>)
+
+    m = timm.create_model("acon_tfnet_x0_5", num_classes=4)
+    assert isinstance(m.features[0].acon, acon.AconFReLU) and m.classifier[0].out_features == 4
+    assert {"acon_tfnet_x2_0", "acon_mobilenetv2_x1_4"} <= set(timm.list_models("acon_*"))
