@@ -2,6 +2,7 @@
 
 from acon.activations import AconA, AconB, AconC, BatchNorm2dB1, MetaAconC, ReLU, Swish
 from acon.factory import ACTIVATIONS, create_activation, resolve_activation
+from acon.frelu import AconFReLU
 from acon.params import activation_parameters, is_weight_decayed, param_groups
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "AconA",
     "AconB",
     "AconC",
+    "AconFReLU",
     "BatchNorm2dB1",
     "MetaAconC",
     "ReLU",

@@ -47,7 +47,7 @@ def official_spec(state: dict, path: Path, cfg: DictConfig) -> tuple[str, str, d
             f"{path} is neither an acon-suite checkpoint nor one written by "
             f"scripts/convert_official_checkpoint.py; for an authors' released checkpoint pass "
             f"official.model=<one of {', '.join(models.list_models())}> (official.activation=<relu|swish|"
-            f"acon_c|meta_acon> is inferred from its keys when not given)"
+            f"acon_c|meta_acon|acon_frelu> is inferred from its keys when not given)"
         )
     act = cfg.official.activation or recorded.get("activation") or infer_official_activation(state)
     if cfg.official.get("model_kwargs"):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from torch import nn
 
 from acon.activations import AconA, AconB, AconC, MetaAconC, ReLU, Swish
+from acon.frelu import AconFReLU
 
 ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "relu": ReLU,
@@ -17,6 +18,7 @@ ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "acon_b": AconB,
     "acon_c": AconC,
     "meta_acon": MetaAconC,
+    "acon_frelu": AconFReLU,
 }
 
 ActivationSpec = str | type | functools.partial | Callable[..., nn.Module]

@@ -18,8 +18,14 @@ from acon.recipes import group_by_cell, mixed_recipes_message
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 PAPER_DATA = "imagenet"  # the paper's numbers only apply to runs on this dataset
-ACTIVATIONS = ("relu", "swish", "acon_c", "meta_acon")
-ACTIVATION_LABELS = {"relu": "ReLU", "swish": "Swish", "acon_c": "ACON-C", "meta_acon": "Meta-ACON"}
+ACTIVATIONS = ("relu", "swish", "acon_c", "meta_acon", "acon_frelu")
+ACTIVATION_LABELS = {
+    "relu": "ReLU",
+    "swish": "Swish",
+    "acon_c": "ACON-C",
+    "meta_acon": "Meta-ACON",
+    "acon_frelu": "ACON-FReLU",
+}
 MARKERS = ("results.json", "config.yaml", "last.pt")
 SKIP_DIRS = ("hparams", "tb")  # .hydra and other hidden dirs are skipped too
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from acon import AconB, AconC, MetaAconC, Swish
+from acon import AconB, AconC, AconFReLU, MetaAconC, Swish
 
-LEARNABLE_ACTIVATIONS = (Swish, AconB, AconC, MetaAconC)
+LEARNABLE_ACTIVATIONS = (Swish, AconB, AconC, MetaAconC, AconFReLU)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -40,6 +40,16 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 def count_bn_params(model: nn.Module) -> int:
     """Parameters of the BatchNorm layers (their affine weight and bias)."""
     return sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+
+
+def count_conv_bias_params(model: nn.Module) -> int:
+    """Biases of the network's convolutions (ACON-FReLU's funnel included, Meta-ACON's β network not)."""
+    inner = {id(c) for m in model.modules() if isinstance(m, MetaAconC) for c in m.modules()}
+    return sum(
+        m.bias.numel()
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.bias is not None and id(m) not in inner
+    )
 
 
 def count_flops(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans: int = 3) -> int:
@@ -65,5 +75,5 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chan
 
 
 def activation_sites(model: nn.Module) -> dict[str, nn.Module]:
-    """Every learnable activation module (Swish/ACON-A, ACON-B, ACON-C, Meta-ACON) by qualified name."""
+    """Every learnable activation module (Swish/ACON-A, ACON-B, ACON-C, Meta-ACON, ACON-FReLU) by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LEARNABLE_ACTIVATIONS)}

@@ -171,3 +171,113 @@ EXACT: dict[str, dict[str, Counts]] = {
         "meta_acon": Counts(60763032, 11282847744, 60687320, 11514058752, 177056),
     },
 }
+
+
+# --- The TFNet table's families (TFNet, MobileNetV2, and MobileNetV1 0.25 of the abstract) ------------------
+# These have one variant, so the published convention is computed from the default model directly:
+# params without BatchNorm affine parameters and without the biases of convolutions that a BatchNorm follows
+# (all of TFNet's, including ACON-FReLU's funnel conv; MobileNet convs have none), MACs at 224x224.
+
+
+class LightCounts(NamedTuple):
+    """Exact counts of one TFNet / MobileNet x activation: params, MACs, BN affine and conv-bias params."""
+
+    params: int
+    macs: int
+    bn_params: int
+    conv_bias_params: int
+
+    @property
+    def paper_params(self) -> int:
+        """Parameters in the published (BN-folded) convention."""
+        return self.params - self.bn_params - self.conv_bias_params
+
+    @property
+    def paper_flops(self) -> int:
+        """MACs at 224x224."""
+        return self.macs
+
+
+LIGHT_ACTIVATIONS = {
+    "tfnet": ("acon_frelu", "relu"),
+    "mobilenetv2": ("relu", "acon_c", "meta_acon"),
+    "mobilenetv1": ("relu", "acon_c", "meta_acon"),
+}
+
+# conv_bias_params counts network convs only (Meta-ACON's fc1/fc2 biases stay, as in the ShuffleNetV2 rows).
+LIGHT_EXACT: dict[str, dict[str, LightCounts]] = {
+    "tfnet_x0_5": {
+        "acon_frelu": LightCounts(1344504, 42450560, 17488, 5792),
+        "relu": LightCounts(1303176, 35846144, 5680, 2840),
+    },
+    "tfnet_x1_0": {
+        "acon_frelu": LightCounts(1923336, 134805760, 28832, 9536),
+        "relu": LightCounts(1855016, 122048512, 9312, 4656),
+    },
+    "tfnet_x1_5": {
+        "acon_frelu": LightCounts(2778904, 278541184, 40176, 13280),
+        "relu": LightCounts(2683592, 259631104, 12944, 6472),
+    },
+    "tfnet_x2_0": {
+        "acon_frelu": LightCounts(3911208, 473656832, 51520, 17024),
+        "relu": LightCounts(3788904, 448593920, 16576, 8288),
+    },
+    "mobilenetv2_x0_17": {
+        "relu": LightCounts(1445720, 32017504, 9360, 0),
+        "acon_c": LightCounts(1458824, 32017504, 9360, 0),
+        "meta_acon": LightCounts(1773048, 32321120, 19344, 0),
+    },
+    "mobilenetv2_x0_6": {
+        "relu": LightCounts(2217000, 150958928, 22176, 0),
+        "acon_c": LightCounts(2247480, 150958928, 22176, 0),
+        "meta_acon": LightCounts(2917482, 151606288, 44044, 0),
+    },
+    "mobilenetv2_x1_0": {
+        "relu": LightCounts(3504872, 300774272, 34112, 0),
+        "acon_c": LightCounts(3551528, 300774272, 34112, 0),
+        "meta_acon": LightCounts(4941624, 302130048, 67360, 0),
+    },
+    "mobilenetv2_x1_4": {
+        "relu": LightCounts(6108776, 582195824, 47936, 0),
+        "acon_c": LightCounts(6174344, 582195824, 47936, 0),
+        "meta_acon": LightCounts(8855730, 584829232, 94492, 0),
+    },
+    "mobilenetv1_x0_25": {
+        "relu": LightCounts(470072, 41030272, 5472, 0),
+        "acon_c": LightCounts(478280, 41030272, 5472, 0),
+        "meta_acon": LightCounts(572600, 41117824, 11808, 0),
+    },
+}
+
+# The authors' TFNet README table (FLOPs, params) and MobileNet V1 0.25 (Howard et al., 2017). Every TFNet
+# FLOPs figure is our count rounded up (as ShuffleNetV2 0.5x's 41M; only 0.5 differs from nearest: 42.45M).
+TFNET_TABLE: dict[str, dict[str, Published]] = {
+    "tfnet_x0_5": {"flops": Published("43M", "up"), "params": Published("1.3M")},
+    "tfnet_x1_0": {"flops": Published("135M", "up"), "params": Published("1.9M")},
+    "tfnet_x1_5": {"flops": Published("279M", "up"), "params": Published("2.7M")},
+    "tfnet_x2_0": {"flops": Published("474M", "up"), "params": Published("3.8M")},
+    "mobilenetv2_x0_17": {"flops": Published("42M"), "params": Published("1.4M")},
+    "mobilenetv2_x0_6": {"flops": Published("141M"), "params": Published("2.2M")},
+    "mobilenetv2_x1_0": {"flops": Published("300M", "down"), "params": Published("3.4M", "down")},
+    "mobilenetv2_x1_4": {"flops": Published("585M"), "params": Published("5.5M")},
+    "mobilenetv1_x0_25": {"flops": Published("41M"), "params": Published("0.5M")},
+}
+
+# Published MobileNetV2 figures our (torchvision) definition does not reproduce, and why. 0.17x / 0.6x are
+# the ShuffleNetV2 paper's own, unreleased implementation (torchvision rounding: 32M / 151M); 1.4x's 585M is
+# the MobileNetV2 paper's figure (torchvision and TF-slim count 582M), and its 5.5M params fit no public
+# definition we know (torchvision 6.1M, the MobileNetV2 paper 6.9M).
+TFNET_TABLE_DIFFERS: dict[str, tuple[str, ...]] = {
+    "mobilenetv2_x0_17": ("flops",),
+    "mobilenetv2_x0_6": ("flops",),
+    "mobilenetv2_x1_4": ("flops", "params"),
+}
+
+# Squeeze-excite (``se=True``, default reduction: ShuffleNetV2 4, ResNet 16), ReLU, default variant, 224x224:
+# (params, MACs). SE-ResNet-50 is 28.1M / 3.86G as published by Hu et al. (2018).
+SE_EXACT: dict[str, tuple[int, int]] = {
+    "shufflenetv2_x0_5": (1400000, 40505248),
+    "shufflenetv2_x1_5": (3915936, 299365536),
+    "resnet18": (11783392, 1814160384),
+    "resnet50": (28114584, 3860488192),
+}

@@ -1,9 +1,10 @@
-"""Import of the authors' released checkpoints (ShuffleNetV2 / ResNet with ReLU, ACON-C, Meta-ACON).
+"""Import of the authors' released checkpoints (ShuffleNetV2 / ResNet with ReLU, ACON-C, Meta-ACON;
+TFNet with ACON-FReLU).
 
 The released files are ``{'state_dict': ...}`` saved from ``nn.DataParallel`` (keys start with
-``module.``). Our modules use the authors' names (see ``models.shufflenetv2`` and ``models.resnet``),
-so conversion is: unwrap, strip the prefix, and validate every key and shape against the target model,
-listing whatever is unknown, missing or mis-shaped.
+``module.``). Our modules use the authors' names (see ``models.shufflenetv2``, ``models.resnet`` and
+``models.tfnet``), so conversion is: unwrap, strip the prefix, and validate every key and shape against
+the target model, listing whatever is unknown, missing or mis-shaped.
 
 The authors trained and evaluated on BGR images in 0-255 with no mean/std normalisation
 (``OFFICIAL_INPUT``); a converted model needs that preprocessing at evaluation.
@@ -47,6 +48,8 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
 def infer_official_activation(checkpoint: Mapping) -> str:
     """Guess the activation a released checkpoint was trained with from its parameter names."""
     keys = unwrap_state_dict(checkpoint).keys()
+    if any(k.endswith(".conv_frelu.weight") for k in keys):
+        return "acon_frelu"
     if any(k.endswith(".fc1.weight") for k in keys):
         return "meta_acon"
     if any(k.endswith(".p1") for k in keys):

@@ -11,19 +11,24 @@ from torch import nn
 
 from acon import MetaAconC, resolve_activation
 from acon.factory import ActivationSpec
+from models.mobilenet import MobileNetV1, MobileNetV2
 from models.resnet import BasicBlock, Bottleneck, ResNet
 from models.shufflenetv2 import WIDTHS, ShuffleNetV2
+from models.tfnet import WIDTHS as TFNET_WIDTHS
+from models.tfnet import TFNet
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: its family, constructor, fixed config and Meta-ACON reduction ``r``."""
+    """A registered model: its family, constructor, fixed config, Meta-ACON reduction ``r`` and the
+    activation ``create_model`` uses when none is given."""
 
     name: str
     family: str
     builder: Callable[..., nn.Module]
     config: dict = field(default_factory=dict)
     meta_acon_r: int = 16
+    default_activation: str = "relu"
 
 
 def _shufflenet_entries() -> list[ModelEntry]:
@@ -43,10 +48,34 @@ _RESNET_LAYERS = {
     "resnet152": (Bottleneck, (3, 8, 36, 3)),
 }
 
+
+MOBILENETV2_WIDTHS = (0.17, 0.6, 1.0, 1.4)
+
+
+def _width_name(prefix: str, width: float) -> str:
+    """``tfnet`` and 0.5 -> ``tfnet_x0_5`` (the ShuffleNetV2 naming)."""
+    return f"{prefix}_x{str(width).replace('.', '_')}"
+
+
+def _lightweight_entries() -> list[ModelEntry]:
+    """TFNet (default activation ACON-FReLU) and the MobileNet baselines of the TFNet table / abstract."""
+    out = [
+        ModelEntry(_width_name("tfnet", w), "tfnet", TFNet, {"width": w}, 16, "acon_frelu")
+        for w in TFNET_WIDTHS
+    ]
+    out += [
+        ModelEntry(_width_name("mobilenetv2", w), "mobilenetv2", MobileNetV2, {"width": w})
+        for w in MOBILENETV2_WIDTHS
+    ]
+    out.append(ModelEntry(_width_name("mobilenetv1", 0.25), "mobilenetv1", MobileNetV1, {"width": 0.25}))
+    return out
+
+
 MODELS: dict[str, ModelEntry] = {
     e.name: e
     for e in _shufflenet_entries()
     + [ModelEntry(n, "resnet", ResNet, {"block": b, "layers": ly}) for n, (b, ly) in _RESNET_LAYERS.items()]
+    + _lightweight_entries()
 }
 
 
@@ -89,24 +118,27 @@ def _model_kwargs(entry: ModelEntry) -> list[str]:
 
 def create_model(
     name: str,
-    activation: ActivationSpec = "relu",
+    activation: ActivationSpec | None = None,
     num_classes: int = 1000,
     small_input: bool = False,
     act_kwargs: dict | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Build ``name`` with ``activation`` (a name, class or partial for ``acon.create_activation``).
+    """Build ``name`` with ``activation`` (a name, class or partial for ``acon.create_activation``; None:
+    the model's own, ReLU except for TFNet's ACON-FReLU).
 
     ``act_kwargs`` are bound to the activation (e.g. ``{"r": 4}`` or ``{"impl": "reference"}``).
     Family options: ShuffleNetV2 ``variant="official"|"megvii"``, ``drop_rate``; ResNet
     ``variant="official"|"torchvision"``, ``act_placement="paper"|"all"``, ``zero_init_residual``;
-    both ``in_chans``, ``features_only``, ``out_indices``.
+    both ``in_chans``, ``features_only``, ``out_indices``, ``se`` and ``se_reduction`` (squeeze-excite).
+    TFNet and MobileNet: ``drop_rate``, ``in_chans``.
     """
     entry = get_entry(name)
     valid = _model_kwargs(entry)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise TypeError(f"create_model({name!r}): unknown keyword argument(s) {unknown}; valid: {valid}")
+    activation = entry.default_activation if activation is None else activation
     act_layer = model_activation(activation, entry.meta_acon_r, act_kwargs)
     model = entry.builder(
         **entry.config, act_layer=act_layer, num_classes=num_classes, small_input=small_input, **kwargs

@@ -17,6 +17,9 @@ Variants (``variant``):
 
 ``small_input=True`` replaces the 7x7 stride-2 stem and the max-pool with a 3x3 stride-1 conv (the
 CIFAR-style stem) for 32-64 px proxy datasets.
+
+``se=True`` adds SE-ResNet's squeeze-excite on the residual branch, after the last BatchNorm and before
+the addition; ``se_reduction`` (default 16) sets its hidden width C // r (see ``models.se``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 
 from acon import ReLU, create_activation
 from models.features import FeatureInfo, FeatureSpec
+from models.se import DEFAULT_REDUCTION, check_reduction, resnet_se
 
 VARIANTS = ("official", "torchvision")
 PLACEMENTS = ("paper", "all")
@@ -49,6 +53,7 @@ class BasicBlock(nn.Module):
         act_layer: Callable[..., nn.Module],
         outer_act_layer: Callable[..., nn.Module],
         variant: str,
+        se_reduction: int | None = None,
     ) -> None:
         super().__init__()
         bias = variant == "official"
@@ -57,12 +62,13 @@ class BasicBlock(nn.Module):
         self.acon1 = create_activation(act_layer, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=bias)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.se = nn.Identity() if se_reduction is None else resnet_se(planes, se_reduction)
         self.downsample = downsample
         self.acon2 = create_activation(act_layer, planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.acon1(self.bn1(self.conv1(x)))))
+        out = self.se(self.bn2(self.conv2(self.acon1(self.bn1(self.conv1(x))))))
         return self.acon2(out + shortcut)
 
 
@@ -80,6 +86,7 @@ class Bottleneck(nn.Module):
         act_layer: Callable[..., nn.Module],
         outer_act_layer: Callable[..., nn.Module],
         variant: str,
+        se_reduction: int | None = None,
     ) -> None:
         super().__init__()
         bias = variant == "official"
@@ -93,13 +100,14 @@ class Bottleneck(nn.Module):
         self.acon = create_activation(act_layer, planes)
         self.conv3 = nn.Conv2d(planes, out_chs, 1, 1, 0, bias=bias)
         self.bn3 = nn.BatchNorm2d(out_chs)
+        self.se = nn.Identity() if se_reduction is None else resnet_se(out_chs, se_reduction)
         self.downsample = downsample
         self.act3 = create_activation(outer_act_layer, out_chs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.acon(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
-        out = self.bn3(self.conv3(out))
+        out = self.se(self.bn3(self.conv3(out)))
         return self.act3(out + shortcut)
 
 
@@ -119,8 +127,11 @@ class ResNet(nn.Module):
         in_chans: int = 3,
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        se: bool = False,
+        se_reduction: int = DEFAULT_REDUCTION["resnet"],
     ) -> None:
         super().__init__()
+        se_r = check_reduction(se_reduction) if se else None
         if variant not in VARIANTS:
             raise ValueError(f"ResNet variant={variant!r} is not one of {VARIANTS}")
         if act_placement not in PLACEMENTS:
@@ -145,8 +156,10 @@ class ResNet(nn.Module):
                 downsample = nn.Sequential(
                     nn.Conv2d(in_chs, out_chs, 1, stride, 0, bias=bias), nn.BatchNorm2d(out_chs)
                 )
-            stage = [block(in_chs, planes, stride, downsample, act_layer, outer, variant)]
-            stage += [block(out_chs, planes, 1, None, act_layer, outer, variant) for _ in range(1, blocks)]
+            stage = [block(in_chs, planes, stride, downsample, act_layer, outer, variant, se_r)]
+            stage += [
+                block(out_chs, planes, 1, None, act_layer, outer, variant, se_r) for _ in range(1, blocks)
+            ]
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
             in_chs = out_chs
             specs.append(FeatureSpec(f"layer{i + 1}", out_chs, base * 2**i))

@@ -12,6 +12,9 @@ is the original ShuffleNetV2 release (no conv bias, classifier without bias).
 Differences from the released code, none of which changes a 224x224 result: the head pools globally
 (the release uses a fixed 7x7 average pool), and ``small_input=True`` (stride-1 stem, no max-pool)
 serves 32-64 px proxy datasets.
+
+``se=True`` appends a squeeze-excite module to every main branch (after its last activation), as in
+Megvii's ShuffleNetV2+; ``se_reduction`` (default 4) sets its hidden width C // r (see ``models.se``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 from acon import ReLU, create_activation
 from models.features import FeatureInfo, FeatureSpec
+from models.se import DEFAULT_REDUCTION, check_reduction, shufflenet_se
 
 WIDTHS: dict[str, tuple[int, int, int, int, int]] = {
     "0.5x": (24, 48, 96, 192, 1024),
@@ -43,7 +47,13 @@ class ShuffleV2Block(nn.Module):
     """ShuffleNetV2 unit; ``in_chs`` is the block's full input width, ``out_chs`` its output width."""
 
     def __init__(
-        self, in_chs: int, out_chs: int, stride: int, act_layer: Callable[..., nn.Module], bias: bool
+        self,
+        in_chs: int,
+        out_chs: int,
+        stride: int,
+        act_layer: Callable[..., nn.Module],
+        bias: bool,
+        se_reduction: int | None = None,
     ) -> None:
         super().__init__()
         if stride not in (1, 2):
@@ -63,6 +73,8 @@ class ShuffleV2Block(nn.Module):
             nn.BatchNorm2d(main_out),
             create_activation(act_layer, main_out),
         )
+        if se_reduction is not None:  # ShuffleNetV2+: squeeze-excite at the end of the main branch
+            self.branch_main.append(shufflenet_se(main_out, se_reduction))
         self.branch_proj = None
         if stride == 2:
             self.branch_proj = nn.Sequential(
@@ -94,8 +106,11 @@ class ShuffleNetV2(nn.Module):
         in_chans: int = 3,
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        se: bool = False,
+        se_reduction: int = DEFAULT_REDUCTION["shufflenetv2"],
     ) -> None:
         super().__init__()
+        se_reduction = check_reduction(se_reduction) if se else None
         if variant not in VARIANTS:
             raise ValueError(f"ShuffleNetV2 variant={variant!r} is not one of {VARIANTS}")
         if len(channels) != 5:
@@ -112,7 +127,9 @@ class ShuffleNetV2(nn.Module):
         blocks, in_chs, self.stage_ends = [], stem, []
         for repeats, out_chs in zip(STAGE_REPEATS, channels[1:4], strict=True):
             for i in range(repeats):
-                blocks.append(ShuffleV2Block(in_chs, out_chs, 2 if i == 0 else 1, act_layer, bias))
+                blocks.append(
+                    ShuffleV2Block(in_chs, out_chs, 2 if i == 0 else 1, act_layer, bias, se_reduction)
+                )
                 in_chs = out_chs
             self.stage_ends.append(len(blocks) - 1)
         self.features = nn.Sequential(*blocks)

@@ -1,7 +1,7 @@
 """Test fixture: the authors' released network layouts, re-stated independently of ``models/``.
 
-Mirrors the facts of the released code (megvii-model/ShuffleNet-Series, nmaac/acon) that a converted
-checkpoint depends on: module / state-dict names, conv biases, where the stride sits, the channel
+Mirrors the facts of the released code (megvii-model/ShuffleNet-Series, nmaac/acon and its TFNet) that
+a converted checkpoint depends on: module / state-dict names, conv biases, where the stride sits, the channel
 split of the ShuffleNet unit (reshape/permute form), the ACON-C formula as written by the authors
 (``(p1*x - p2*x) * sigmoid(beta*(p1*x - p2*x)) + p2*x``), Meta-ACON's β network on the spatial
 mean, and the fixed 7x7 average pool of the ShuffleNetV2 head. Used only to check the converter.
@@ -213,3 +213,66 @@ class RefResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class RefFunnelAcon(nn.Module):
+    """The authors' Acon_FReLU: bn2(S_1(x or maxpool(x), bn1(dwconv3x3(x)))), names as released."""
+
+    def __init__(self, width: int, stride: int = 1) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv_frelu = nn.Conv2d(width, width, 3, stride, 1, groups=width, bias=True)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        a = nn.functional.max_pool2d(x, 3, 2, 1) if self.stride == 2 else x
+        b = self.bn1(self.conv_frelu(x))
+        return self.bn2((a - b) * torch.sigmoid(a - b) + b)
+
+
+class RefTFBlock(nn.Module):
+    """The authors' TFBlock: pw-BN-Acon_FReLU-pw-BN, then Acon_FReLU on x + branch or on [x, branch]."""
+
+    def __init__(self, inp: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.branch_main = nn.Sequential(
+            nn.Conv2d(inp, inp, 1, 1, bias=True),
+            nn.BatchNorm2d(inp),
+            RefFunnelAcon(inp),
+            nn.Conv2d(inp, inp, 1, 1, bias=True),
+            nn.BatchNorm2d(inp),
+        )
+        self.acon = RefFunnelAcon(inp * stride, stride)
+
+    def forward(self, x):
+        y = self.branch_main(x)
+        return self.acon(torch.cat((x, y), 1) if self.stride == 2 else x + y)
+
+
+class RefTFNet(nn.Module):
+    """The authors' TFNet: 16 * size stem (ReLU), stages 2/3/8/3 doubling width, 1024-wide last conv,
+    fixed 7x7 average pool (224x224 input), dropout 0.2 only above size 0.5."""
+
+    def __init__(self, model_size: float = 0.5, n_class: int = 1000) -> None:
+        super().__init__()
+        c = int(16 * model_size)
+        self.model_size = model_size
+        self.first_conv = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=True), nn.BatchNorm2d(c), nn.ReLU())
+        blocks = []
+        for repeats in (2, 3, 8, 3):
+            blocks.append(RefTFBlock(c, 2))
+            c *= 2
+            blocks += [RefTFBlock(c, 1) for _ in range(repeats - 1)]
+        self.features = nn.Sequential(*blocks)
+        self.conv_last = nn.Sequential(
+            nn.Conv2d(c, 1024, 1, 1, 0, bias=True), nn.BatchNorm2d(1024), RefFunnelAcon(1024)
+        )
+        self.globalpool = nn.AvgPool2d(7)
+        self.dropout = nn.Dropout(0.2 if model_size > 0.5 else 0.0)
+        self.classifier = nn.Sequential(nn.Linear(1024, n_class, bias=True))
+
+    def forward(self, x):
+        x = self.globalpool(self.conv_last(self.features(self.first_conv(x))))
+        return self.classifier(self.dropout(x).flatten(1))

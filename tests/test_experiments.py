@@ -9,6 +9,7 @@ import torch
 from conftest import CONFIGS, compose, tiny_overrides
 
 from acon.activations import AconC, MetaAconC, Swish
+from acon.frelu import AconFReLU
 from acon.tables import load_paper_results
 
 MODELS = (
@@ -22,10 +23,20 @@ MODELS = (
     "resnet152",
 )
 ACTIVATIONS = ("relu", "swish", "acon_c", "meta_acon")
-CELLS = [f"{m}_{a}" for m in MODELS for a in ACTIVATIONS]
-ACT_MODULE = {"swish": Swish, "acon_c": AconC, "meta_acon": MetaAconC}
+# experiment name -> (model config, activation): the paper's table, the TFNet table (TFNet and its
+# MobileNetV2 baselines), the abstract's MobileNet-0.25 and the SENet comparison (ReLU + SE).
+CELL_SPECS = {f"{m}_{a}": (m, a) for m in MODELS for a in ACTIVATIONS}
+CELL_SPECS |= {f"tfnet_x{w}_acon_frelu": (f"tfnet_x{w}", "acon_frelu") for w in ("0_5", "1_0", "1_5", "2_0")}
+CELL_SPECS |= {f"mobilenetv2_x{w}_relu": (f"mobilenetv2_x{w}", "relu") for w in ("0_17", "0_6", "1_0", "1_4")}
+CELL_SPECS |= {f"mobilenetv1_x0_25_{a}": ("mobilenetv1_x0_25", a) for a in ("relu", "acon_c", "meta_acon")}
+CELL_SPECS |= {
+    f"{m}_relu_se": (f"{m}_se", "relu") for m in ("shufflenetv2_x0_5", "shufflenetv2_x1_5", "resnet50")
+}
+CELLS = list(CELL_SPECS)
+ACT_MODULE = {"swish": Swish, "acon_c": AconC, "meta_acon": MetaAconC, "acon_frelu": AconFReLU}
 # One 2-step training per family and activation by default; every cell under -m slow.
 REPRESENTATIVE = ["shufflenetv2_x0_5_meta_acon", "resnet18_acon_c", "resnet50_swish", "resnet50_relu"]
+REPRESENTATIVE += ["tfnet_x0_5_acon_frelu"]
 
 
 def header(name: str) -> dict[str, str]:
@@ -41,7 +52,7 @@ def header(name: str) -> dict[str, str]:
 def test_every_cell_has_a_file_and_nothing_else_is_unexpected():
     files = {p.stem for p in (CONFIGS / "experiment").glob("*.yaml")}
     assert set(CELLS) <= files, sorted(set(CELLS) - files)
-    assert files - set(CELLS) == {"proxy_digits"}
+    assert files - set(CELLS) == {"proxy_digits", "proxy_tfnet_digits"}
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -52,7 +63,7 @@ def test_experiment_header_states_command_hardware_hours_and_paper_value(name):
     hours = h["Expected GPU-hours"]
     assert re.match(r"\d+(\.\d+)? ", hours) and "estimate" in hours
     paper = load_paper_results()
-    model, act = next((m, a) for m in MODELS for a in ACTIVATIONS if f"{m}_{a}" == name)
+    model, act = CELL_SPECS[name]
     quoted = h["Paper top-1 error (%)"]
     if (model, act) in paper:
         assert float(quoted) == paper[(model, act)]
@@ -62,21 +73,45 @@ def test_experiment_header_states_command_hardware_hours_and_paper_value(name):
 
 def test_paper_data_file_holds_exactly_the_published_cells():
     paper = load_paper_results()
-    assert len(paper) == 20
+    assert len(paper) == 30
     assert paper[("shufflenetv2_x0_5", "meta_acon")] == 34.8
     assert paper[("resnet152", "relu")] == 22.3
     assert all((m, a) in paper for m in ("resnet50", "resnet101", "resnet152") for a in ACTIVATIONS)
-    assert not any(m in ("shufflenetv2_x1_0", "shufflenetv2_x2_0", "resnet18") for m, _ in paper)
+    assert not any(m == "resnet18" or m.startswith("mobilenetv1") or m.endswith("_se") for m, _ in paper)
+    # the TFNet table: TFNet, MobileNetV2 and ShuffleNetV2 (ReLU) at four sizes each
+    tfnet = [paper[(f"tfnet_x{w}", "acon_frelu")] for w in ("0_5", "1_0", "1_5", "2_0")]
+    mbv2 = [paper[(f"mobilenetv2_x{w}", "relu")] for w in ("0_17", "0_6", "1_0", "1_4")]
+    snet = [paper[(f"shufflenetv2_x{w}", "relu")] for w in ("0_5", "1_0", "1_5", "2_0")]
+    assert (tfnet, mbv2, snet) == (
+        [36.6, 29.7, 26.0, 24.3],
+        [52.6, 33.3, 28.0, 25.3],
+        [39.4, 30.6, 27.4, 25.0],
+    )
+    assert {a for m, a in paper if m in ("shufflenetv2_x1_0", "shufflenetv2_x2_0")} == {"relu"}
 
 
-@pytest.mark.parametrize("name", CELLS)
+# The paper's table composes in full by default; of the later cells one per family (the rest: -m slow).
+_NEW_DEFAULT = {"tfnet_x0_5_acon_frelu", "mobilenetv2_x0_17_relu", "mobilenetv1_x0_25_meta_acon"}
+_NEW_DEFAULT |= {"shufflenetv2_x0_5_relu_se", "resnet50_relu_se"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        c
+        if c in _NEW_DEFAULT or (c.startswith(MODELS) and not c.endswith("_se"))
+        else pytest.param(c, marks=pytest.mark.slow)
+        for c in CELLS
+    ],
+)
 def test_experiment_composes_and_builds(name):
     from acon.builders import build_model
 
     cfg = compose([f"experiment={name}"])
-    model, act = next((m, a) for m in MODELS for a in ACTIVATIONS if f"{m}_{a}" == name)
+    model, act = CELL_SPECS[name]
     assert (cfg.model.name, cfg.activation.name) == (model, act)
-    assert cfg.recipe.name == ("shufflenetv2" if model.startswith("shufflenet") else "resnet")
+    assert cfg.recipe.name == ("resnet" if model.startswith("resnet") else "shufflenetv2")
+    assert bool(cfg.model.kwargs.get("se", False)) == model.endswith("_se")
     assert cfg.data.name == "imagenet" and cfg.data.num_classes == 1000
     assert cfg.trainer.device == "cuda" and cfg.trainer.precision == "bf16"
     assert cfg.run_name == f"imagenet-{model}-{act}-s0"

@@ -13,6 +13,7 @@ from acon import (
     AconA,
     AconB,
     AconC,
+    AconFReLU,
     MetaAconC,
     ReLU,
     Swish,
@@ -27,6 +28,7 @@ EXPECTED = {
     "acon_b": AconB,
     "acon_c": AconC,
     "meta_acon": MetaAconC,
+    "acon_frelu": AconFReLU,
 }
 
 

@@ -9,10 +9,12 @@ from torch import nn
 import models
 from acon import AconC, MetaAconC, Swish
 from models.complexity import count_bn_params
-from models.golden import ACTIVATIONS, ALT_VARIANT, EXACT, PAPER, WELL_KNOWN
+from models.golden import ACTIVATIONS, ALT_VARIANT, EXACT, LIGHT_EXACT, PAPER, WELL_KNOWN
 from models.shufflenetv2 import STAGE_REPEATS, WIDTHS
 
-ALL = [(n, a) for n in models.list_models() for a in ACTIVATIONS]
+# The families with a second (bias-free) variant; TFNet and the MobileNets are in test_model_complexity_light.
+CORE = [n for n in models.list_models() if models.get_entry(n).family in ALT_VARIANT]
+ALL = [(n, a) for n in CORE for a in ACTIVATIONS]
 
 
 @functools.cache
@@ -26,7 +28,8 @@ def _alt(name: str) -> dict:
 
 
 def test_golden_table_covers_every_model_and_activation():
-    assert sorted(EXACT) == sorted(models.list_models())
+    assert sorted(EXACT) == sorted(CORE)
+    assert sorted([*EXACT, *LIGHT_EXACT]) == sorted(models.list_models())
     assert all(sorted(v) == sorted(ACTIVATIONS) for v in EXACT.values())
 
 
@@ -39,7 +42,7 @@ def test_exact_params_default_variant(name, activation):
 
 # Default run: every ReLU model, plus each learnable activation on one small model per family (meta_acon
 # also on resnet50); the full grid is in the slow run (the meta-device pass costs ~0.5 s per model).
-_MACS_DEFAULT = [(n, "relu") for n in models.list_models()] + [("resnet50", "meta_acon")]
+_MACS_DEFAULT = [(n, "relu") for n in CORE] + [("resnet50", "meta_acon")]
 _MACS_DEFAULT += [(n, a) for n in ("shufflenetv2_x0_5", "resnet18") for a in ("swish", "acon_c", "meta_acon")]
 
 
@@ -54,7 +57,7 @@ def test_exact_macs_default_variant_slow(name, activation):
     assert models.count_flops(_meta_model(name, activation)) == EXACT[name][activation].macs
 
 
-_ALT_DEFAULT = [(n, "relu") for n in models.list_models()] + [(n, "meta_acon") for n in PAPER]
+_ALT_DEFAULT = [(n, "relu") for n in CORE] + [(n, "meta_acon") for n in PAPER]
 
 
 @pytest.mark.parametrize("name,activation", _ALT_DEFAULT)
@@ -65,7 +68,7 @@ def test_exact_params_alternative_variant(name, activation):
     assert count_bn_params(m) == EXACT[name][activation].bn_params
 
 
-@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("name", CORE)
 def test_exact_macs_alternative_variant(name):
     assert models.count_flops(_meta_model(name, "relu", **_alt(name))) == EXACT[name]["relu"].alt_macs
 
@@ -174,7 +177,7 @@ def _meta_acon_params(c: int, r: int) -> int:
     return (c * h + h) + 2 * h + (h * c + c) + 2 * c + 2 * c  # fc1, bn1, fc2, bn2, p1 and p2
 
 
-@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("name", CORE)
 def test_acon_sites_add_3c_parameters(name):
     sites = _expected_sites(name)
     relu = EXACT[name]["relu"].params

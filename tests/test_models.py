@@ -19,6 +19,15 @@ EXPECTED_NAMES = [
     "resnet50",
     "resnet101",
     "resnet152",
+    "tfnet_x0_5",
+    "tfnet_x1_0",
+    "tfnet_x1_5",
+    "tfnet_x2_0",
+    "mobilenetv2_x0_17",
+    "mobilenetv2_x0_6",
+    "mobilenetv2_x1_0",
+    "mobilenetv2_x1_4",
+    "mobilenetv1_x0_25",
 ]
 
 
@@ -29,13 +38,16 @@ def test_list_models():
     assert NAMES == EXPECTED_NAMES
 
 
-# resnet101/152 use resnet50's blocks; the default run keeps one activation each, the rest is slow.
-_BIG_DEFAULT = {("resnet101", "relu"), ("resnet152", "meta_acon")}
+# resnet101/152 use resnet50's blocks, TFNet and MobileNet widths share their blocks; the default run keeps
+# one activation each (the smallest width of those families), the rest is slow.
+_BIG_DEFAULT = {("resnet101", "relu"), ("resnet152", "meta_acon"), ("mobilenetv1_x0_25", "acon_c")}
+_BIG_DEFAULT |= {(n, a) for n in ("tfnet_x0_5", "mobilenetv2_x0_17") for a in ACTS}
+_SHARED = ("resnet101", "resnet152", "tfnet", "mobilenet")
 FWD_BWD = [
     pytest.param(
         n,
         a,
-        marks=[pytest.mark.slow] if n in ("resnet101", "resnet152") and (n, a) not in _BIG_DEFAULT else [],
+        marks=[pytest.mark.slow] if n.startswith(_SHARED) and (n, a) not in _BIG_DEFAULT else [],
     )
     for n in NAMES
     for a in ACTS
