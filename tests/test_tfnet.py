@@ -119,7 +119,7 @@ def test_eval_official_keys_build_the_converted_tfnet(tmp_path):
         "official.model=tfnet_x0_5",
         "official.activation=acon_frelu",
     ]
-    model, data = model_for_checkpoint(_released(ref), tmp_path / "x", compose(keys, config_name="eval"))
+    model, data, _ = model_for_checkpoint(_released(ref), tmp_path / "x", compose(keys, config_name="eval"))
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref(x), rtol=1e-4, atol=1e-4)
