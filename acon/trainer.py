@@ -21,7 +21,15 @@ from acon.data import build_datasets, build_eval_loader, build_train_loader
 from acon.data.build import build_pipeline_loaders
 from acon.engine import StepContext, agree, evaluate, forward_loss, optimizer_step
 from acon.logging import Progress, RunLogger
-from acon.optim import build_criterion, build_ema, build_mixup, build_optimizer, build_scheduler
+from acon.optim import (
+    build_criterion,
+    build_ema,
+    build_mixup,
+    build_optimizer,
+    build_scheduler,
+    log_schedule,
+    total_steps,
+)
 from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, write_json
 from acon.syncbn import convert_sync_batchnorm
@@ -90,7 +98,9 @@ class Trainer:
         )
         net = torch.compile(net) if tcfg.compile else net
         self.batches_per_epoch = n_train // int(recipe.batch_size)
-        self.total_steps = int(recipe.iterations or int(recipe.epochs) * self.batches_per_epoch)
+        self.total_steps = total_steps(recipe, self.batches_per_epoch)
+        if info.is_main:
+            log_schedule(recipe, self.total_steps, self.batches_per_epoch)
         optimizer = build_optimizer(self.model, recipe)
         mixup = build_mixup(recipe, int(cfg.data.num_classes))
         self.ctx = StepContext(
