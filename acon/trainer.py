@@ -33,7 +33,7 @@ from acon.optim import (
 from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, write_json
 from acon.syncbn import convert_sync_batchnorm
-from acon.validate import check_train_config, resume_path
+from acon.validate import check_extended_length, check_train_config, resume_kind, resume_path
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Progression:
     nonfinite_steps_skipped: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
+    origin: dict | None = None  # the checkpoint this run extends or fine-tunes (resume_mode), if any
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -186,26 +187,40 @@ class Trainer:
             return None
         state = ckpt.load_checkpoint(path, map_location=self.info.device)
         ckpt.load_model_state(self.model, state["model"], str(path))
-        c = self.ctx
+        c, how = self.ctx, resume_kind(self.cfg, state)
+        origin = {"resume_mode": how, "checkpoint": str(path), "step": state["progress"]["step"]}
+        if how == "finetune":  # its weights only: fresh optimiser, schedule, EMA, position and RNG
+            if c.ema is not None:
+                c.ema.set(self.model)
+            self.state.origin = origin
+            self.announce(f"fine-tuning the weights of {path} (its step {origin['step']}) from step 0")
+            seed_process(int(self.cfg.seed) * 1000 + self.info.rank)
+            return path
         c.optimizer.load_state_dict(state["optimizer"])
-        c.scheduler.load_state_dict(state["scheduler"])
+        if how == "continue":  # extend keeps the schedule built for the new length
+            c.scheduler.load_state_dict(state["scheduler"])
         c.scaler.load_state_dict(state["scaler"])
         if c.ema is not None and state.get("ema") is not None:
             c.ema.load_state_dict(state["ema"])
         self.state = Progression(**state["progress"])
-        if self.info.is_main:
-            print(
-                f"acon: resuming from {path} at step {self.state.step} (epoch {self.state.epoch}, "
-                f"batch {self.state.batch_in_epoch})",
-                file=sys.stderr,
-                flush=True,
-            )
+        if how == "extend":
+            check_extended_length(self.total_steps, self.state.step, path)
+            self.state.origin = origin
+        self.announce(
+            f"{'extending' if how == 'extend' else 'resuming from'} {path} at step {self.state.step} "
+            f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch}) of {self.total_steps}"
+        )
         rngs = state["rng"]
         if self.info.rank < len(rngs) and state.get("world_size") == self.info.world_size:
             ckpt.restore_rng(rngs[self.info.rank])
         else:
             seed_process(int(self.cfg.seed) * 1000 + self.info.rank + 7919 * self.state.step)
         return path
+
+    def announce(self, what: str) -> None:
+        """One line on rank 0's stderr."""
+        if self.info.is_main:
+            print(f"acon: {what}", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- loop
     def validate(self) -> dict:
@@ -353,6 +368,7 @@ class Trainer:
             "git_commit": git_commit(),
             "identity": run_identity(self.cfg),
             "fallbacks": fallbacks.recorded(),
+            "origin": self.state.origin,
         }
         write_json(self.run_dir / "results.json", results)
         return results

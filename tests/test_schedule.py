@@ -8,36 +8,9 @@ import warnings
 import pytest
 import torch
 from conftest import compose, tiny_overrides
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from recording import run_recording
 
 from acon.optim import build_scheduler, describe_schedule, log_schedule, step_lrs, total_steps
-from acon.trainer import train
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[tuple[int, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append((record.levelno, record.getMessage()))
-
-
-def run_recording(overrides: list[str]) -> tuple[dict | None, list[float], list[tuple[int, str]]]:
-    """Train in-process; returns the results, the lr of every optimiser step, and the log records."""
-    lrs: list[float] = []
-    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
-    records, root = _Records(), logging.getLogger()
-    root.addHandler(records)
-    level = root.level
-    root.setLevel(logging.INFO)
-    try:
-        results = train(compose(overrides))
-    finally:
-        hook.remove()
-        root.removeHandler(records)
-        root.setLevel(level)
-    return results, lrs, records.lines
 
 
 def small(root, out, *extra: str) -> list[str]:
@@ -70,7 +43,7 @@ def half_batch_run(tiny_imagenet, tmp_path_factory):
 
 def test_lr_of_first_and_last_step_match_the_authors(half_batch_run):
     """The authors step LambdaLR(1 - t/T) before each update: step 1 at lr(1 - 1/T), the last at 0."""
-    _, lrs, _ = half_batch_run
+    lrs = half_batch_run.lrs
     base, steps = 0.1 * 4 / 8, 6
     model = torch.nn.Linear(1, 1)
     theirs = torch.optim.SGD(model.parameters(), lr=base)
@@ -88,7 +61,7 @@ def test_lr_of_first_and_last_step_match_the_authors(half_batch_run):
 
 def test_other_batch_size_keeps_the_epochs(half_batch_run):
     """recipe.iterations count at base_batch_size: half the batch, twice the steps, same epochs."""
-    results, lrs, lines = half_batch_run
+    results, lrs, lines = half_batch_run.results, half_batch_run.lrs, half_batch_run.lines
     assert results["steps"] == len(lrs) == 6 and results["epochs"] == 1
     banner = [m for _, m in lines if m.startswith("schedule:")]
     assert len(banner) == 1 and "6 steps = 1.0 epochs at global batch 4" in banner[0], banner
