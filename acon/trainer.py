@@ -303,10 +303,11 @@ class Trainer:
                                 "train/images_per_s": rate,
                             },
                         )
-                    if s.step % int(t.hist_every) == 0:
+                    epoch_done = s.batch_in_epoch == self.batches_per_epoch
+                    run_done = s.step >= self.total_steps or (max_steps and s.step >= max_steps)
+                    if s.step % int(t.hist_every) == 0 or epoch_done or run_done:
                         logger.activation_histograms(self.model, s.step)
                         logger.meta_beta_stats(self.model, images[:8].to(self.info.device), s.step)
-                    epoch_done = s.batch_in_epoch == self.batches_per_epoch
                     if stop_now and not epoch_done:
                         self.save()
                         bar.close()
@@ -331,6 +332,7 @@ class Trainer:
                         requeue_and_exit(f"received {flag.received or 'a stop signal'}", self.info.is_main)
                 if max_steps and s.step >= max_steps and s.step < self.total_steps:
                     self.save()
+                    self.stop_at_max_steps(logger, time.perf_counter() - t_start, rate)
                     return None
         finally:
             flag.restore()
@@ -338,19 +340,48 @@ class Trainer:
             logger.close()
         return self.finish(time.perf_counter() - t_start, rate)
 
-    def finish(self, wall: float, rate: float) -> dict | None:
+    def stop_at_max_steps(self, logger: RunLogger, wall: float, rate: float) -> None:
+        """Validate once where ``trainer.max_steps`` stopped the run: a metrics.jsonl line, results.json.
+
+        Runs after the checkpoint is saved and is not part of its history (a resume drops the line).
+        """
+        s = self.state
+        record = s.history[-1] if s.history and s.history[-1]["step"] == s.step else None
+        if record is None:  # not already validated at the end of an epoch at this step
+            val = self.validate()
+            s.bad_images_skipped += val.pop("bad_images_skipped")
+            record = {
+                "epoch": round(s.epoch + s.batch_in_epoch / self.batches_per_epoch, 4),
+                "step": s.step,
+                "train_loss": s.epoch_loss_sum / max(s.epoch_loss_count, 1),
+                "lr": self.ctx.optimizer.param_groups[0]["lr"],
+                "stopped_at_max_steps": True,
+                **{f"val_{k}": v for k, v in val.items()},
+            }
+            logger.epoch_line(record)
+            logger.scalars(s.step, {f"val/{k}": val[k] for k in ("top1_err", "top5_err", "loss")})
+        self.finish(wall, rate, status="stopped at max_steps", last=record)
+        self.announce(
+            f"stopped at trainer.max_steps={self.cfg.trainer.max_steps} (step {s.step} of {self.total_steps}),"
+            f" validated once: top-1 error {record['val_top1_err']:.2f} %; results in {self.run_dir}"
+        )
+
+    def finish(
+        self, wall: float, rate: float, status: str = "complete", last: dict | None = None
+    ) -> dict | None:
         """Write results.json on rank 0: final errors, params, FLOPs, time, throughput, commit."""
         if not self.info.is_main:
             return None
         import models
 
-        last = self.state.history[-1]
+        last = last or self.state.history[-1]
+        best = self.state.best or {"top1_err": last["val_top1_err"], "epoch": last["epoch"]}
         results = {
-            "status": "complete",
+            "status": status,
             "top1_err": last["val_top1_err"],
             "top5_err": last["val_top5_err"],
-            "best_top1_err": self.state.best["top1_err"],
-            "best_epoch": self.state.best["epoch"],
+            "best_top1_err": best["top1_err"],
+            "best_epoch": best["epoch"],
             "params": models.count_params(self.model),
             "flops": models.count_flops(self.model, int(self.cfg.data.img_size)),
             "wall_time_s": wall,
