@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import torch
 from conftest import compose, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import models
+from acon.logging import RunLogger
 from acon.trainer import train
 
 
@@ -49,3 +52,20 @@ def test_max_steps_validates_once_and_histograms_close_every_epoch(tiny_imagenet
     assert [r["epoch"] for r in lines] == [1, 2]  # the max_steps line is not part of the run's history
     hists = histogram_steps(run_dir, "act/")
     assert hists and all(steps[0] == 3 and steps[-1] == 6 for steps in hists.values()), hists
+
+
+def test_histograms_of_non_finite_values_do_not_stop_the_run(tmp_path):
+    """A 2-step run at a large lr can give NaN β in eval mode; the end-of-run histograms must cope."""
+    model = models.create_model("shufflenetv2_x0_5", activation="meta_acon", num_classes=3, small_input=True)
+    first = next(m for m in model.modules() if hasattr(m, "p1"))
+    with torch.no_grad():
+        first.p1.view(-1)[0] = float("nan")
+    logger = RunLogger(tmp_path, enabled=True)
+    logger.activation_histograms(model, step=1)
+    logger.meta_beta_stats(model, torch.full((2, 3, 16, 16), float("nan")), step=1)  # every β is NaN
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0}).Reload()
+    hists = events.Tags()["histograms"]
+    assert not [t for t in hists if t.startswith("meta_beta/")]  # nothing finite to bin
+    p1 = [t for t in hists if t.endswith(".p1")]
+    assert p1 and all(events.Histograms(t)[0].histogram_value.num > 0 for t in p1)
