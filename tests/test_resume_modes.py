@@ -25,6 +25,8 @@ def small(root, out, *extra: str) -> list[str]:
         "recipe.batch_size=8",
         "recipe.base_batch_size=8",
         "recipe.warmup_steps=0",
+        "data.img_size=16",
+        "data.val_transform.resize=18",
         *extra,
     ]
 

@@ -33,6 +33,8 @@ def test_max_steps_validates_once_and_histograms_close_every_epoch(tiny_imagenet
         "recipe.base_batch_size=8",
         "trainer.threads=1",
         "trainer.hist_every=1000",
+        "data.img_size=16",
+        "data.val_transform.resize=18",
     ]
     run_dir = tmp_path / "r"
     assert train(compose([*ov, "trainer.max_steps=4"])) is None  # stopped early

@@ -21,6 +21,8 @@ def small(root, out, *extra: str) -> list[str]:
         "activation=relu",
         "trainer.threads=1",
         "recipe.warmup_steps=0",
+        "data.img_size=16",
+        "data.val_transform.resize=18",
         *extra,
     ]
 
