@@ -22,12 +22,18 @@ def build_model(model_cfg: DictConfig, activation_cfg: DictConfig, num_classes: 
 
 
 def run_identity(cfg: DictConfig) -> dict:
-    """What a resumed run must share with its checkpoint: model, activation (impl aside) and recipe."""
+    """What a resumed run must share with its checkpoint: model, activation (impl aside) and recipe.
+
+    A run that extends or fine-tunes a checkpoint (``resume_mode``) records that too.
+    """
     act = OmegaConf.to_container(cfg.activation, resolve=True)
     act.get("layer", {}).pop("impl", None)
-    return {
+    identity = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "activation": act,
         "recipe": OmegaConf.to_container(cfg.recipe, resolve=True),
         "num_classes": int(cfg.data.num_classes),
     }
+    if cfg.get("resume_mode", "strict") != "strict":
+        identity["resume_mode"] = str(cfg.resume_mode)
+    return identity

@@ -59,7 +59,12 @@ def forward_loss(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) 
 
 
 def optimizer_step(ctx: StepContext, loss: torch.Tensor, step: int) -> None:
-    """Backward, optional clipping, the (scaled) optimiser step, the per-iteration LR and the EMA."""
+    """The per-iteration LR, backward, optional clipping, the (scaled) optimiser step and the EMA.
+
+    Step ``step`` (0-based) runs at the schedule's value for ``step + 1``, set before the update as the
+    authors' train.py steps its scheduler: a linear schedule of T steps uses lr·(1 - 1/T) first, 0 last.
+    """
+    ctx.scheduler.step_update(step + 1)
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scaler.scale(loss).backward()
     if ctx.clip_grad:
@@ -67,7 +72,6 @@ def optimizer_step(ctx: StepContext, loss: torch.Tensor, step: int) -> None:
         nn.utils.clip_grad_norm_(ctx.model.parameters(), float(ctx.clip_grad))
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
-    ctx.scheduler.step_update(step + 1)
     if ctx.ema is not None:
         ctx.ema.update(ctx.raw_model, step=step + 1)
 

@@ -39,7 +39,14 @@ class RunLogger:
         if not self.writer:
             return
         for name, p in activation_parameters(model):
-            self.writer.add_histogram(f"act/{name}", p.detach().float().flatten().cpu(), step)
+            self.histogram(f"act/{name}", p, step)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        """A histogram of the finite values (TensorBoard cannot bin NaN/Inf); none if there are none."""
+        values = values.detach().float().flatten().cpu()
+        finite = values[torch.isfinite(values)]
+        if self.writer and finite.numel():
+            self.writer.add_histogram(tag, finite, step)
 
     def meta_beta_stats(self, model: nn.Module, images: torch.Tensor, step: int) -> None:
         """For Meta-ACON, the mean and std of the generated β of each layer on one batch."""
@@ -63,7 +70,7 @@ class RunLogger:
         for h in hooks:
             h.remove()
         for name, beta in stats.items():
-            self.writer.add_histogram(f"meta_beta/{name}", beta.flatten().cpu(), step)
+            self.histogram(f"meta_beta/{name}", beta, step)
             self.writer.add_scalar(f"meta_beta_mean/{name}", beta.mean().item(), step)
             self.writer.add_scalar(f"meta_beta_std/{name}", beta.std().item(), step)
 

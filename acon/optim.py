@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from omegaconf import DictConfig
 from timm.data import Mixup
@@ -14,6 +17,7 @@ from torch import nn
 from acon.params import param_groups
 
 SCHEDULES = ("linear", "cosine")
+log = logging.getLogger(__name__)
 
 
 def scaled_lr(recipe: DictConfig) -> float:
@@ -29,8 +33,43 @@ def build_optimizer(model: nn.Module, recipe: DictConfig) -> torch.optim.Optimiz
     )
 
 
+def total_steps(recipe: DictConfig, batches_per_epoch: int) -> int:
+    """Optimiser steps of the run: ``recipe.iterations`` (counted at base_batch_size), else epochs.
+
+    Iterations scale with base_batch_size / batch_size, as the lr does, so another batch size keeps the
+    recipe's number of epochs.
+    """
+    if recipe.iterations:
+        scale = float(recipe.base_batch_size) / float(recipe.batch_size)
+        return max(1, round(int(recipe.iterations) * scale))
+    return int(recipe.epochs) * batches_per_epoch
+
+
+class _DropTimmNoEffectWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will have no effect" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_single_step_warning():
+    """timm warns that a 1-step schedule 'will have no effect'; for a 1-step run that is expected."""
+    loggers = [logging.getLogger(f"timm.scheduler.{m}") for m in ("poly_lr", "cosine_lr")]
+    quiet = _DropTimmNoEffectWarning()
+    for lg in loggers:
+        lg.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(quiet)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, total_steps: int) -> Scheduler:
-    """A timm scheduler stepped per iteration: linear decay to min_lr, or cosine, with optional warm-up."""
+    """A timm scheduler stepped per iteration: linear decay to min_lr, or cosine, with optional warm-up.
+
+    The trainer sets step k's lr (k = 1..total_steps) *before* the optimiser step, as the authors'
+    train.py does (LambdaLR stepped before each update): linear gives step 1 lr·(1 - 1/T), the last 0.
+    """
     common = dict(
         t_initial=total_steps,
         lr_min=float(recipe.min_lr),
@@ -38,11 +77,62 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, total_
         warmup_lr_init=float(recipe.warmup_lr),
         t_in_epochs=False,
     )
-    if recipe.schedule == "linear":
-        return PolyLRScheduler(optimizer, power=1.0, **common)
-    if recipe.schedule == "cosine":
-        return CosineLRScheduler(optimizer, **common)
+    with _quiet_single_step_warning():
+        if recipe.schedule == "linear":
+            return PolyLRScheduler(optimizer, power=1.0, **common)
+        if recipe.schedule == "cosine":
+            return CosineLRScheduler(optimizer, **common)
     raise ValueError(f"recipe.schedule={recipe.schedule!r} is not one of {SCHEDULES}")
+
+
+def step_lrs(recipe: DictConfig, total_steps: int, steps: list[int]) -> list[float]:
+    """The lr that the optimiser steps numbered ``steps`` (1-based) use under this recipe."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=scaled_lr(recipe))
+    scheduler = build_scheduler(probe, recipe, total_steps)
+    lrs = []
+    for k in steps:
+        scheduler.step_update(k)
+        lrs.append(probe.param_groups[0]["lr"])
+    return lrs
+
+
+def schedule_warnings(recipe: DictConfig, total_steps: int) -> list[str]:
+    """Schedules that cannot do what the recipe means (a warm-up that never ends)."""
+    warm = int(recipe.warmup_steps)
+    if warm and warm >= total_steps:
+        return [
+            f"recipe.warmup_steps={warm} is not shorter than the run ({total_steps} steps): the lr rises "
+            f"to the last step and never decays; lower recipe.warmup_steps (e.g. to "
+            f"{max(1, total_steps // 5)}) or train longer"
+        ]
+    return []
+
+
+def describe_schedule(recipe: DictConfig, total_steps: int, batches_per_epoch: int) -> str:
+    """One line for the start banner: length in steps and epochs, batch, warm-up and lr at the ends."""
+    batch = int(recipe.batch_size)
+    epochs = total_steps / max(batches_per_epoch, 1)
+    text = f"schedule: {recipe.schedule}, {total_steps} steps = {epochs:.1f} epochs at global batch {batch}"
+    if recipe.iterations:
+        text += f" ({recipe.iterations} iterations at base batch {recipe.base_batch_size})"
+    text += f", lr {scaled_lr(recipe):g} ({recipe.lr} × {batch}/{recipe.base_batch_size})"
+    warm = int(recipe.warmup_steps)
+    if warm:
+        text += f", warm-up {warm} steps from lr {float(recipe.warmup_lr):g} to {scaled_lr(recipe):g}"
+    first, last = step_lrs(recipe, total_steps, [1, total_steps])
+    return (
+        f"{text}, {recipe.schedule} decay to {float(recipe.min_lr):g}; "
+        f"step 1 at lr {first:.4g}, step {total_steps} at {last:.4g}"
+    )
+
+
+def log_schedule(recipe: DictConfig, total_steps: int, batches_per_epoch: int) -> str:
+    """Log the schedule line (and any warning about it) through python logging; returns the line."""
+    line = describe_schedule(recipe, total_steps, batches_per_epoch)
+    log.info(line)
+    for warning in schedule_warnings(recipe, total_steps):
+        log.warning(warning)
+    return line
 
 
 def build_ema(model: nn.Module, recipe: DictConfig) -> ModelEmaV3 | None:

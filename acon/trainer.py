@@ -21,11 +21,19 @@ from acon.data import build_datasets, build_eval_loader, build_train_loader
 from acon.data.build import build_pipeline_loaders
 from acon.engine import StepContext, agree, evaluate, forward_loss, optimizer_step
 from acon.logging import Progress, RunLogger
-from acon.optim import build_criterion, build_ema, build_mixup, build_optimizer, build_scheduler
+from acon.optim import (
+    build_criterion,
+    build_ema,
+    build_mixup,
+    build_optimizer,
+    build_scheduler,
+    log_schedule,
+    total_steps,
+)
 from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, write_json
 from acon.syncbn import convert_sync_batchnorm
-from acon.validate import check_train_config, resume_path
+from acon.validate import check_extended_length, check_train_config, resume_kind, resume_path
 
 
 @dataclass
@@ -41,6 +49,7 @@ class Progression:
     nonfinite_steps_skipped: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
+    origin: dict | None = None  # the checkpoint this run extends or fine-tunes (resume_mode), if any
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -90,7 +99,9 @@ class Trainer:
         )
         net = torch.compile(net) if tcfg.compile else net
         self.batches_per_epoch = n_train // int(recipe.batch_size)
-        self.total_steps = int(recipe.iterations or int(recipe.epochs) * self.batches_per_epoch)
+        self.total_steps = total_steps(recipe, self.batches_per_epoch)
+        if info.is_main:
+            log_schedule(recipe, self.total_steps, self.batches_per_epoch)
         optimizer = build_optimizer(self.model, recipe)
         mixup = build_mixup(recipe, int(cfg.data.num_classes))
         self.ctx = StepContext(
@@ -176,26 +187,40 @@ class Trainer:
             return None
         state = ckpt.load_checkpoint(path, map_location=self.info.device)
         ckpt.load_model_state(self.model, state["model"], str(path))
-        c = self.ctx
+        c, how = self.ctx, resume_kind(self.cfg, state)
+        origin = {"resume_mode": how, "checkpoint": str(path), "step": state["progress"]["step"]}
+        if how == "finetune":  # its weights only: fresh optimiser, schedule, EMA, position and RNG
+            if c.ema is not None:
+                c.ema.set(self.model)
+            self.state.origin = origin
+            self.announce(f"fine-tuning the weights of {path} (its step {origin['step']}) from step 0")
+            seed_process(int(self.cfg.seed) * 1000 + self.info.rank)
+            return path
         c.optimizer.load_state_dict(state["optimizer"])
-        c.scheduler.load_state_dict(state["scheduler"])
+        if how == "continue":  # extend keeps the schedule built for the new length
+            c.scheduler.load_state_dict(state["scheduler"])
         c.scaler.load_state_dict(state["scaler"])
         if c.ema is not None and state.get("ema") is not None:
             c.ema.load_state_dict(state["ema"])
         self.state = Progression(**state["progress"])
-        if self.info.is_main:
-            print(
-                f"acon: resuming from {path} at step {self.state.step} (epoch {self.state.epoch}, "
-                f"batch {self.state.batch_in_epoch})",
-                file=sys.stderr,
-                flush=True,
-            )
+        if how == "extend":
+            check_extended_length(self.total_steps, self.state.step, path)
+            self.state.origin = origin
+        self.announce(
+            f"{'extending' if how == 'extend' else 'resuming from'} {path} at step {self.state.step} "
+            f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch}) of {self.total_steps}"
+        )
         rngs = state["rng"]
         if self.info.rank < len(rngs) and state.get("world_size") == self.info.world_size:
             ckpt.restore_rng(rngs[self.info.rank])
         else:
             seed_process(int(self.cfg.seed) * 1000 + self.info.rank + 7919 * self.state.step)
         return path
+
+    def announce(self, what: str) -> None:
+        """One line on rank 0's stderr."""
+        if self.info.is_main:
+            print(f"acon: {what}", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- loop
     def validate(self) -> dict:
@@ -278,10 +303,11 @@ class Trainer:
                                 "train/images_per_s": rate,
                             },
                         )
-                    if s.step % int(t.hist_every) == 0:
+                    epoch_done = s.batch_in_epoch == self.batches_per_epoch
+                    run_done = s.step >= self.total_steps or (max_steps and s.step >= max_steps)
+                    if s.step % int(t.hist_every) == 0 or epoch_done or run_done:
                         logger.activation_histograms(self.model, s.step)
                         logger.meta_beta_stats(self.model, images[:8].to(self.info.device), s.step)
-                    epoch_done = s.batch_in_epoch == self.batches_per_epoch
                     if stop_now and not epoch_done:
                         self.save()
                         bar.close()
@@ -306,6 +332,7 @@ class Trainer:
                         requeue_and_exit(f"received {flag.received or 'a stop signal'}", self.info.is_main)
                 if max_steps and s.step >= max_steps and s.step < self.total_steps:
                     self.save()
+                    self.stop_at_max_steps(logger, time.perf_counter() - t_start, rate)
                     return None
         finally:
             flag.restore()
@@ -313,19 +340,48 @@ class Trainer:
             logger.close()
         return self.finish(time.perf_counter() - t_start, rate)
 
-    def finish(self, wall: float, rate: float) -> dict | None:
+    def stop_at_max_steps(self, logger: RunLogger, wall: float, rate: float) -> None:
+        """Validate once where ``trainer.max_steps`` stopped the run: a metrics.jsonl line, results.json.
+
+        Runs after the checkpoint is saved and is not part of its history (a resume drops the line).
+        """
+        s = self.state
+        record = s.history[-1] if s.history and s.history[-1]["step"] == s.step else None
+        if record is None:  # not already validated at the end of an epoch at this step
+            val = self.validate()
+            s.bad_images_skipped += val.pop("bad_images_skipped")
+            record = {
+                "epoch": round(s.epoch + s.batch_in_epoch / self.batches_per_epoch, 4),
+                "step": s.step,
+                "train_loss": s.epoch_loss_sum / max(s.epoch_loss_count, 1),
+                "lr": self.ctx.optimizer.param_groups[0]["lr"],
+                "stopped_at_max_steps": True,
+                **{f"val_{k}": v for k, v in val.items()},
+            }
+            logger.epoch_line(record)
+            logger.scalars(s.step, {f"val/{k}": val[k] for k in ("top1_err", "top5_err", "loss")})
+        self.finish(wall, rate, status="stopped at max_steps", last=record)
+        self.announce(
+            f"stopped at trainer.max_steps={self.cfg.trainer.max_steps} (step {s.step} of {self.total_steps}),"
+            f" validated once: top-1 error {record['val_top1_err']:.2f} %; results in {self.run_dir}"
+        )
+
+    def finish(
+        self, wall: float, rate: float, status: str = "complete", last: dict | None = None
+    ) -> dict | None:
         """Write results.json on rank 0: final errors, params, FLOPs, time, throughput, commit."""
         if not self.info.is_main:
             return None
         import models
 
-        last = self.state.history[-1]
+        last = last or self.state.history[-1]
+        best = self.state.best or {"top1_err": last["val_top1_err"], "epoch": last["epoch"]}
         results = {
-            "status": "complete",
+            "status": status,
             "top1_err": last["val_top1_err"],
             "top5_err": last["val_top5_err"],
-            "best_top1_err": self.state.best["top1_err"],
-            "best_epoch": self.state.best["epoch"],
+            "best_top1_err": best["top1_err"],
+            "best_epoch": best["epoch"],
             "params": models.count_params(self.model),
             "flops": models.count_flops(self.model, int(self.cfg.data.img_size)),
             "wall_time_s": wall,
@@ -343,6 +399,7 @@ class Trainer:
             "git_commit": git_commit(),
             "identity": run_identity(self.cfg),
             "fallbacks": fallbacks.recorded(),
+            "origin": self.state.origin,
         }
         write_json(self.run_dir / "results.json", results)
         return results
