@@ -162,7 +162,7 @@ def test_same_seed_gives_reference_image(tf, jitter):
 @pytest.mark.parametrize("preprocess", ["rgb_normalized", "bgr_255"])
 def test_val_preprocessing_identical_to_reference(folder, preprocess):
     ref_ds = ImageFolderDataset(folder, val_transform(SIZE, 56, preprocess))
-    fast_ds = ImageFolderDataset(folder, FastValTransform(SIZE, 56), loader=read_bytes)
+    fast_ds = ImageFolderDataset(folder, FastValTransform(SIZE, 56, preprocess), loader=read_bytes)
     dev = DeviceAugment(SIZE, color_jitter=False, device="cpu", preprocess=preprocess)
     for i in range(len(ref_ds)):
         batch, _, _ = collate_augment([fast_ds[i]])

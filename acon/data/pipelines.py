@@ -143,7 +143,7 @@ def build_val_pipeline(
         tf = val_transform(img_size, resize, preprocess, mean, std)
         ds = ImageFolderDataset(root, tf, **folder)
         return Pipeline(name, ds, collate_skipping_bad, None)
-    tf = FastValTransform(img_size, resize)
+    tf = FastValTransform(img_size, resize, preprocess)
     dev = DeviceAugment(img_size, mean, std, False, device, out_dtype=out_dtype, preprocess=preprocess)
     if name.startswith("shards"):
         ds = ShardDataset(
