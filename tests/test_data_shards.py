@@ -213,3 +213,24 @@ def test_two_gloo_ranks_with_shards_stay_in_step(digit_shards, tmp_path):
     results = _shard_run(DIGITS(digit_shards), tmp_path, 3, 96, launcher, timeout=900)
     assert results["status"] == "complete" and results["world_size"] == 2
     assert results["steps"] == 2 * (math.ceil(1438 / 2) * 2 // 96)
+
+
+def test_validation_shards_hold_the_original_files_and_reference_pixels(tiny_imagenet, tmp_path):
+    """prepare_fast_imagenet.py stores validation images losslessly by default (training ones re-encoded)."""
+    from acon.data.folder import ImageFolderDataset
+    from acon.data.pipelines import DeviceLoader, build_loader, build_val_pipeline
+    from acon.data.shards import iter_tar_samples, load_info
+    from acon.data.transforms import val_transform
+
+    root = _prepare_shards(tiny_imagenet, tmp_path, per_shard=4)
+    splits = load_info(root)["splits"]
+    for split, lossless in (("val", True), ("train", False)):
+        files = sorted(p.read_bytes() for p in (tiny_imagenet / split).rglob("*.JPEG"))
+        stored = sorted(d for f in splits[split]["filenames"] for _, d, _ in iter_tar_samples(root / f))
+        assert (stored == files) is lossless, split
+    ref = ImageFolderDataset(tiny_imagenet / "val", val_transform(32, 36))
+    pipe = build_val_pipeline("shards", root, 32, 36)
+    got = torch.cat(
+        [x for x, _, _ in DeviceLoader(build_loader(pipe, 4, 0, train=False), pipe.device_transform, "cpu")]
+    )
+    assert torch.allclose(got, torch.stack([x for x, _ in ref]), atol=1e-5)  # folder order, unshuffled
