@@ -234,3 +234,24 @@ def test_validation_shards_hold_the_original_files_and_reference_pixels(tiny_ima
         [x for x, _, _ in DeviceLoader(build_loader(pipe, 4, 0, train=False), pipe.device_transform, "cpu")]
     )
     assert torch.allclose(got, torch.stack([x for x, _ in ref]), atol=1e-5)  # folder order, unshuffled
+
+
+@pytest.mark.slow
+def test_shard_run_resumed_mid_epoch_matches_uninterrupted(tiny_imagenet, tmp_path):
+    """Stopped after 3 of 6 batches of epoch 1 with 2 loader workers, then rerun: bit-identical weights."""
+    from acon.checkpoint import load_checkpoint
+    from acon.trainer import train
+
+    root = _prepare_shards(tiny_imagenet, tmp_path / "shards", per_shard=5)
+    data = ["data=folder", f"data.root={root}", "data.num_classes=3", "data.img_size=16"]
+    base = [*data, "data.val_transform.resize=16", "deterministic=true"]
+    train(compose(_overrides(base, tmp_path / "a", 2, 4)))
+    stopped = train(compose([*_overrides(base, tmp_path / "b", 2, 4), "trainer.max_steps=9"]))
+    assert stopped is None
+    mid = load_checkpoint(tmp_path / "b" / "r" / "last.pt")["progress"]
+    assert (mid["epoch"], mid["batch_in_epoch"]) == (1, 3)
+    train(compose(_overrides(base, tmp_path / "b", 2, 4)))
+    a, b = (load_checkpoint(tmp_path / d / "r" / "last.pt") for d in ("a", "b"))
+    assert a["progress"]["step"] == b["progress"]["step"] == 12
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
