@@ -12,7 +12,7 @@ import torch
 from conftest import compose
 from PIL import Image
 
-from acon.data import build_datasets
+from acon.data import build_val_dataset
 from acon.data.fast import FastValTransform, collate_augment, read_bytes
 from acon.data.gpu import DeviceAugment
 from acon.data.transforms import resize_linear_opencv, val_transform
@@ -100,7 +100,7 @@ def test_eval_data_config_and_fast_pipelines_use_the_authors_resize(tmp_path):
             (tmp_path / split / f"n{c}").mkdir(parents=True)
             _photo(w, h, c).save(tmp_path / split / f"n{c}" / "a.JPEG", quality=90)
     cfg = compose(["data=folder", f"data.root={tmp_path}", "data.num_classes=3", "data.preprocess=bgr_255"])
-    _, val = build_datasets(cfg.data)
+    val = build_val_dataset(cfg.data)  # eval.py's path
     fast = FastValTransform(224, 256, "bgr_255")
     device = DeviceAugment(224, color_jitter=False, device="cpu", preprocess="bgr_255")
     for (x, _), (path, _) in zip(val, val.samples, strict=True):
