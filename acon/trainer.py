@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 import sys
 import time
@@ -141,9 +140,9 @@ class Trainer:
         loader = getattr(self.train_loader, "loader", self.train_loader)
         if hasattr(loader.sampler, "set_position"):
             loader.sampler.set_position(epoch, batches_done)
-            return iter(self.train_loader)
-        loader.dataset.set_epoch(epoch)  # streaming shards: replay the epoch and skip what was consumed
-        return itertools.islice(iter(self.train_loader), batches_done, None)
+        else:  # streaming shards: each worker starts at its first unconsumed batch
+            loader.dataset.set_position(epoch, batches_done)
+        return iter(self.train_loader)
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_state(self, rng_all: list) -> dict:

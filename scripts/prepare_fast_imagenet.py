@@ -1,15 +1,25 @@
-"""Rewrite an ImageNet-layout folder (root/<class>/<image>) into re-encoded JPEG tar shards.
+"""Pack an ImageNet-layout folder (root/<class>/<image>) into WebDataset-style tar shards.
 
-Images are re-encoded as RGB JPEG with the short side capped (default 256, which the 224 training
-crops and the Resize(256) validation transform never need more of), shuffled once with a fixed seed,
-and packed into WebDataset-style shards that ``acon.data.shards.ShardDataset`` and timm's ``wds/``
-reader both read::
+Two ways to store each image (``--store``):
+
+- ``original`` (lossless; the default for validation splits): the file's own bytes, unchanged, so every
+  pipeline sees exactly the reference pixels.
+- ``reencode`` (the default for training): RGB JPEG at ``--quality`` with the short side capped at
+  ``--max-short-side`` (256 by default; 0 keeps the size). Smaller and faster to decode, but not the
+  reference pixels: RandomResizedCrop boxes below about 0.77 of the area of a square image (0.58 of a
+  4:3 one) now hold fewer than 224 source pixels across and are upsampled, where the original would
+  have been downsampled; and the re-encoding changes the pixels too. ``benchmarks/data_cpu.md`` lists
+  what each cap costs in pixels and gains in speed.
+
+Images are shuffled once with a fixed seed (not with ``--no-shuffle``) and packed into shards that
+``acon.data.shards.ShardDataset`` and timm's ``wds/`` reader both read::
 
     python scripts/prepare_fast_imagenet.py --src /data/imagenet/train --dst /data/imagenet-fast --split train
     python scripts/prepare_fast_imagenet.py --src /data/imagenet/val --dst /data/imagenet-fast --split val \
         --no-shuffle
 
-Then train with ``data.pipeline=shards data.root=/data/imagenet-fast``.
+Then train with ``data.pipeline=shards data.root=/data/imagenet-fast``. Any number of shards works with
+any number of ranks (ranks share shards when there are fewer).
 """
 
 from __future__ import annotations
@@ -28,10 +38,26 @@ import torch  # noqa: E402
 from acon.data.folder import find_classes, open_image, scan_samples  # noqa: E402
 from acon.data.shards import ShardWriter, reencode_jpeg  # noqa: E402
 
+STORES = ("auto", "original", "reencode")
+_PNG_MAGIC = b"\x89PNG"
 
-def _encode(job: tuple[str, int, int, int]) -> tuple[bytes | None, int, str]:
-    path, label, max_short_side, quality = job
+
+def store_mode(store: str, split: str) -> str:
+    """``original`` or ``reencode``; ``auto`` keeps the original bytes for validation splits."""
+    if store not in STORES:
+        raise ValueError(f"--store {store!r} is not one of {STORES}")
+    if store == "auto":
+        return "original" if split.startswith("val") else "reencode"
+    return store
+
+
+def _encode(job: tuple[str, int, int, int, bool]) -> tuple[bytes | None, int, str]:
+    path, label, max_short_side, quality, original = job
     try:
+        if original:
+            data = Path(path).read_bytes()
+            open_image(path).load()  # refuse undecodable files here, not in a training run
+            return data, label, path
         return reencode_jpeg(open_image(path), max_short_side, quality), label, path
     except Exception as e:  # noqa: BLE001 - reported with the path, the run continues
         return None, label, f"{path}: {type(e).__name__}: {e}"
@@ -48,8 +74,11 @@ def prepare(
     seed: int = 0,
     workers: int = 1,
     limit: int = 0,
+    store: str = "auto",
 ) -> dict:
-    """Re-encode and shard one split; returns its ``_info.json`` entry (with a ``failed`` list)."""
+    """Shard one split (``store``: see the module docstring); returns its ``_info.json`` entry (with
+    ``failed``, the files left out, and ``store``)."""
+    original = store_mode(store, split) == "original"
     src = Path(src)
     classes = find_classes(src)
     samples, _ = scan_samples(src, classes)
@@ -59,7 +88,7 @@ def prepare(
     if limit:
         samples = samples[:limit]
     writer = ShardWriter(dst, split, samples_per_shard)
-    jobs = [(p, t, max_short_side, quality) for p, t in samples]
+    jobs = [(p, t, max_short_side, quality, original) for p, t in samples]
     failed, t0 = [], time.time()
     with Pool(workers) if workers > 1 else _Inline() as pool:
         for i, (data, label, path) in enumerate(pool.imap(_encode, jobs, chunksize=16)):
@@ -67,11 +96,14 @@ def prepare(
                 failed.append(path)
                 print(f"skipped {path}", file=sys.stderr)
                 continue
-            writer.write(f"{split}_{i:08d}", data, label)
+            writer.write(f"{split}_{i:08d}", data, label, "png" if data.startswith(_PNG_MAGIC) else "jpg")
             if (i + 1) % 10000 == 0:
                 print(f"{i + 1}/{len(jobs)} images, {(i + 1) / (time.time() - t0):.0f}/s", flush=True)
     entry = writer.close(classes)
-    entry["failed"] = failed
+    entry["failed"], entry["store"] = (
+        failed,
+        "original" if original else f"reencode:{max_short_side}:{quality}",
+    )
     return entry
 
 
@@ -92,7 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--src", required=True, help="class folder of one split, e.g. /data/imagenet/train")
     ap.add_argument("--dst", required=True, help="output shard folder (shared by all splits)")
     ap.add_argument("--split", default="train")
-    ap.add_argument("--max-short-side", type=int, default=256, help="0 keeps the original size")
+    ap.add_argument(
+        "--store",
+        default="auto",
+        choices=STORES,
+        help="original: the files' own bytes (lossless); reencode: capped JPEG; auto (default): original "
+        "for val* splits, reencode otherwise",
+    )
+    ap.add_argument("--max-short-side", type=int, default=256, help="with reencode; 0 keeps the size")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--samples-per-shard", type=int, default=2500)
     ap.add_argument("--no-shuffle", action="store_true", help="keep folder order (use for val)")
@@ -111,10 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         a.seed,
         a.workers,
         a.limit,
+        a.store,
     )
     print(
         f"{a.split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards under {a.dst}"
-        f" ({len(entry['failed'])} failed)"
+        f" ({entry['store']}; {len(entry['failed'])} failed)"
     )
 
 

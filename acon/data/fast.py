@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import functional as TF
 
-from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD, OpenCVResize
 
 __all__ = [
     "GRAY_WEIGHTS",
@@ -255,20 +255,27 @@ def _pil_jitter(img: Image.Image, jit: tuple[float, ...]) -> Image.Image:
 
 
 class FastValTransform:
-    """Resize(short side) + CenterCrop exactly as the reference, returned as (uint8 CHW, identity params)."""
+    """Resize(short side) + CenterCrop exactly as the reference, returned as (uint8 CHW, identity params).
 
-    def __init__(self, img_size: int = 224, resize: int = 256) -> None:
-        self.size, self.resize = int(img_size), int(resize)
+    ``preprocess="bgr_255"`` resizes as the authors' evaluation does (:class:`OpenCVResize`), as the
+    reference ``val_transform`` does then.
+    """
+
+    def __init__(self, img_size: int = 224, resize: int = 256, preprocess: str = "rgb_normalized") -> None:
+        self.size, self.resize, self.preprocess = int(img_size), int(resize), preprocess
+        self._authors = OpenCVResize(resize) if preprocess == "bgr_255" else None
         self._params = torch.tensor((0, 0, 0, 0, 0.0, *_NO_JITTER), dtype=torch.float32)
 
     def __call__(self, data: torch.Tensor | Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         img = _open(data)
         img = img if img.mode == "RGB" else img.convert("RGB")
+        if self._authors is not None:
+            return TF.center_crop(self._authors(img), self.size).contiguous(), self._params.clone()
         img = TF.center_crop(TF.resize(img, self.resize), self.size)
         return _planar(np.asarray(img)), self._params.clone()
 
     def __repr__(self) -> str:
-        return f"FastValTransform(img_size={self.size}, resize={self.resize})"
+        return f"FastValTransform(img_size={self.size}, resize={self.resize}, preprocess={self.preprocess!r})"
 
 
 @dataclass

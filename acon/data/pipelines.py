@@ -143,7 +143,7 @@ def build_val_pipeline(
         tf = val_transform(img_size, resize, preprocess, mean, std)
         ds = ImageFolderDataset(root, tf, **folder)
         return Pipeline(name, ds, collate_skipping_bad, None)
-    tf = FastValTransform(img_size, resize)
+    tf = FastValTransform(img_size, resize, preprocess)
     dev = DeviceAugment(img_size, mean, std, False, device, out_dtype=out_dtype, preprocess=preprocess)
     if name.startswith("shards"):
         ds = ShardDataset(
@@ -175,7 +175,13 @@ def build_loader(
     )
     if num_workers > 0:
         kw.update(persistent_workers=persistent_workers and train, prefetch_factor=prefetch_factor)
-    if pipe.iterable:
+    if pipe.iterable:  # whole batches per worker: exactly len // per_rank batches on every rank
+        pipe.dataset.batch_size = per_rank
+        if train and len(pipe.dataset) < per_rank:
+            raise ValueError(
+                f"{pipe.dataset.root}: {len(pipe.dataset)} training samples per rank, fewer than one "
+                f"batch of {per_rank} (global batch {global_batch} over {world_size} ranks)"
+            )
         return DataLoader(pipe.dataset, batch_size=per_rank, drop_last=train, **kw)
     if not train:
         sampler = ExactShardSampler(len(pipe.dataset), rank, world_size)

@@ -9,7 +9,6 @@ other, plus ``<root>/_info.json`` with ``{"name", "classes", "splits": {split: {
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import math
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+
+from acon.data.shard_plan import WorkerPlan, epoch_order, rank_range, segments, worker_plan
 
 __all__ = [
     "ShardDataset",
@@ -103,42 +104,54 @@ def load_info(root: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
-def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, bytes, int]]:
-    """Stream (key, image bytes, class index) from one tar shard, grouping members by key."""
-    key, image, label = None, None, None
-    with tarfile.open(path, "r|*") as tar:
+def iter_tar_samples(
+    path: str | os.PathLike, first: int = 0, count: int | None = None
+) -> Iterator[tuple[str, bytes, int]]:
+    """Stream (key, image bytes, class index) from one tar shard, grouping members by key.
+
+    Only samples ``first`` to ``first + count`` are read (the others' headers only); ``count=None``: to the end.
+    """
+    stop = math.inf if count is None else first + count
+    key, image, label, index = None, None, None, -1
+    with tarfile.open(path, "r:*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            base = os.path.basename(member.name)
-            k, _, ext = base.partition(".")
+            k, _, ext = os.path.basename(member.name).partition(".")
             if k != key:
                 if key is not None and image is not None and label is not None:
                     yield key, image, label
-                key, image, label = k, None, None
+                key, image, label, index = k, None, None, index + 1
+                if index >= stop:
+                    return
+            if index < first:
+                continue
             data = tar.extractfile(member).read()
             if ext in ("jpg", "jpeg", "png", "webp"):
                 image = data
             elif ext == "cls":
                 label = int(data.decode().strip())
-    if key is not None and image is not None and label is not None:
+    if key is not None and image is not None and label is not None and index >= first:
         yield key, image, label
 
 
 def split_shards(
-    lengths: list[int], rank: int, world_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True
-) -> tuple[list[int], int]:
-    """(shard indices for ``rank``, samples per rank), like DistributedSampler(drop_last=False).
+    lengths: list[int],
+    rank: int,
+    world_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    pad: bool = True,
+) -> tuple[list[tuple[int, int, int]], int]:
+    """((shard, first sample, count) segments read by ``rank``, samples per rank) for ``epoch``.
 
-    Shards are permuted with (seed, epoch), dealt round-robin to ranks, and every rank reads exactly
-    ceil(total / world_size) samples (cycling over its own shards to pad), so DDP ranks stay in step.
+    With ``pad`` every rank reads ceil(total / world_size) samples (wrapping around, as
+    DistributedSampler pads), so DDP ranks stay in step; without, every sample is read by exactly one
+    rank. Any number of shards works: ranks share a shard when there are fewer shards than ranks.
     """
-    n = len(lengths)
-    if n < world_size:
-        raise ValueError(f"{n} shards cannot be split over {world_size} ranks; write more, smaller shards")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
-    return order[rank::world_size], math.ceil(sum(lengths) / world_size)
+    start, count = rank_range(sum(lengths), rank, world_size, pad)
+    return segments(epoch_order(len(lengths), seed, epoch, shuffle), lengths, start, count), count
 
 
 def reencode_jpeg(img: Image.Image, max_short_side: int = 256, quality: int = 90) -> bytes:
@@ -168,10 +181,13 @@ def bytes_tensor(data: bytes) -> torch.Tensor:
 class ShardDataset(IterableDataset):
     """Streams (transform(loader(bytes)), label) from a shard folder with a shuffle buffer.
 
-    The split is divided by rank (:func:`split_shards`), then by loader worker. ``pad=False`` (for
-    evaluation) reads each of the rank's shards once instead of padding ranks to equal length.
-    Augmentation randomness is seeded per sample from (seed, epoch, rank, worker, sample position), so a
-    run is reproducible for a fixed worker count. Call :meth:`set_epoch` before each epoch.
+    The split is divided by rank and then by loader worker as :mod:`acon.data.shard_plan` describes:
+    with ``pad=True`` (training) a DataLoader with ``batch_size=self.batch_size`` and ``drop_last``
+    yields exactly ``len(self) // batch_size`` batches on every rank, for any worker count, shard count
+    and batch size; ``pad=False`` (evaluation) reads every sample once across ranks. Augmentation
+    randomness is seeded per sample from (seed, epoch, rank, worker role, sample position), so an epoch
+    resumed with :meth:`set_position` continues bit-exactly for a fixed worker count. The position lives
+    in shared memory, so persistent loader workers see it too.
     """
 
     def __init__(
@@ -186,6 +202,7 @@ class ShardDataset(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         pad: bool = True,
+        batch_size: int = 1,
     ) -> None:
         self.root, self.pad = Path(root), pad
         info = load_info(self.root)
@@ -198,53 +215,52 @@ class ShardDataset(IterableDataset):
         self.filenames, self.lengths = list(entry["filenames"]), list(entry["shard_lengths"])
         self.transform, self.loader, self.shuffle = transform, loader, shuffle
         self.buffer_size, self.rank, self.world_size, self.seed = buffer_size, rank, world_size, seed
-        self.epoch = 0
-        self.shard_ids, self.per_rank = split_shards(self.lengths, rank, world_size, seed, 0, shuffle)
+        self.batch_size = batch_size
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, batches done)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads."""
+        return int(self._position[0])
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle shard order and assignment for ``epoch`` (same on every rank)."""
-        self.epoch = epoch
-        self.shard_ids, self.per_rank = split_shards(
-            self.lengths, self.rank, self.world_size, self.seed, epoch, self.shuffle
-        )
+        """Read ``epoch`` from its start next (shard order and assignment are reshuffled per epoch)."""
+        self.set_position(epoch, 0)
+
+    def set_position(self, epoch: int, batches_done: int = 0) -> None:
+        """Start the next iteration at ``epoch`` after the first ``batches_done`` batches of this rank."""
+        self._position[0], self._position[1] = int(epoch), int(batches_done)
 
     def __len__(self) -> int:
-        return self.per_rank if self.pad else sum(self.lengths[i] for i in self.shard_ids)
+        return rank_range(sum(self.lengths), self.rank, self.world_size, self.pad)[1]
 
-    def _worker_plan(self) -> tuple[list[int], int, int, int]:
-        """(shards this worker reads, keep every n-th sample, offset, samples to yield; -1: one pass)."""
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        rank_total = sum(self.lengths[i] for i in self.shard_ids)
-        if len(self.shard_ids) >= nw:
-            plan = (self.shard_ids[wid::nw], 1, 0)
-            own = [sum(self.lengths[i] for i in self.shard_ids[w::nw]) for w in range(nw)]
-        else:  # fewer shards than workers: every worker reads them all and keeps every nw-th sample
-            plan = (self.shard_ids, nw, wid)
-            own = [rank_total // nw + (1 if w < rank_total % nw else 0) for w in range(nw)]
-        if not self.pad:
-            return (*plan, -1)
-        deficit = self.per_rank - rank_total  # padding (or trimming) spread over the workers
-        extra = deficit // nw + (1 if wid < deficit % nw else 0)
-        return (*plan, max(0, own[wid] + extra))
+    def plan(self, worker: int = 0, num_workers: int = 1) -> WorkerPlan:
+        """What loader ``worker`` of ``num_workers`` reads at the current position."""
+        epoch, done = (int(v) for v in self._position.tolist())
+        return worker_plan(
+            self.lengths,
+            self.rank,
+            self.world_size,
+            worker,
+            num_workers,
+            self.batch_size,
+            self.seed,
+            epoch,
+            self.shuffle,
+            self.pad,
+            done,
+        )
 
-    def _one_pass(self, shards: list[int], stride: int, offset: int) -> Iterator[tuple[bytes, int]]:
-        i = 0
-        for sid in shards:
-            for _, image, label in iter_tar_samples(self.root / self.filenames[sid]):
-                if i % stride == offset:
-                    yield image, label
-                i += 1
-
-    def _stream(self, shards: list[int], stride: int, offset: int, g: torch.Generator) -> Iterator:
-        """Shuffled passes over this worker's samples; repeated (padding) only when ``pad``."""
-        if not any(self.lengths[sid] for sid in shards):
-            return
-        while True:
-            it = self._one_pass(shards, stride, offset)
-            yield from self._shuffled(it, g) if self.shuffle and self.buffer_size > 1 else it
-            if not self.pad:
-                return
+    def _read(self, plan: WorkerPlan) -> Iterator[tuple[bytes, int]]:
+        for sid, first, count in plan.segments:
+            path, n = self.root / self.filenames[sid], 0
+            for _, image, label in iter_tar_samples(path, first, count):
+                n += 1
+                yield image, label
+            if n != count:
+                raise OSError(
+                    f"{path}: {n} samples from #{first} where {INFO_NAME} lists {self.lengths[sid]} in all"
+                )
 
     def _shuffled(self, it: Iterable, g: torch.Generator) -> Iterator:
         buf: list = []
@@ -259,14 +275,16 @@ class ShardDataset(IterableDataset):
             yield buf[j]
 
     def __iter__(self) -> Iterator:
-        shards, stride, offset, quota = self._worker_plan()
         info = get_worker_info()
-        wid = info.id if info is not None else 0
-        base = (((self.seed * 1_000_003 + self.epoch) * 4099 + self.rank) * 4099 + wid) % 2**40
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.plan(wid, nw)
+        base = (((self.seed * 1_000_003 + self.epoch) * 4099 + self.rank) * 4099 + plan.role) % 2**40
         g = torch.Generator().manual_seed(base)
-        it = self._stream(shards, stride, offset, g)
-        counter = range(quota) if quota >= 0 else itertools.count()
-        for n, (image, label) in zip(counter, it, strict=False):
+        it = self._read(plan)
+        it = self._shuffled(it, g) if self.shuffle and self.buffer_size > 1 else it
+        for n, (image, label) in enumerate(it):
+            if n < plan.skip:  # delivered before the resume: read, not decoded
+                continue
             if self.transform is None:
                 yield self.loader(image), label
                 continue
