@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import compose, tiny_overrides
+from conftest import ROOT, compose, tiny_overrides
 
 from acon.checkpoint import load_checkpoint
+from acon.tables import find_run_dirs
 from acon.trainer import train
 from acon.validate import ConfigError, check_train_config
 
@@ -97,6 +98,7 @@ def test_resume_none_sets_the_previous_run_aside(tiny_imagenet, finished, tmp_pa
     assert (previous / "results.json").is_file() and not (run / "results.json").exists()
     assert len(history(previous)) == 3 and history(run) == []
     assert load_checkpoint(run / "last.pt")["progress"]["step"] == 2
+    assert find_run_dirs([tmp_path]) == [run]  # results tables do not count the set-aside run
 
 
 def test_resume_of_a_finished_checkpoint_into_a_new_run_dir_writes_last_and_best(
@@ -110,3 +112,12 @@ def test_resume_of_a_finished_checkpoint_into_a_new_run_dir_writes_last_and_best
     assert load_checkpoint(new / "last.pt")["progress"]["step"] == 9
     best = load_checkpoint(finished / "best.pt")["progress"]
     assert load_checkpoint(new / "best.pt")["progress"]["step"] == best["step"] == best["best"]["step"]
+
+
+def test_curves_plot_only_the_validated_epochs(finished):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_curves", ROOT / "scripts" / "plot_curves.py")
+    plot_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_curves)
+    assert sorted(plot_curves.read_curve(finished)) == [2, 3]
