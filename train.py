@@ -1,7 +1,8 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]` (see configs/train.yaml).
 
 Exit status: 0 done, 2 bad config/data/checkpoint (one ``error:`` line), 3 non-finite loss under
-``trainer.nan_policy=stop``, 75 preempted after saving a checkpoint (rerun the same command to resume).
+``trainer.nan_policy=stop``, 75 preempted (SIGTERM/SIGUSR1) after saving a checkpoint, 130 interrupted
+(SIGINT, Ctrl-C) after saving a checkpoint; rerun the same command to resume.
 """
 
 import sys
@@ -18,6 +19,7 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the final top-1 error (for sweepers)."""
     from acon.checkpoint import CheckpointError
     from acon.data.folder import BadImageError
+    from acon.preempt import INTERRUPT_EXIT_CODE
     from acon.trainer import train
     from acon.validate import ConfigError
 
@@ -29,6 +31,9 @@ def main(cfg: DictConfig) -> float | None:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C while saving
+        print("acon: interrupted; nothing saved since the last checkpoint", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPT_EXIT_CODE)
     return results["top1_err"] if results else None
 
 

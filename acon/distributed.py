@@ -132,3 +132,29 @@ def barrier() -> None:
     """A barrier when distributed."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def sync_bn_buffers(*modules: torch.nn.Module | None) -> None:
+    """Give every rank rank 0's BatchNorm running statistics, in each of ``modules`` (model, EMA copy).
+
+    Without SyncBN each rank's running mean/var follow its own batches, so validating on every rank
+    averages W slightly different models while the checkpoint holds rank 0's. This runs timm's
+    ``distribute_bn`` in *broadcast* mode (not the mean) before every validation and every save:
+
+    - a resume already gives every rank the checkpoint's (rank 0's) statistics, so broadcasting keeps a
+      preempted-and-resumed DDP run bit-identical to one that never stopped; a mean would add an
+      extra, rounding-dependent average at each preemption point;
+    - rank 0's statistics never depend on the other ranks, so the saved weights do not depend on how
+      often the run validated or saved;
+    - train-mode BatchNorm uses batch statistics, so the broadcast changes no gradient, only what the
+      other ranks evaluate with: exactly the model that is saved.
+
+    A no-op outside DDP; under SyncBN the ranks already agree and it changes nothing.
+    """
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    from timm.utils import distribute_bn
+
+    for module in modules:
+        if module is not None:
+            distribute_bn(module, dist.get_world_size(), reduce=False)

@@ -21,12 +21,18 @@ class RunLogger:
         self, run_dir: Path, enabled: bool, start_step: int = 0, history: list | None = None
     ) -> None:
         self.enabled, self.run_dir = enabled, Path(run_dir)
-        self.writer = None
+        self._writer, self._purge_step = None, start_step or None
         if enabled:
+            self.rewrite_metrics(history or [])
+
+    @property
+    def writer(self):
+        """The TensorBoard writer, opened on first use: a segment that logs nothing adds no event file."""
+        if self._writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(self.run_dir / "tb", purge_step=start_step or None)
-            self.rewrite_metrics(history or [])
+            self._writer = SummaryWriter(self.run_dir / "tb", purge_step=self._purge_step)
+        return self._writer
 
     def scalars(self, step: int, values: dict) -> None:
         """Log several scalars at ``step`` under their keys (e.g. ``train/loss``)."""
@@ -87,9 +93,9 @@ class RunLogger:
                 f.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer."""
-        if self.writer:
-            self.writer.close()
+        """Flush and close the TensorBoard writer (if it was opened)."""
+        if self._writer:
+            self._writer.close()
 
 
 class Progress:

@@ -1,4 +1,11 @@
-"""SIGTERM/SIGUSR1 (what SLURM and torchrun send before a stop) become a checkpoint at the next step."""
+"""Stop signals become a checkpoint at the next step boundary; DataLoader workers leave them to the trainer.
+
+SIGTERM/SIGUSR1 (what SLURM, ``scancel``, ``timeout`` and torchrun send before a stop) end in a checkpoint,
+``scontrol requeue`` under SLURM and exit 75; SIGINT (Ctrl-C) in a checkpoint and exit 130. The signal
+usually reaches the whole process group, so the DataLoader workers ignore these signals
+(:func:`worker_ignores_stop_signals`) and are shut down by their loader, or by torch's watchdog when
+the main process is gone.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,46 @@ import subprocess
 import sys
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — torchrun --max-restarts and our SLURM wrapper rerun
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def _signals(names: tuple[str, ...]) -> list[signal.Signals]:
+    return [getattr(signal, n) for n in names if hasattr(signal, n)]
+
+
+def worker_ignores_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: ignore the signals the main process turns into a checkpoint.
+
+    A group-wide SIGTERM/SIGINT must not kill the workers before the main process has saved. Workers
+    still end when their loader shuts them down, and when the main process dies: torch's watchdog ends
+    a worker that is waiting for work, and on Linux the kernel sends SIGKILL to one that is stuck
+    (``PR_SET_PDEATHSIG``; loaders are iterated from the main thread, which lives as long as the process).
+    """
+    for sig in _signals(STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (best effort; nothing elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class PreemptionFlag:
-    """Installs handlers that only set a flag; the training loop checks it at step boundaries."""
+    """Installs handlers that only set a flag; the training loop checks it at step boundaries.
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    A second SIGINT while the first is pending raises ``KeyboardInterrupt`` (stop now, without saving).
+    """
+
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -21,14 +62,15 @@ class PreemptionFlag:
 
     def install(self) -> PreemptionFlag:
         """Take over the signals (main thread only)."""
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handle)
+        for sig in _signals(self.SIGNALS):
+            self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, _frame) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = self.received or name
 
     def restore(self) -> None:
         """Put the previous handlers back."""
@@ -40,8 +82,16 @@ class PreemptionFlag:
         return self.received is not None
 
 
-def requeue_and_exit(reason: str, is_main: bool) -> None:
-    """After the checkpoint is saved: ask SLURM to requeue this job (rank 0) and exit with 75."""
+def requeue_and_exit(reason: str, is_main: bool, received: str | None = None) -> None:
+    """After the checkpoint is saved: exit 130 for SIGINT; otherwise ask SLURM to requeue (rank 0), exit 75."""
+    if received == "SIGINT":
+        print(
+            f"acon: {reason}: checkpoint saved, exiting with status {INTERRUPT_EXIT_CODE} "
+            "(rerun the same command to resume)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(INTERRUPT_EXIT_CODE)
     job = os.environ.get("SLURM_JOB_ID")
     if is_main and job and os.environ.get("ACON_SLURM_REQUEUE", "1") == "1":
         try:

@@ -28,6 +28,7 @@ ACTIVATION_LABELS = {
 }
 MARKERS = ("results.json", "config.yaml", "last.pt")
 SKIP_DIRS = ("hparams", "tb")  # .hydra and other hidden dirs are skipped too
+SET_ASIDE_PREFIX = "previous-"  # an earlier run's outputs moved aside by resume=none (acon.rundir)
 
 
 class TableError(ValueError):
@@ -120,7 +121,7 @@ def find_run_dirs(roots: list[str | Path]) -> list[Path]:
         for marker in MARKERS:
             for p in root.rglob(marker):
                 rel = p.parent.relative_to(root).parts
-                if not any(part.startswith(".") or part in SKIP_DIRS for part in rel):
+                if not any(part.startswith((".", SET_ASIDE_PREFIX)) or part in SKIP_DIRS for part in rel):
                     found.add(p.parent)
     return sorted(found)
 

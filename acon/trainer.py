@@ -31,6 +31,7 @@ from acon.optim import (
 )
 from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, write_json
+from acon.rundir import carry_over_checkpoints, set_aside_previous_run
 from acon.syncbn import convert_sync_batchnorm
 from acon.validate import check_extended_length, check_train_config, resume_kind, resume_path
 
@@ -49,6 +50,7 @@ class Progression:
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     origin: dict | None = None  # the checkpoint this run extends or fine-tunes (resume_mode), if any
+    wall_segments_s: list = field(default_factory=list)  # wall time of each process that ran this run
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -121,6 +123,7 @@ class Trainer:
         self.resumed_from = self.maybe_resume()
         if self.resumed_from is None:
             seed_process(int(cfg.seed) * 1000 + info.rank)
+        self.segment, self.segment_start = len(self.state.wall_segments_s), time.perf_counter()
 
     def build_loaders(self) -> tuple:
         """(train loader, val loader, training-set size) for the configured data pipeline."""
@@ -162,8 +165,18 @@ class Trainer:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
+    def record_wall_time(self) -> None:
+        """Update this process's segment (its wall time so far) in the progress state."""
+        self.state.wall_segments_s[self.segment :] = [time.perf_counter() - self.segment_start]
+
+    def sync_bn_buffers(self) -> None:
+        """Every rank takes rank 0's BatchNorm statistics (model and EMA) before validating or saving."""
+        distributed.sync_bn_buffers(self.model, self.ctx.ema.module if self.ctx.ema is not None else None)
+
     def save(self, best: bool = False) -> None:
         """Write last.pt atomically on rank 0 (all ranks contribute their RNG states); best.pt if asked."""
+        self.sync_bn_buffers()
+        self.record_wall_time()
         rng_all = distributed.all_gather_object(ckpt.capture_rng())
         if self.info.is_main:
             ckpt.assert_finite(self.model)
@@ -225,41 +238,51 @@ class Trainer:
     def validate(self) -> dict:
         """Evaluate on the validation set (every image once across ranks); EMA weights too if kept."""
         t, c = self.cfg.trainer, self.ctx
+        self.sync_bn_buffers()
         metrics = evaluate(self.model, self.val_loader, self.info.device, t.precision, bool(t.channels_last))
         if c.ema is not None:
             ema = evaluate(
                 c.ema.module, self.val_loader, self.info.device, t.precision, bool(t.channels_last)
             )
-            metrics.update({f"ema_{k}": v for k, v in ema.items() if k.endswith("_err")})
+            metrics.update({f"ema_{k}": ema[k] for k in ("top1_err", "top5_err", "loss")})
         return metrics
 
+    def validation_due(self) -> bool:
+        """Every ``trainer.val_every_epochs`` epochs, and always at the end of training."""
+        return (
+            self.state.step >= self.total_steps
+            or self.state.epoch % int(self.cfg.trainer.val_every_epochs) == 0
+        )
+
     def end_of_epoch(self, logger: RunLogger, train_loss: float, lr: float, elapsed: float) -> None:
-        """Validate, record the epoch, and save last.pt (and best.pt on a new best top-1 error)."""
+        """Record the epoch, validate when due, and save last.pt (and best.pt on a new best top-1 error)."""
         s = self.state
-        val = self.validate()
-        s.bad_images_skipped += val.pop("bad_images_skipped")
         record = {
             "epoch": s.epoch,
             "step": s.step,
             "train_loss": train_loss,
             "lr": lr,
             "epoch_time_s": elapsed,
-            **{f"val_{k}": v for k, v in val.items()},
         }
+        is_best = False
+        if self.validation_due():
+            val = self.validate()
+            s.bad_images_skipped += val.pop("bad_images_skipped")
+            record.update({f"val_{k}": v for k, v in val.items()})
+            logger.scalars(
+                s.step,
+                {"val/top1_err": val["top1_err"], "val/top5_err": val["top5_err"], "val/loss": val["loss"]},
+            )
+            is_best = s.best is None or val["top1_err"] < s.best["top1_err"]
+            if is_best:
+                s.best = {
+                    "top1_err": val["top1_err"],
+                    "top5_err": val["top5_err"],
+                    "epoch": s.epoch,
+                    "step": s.step,
+                }
         s.history.append(record)
         logger.epoch_line(record)
-        logger.scalars(
-            s.step,
-            {"val/top1_err": val["top1_err"], "val/top5_err": val["top5_err"], "val/loss": val["loss"]},
-        )
-        is_best = s.best is None or val["top1_err"] < s.best["top1_err"]
-        if is_best:
-            s.best = {
-                "top1_err": val["top1_err"],
-                "top5_err": val["top5_err"],
-                "epoch": s.epoch,
-                "step": s.step,
-            }
         self.save(best=is_best)
 
     def fit(self) -> dict | None:
@@ -269,7 +292,7 @@ class Trainer:
         bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
         flag = PreemptionFlag().install()
         max_steps = int(t.max_steps) if t.max_steps else None
-        t_start, rate = time.perf_counter(), 0.0
+        rate = 0.0
         try:
             while s.step < self.total_steps:
                 t_epoch = time.perf_counter()
@@ -311,7 +334,9 @@ class Trainer:
                         self.save()
                         bar.close()
                         requeue_and_exit(
-                            f"received {flag.received or 'a stop signal on another rank'}", self.info.is_main
+                            f"received {flag.received or 'a stop signal on another rank'}",
+                            self.info.is_main,
+                            flag.received,
                         )
                     if epoch_done or s.step >= self.total_steps:
                         break
@@ -328,24 +353,27 @@ class Trainer:
                         logger, train_loss, c.optimizer.param_groups[0]["lr"], time.perf_counter() - t_epoch
                     )
                     if stop_now:
-                        requeue_and_exit(f"received {flag.received or 'a stop signal'}", self.info.is_main)
+                        requeue_and_exit(
+                            f"received {flag.received or 'a stop signal'}", self.info.is_main, flag.received
+                        )
                 if max_steps and s.step >= max_steps and s.step < self.total_steps:
                     self.save()
-                    self.stop_at_max_steps(logger, time.perf_counter() - t_start, rate)
+                    self.stop_at_max_steps(logger)
                     return None
         finally:
             flag.restore()
             bar.close()
             logger.close()
-        return self.finish(time.perf_counter() - t_start, rate)
+        return self.finish(sum(s.wall_segments_s))  # as of the final save: a no-op rerun adds nothing
 
-    def stop_at_max_steps(self, logger: RunLogger, wall: float, rate: float) -> None:
+    def stop_at_max_steps(self, logger: RunLogger) -> None:
         """Validate once where ``trainer.max_steps`` stopped the run: a metrics.jsonl line, results.json.
 
         Runs after the checkpoint is saved and is not part of its history (a resume drops the line).
         """
         s = self.state
-        record = s.history[-1] if s.history and s.history[-1]["step"] == s.step else None
+        last = s.history[-1] if s.history else {}
+        record = last if last.get("step") == s.step and "val_top1_err" in last else None
         if record is None:  # not already validated at the end of an epoch at this step
             val = self.validate()
             s.bad_images_skipped += val.pop("bad_images_skipped")
@@ -359,16 +387,15 @@ class Trainer:
             }
             logger.epoch_line(record)
             logger.scalars(s.step, {f"val/{k}": val[k] for k in ("top1_err", "top5_err", "loss")})
-        self.finish(wall, rate, status="stopped at max_steps", last=record)
+        self.finish(sum(s.wall_segments_s), status="stopped at max_steps", last=record)
         self.announce(
             f"stopped at trainer.max_steps={self.cfg.trainer.max_steps} (step {s.step} of {self.total_steps}),"
             f" validated once: top-1 error {record['val_top1_err']:.2f} %; results in {self.run_dir}"
         )
 
-    def finish(
-        self, wall: float, rate: float, status: str = "complete", last: dict | None = None
-    ) -> dict | None:
-        """Write results.json on rank 0: final errors, params, FLOPs, time, throughput, commit."""
+    def finish(self, wall: float, status: str = "complete", last: dict | None = None) -> dict | None:
+        """Write results.json on rank 0: final errors, params, FLOPs, time and throughput over every
+        segment of the run, commit."""
         if not self.info.is_main:
             return None
         import models
@@ -383,8 +410,8 @@ class Trainer:
             "best_epoch": best["epoch"],
             "params": models.count_params(self.model),
             "flops": models.count_flops(self.model, int(self.cfg.data.img_size)),
-            "wall_time_s": wall,
-            "images_per_s": rate,
+            "wall_time_s": wall,  # every segment of a preempted/resumed run
+            "images_per_s": self.state.step * int(self.cfg.recipe.batch_size) / max(wall, 1e-9),
             "world_size": self.info.world_size,
             "steps": self.state.step,
             "epochs": self.state.epoch,
@@ -415,6 +442,11 @@ def train(cfg: DictConfig) -> dict | None:
         if info.is_main:
             trainer.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temp_files(trainer.run_dir)
+            if trainer.resumed_from is None:
+                set_aside_previous_run(trainer.run_dir)
+            elif trainer.state.origin is None:  # extend/finetune write their own checkpoints as they go
+                best = trainer.state.best
+                carry_over_checkpoints(trainer.resumed_from, trainer.run_dir, best and best["step"])
             OmegaConf.save(cfg, trainer.run_dir / "config.yaml", resolve=True)
         return trainer.fit()
     finally:

@@ -37,6 +37,10 @@ def check_train_config(cfg: DictConfig, world_size: int) -> None:
             f"recipe.batch_size={batch} (global) does not divide by the world size {world_size}; "
             f"use a multiple of {world_size}"
         )
+    if not isinstance(cfg.trainer.val_every_epochs, int) or cfg.trainer.val_every_epochs < 1:
+        raise ConfigError(
+            f"trainer.val_every_epochs={cfg.trainer.val_every_epochs!r} must be a whole number of epochs >= 1"
+        )
     if not cfg.recipe.iterations and not cfg.recipe.epochs:
         raise ConfigError("set recipe.iterations or recipe.epochs")
     if cfg.resume not in ("auto", "none", None) and not Path(cfg.resume).is_file():

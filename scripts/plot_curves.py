@@ -30,7 +30,8 @@ def read_curve(run_dir: Path) -> dict[int, float]:
         if line.strip():
             try:
                 rec = json.loads(line)
-                curve[int(rec["epoch"])] = float(rec["val_top1_err"])
+                if "val_top1_err" in rec or "epoch" not in rec:  # trainer.val_every_epochs skips some
+                    curve[int(rec["epoch"])] = float(rec["val_top1_err"])
             except (json.JSONDecodeError, KeyError, ValueError) as e:
                 raise TableError(f"{path}:{i}: bad record ({e})") from None
     return curve

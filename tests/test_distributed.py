@@ -1,15 +1,21 @@
-"""Distributed plumbing: SLURM environment adoption and CPU/gloo SyncBatchNorm."""
+"""Distributed plumbing: SLURM environment adoption, CPU/gloo SyncBatchNorm, BN statistics under DDP."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import socket
+import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import compose, run_cli, tiny_overrides
 
 from acon import distributed
+from acon.checkpoint import load_checkpoint
 from acon.syncbn import GlooSyncBatchNorm, convert_sync_batchnorm
 
 
@@ -77,3 +83,30 @@ def test_gloo_syncbn_equals_batchnorm_on_the_whole_batch():
         rank, converted, errs = queue.get()
         assert converted
         assert max(errs) < 1e-12, (rank, errs)
+
+
+def test_ddp_logged_validation_equals_eval_of_the_saved_checkpoints(tiny_imagenet, tmp_path):
+    """2 gloo ranks without SyncBN: every rank takes rank 0's BatchNorm statistics (and its EMA's) before
+    validating and saving, so metrics.jsonl holds the figures eval.py gives for last.pt and best.pt."""
+    out, env = tmp_path / "runs", {"ACON_EVAL_DIR": str(tmp_path / "eval")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run_cli(
+        [*torchrun, "train.py", *tiny_overrides(tiny_imagenet, out), "model=shufflenetv2_x0_5_small"]
+        + ["activation=relu", "recipe.epochs=2", "recipe.ema_decay=0.5", "trainer.threads=1", "run_name=ddp"]
+    )
+    run_dir = out / "ddp"
+    logged = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    run_cli([sys.executable, "eval.py", f"checkpoint={run_dir}"], env=env)
+    rows = {r["checkpoint"]: r for r in csv.DictReader(open(run_dir / "eval.csv"))}
+    from acon.evaluation import evaluate_checkpoint
+
+    for name in ("last.pt", "best.pt"):
+        path = run_dir / name
+        val = logged[load_checkpoint(path)["progress"]["step"]]
+        row = rows[str(path)]
+        assert float(row["top1_err"]) == val["val_top1_err"] and int(row["count"]) == val["val_count"] == 9
+        assert float(row["loss"]) == pytest.approx(val["val_loss"], rel=1e-5), name
+        cfg = compose([f"checkpoint={path}", "use_ema=true", "trainer.device=cpu"], config_name="eval")
+        ema = evaluate_checkpoint(path, cfg, distributed.DistInfo())
+        assert ema["top1_err"] == val["val_ema_top1_err"], name
+        assert ema["loss"] == pytest.approx(val["val_ema_loss"], rel=1e-5), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -146,9 +147,9 @@ def kill_and_resume(root: Path, out: Path, plan: list[str], rng: random.Random) 
     return steps
 
 
-def finish_and_compare(root: Path, out: Path, reference: dict) -> None:
+def finish_and_compare(root: Path, out: Path, reference: dict, *extra: str) -> None:
     """Rerun the same command to completion: final weights are bit-identical to the uninterrupted run."""
-    proc = start(train_cmd(root, out))
+    proc = start(train_cmd(root, out, *extra))
     try:
         _, err = proc.communicate(timeout=300)
     finally:
@@ -169,6 +170,80 @@ def test_kill9_during_save_and_at_random_then_bit_exact_resume(tiny_imagenet, tm
     steps = kill_and_resume(tiny_imagenet, tmp_path, ["save", "random"], random.Random(0))
     assert 0 < steps[0] <= steps[1] < 12, steps
     finish_and_compare(tiny_imagenet, tmp_path, reference)
+
+
+def modified_since(path: Path, mtime_ns: int):
+    """True once ``path`` exists with another modification time than ``mtime_ns``."""
+    return lambda: path.exists() and path.stat().st_mtime_ns != mtime_ns
+
+
+def gone(pids: list[int], timeout: float = 15) -> bool:
+    """Wait until none of ``pids`` is a live process (zombies count as gone)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        alive = []
+        for pid in pids:
+            try:
+                alive += (
+                    [pid] if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" else []
+                )
+            except OSError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def stop_group(args: list[str], run_dir: Path, sig: signal.Signals) -> tuple[int, str]:
+    """Start ``args``; once it has saved a step with its DataLoader workers running, send ``sig`` to its
+    whole process group (as SLURM, scancel, timeout and Ctrl-C do). Returns (exit status, stderr)."""
+    last = run_dir / "last.pt"
+    before = last.stat().st_mtime_ns if last.exists() else 0
+    proc = start(args)
+    try:
+        saved = modified_since(last, before)
+        assert wait_for(lambda: saved() and len(descendants(proc.pid)) >= 2, proc), proc.communicate()[1][
+            -3000:
+        ]
+        workers = descendants(proc.pid)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        reap(proc)
+    assert gone(workers), "DataLoader workers outlived the main process"
+    assert "Traceback" not in err, err[-3000:]
+    return proc.returncode, err
+
+
+def group_signals_then_bit_exact_resume(
+    root: Path, out: Path, reference: dict, signals: tuple[str, ...], *extra: str
+) -> None:
+    """Send each of ``signals`` to the whole process group of a run (rerunning the same command after each
+    stop), then rerun to the end: each stop saved a checkpoint and exited 75 (SIGTERM) or 130 (SIGINT),
+    the final weights equal the uninterrupted run's, and wall_time_s sums every process's segment."""
+    args, run_dir, stopped = train_cmd(root, out, *extra), out / RUN, []
+    for name in signals:
+        status = 130 if name == "SIGINT" else 75
+        rc, err = stop_group(args, run_dir, getattr(signal, name))
+        assert rc == status, err[-3000:]
+        assert f"received {name}: checkpoint saved, exiting with status {status}" in err, err[-3000:]
+        stopped.append(load_checkpoint(run_dir / "last.pt")["progress"]["step"])
+        assert not (run_dir / "results.json").exists()
+    assert 0 < stopped[0] and stopped == sorted(set(stopped)) and stopped[-1] < 12, stopped
+    finish_and_compare(root, out, reference, *extra)
+    segments = load_checkpoint(run_dir / "last.pt")["progress"]["wall_segments_s"]
+    wall = json.loads((run_dir / "results.json").read_text())["wall_time_s"]
+    assert len(segments) == len(signals) + 1 and min(segments) > 0, segments  # one per process
+    assert wall == pytest.approx(sum(segments)), (wall, segments)
+
+
+@pytest.mark.parametrize(
+    "signals", [("SIGTERM",), pytest.param(("SIGTERM", "SIGINT"), marks=pytest.mark.slow)], ids="-".join
+)
+def test_group_signal_with_workers_saves_and_resumes_bit_exact(tiny_imagenet, tmp_path, reference, signals):
+    """The reference pipeline with 2 DataLoader workers (the other CPU pipelines: test_fault_preemption)."""
+    group_signals_then_bit_exact_resume(tiny_imagenet, tmp_path, reference, signals, "data.num_workers=2")
 
 
 @pytest.mark.slow

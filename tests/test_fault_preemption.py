@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
-from test_fault_checkpoints import descendants, reap, start, wait_for
+import torch
+from conftest import compose, tiny_overrides
+from test_fault_checkpoints import (
+    descendants,
+    group_signals_then_bit_exact_resume,
+    overrides,
+    reap,
+    start,
+    wait_for,
+)
 
 from acon.checkpoint import load_checkpoint
-from acon.preempt import REQUEUE_EXIT_CODE
+from acon.preempt import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag, requeue_and_exit
 
 RUN = "r"
 
@@ -129,3 +138,95 @@ def test_torchrun_restart_resumes_from_last_checkpoint(tiny_imagenet, tmp_path):
     assert resumed and "at step 0 " not in resumed[0], err[-3000:]  # restarted from a saved step
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == list(range(1, len(log) + 1))  # no epoch lost or repeated
+
+
+def write_shards(src: Path, dst: Path, per_shard: int = 4) -> Path:
+    """``src``'s train/ and val/ as shards (24 train images: 6 shards, 3 for each of 2 workers)."""
+    from acon.data.folder import ImageFolderDataset
+    from acon.data.shards import ShardWriter
+
+    for split in ("train", "val"):
+        ds = ImageFolderDataset(src / split, loader=lambda p: Path(p).read_bytes())
+        writer = ShardWriter(dst, split, per_shard)
+        for i, (data, label) in enumerate(ds):
+            writer.write(f"{split}{i:04d}", data, label)
+        writer.close(ds.classes)
+    return dst
+
+
+def pipeline_root(pipeline: str, tiny_imagenet: Path, tmp_path: Path) -> Path:
+    return write_shards(tiny_imagenet, tmp_path / "shards") if pipeline == "shards" else tiny_imagenet
+
+
+@pytest.mark.parametrize("pipeline", ["reference", "fast", "shards"])
+def test_loader_workers_of_each_cpu_pipeline_ignore_stop_signals(tiny_imagenet, tmp_path, pipeline):
+    """The trainer's training loader with 2 workers: SIGTERM, SIGINT and SIGUSR1 sent to the workers (as
+    a group-wide signal does) leave them running, and the epoch completes."""
+    from acon.data import build_datasets, build_train_loader
+    from acon.data.build import build_pipeline_loaders
+
+    root = pipeline_root(pipeline, tiny_imagenet, tmp_path)
+    cfg = compose(tiny_overrides(root, tmp_path) + [f"data.pipeline={pipeline}", "data.num_workers=2"])
+    if pipeline == "reference":
+        loader = build_train_loader(build_datasets(cfg.data)[0], cfg.data, 4, 0, 1, 0)
+    else:
+        loader = build_pipeline_loaders(cfg.data, 4, 4, 0, 1, 0, torch.device("cpu"))[0]
+    before = set(descendants(os.getpid()))
+    batches = iter(loader)
+    next(batches)
+    workers = set(descendants(os.getpid())) - before
+    assert len(workers) == 2, workers
+    for pid in workers:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            os.kill(pid, sig)
+    time.sleep(0.2)
+    assert 1 + len(list(batches)) == 6  # before: "DataLoader worker (pid …) is killed by signal"
+    assert all(Path(f"/proc/{pid}").exists() for pid in workers)  # persistent workers, still alive
+
+
+def test_ctrl_c_sets_the_flag_a_second_one_interrupts_and_exit_is_130(monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("PATH", "/nonexistent")  # a requeue attempt would fail loudly
+    flag = PreemptionFlag().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert flag.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    finally:
+        flag.restore()
+    with pytest.raises(SystemExit) as stop:
+        requeue_and_exit("received SIGINT", True, "SIGINT")
+    assert stop.value.code == INTERRUPT_EXIT_CODE == 130
+    assert "could not requeue" not in capsys.readouterr().err  # Ctrl-C asks for no requeue
+
+
+@pytest.fixture(scope="module")
+def pipeline_references(tiny_imagenet, tmp_path_factory) -> dict:
+    """Uninterrupted runs (last.pt) of the fast and shards pipelines with 2 workers, made on first use."""
+    from acon.trainer import train
+
+    made = {}
+
+    def get(pipeline: str, root: Path) -> dict:
+        if pipeline not in made:
+            out = tmp_path_factory.mktemp(f"ref_{pipeline}")
+            train(compose(overrides(root, out) + [f"data.pipeline={pipeline}", "data.num_workers=2"]))
+            made[pipeline] = load_checkpoint(out / "r" / "last.pt")
+        return made[pipeline]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["fast", "shards"])
+def test_group_signals_with_workers_on_the_other_cpu_pipelines(
+    tiny_imagenet, tmp_path, pipeline, pipeline_references
+):
+    """SIGTERM then SIGINT to the process group of a run with 2 workers, then bit-exact resume."""
+    root = pipeline_root(pipeline, tiny_imagenet, tmp_path)
+    reference = pipeline_references(pipeline, root)
+    extra = (f"data.pipeline={pipeline}", "data.num_workers=2")
+    group_signals_then_bit_exact_resume(root, tmp_path, reference, ("SIGTERM", "SIGINT"), *extra)

@@ -15,6 +15,7 @@ from acon.data.folder import ImageFolderDataset, collate_skipping_bad, find_clas
 from acon.data.samplers import ExactShardSampler, ResumableTrainSampler, SeededDataset
 from acon.data.synthetic import SyntheticDataset
 from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from acon.preempt import worker_ignores_stop_signals
 from acon.validate import ConfigError
 
 DATA_KINDS = ("digits", "folder", "synthetic")
@@ -104,6 +105,7 @@ def _loader_kwargs(cfg: DictConfig) -> dict:
     kw = {"num_workers": workers, "pin_memory": bool(cfg.pin_memory) and torch.cuda.is_available()}
     if workers > 0:
         kw.update(persistent_workers=bool(cfg.persistent_workers), prefetch_factor=int(cfg.prefetch_factor))
+        kw.update(worker_init_fn=worker_ignores_stop_signals)
     return kw
 
 

@@ -31,6 +31,7 @@ from acon.data.gpu import DeviceAugment, DeviceLoader, EncodedTrainTransform
 from acon.data.samplers import ExactShardSampler, ResumableTrainSampler, SeededDataset
 from acon.data.shards import ShardDataset, bytes_tensor
 from acon.data.transforms import train_transform, val_transform
+from acon.preempt import worker_ignores_stop_signals
 
 __all__ = [
     "PIPELINES",
@@ -175,6 +176,7 @@ def build_loader(
     )
     if num_workers > 0:
         kw.update(persistent_workers=persistent_workers and train, prefetch_factor=prefetch_factor)
+        kw.update(worker_init_fn=worker_ignores_stop_signals)  # the trainer turns them into a checkpoint
     if pipe.iterable:  # whole batches per worker: exactly len // per_rank batches on every rank
         pipe.dataset.batch_size = per_rank
         if train and len(pipe.dataset) < per_rank:
