@@ -95,8 +95,12 @@ def test_resume_none_sets_the_previous_run_aside(tiny_imagenet, finished, tmp_pa
     assert scalar_steps(run / "tb", "train/loss") == [1, 2]  # the new curve alone, no old points
     (previous,) = run.glob("previous-*")
     assert sorted(p.name for p in (previous / "tb").iterdir()) == old_events
-    assert (previous / "results.json").is_file() and not (run / "results.json").exists()
-    assert len(history(previous)) == 3 and history(run) == []
+    old_results = json.loads((previous / "results.json").read_text())
+    new_results = json.loads((run / "results.json").read_text())  # written by the max_steps stop
+    assert old_results["status"] == "complete" and old_results["steps"] == 9
+    assert new_results["status"] == "stopped at max_steps" and new_results["steps"] == 2
+    assert len(history(previous)) == 3
+    assert [(r["step"], r.get("stopped_at_max_steps")) for r in history(run)] == [(2, True)]
     assert load_checkpoint(run / "last.pt")["progress"]["step"] == 2
     assert find_run_dirs([tmp_path]) == [run]  # results tables do not count the set-aside run
 
