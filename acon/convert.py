@@ -68,6 +68,11 @@ def _kind_of_module(module: nn.Module, kinds: tuple[str, ...]) -> str | None:
     return next((k for k in kinds if type(module) in TARGETS[k][0]), None)
 
 
+def _is_tensor_method(func: Callable) -> bool:
+    owner = getattr(func, "__objclass__", None)
+    return isinstance(owner, type) and issubclass(torch.Tensor, owner)
+
+
 def _kind_of_function(func: Callable, kinds: tuple[str, ...]) -> str | None:
     name = getattr(func, "__name__", "")
     for k in kinds:
@@ -239,11 +244,14 @@ def _convert_with_fx(model, example_input, kinds, activation, init: str) -> fx.G
         ShapeProp(gm.eval()).propagate(example_input)
     gm.train(was_training)
     taken = {n for n, _ in gm.named_modules()}
-    sites = [(node, kind) for node in gm.graph.nodes if (kind := _node_kind(gm, node, kinds)) is not None]
+    sites = [
+        (node, kind, [int(node.args[0].meta["tensor_meta"].shape[1])])
+        for node in gm.graph.nodes
+        if (kind := _node_kind(gm, node, kinds)) is not None
+    ]
     first_use: set[str] = set()
-    for node, kind in sites:
+    for node, kind, channels in sites:
         x = node.args[0]
-        channels = [int(x.meta["tensor_meta"].shape[1])]
         if node.op == "call_module":
             src = model.get_submodule(node.target)  # the graph module's copy is replaced below
             name = node.target if node.target not in first_use else _unique(node.target, taken)
