@@ -22,11 +22,8 @@ CIFAR-style stem) for 32-64 px proxy datasets.
 the addition; ``se_reduction`` (default 16) sets its hidden width C // r (see ``models.se``).
 """
 
-from __future__ import annotations
-
 import functools
 from collections.abc import Callable, Sequence
-from typing import Final
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +115,7 @@ class Bottleneck(nn.Module):
 class ResNet(TimmModelMixin, nn.Module):
     """ResNet with an injected activation; see the module docstring for placement and variants."""
 
-    features_only: Final[bool]
+    __constants__ = ["features_only"]
 
     def __init__(
         self,

@@ -17,10 +17,7 @@ serves 32-64 px proxy datasets.
 Megvii's ShuffleNetV2+; ``se_reduction`` (default 4) sets its hidden width C // r (see ``models.se``).
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
-from typing import Final
 
 import torch
 from timm.models import checkpoint_seq
@@ -99,7 +96,7 @@ class ShuffleNetV2(TimmModelMixin, nn.Module):
     """ShuffleNetV2 with an injected activation; ``channels`` = (stem, stage2, stage3, stage4, last)."""
 
     classifier_name = "classifier"
-    features_only: Final[bool]
+    __constants__ = ["features_only"]
 
     def __init__(
         self,

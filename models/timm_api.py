@@ -20,24 +20,23 @@ from torch import nn
 POOL_TYPES = ("avg", "max", "avgmax", "")
 
 
-def check_pool_type(pool_type: str) -> str:
-    """``pool_type`` if it is one whose output width is ``num_features`` ('' means no pooling)."""
+def make_global_pool(pool_type: str) -> SelectAdaptivePool2d:
+    """timm's global pooling, flattened to (N, C); ``''`` keeps the (N, C, H, W) map."""
     if pool_type not in POOL_TYPES:
         raise ValueError(f"global_pool={pool_type!r} is not one of {POOL_TYPES}")
-    return pool_type
+    return SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
 
 
 class TimmModelMixin:
     """The methods timm's tools expect, shared by ResNet and ShuffleNetV2 (see the module docstring)."""
 
     classifier_name = "fc"
-    grad_checkpointing = False
 
     def init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
         """Pooling, dropout and classifier of width ``num_features`` -> ``num_classes``."""
         self.num_features = self.head_hidden_size = num_features
-        self.num_classes, self.drop_rate = num_classes, drop_rate
-        self.global_pool = SelectAdaptivePool2d(pool_type=check_pool_type(global_pool), flatten=True)
+        self.num_classes, self.drop_rate, self.grad_checkpointing = num_classes, drop_rate, False
+        self.global_pool = make_global_pool(global_pool)
         setattr(self, self.classifier_name, self.build_classifier(num_classes))
 
     def build_classifier(self, num_classes: int) -> nn.Module:
@@ -53,7 +52,7 @@ class TimmModelMixin:
         """A new classifier for ``num_classes`` (0 removes it); ``global_pool`` ('' for none) if given."""
         ref = next(self.parameters())
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=check_pool_type(global_pool), flatten=True)
+            self.global_pool = make_global_pool(global_pool)
         self.num_classes = num_classes
         head = self.build_classifier(num_classes).to(device=ref.device, dtype=ref.dtype)
         setattr(self, self.classifier_name, head.train(self.training))

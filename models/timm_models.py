@@ -158,7 +158,9 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
 
     entrypoint.__name__ = entrypoint.__qualname__ = PREFIX + name
     entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{name} from the acon-suite model zoo (see models.create_model and models.timm_models)."
+    entrypoint.__doc__ = (
+        f"{name} from the acon-suite model zoo (see models.create_model and models.timm_models)."
+    )
     return entrypoint
 
 

@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = pytest_command(checkout, args.select, extra)
     print(f"timm {timm.__version__} installed at {Path(timm.__file__).parent}; tests from {checkout}")
     print("running:", " ".join(cmd), flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     return subprocess.call(cmd, cwd=ROOT, env=env)
 
 
