@@ -241,7 +241,7 @@ class ResNet(TimmModelMixin, nn.Module):
         """Unpooled output of the last stage."""
         x = self.maxpool(self.stem(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -169,6 +169,11 @@ class ShuffleNetV2(TimmModelMixin, nn.Module):
             return nn.Sequential()
         return nn.Sequential(nn.Linear(self.num_features, num_classes, bias=self.head_bias))
 
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The Linear layer (``classifier.0``), or the empty head when there are no classes."""
+        return self.classifier[0] if len(self.classifier) else self.classifier
+
     def _initialize_weights(self) -> None:
         """Authors' init: convs N(0, 1/weight.shape[1]) (stem N(0, 0.01)), BN bias 1e-4, fc N(0, 0.01)."""
         for name, m in self.named_modules():
