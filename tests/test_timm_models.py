@@ -114,7 +114,9 @@ def test_megvii_tag_loads_the_authors_checkpoint_like_eval_py(tmp_path, one_thre
     ours = models.create_model("shufflenetv2_x0_5", activation="acon_c").eval()
     state = torch.load(path, weights_only=True)
     ours.load_state_dict(models.convert_official_state_dict(state, "shufflenetv2_x0_5", "acon_c"))
-    img = Image.fromarray(torch.randint(0, 255, (240, 250, 3), dtype=torch.uint8).numpy())
+    # short side already 256: the resize is a no-op in both pipelines (eval.py resizes like the authors'
+    # OpenCV code, without antialiasing, which timm's transforms do not offer)
+    img = Image.fromarray(torch.randint(0, 255, (256, 300, 3), dtype=torch.uint8).numpy())
     x_timm = create_transform(**resolve_model_data_config(m))(img)[None]  # RGB, 0-255 by std=1/255
     x_eval = val_transform(224, 256, preprocess="bgr_255")(img)[None]
     torch.testing.assert_close(x_timm.flip(1), x_eval, rtol=0, atol=1e-3)
