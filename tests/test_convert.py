@@ -83,6 +83,7 @@ def test_converted_model_trains_channels_last_and_uses_the_fused_op(resnet18_pai
         )
 
 
+@pytest.mark.slow
 def test_resnet50_meta_acon_every_site(one_thread):
     model = torchvision.models.resnet50(num_classes=10)
     converted = convert_activations(model, "meta_acon", example_input=torch.randn(2, 3, 32, 32))

@@ -70,6 +70,7 @@ def test_features_only_through_timm_wrapper_and_in_chans(one_thread):
     assert one.in_chans == 1 and one(torch.randn(1, 1, 32, 32)).shape == (1, 512)
 
 
+@pytest.mark.slow  # timm's own suite scripts and FX-traces every acon_* model too
 def test_torchscript_and_fx_keep_the_acon_modules_whole(one_thread):
     with timm.set_scriptable(True):
         m = timm.create_model("acon_shufflenetv2_x0_5", act_kwargs={"impl": "reference"}).eval()
