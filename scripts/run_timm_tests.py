@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkout", type=Path, help="timm source tree (git worktree or sdist) with tests/")
     ap.add_argument("-k", dest="select", default="acon", help="pytest -k expression (default: acon)")
-    ap.add_argument("extra", nargs=argparse.REMAINDER, help="further pytest arguments, after --")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)  # everything else (after --) goes to pytest
     import timm
 
     checkout = args.checkout.resolve()
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {checkout} is timm {version}, the installed timm is {timm.__version__}", file=sys.stderr
         )
         return 2
-    extra = [a for a in args.extra if a != "--"]
+    extra = [a for a in extra if a != "--"]
     cmd = pytest_command(checkout, args.select, extra)
     print(f"timm {timm.__version__} installed at {Path(timm.__file__).parent}; tests from {checkout}")
     print("running:", " ".join(cmd), flush=True)
