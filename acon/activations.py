@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from acon import fused
-from acon.functional import acon_c_reference, channel_view, check_channels, spatial_mean, swish_reference
+from acon.functional import (
+    acon_c_reference,
+    channel_view,
+    check_channels,
+    scripted_channel_view,
+    scripted_spatial_mean,
+    spatial_mean,
+    swish_reference,
+)
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -55,6 +63,8 @@ class Swish(nn.Module):
             self.register_buffer("beta", beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return swish_reference(x, scripted_channel_view(self.beta, x))
         return swish_reference(x, channel_view(self.beta, x))
 
     def extra_repr(self) -> str:
@@ -80,6 +90,9 @@ class AconC(nn.Module):
         self.beta = nn.Parameter(torch.ones(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript: the reference form (the fused op is not scriptable)
+            p1, p2 = scripted_channel_view(self.p1, x), scripted_channel_view(self.p2, x)
+            return acon_c_reference(x, p1, p2, scripted_channel_view(self.beta, x))
         return _acon_c(x, self.p1, self.p2, self.beta, self.impl)
 
     def extra_repr(self) -> str:
@@ -96,8 +109,11 @@ class AconB(nn.Module):
         self.beta = nn.Parameter(torch.ones(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = channel_view(self.p, x)
-        return acon_c_reference(x, torch.ones_like(p), p, channel_view(self.beta, x))
+        if torch.jit.is_scripting():
+            p, beta = scripted_channel_view(self.p, x), scripted_channel_view(self.beta, x)
+        else:
+            p, beta = channel_view(self.p, x), channel_view(self.beta, x)
+        return acon_c_reference(x, torch.ones_like(p), p, beta)
 
     def extra_repr(self) -> str:
         return str(self.channels)
@@ -109,6 +125,12 @@ class BatchNorm2dB1(nn.BatchNorm2d):
     untouched. State-dict keys are those of ``nn.BatchNorm2d``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript cannot call super(): batch_norm spelled out
+            use_batch = self.training and x.numel() // x.shape[1] > 1
+            momentum = 0.1 if self.momentum is None else self.momentum
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, use_batch, momentum, self.eps
+            )
         if self.training and self.track_running_stats and x.numel() // x.shape[1] <= 1:
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
@@ -159,6 +181,12 @@ class MetaAconC(nn.Module):
         return beta.reshape(x.shape[:2] + (1,) * (x.dim() - 2)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript: the reference form (the fused op is not scriptable)
+            n = x.shape[0]
+            h = self.bn1(self.fc1(scripted_spatial_mean(x).view(n, -1, 1, 1)))
+            beta = torch.sigmoid(self.bn2(self.fc2(h)))
+            p1, p2 = scripted_channel_view(self.p1, x), scripted_channel_view(self.p2, x)
+            return acon_c_reference(x, p1, p2, scripted_channel_view(beta, x))
         return _acon_c(x, self.p1, self.p2, self.generate_beta(x), self.impl)
 
     def extra_repr(self) -> str:

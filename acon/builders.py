@@ -2,22 +2,65 @@
 
 from __future__ import annotations
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+EXTERNAL_ARCHS = ("timm", "torchvision")
+"""``model.arch`` values that build another library's classifier and convert its activations."""
+NATIVE_ACTIVATION = "relu"
+"""``activation=relu`` on an external model keeps the model's own activations (the baseline column)."""
+
+
+def _kwargs(model_cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
+
+
+def external_model_name(model_cfg: DictConfig) -> str:
+    """The timm or torchvision model name of an external ``model`` config."""
+    return str(model_cfg.timm_name if model_cfg.arch == "timm" else model_cfg.tv_name)
+
+
+def build_external_model(model_cfg: DictConfig, activation_cfg: DictConfig, num_classes: int) -> nn.Module:
+    """A timm or torchvision classifier with its activations converted by ``acon.convert_activations``.
+
+    The example input is (2, in_chans, S, S) with S = ``model.example_size`` (the data's image size);
+    ``model.targets`` and ``model.init`` are passed through, ``model.kwargs`` go to the constructor."""
+    from acon.convert import convert_activations
+
+    name, kwargs = external_model_name(model_cfg), _kwargs(model_cfg)
+    if model_cfg.arch == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if activation_cfg.name == NATIVE_ACTIVATION:
+        return model
+    size = int(model_cfg.example_size)
+    example = torch.randn(2, int(kwargs.get("in_chans", 3)), size, size)
+    targets = OmegaConf.to_container(model_cfg.targets) if model_cfg.get("targets") else None
+    return convert_activations(
+        model, instantiate(activation_cfg.layer), example_input=example, targets=targets, init=model_cfg.init
+    )
+
 
 def build_model(model_cfg: DictConfig, activation_cfg: DictConfig, num_classes: int) -> nn.Module:
-    """``models.create_model`` with the activation partial instantiated from its config."""
+    """``models.create_model`` with the activation partial instantiated from its config; an external
+    (``model=timm`` / ``model=torchvision``) classifier converted by ``build_external_model``."""
     import models
 
-    kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
+    if model_cfg.arch in EXTERNAL_ARCHS:
+        return build_external_model(model_cfg, activation_cfg, num_classes)
     return models.create_model(
         model_cfg.arch,
         activation=instantiate(activation_cfg.layer),
         num_classes=num_classes,
         small_input=bool(model_cfg.small_input),
-        **kwargs,
+        **_kwargs(model_cfg),
     )
 
 

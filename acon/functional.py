@@ -54,3 +54,16 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
         return x
     dims = tuple(range(2, x.dim()))
     return x.sum(dims) * (1.0 / math.prod(x.shape[2:]))
+
+
+def scripted_channel_view(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``channel_view`` for TorchScript (no shape checks): (1|N, C, 1, 1) reshaped to x's rank and dtype."""
+    shape = [param.shape[0], param.shape[1]] + [1] * (x.dim() - 2)
+    return param.reshape(shape).to(x.dtype)
+
+
+def scripted_spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """``spatial_mean`` for TorchScript: mean over every dim after (N, C), as (N, C)."""
+    if x.dim() == 2:
+        return x
+    return x.flatten(2).mean(2)

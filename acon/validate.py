@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -20,11 +20,14 @@ def _choice(key: str, value, valid) -> None:
 def check_train_config(cfg: DictConfig, world_size: int) -> None:
     """Fail fast on names, combinations and paths that would break the run later."""
     import models
+    from acon.builders import EXTERNAL_ARCHS
     from acon.data.build import DATA_KINDS
     from acon.engine import PRECISIONS
     from acon.optim import SCHEDULES
 
-    _choice("model.arch", cfg.model.arch, models.list_models())
+    _choice("model.arch", cfg.model.arch, [*models.list_models(), *EXTERNAL_ARCHS])
+    if cfg.model.arch in EXTERNAL_ARCHS:
+        check_external_model(cfg.model)
     _choice("data.kind", cfg.data.kind, DATA_KINDS)
     _choice("recipe.schedule", cfg.recipe.schedule, SCHEDULES)
     _choice("trainer.precision", cfg.trainer.precision, tuple(PRECISIONS))
@@ -57,6 +60,24 @@ def check_train_config(cfg: DictConfig, world_size: int) -> None:
             if not (root / split).is_dir():
                 raise ConfigError(f"data.root={cfg.data.root!r} has no {split}/ folder ({root / split})")
     check_resume(cfg)
+
+
+def check_external_model(model_cfg: DictConfig) -> None:
+    """``model=timm`` / ``model=torchvision``: the model name is set and known to that library."""
+    key = "model.timm_name" if model_cfg.arch == "timm" else "model.tv_name"
+    name = OmegaConf.select(model_cfg, key.split(".", 1)[1], throw_on_missing=False)
+    if model_cfg.arch == "timm":
+        import timm
+
+        known = name in timm.list_models()
+    else:
+        import torchvision
+
+        known = name in torchvision.models.list_models(torchvision.models)
+    if not known:
+        raise ConfigError(
+            f"{key}={name!r} is not a {model_cfg.arch} classifier name (see {model_cfg.arch}'s list)"
+        )
 
 
 def check_cli_groups(args: list[str], config_dir: str | os.PathLike) -> None:

@@ -111,9 +111,13 @@ def model_activation(
     return ctor
 
 
+OVERRIDABLE = ("drop_rate",)
+"""Entry config values a caller may override (ShuffleNetV2 2.0x's default dropout, for instance)."""
+
+
 def _model_kwargs(entry: ModelEntry) -> list[str]:
     params = inspect.signature(entry.builder).parameters
-    return [k for k in params if k not in entry.config and k != "act_layer"]
+    return [k for k in params if (k not in entry.config or k in OVERRIDABLE) and k != "act_layer"]
 
 
 def create_model(
@@ -137,11 +141,11 @@ def create_model(
     valid = _model_kwargs(entry)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
+        valid = ["activation", "act_kwargs", *valid]
         raise TypeError(f"create_model({name!r}): unknown keyword argument(s) {unknown}; valid: {valid}")
     activation = entry.default_activation if activation is None else activation
     act_layer = model_activation(activation, entry.meta_acon_r, act_kwargs)
-    model = entry.builder(
-        **entry.config, act_layer=act_layer, num_classes=num_classes, small_input=small_input, **kwargs
-    )
+    config = {**entry.config, **kwargs}
+    model = entry.builder(**config, act_layer=act_layer, num_classes=num_classes, small_input=small_input)
     model.model_name = name
     return model

@@ -22,17 +22,18 @@ CIFAR-style stem) for 32-64 px proxy datasets.
 the addition; ``se_reduction`` (default 16) sets its hidden width C // r (see ``models.se``).
 """
 
-from __future__ import annotations
-
 import functools
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+from timm.models import checkpoint_seq
 from torch import nn
 
 from acon import ReLU, create_activation
 from models.features import FeatureInfo, FeatureSpec
 from models.se import DEFAULT_REDUCTION, check_reduction, resnet_se
+from models.timm_api import TimmModelMixin
 
 VARIANTS = ("official", "torchvision")
 PLACEMENTS = ("paper", "all")
@@ -111,8 +112,10 @@ class Bottleneck(nn.Module):
         return self.act3(out + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(TimmModelMixin, nn.Module):
     """ResNet with an injected activation; see the module docstring for placement and variants."""
+
+    __constants__ = ["features_only"]
 
     def __init__(
         self,
@@ -125,6 +128,8 @@ class ResNet(nn.Module):
         variant: str = "official",
         zero_init_residual: bool = False,
         in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
         se: bool = False,
@@ -136,7 +141,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet variant={variant!r} is not one of {VARIANTS}")
         if act_placement not in PLACEMENTS:
             raise ValueError(f"ResNet act_placement={act_placement!r} is not one of {PLACEMENTS}")
-        self.variant, self.act_placement, self.num_classes = variant, act_placement, num_classes
+        self.variant, self.act_placement, self.in_chans = variant, act_placement, in_chans
         outer = act_layer if act_placement == "all" else FIXED_RELU
         bias = variant == "official"
         if small_input:
@@ -163,14 +168,15 @@ class ResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
             in_chs = out_chs
             specs.append(FeatureSpec(f"layer{i + 1}", out_chs, base * 2**i))
-        self.num_features = in_chs
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_head(in_chs, num_classes, global_pool, drop_rate)
         self.feature_specs = tuple(specs)
         self._initialize_weights(zero_init_residual)
         self.features_only = features_only
         if features_only:
             self.feature_info = FeatureInfo(self.feature_specs, out_indices)
             self._prune_for_features(max(self.feature_info.out_indices))
+        else:
+            self.feature_info = [dict(vars(spec)) for spec in self.feature_specs]
 
     def _initialize_weights(self, zero_init_residual: bool) -> None:
         """Authors' (torchvision) init: convs Kaiming-normal fan_out, BN weight 1 and bias 0."""
@@ -197,10 +203,29 @@ class ResNet(nn.Module):
         """The four residual stages, ``None`` where pruned."""
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
+    def stage_list(self) -> list[nn.Module]:
+        """The modules after the max-pool, one per feature index 1-4."""
+        return self.stages()
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem's output (feature index 0), before the max-pool."""
+        return self.act1(self.bn1(self.conv1(x)))
+
+    def drop_stages_after(self, index: int) -> None:
+        """Replace the stages after feature index ``index`` by identities."""
+        for i in range(max(index, 0) + 1, 5):
+            setattr(self, f"layer{i}", nn.Identity())
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups: the stem, then one group per stage (coarse) or per block."""
+        return dict(stem=r"^conv1|^bn1|^act1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.unused
     def forward_feature_list(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The feature maps selected by ``out_indices`` (timm ``features_only`` output)."""
+        """The feature maps selected by ``out_indices`` (our own ``features_only`` output)."""
         wanted, out = set(self.feature_info.out_indices), []
-        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.stem(x)
         if 0 in wanted:
             out.append(x)
         x = self.maxpool(x)
@@ -214,14 +239,16 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled output of the last stage."""
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        for stage in self.stages():
-            x = stage(x)
-        return x
+        x = self.maxpool(self.stem(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool and the fully connected classifier."""
-        x = torch.flatten(x.mean((2, 3), keepdim=True), 1)
+        """Global pool, dropout and the fully connected classifier."""
+        x = self.global_pool(x)
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor):

@@ -17,16 +17,16 @@ serves 32-64 px proxy datasets.
 Megvii's ShuffleNetV2+; ``se_reduction`` (default 4) sets its hidden width C // r (see ``models.se``).
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 
 import torch
+from timm.models import checkpoint_seq
 from torch import nn
 
 from acon import ReLU, create_activation
 from models.features import FeatureInfo, FeatureSpec
 from models.se import DEFAULT_REDUCTION, check_reduction, shufflenet_se
+from models.timm_api import TimmModelMixin
 
 WIDTHS: dict[str, tuple[int, int, int, int, int]] = {
     "0.5x": (24, 48, 96, 192, 1024),
@@ -92,8 +92,11 @@ class ShuffleV2Block(nn.Module):
         return torch.cat((self.branch_proj(x), self.branch_main(x)), 1)
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(TimmModelMixin, nn.Module):
     """ShuffleNetV2 with an injected activation; ``channels`` = (stem, stage2, stage3, stage4, last)."""
+
+    classifier_name = "classifier"
+    __constants__ = ["features_only"]
 
     def __init__(
         self,
@@ -104,6 +107,7 @@ class ShuffleNetV2(nn.Module):
         variant: str = "official",
         drop_rate: float = 0.0,
         in_chans: int = 3,
+        global_pool: str = "avg",
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
         se: bool = False,
@@ -116,7 +120,7 @@ class ShuffleNetV2(nn.Module):
         if len(channels) != 5:
             raise ValueError(f"ShuffleNetV2 channels needs 5 widths, got {tuple(channels)}")
         bias = variant == "official"
-        self.variant, self.num_classes, self.num_features = variant, num_classes, channels[-1]
+        self.variant, self.in_chans, self.head_bias = variant, in_chans, bias
         stem = channels[0]
         self.first_conv = nn.Sequential(
             nn.Conv2d(in_chans, stem, 3, 1 if small_input else 2, 1, bias=bias),
@@ -139,23 +143,36 @@ class ShuffleNetV2(nn.Module):
             create_activation(act_layer, channels[4]),
         )
         self.dropout = nn.Dropout(drop_rate)
-        head = [nn.Linear(channels[4], num_classes, bias=bias)] if num_classes > 0 else []
-        self.classifier = nn.Sequential(*head)
+        self.init_head(channels[4], num_classes, global_pool, 0.0)
+        self.drop_rate = drop_rate
         self._initialize_weights()
 
         base = 1 if small_input else 4  # stride after the stem and max-pool
         self.feature_specs = (
-            FeatureSpec("first_conv", stem, 1 if small_input else 2),
+            FeatureSpec("first_conv.2", stem, 1 if small_input else 2),
             *(
                 FeatureSpec(f"features.{e}", c, base * r)
                 for e, c, r in zip(self.stage_ends, channels[1:4], (2, 4, 8), strict=True)
             ),
-            FeatureSpec("conv_last", channels[4], base * 8),
+            FeatureSpec("conv_last.2", channels[4], base * 8),
         )
         self.features_only = features_only
         if features_only:
             self.feature_info = FeatureInfo(self.feature_specs, out_indices)
             self._prune_for_features(max(self.feature_info.out_indices))
+        else:
+            self.feature_info = [dict(vars(spec)) for spec in self.feature_specs]
+
+    def build_classifier(self, num_classes: int) -> nn.Module:
+        """``classifier.0``, the authors' key (bias only in the ACON release); empty for 0 classes."""
+        if num_classes <= 0:
+            return nn.Sequential()
+        return nn.Sequential(nn.Linear(self.num_features, num_classes, bias=self.head_bias))
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The Linear layer (``classifier.0``), or the empty head when there are no classes."""
+        return self.classifier[0] if len(self.classifier) else self.classifier
 
     def _initialize_weights(self) -> None:
         """Authors' init: convs N(0, 1/weight.shape[1]) (stem N(0, 0.01)), BN bias 1e-4, fc N(0, 0.01)."""
@@ -184,8 +201,33 @@ class ShuffleNetV2(nn.Module):
         elif last < 4:
             self.features = self.features[: self.stage_ends[last - 1] + 1]
 
+    def stage_list(self) -> list[nn.Module]:
+        """The modules after the max-pool, one per feature index 1-4 (the last 1x1 conv is index 4)."""
+        starts = [0] + [e + 1 for e in self.stage_ends[:-1]]
+        stages = [self.features[a : e + 1] for a, e in zip(starts, self.stage_ends, strict=True)]
+        return [*stages, self.conv_last]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem's output (feature index 0), before the max-pool."""
+        return self.first_conv(x)
+
+    def drop_stages_after(self, index: int) -> None:
+        """Remove the blocks after feature index ``index`` (the last 1x1 conv below index 4)."""
+        if index < 4:
+            self.conv_last = nn.Identity()
+        if index <= 0:
+            self.features = nn.Sequential()
+        elif index < 4:
+            self.features = self.features[: self.stage_ends[index - 1] + 1]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups: the stem, then one per block (the last 1x1 conv is the last group)."""
+        return dict(stem=r"^first_conv", blocks=[(r"^features\.(\d+)", None), (r"^conv_last", (99999,))])
+
+    @torch.jit.unused
     def forward_feature_list(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The feature maps selected by ``out_indices`` (timm ``features_only`` output)."""
+        """The feature maps selected by ``out_indices`` (our own ``features_only`` output)."""
         wanted, out = set(self.feature_info.out_indices), []
         x = self.first_conv(x)
         if 0 in wanted:
@@ -203,11 +245,16 @@ class ShuffleNetV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled output of the last 1x1 conv."""
-        return self.conv_last(self.features(self.maxpool(self.first_conv(x))))
+        x = self.maxpool(self.first_conv(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.features, x)
+        else:
+            x = self.features(x)
+        return self.conv_last(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool, dropout and classifier."""
-        x = self.dropout(torch.flatten(x.mean((2, 3), keepdim=True), 1))
+        """Global pool, dropout and classifier."""
+        x = self.dropout(self.global_pool(x))
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor):

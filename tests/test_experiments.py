@@ -34,6 +34,13 @@ CELL_SPECS |= {
 }
 CELLS = list(CELL_SPECS)
 ACT_MODULE = {"swish": Swish, "acon_c": AconC, "meta_acon": MetaAconC, "acon_frelu": AconFReLU}
+# Extension table (not in the paper): other libraries' classifiers with their activations converted.
+EXT_MODELS = {
+    "ext_mobilenetv2_100": ("torchvision", "mobilenet_v2"),
+    "ext_efficientnet_b0": ("timm", "efficientnet_b0"),
+}
+EXT_ACTIVATIONS = ("relu", "acon_c", "meta_acon")  # relu: the model's own activation (ReLU6 / SiLU)
+EXTENSIONS = [f"{m}_{a}" for m in EXT_MODELS for a in EXT_ACTIVATIONS]
 # One 2-step training per family and activation by default; every cell under -m slow.
 REPRESENTATIVE = ["shufflenetv2_x0_5_meta_acon", "resnet18_acon_c", "resnet50_swish", "resnet50_relu"]
 REPRESENTATIVE += ["tfnet_x0_5_acon_frelu"]
@@ -52,7 +59,42 @@ def header(name: str) -> dict[str, str]:
 def test_every_cell_has_a_file_and_nothing_else_is_unexpected():
     files = {p.stem for p in (CONFIGS / "experiment").glob("*.yaml")}
     assert set(CELLS) <= files, sorted(set(CELLS) - files)
-    assert files - set(CELLS) == {"proxy_digits", "proxy_tfnet_digits"}
+    assert files - set(CELLS) == {"proxy_digits", "proxy_tfnet_digits", *EXTENSIONS}
+
+
+@pytest.mark.parametrize("name", EXTENSIONS)
+def test_extension_header_is_marked_and_has_no_paper_number(name):
+    # The paper-cell rule, adapted: an extension states command, hardware and hours like every cell, says
+    # it is an extension, and quotes no paper number (the paper has none for these models).
+    h = header(name)
+    assert f"experiment={name}" in h["Command"] and "train.py" in h["Command"]
+    assert "A100" in h["Hardware"] or "H100" in h["Hardware"]
+    assert re.match(r"\d+(\.\d+)? ", h["Expected GPU-hours"]) and "estimate" in h["Expected GPU-hours"]
+    assert h["Extension"].startswith("yes") and "no paper number" in h["Extension"]
+    assert h["Paper top-1 error (%)"] == ""
+    assert not any(name.startswith(m) for m, _ in load_paper_results())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n == "ext_efficientnet_b0_meta_acon" else pytest.param(n, marks=pytest.mark.slow)
+        for n in EXTENSIONS
+    ],
+)
+def test_extension_composes_and_builds_the_converted_model(name):
+    from acon.builders import build_model
+
+    cfg = compose([f"experiment={name}"])
+    model_key, act = next((m, a) for m in EXT_MODELS for a in EXT_ACTIVATIONS if f"{m}_{a}" == name)
+    arch, lib_name = EXT_MODELS[model_key]
+    assert cfg.model.arch == arch and cfg.activation.name == act and cfg.data.num_classes == 1000
+    with torch.device("meta"):
+        net = build_model(cfg.model, cfg.activation, int(cfg.data.num_classes))
+    kinds = {type(m) for m in net.modules()}
+    assert (AconC in kinds) == (act == "acon_c") and (MetaAconC in kinds) == (act == "meta_acon")
+    native = torch.nn.ReLU6 if arch == "torchvision" else torch.nn.SiLU
+    assert (native in kinds) == (act == "relu")  # converted at every site, or left as it was
 
 
 @pytest.mark.parametrize("name", CELLS)
