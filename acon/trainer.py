@@ -30,7 +30,7 @@ from acon.optim import (
     total_steps,
 )
 from acon.preempt import PreemptionFlag, requeue_and_exit
-from acon.report import git_commit, write_json
+from acon.report import git_commit, run_dir_of, write_json
 from acon.rundir import carry_over_checkpoints, set_aside_previous_run
 from acon.syncbn import convert_sync_batchnorm
 from acon.validate import check_extended_length, check_train_config, resume_kind, resume_path
@@ -51,15 +51,6 @@ class Progression:
     epoch_loss_count: int = 0
     origin: dict | None = None  # the checkpoint this run extends or fine-tunes (resume_mode), if any
     wall_segments_s: list = field(default_factory=list)  # wall time of each process that ran this run
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    """Hydra's output dir for this run, or out_dir/run_name outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.out_dir) / cfg.run_name
 
 
 def configure_determinism(cfg: DictConfig) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from acon.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the valid choices."""
+__all__ = ["ConfigError", "check_cli_groups", "check_resume", "check_train_config", "resume_path"]
 
 
 def _choice(key: str, value, valid) -> None:
@@ -175,7 +175,7 @@ def check_resume(cfg: DictConfig) -> None:
 
     from acon import checkpoint as ckpt
     from acon.builders import build_model, run_identity
-    from acon.trainer import run_dir_of
+    from acon.report import run_dir_of
 
     mode = cfg.get("resume_mode", "strict")
     _choice("resume_mode", mode, RESUME_MODES)
