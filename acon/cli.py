@@ -118,34 +118,37 @@ def type_error(e: ValidationError, overrides: list[str]) -> ConfigError:
 
 def compose_job(config_name: str, overrides: list[str]) -> DictConfig | None:
     """The composed config, a ConfigError for a schema type error, or None when Hydra itself should
-    report the problem (unknown keys and the like)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    report the problem (unknown keys and the like). Call inside ``initialize_config_dir(CONFIGS)``."""
+    from hydra import compose
     from hydra.errors import HydraException
 
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides)
     except (HydraException, ValidationError) as e:
         cause = e if isinstance(e, ValidationError) else e.__cause__
         if isinstance(cause, ValidationError) and cause.full_key:
             raise type_error(cause, overrides) from e
         return None
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def check_command(argv: list[str], config_name: str, check: Callable[[DictConfig], None]) -> None:
     """Raise ConfigError for the first bad job of the command line (types, options, ranges, files)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     from acon.validate import check_cli_groups
 
     check_cli_groups(argv, CONFIGS)
-    for overrides in command_jobs(argv) or []:
-        cfg = compose_job(config_name, overrides)
-        if cfg is None:
-            return
-        check(cfg)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            for overrides in command_jobs(argv) or []:
+                cfg = compose_job(config_name, overrides)
+                if cfg is None:
+                    return
+                check(cfg)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def preflight(config_name: str, check: Callable[[DictConfig], None], argv: list[str] | None = None) -> None:
