@@ -30,6 +30,11 @@ NESTED_RULES = {
 }
 
 
+def _choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, valid))}")
+
+
 def not_allowed(key: str, value, allowed: Range | OneOf) -> ConfigError:
     """``key=value is not allowed: must be <what is allowed>`` (or ``is not one of: ...`` for choices)."""
     if isinstance(allowed, OneOf):
