@@ -119,6 +119,8 @@ class DataSchema:
     pipeline: str = key("reference", OneOf(source="acon.data.pipelines:PIPELINES"))
     bad_image_policy: str = key("raise", OneOf(("raise", "skip")))
     max_bad_images: int | None = key(None, NON_NEGATIVE_INT)  # null: 0.1 % of the split, at least 1
+    index_cache: bool = key(True)  # keep each split's file list (acon/data/index.py)
+    index_cache_dir: str | None = key(None)
     num_workers: int = key(0, NON_NEGATIVE_INT)
     pin_memory: bool = key(True)
     persistent_workers: bool = key(False)
@@ -206,6 +208,7 @@ class TrainSchema:
     sweep_name: str = key("sweep")
     run_name: str = key()
     resume: str | None = key("auto")  # auto | none | a checkpoint file (checked by acon.validate)
+    resume_mode: str = key("strict", OneOf(source="acon.validate:RESUME_MODES"))
 
 
 @dataclass
@@ -213,7 +216,7 @@ class OfficialSchema:
     """eval.py's ``official``: how to read an authors' released checkpoint."""
 
     model: str | None = key(None, OneOf(source="models:list_models"))
-    activation: str | None = key(None, OneOf(("relu", "swish", "acon_c", "meta_acon")))
+    activation: str | None = key(None)  # inferred from the parameter names when null
     model_kwargs: dict[str, Any] = key({})
 
 

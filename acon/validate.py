@@ -131,7 +131,7 @@ def check_train_config(cfg: DictConfig, world_size: int) -> None:
 
 
 def check_eval_config(cfg: DictConfig) -> None:
-    """eval.py: a checkpoint that exists, valid ranges and choices, an official model with its activation."""
+    """eval.py: a checkpoint that exists, valid ranges and choices."""
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise ConfigError(
             "checkpoint is not set: pass checkpoint=PATH (a .pt file or a folder of *.pt files)"
@@ -142,12 +142,6 @@ def check_eval_config(cfg: DictConfig) -> None:
             f"checkpoint={cfg.checkpoint!r} does not exist: pass a .pt file or a folder of them"
         )
     check_schema(cfg)
-    official = cfg.official
-    if bool(official.model) != bool(official.activation):
-        raise ConfigError(
-            f"official.model={official.model!r} and official.activation={official.activation!r}: "
-            "set both (an authors' checkpoint) or neither (one of ours)"
-        )
 
 
 def check_cli_groups(args: list[str], config_dir: str | os.PathLike) -> None:

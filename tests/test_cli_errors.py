@@ -116,7 +116,6 @@ def test_eval_commands(tmp_path):
         ([f"checkpoint={tmp_path / 'nope.pt'}"], f"checkpoint='{tmp_path / 'nope.pt'}' does not exist"),
         ([f"checkpoint={ckpt}", "batch_size=0"], "batch_size=0 is not allowed: must be an integer > 0"),
         ([f"checkpoint={ckpt}", "batch_size=x"], "batch_size=x is not allowed: must be an integer > 0"),
-        ([f"checkpoint={ckpt}", "official.model=resnet50"], "official.activation=None: set both"),
         ([f"checkpoint={ckpt}", "official.model=nope", "official.activation=relu"], "'nope' is not one of"),
         ([f"checkpoint={ckpt}", "trainer.precision=fp8"], "trainer.precision='fp8' is not one of"),
         ([f"checkpoint={ckpt}", "use_ema=perhaps"], "use_ema=perhaps is not allowed: must be true or false"),
