@@ -93,8 +93,6 @@ class Trainer:
         net = torch.compile(net) if tcfg.compile else net
         self.batches_per_epoch = n_train // int(recipe.batch_size)
         self.total_steps = total_steps(recipe, self.batches_per_epoch)
-        if info.is_main:
-            log_schedule(recipe, self.total_steps, self.batches_per_epoch)
         optimizer = build_optimizer(self.model, recipe)
         mixup = build_mixup(recipe, int(cfg.data.num_classes))
         self.ctx = StepContext(
@@ -381,7 +379,8 @@ class Trainer:
         )
         if self.resumed_from is not None:
             facts.resumed_step, facts.resumed_from = self.state.step, self.resumed_from
-        console.log_banner(facts, schedule=None)
+        console.log_banner(facts)
+        log_schedule(self.cfg.recipe, self.total_steps, self.batches_per_epoch)  # its line, its warnings
 
     def stop_at_max_steps(self, logger: RunLogger) -> None:
         """Validate once where ``trainer.max_steps`` stopped the run: a metrics.jsonl line, results.json.
