@@ -174,8 +174,9 @@ def epoch_line(
 def summary_lines(results: dict, run_dir: Path) -> list[str]:
     """The closing summary: final and best error, wall time, and where everything went."""
     run_dir = Path(run_dir)
+    status = results.get("status", "complete")
     return [
-        f"done: final top-1 error {results['top1_err']:.2f}% (top-5 {results['top5_err']:.2f}%), best "
+        f"{'done' if status == 'complete' else status}: final top-1 error {results['top1_err']:.2f}% (top-5 {results['top5_err']:.2f}%), best "
         f"{results['best_top1_err']:.2f}% at epoch {results['best_epoch']}, wall time {hms(results['wall_time_s'])}",
         f"  run dir:     {run_dir}",
         f"  results:     {run_dir / 'results.json'}",
