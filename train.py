@@ -6,48 +6,38 @@ Exit status: 0 done, 2 bad config/data/checkpoint (one ``error:`` line), 3 non-f
 """
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+import acon.config_schema  # noqa: F401  (registers the typed schemas before Hydra composes)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the final top-1 error (for sweepers)."""
     from acon.checkpoint import CheckpointError
+    from acon.cli import fail, full_traceback, one_line_errors
     from acon.data.folder import BadImageError
     from acon.preempt import INTERRUPT_EXIT_CODE
     from acon.trainer import train
-    from acon.validate import ConfigError
 
-    try:
-        results = train(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError, BadImageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C while saving
-        print("acon: interrupted; nothing saved since the last checkpoint", file=sys.stderr, flush=True)
-        sys.exit(INTERRUPT_EXIT_CODE)
+    with one_line_errors(CheckpointError, FileNotFoundError, BadImageError):
+        try:
+            results = train(cfg)
+        except FloatingPointError as e:
+            if full_traceback():
+                raise
+            fail(str(e), status=3)
+        except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C while saving
+            print("acon: interrupted; nothing saved since the last checkpoint", file=sys.stderr, flush=True)
+            sys.exit(INTERRUPT_EXIT_CODE)
     return results["top1_err"] if results else None
 
 
-def check_groups() -> None:
-    """Unknown group options (``model=nope``) fail with one line listing the choices, before Hydra runs."""
-    from acon.validate import ConfigError, check_cli_groups
-
-    try:
-        check_cli_groups(sys.argv[1:], CONFIGS)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    check_groups()
+    from acon.cli import preflight
+    from acon.validate import check_train_command
+
+    preflight("train", check_train_command)
     main()

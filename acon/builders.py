@@ -8,6 +8,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 EXTERNAL_ARCHS = ("timm", "torchvision")
+
+
+def model_archs() -> list[str]:
+    """Every valid ``model.arch``: the registered families and the external libraries."""
+    import models
+
+    return [*models.list_models(), *EXTERNAL_ARCHS]
 """``model.arch`` values that build another library's classifier and convert its activations."""
 NATIVE_ACTIVATION = "relu"
 """``activation=relu`` on an external model keeps the model's own activations (the baseline column)."""

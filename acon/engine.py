@@ -90,6 +90,7 @@ def evaluate(
     model.eval()
     ctx = StepContext(model, None, None, None, None, device, precision, channels_last)
     correct1 = correct5 = loss_sum = count = skipped = 0.0
+    bad_files: list[str] = []
     for images, targets, n_bad in loader:
         images, targets = to_device(images, ctx), targets.to(device)
         with autocast(device, precision):
@@ -102,6 +103,7 @@ def evaluate(
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         count += targets.numel()
         skipped += n_bad
+        bad_files.extend(getattr(n_bad, "files", ()))
     model.train(was_training)
     correct1, correct5, loss_sum, count, skipped = all_reduce_sum(
         [correct1, correct5, loss_sum, count, skipped], device
@@ -114,4 +116,5 @@ def evaluate(
         "loss": loss_sum / count,
         "count": int(count),
         "bad_images_skipped": int(skipped),
+        "bad_image_files": bad_files,  # this rank's
     }

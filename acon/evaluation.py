@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from acon import checkpoint as ckpt
-from acon import distributed
+from acon import console, distributed
 from acon.builders import build_model
 from acon.data import build_eval_loader, build_val_dataset
 from acon.engine import evaluate
@@ -137,13 +136,11 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     if info.is_main:
         for r in rows:
             seed = f" seed {r['seed']}" if r["seed"] != "" else ""
-            print(
+            console.log.info(
                 f"{r['checkpoint']} ({r['model']}, {r['activation']}{seed}): top-1 error {r['top1_err']:.2f}%  "
-                f"top-5 error {r['top5_err']:.2f}%  ({r['count']} images)",
-                file=sys.stdout,
-                flush=True,
+                f"top-5 error {r['top5_err']:.2f}%  ({r['count']} images)"
             )
-        print(f"wrote {write_rows(rows, target, cfg.out)}", flush=True)
+        console.log.info(f"wrote {write_rows(rows, target, cfg.out)}")
     return rows
 
 

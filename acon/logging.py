@@ -1,4 +1,5 @@
-"""Rank-0 run logging: TensorBoard scalars and histograms, metrics.jsonl and a progress bar."""
+"""Rank-0 run logging: TensorBoard scalars and histograms, metrics.jsonl and a progress bar (the lines a
+person reads are in ``acon.console``)."""
 
 from __future__ import annotations
 
@@ -99,12 +100,15 @@ class RunLogger:
 
 
 class Progress:
-    """A tqdm bar over the whole run with images/s and ETA (rank 0, when enabled)."""
+    """Images/s of this process, and a tqdm bar over the whole run with ETA when enabled and a person
+    watches a terminal (rank 0; not under SLURM or into a log file: the epoch lines say the same)."""
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool) -> None:
+        from acon.console import show_progress_bar
+
         self.bar = None
-        self.t0, self.images = time.perf_counter(), 0
-        if enabled:
+        self.t0, self.images, self.rate = time.perf_counter(), 0, 0.0
+        if show_progress_bar(enabled):
             from tqdm import tqdm
 
             self.bar = tqdm(
@@ -113,13 +117,13 @@ class Progress:
                 unit="step",
                 dynamic_ncols=True,
                 file=sys.stderr,
-                mininterval=1.0 if sys.stderr.isatty() else 15.0,
+                mininterval=1.0,
             )
 
     def update(self, images: int, **postfix) -> float:
         """Advance one step; returns images/s since the start of this process."""
         self.images += images
-        rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        rate = self.rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
         if self.bar is not None:
             self.bar.set_postfix({"img/s": f"{rate:.0f}", **postfix}, refresh=False)
             self.bar.update(1)

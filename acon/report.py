@@ -8,6 +8,15 @@ import subprocess
 from pathlib import Path
 
 
+def run_dir_of(cfg) -> Path:
+    """Hydra's output dir for this run, or out_dir/run_name outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.out_dir) / cfg.run_name
+
+
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     """The current git commit of the code (with ``-dirty`` if modified), or None outside a checkout."""
     cwd = cwd or Path(__file__).resolve().parent

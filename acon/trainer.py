@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from acon import checkpoint as ckpt
-from acon import distributed, fallbacks
+from acon import console, distributed, fallbacks
 from acon.builders import build_model, run_identity
 from acon.data import build_datasets, build_eval_loader, build_train_loader
+from acon.data.bad_images import SkipLog
 from acon.data.build import build_pipeline_loaders
 from acon.engine import StepContext, agree, evaluate, forward_loss, optimizer_step
 from acon.logging import Progress, RunLogger
@@ -30,7 +30,7 @@ from acon.optim import (
     total_steps,
 )
 from acon.preempt import PreemptionFlag, requeue_and_exit
-from acon.report import git_commit, write_json
+from acon.report import git_commit, run_dir_of, write_json
 from acon.rundir import carry_over_checkpoints, set_aside_previous_run
 from acon.syncbn import convert_sync_batchnorm
 from acon.validate import check_extended_length, check_train_config, resume_kind, resume_path
@@ -46,20 +46,12 @@ class Progression:
     history: list = field(default_factory=list)
     best: dict | None = None
     bad_images_skipped: int = 0
+    bad_image_files: dict = field(default_factory=dict)  # split -> distinct skipped files (capped)
     nonfinite_steps_skipped: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     origin: dict | None = None  # the checkpoint this run extends or fine-tunes (resume_mode), if any
     wall_segments_s: list = field(default_factory=list)  # wall time of each process that ran this run
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    """Hydra's output dir for this run, or out_dir/run_name outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.out_dir) / cfg.run_name
 
 
 def configure_determinism(cfg: DictConfig) -> None:
@@ -101,8 +93,6 @@ class Trainer:
         net = torch.compile(net) if tcfg.compile else net
         self.batches_per_epoch = n_train // int(recipe.batch_size)
         self.total_steps = total_steps(recipe, self.batches_per_epoch)
-        if info.is_main:
-            log_schedule(recipe, self.total_steps, self.batches_per_epoch)
         optimizer = build_optimizer(self.model, recipe)
         mixup = build_mixup(recipe, int(cfg.data.num_classes))
         self.ctx = StepContext(
@@ -121,6 +111,8 @@ class Trainer:
         )
         self.state = Progression()
         self.resumed_from = self.maybe_resume()
+        sizes = {"train": n_train, "val": console.dataset_size(self.val_loader)}
+        self.skips = SkipLog(self.state.bad_image_files, sizes, cfg.data.get("max_bad_images"))
         if self.resumed_from is None:
             seed_process(int(cfg.seed) * 1000 + info.rank)
         self.segment, self.segment_start = len(self.state.wall_segments_s), time.perf_counter()
@@ -230,9 +222,9 @@ class Trainer:
         return path
 
     def announce(self, what: str) -> None:
-        """One line on rank 0's stderr."""
+        """One line on rank 0, through the run's log (console and train.log)."""
         if self.info.is_main:
-            print(f"acon: {what}", file=sys.stderr, flush=True)
+            console.log.info(f"acon: {what}")
 
     # ---------------------------------------------------------------- loop
     def validate(self) -> dict:
@@ -268,6 +260,7 @@ class Trainer:
         if self.validation_due():
             val = self.validate()
             s.bad_images_skipped += val.pop("bad_images_skipped")
+            self.skips.add("val", val.pop("bad_image_files"))
             record.update({f"val_{k}": v for k, v in val.items()})
             logger.scalars(
                 s.step,
@@ -283,13 +276,19 @@ class Trainer:
                 }
         s.history.append(record)
         logger.epoch_line(record)
+        if self.info.is_main:
+            epochs = -(-self.total_steps // self.batches_per_epoch)
+            console.log.info(console.epoch_line(record, epochs, s.best, self.clock, self.bar.rate))
         self.save(best=is_best)
 
     def fit(self) -> dict | None:
         """Train to the end; returns the results dict on rank 0 (None when stopped early)."""
         cfg, t, s, c = self.cfg, self.cfg.trainer, self.state, self.ctx
         logger = RunLogger(self.run_dir, self.info.is_main, s.step, s.history)
-        bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
+        bar = self.bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
+        self.clock = console.RunClock(s.step, self.total_steps)
+        if self.info.is_main:
+            self.log_banner()
         flag = PreemptionFlag().install()
         max_steps = int(t.max_steps) if t.max_steps else None
         rate = 0.0
@@ -298,6 +297,7 @@ class Trainer:
                 t_epoch = time.perf_counter()
                 for images, targets, n_bad in self.epoch_batches(s.epoch, s.batch_in_epoch):
                     s.bad_images_skipped += n_bad
+                    self.skips.add("train", n_bad)
                     loss = forward_loss(c, images, targets)
                     nonfinite, stop_now = agree(
                         [float(not torch.isfinite(loss)), float(bool(flag))], self.info.device
@@ -366,6 +366,22 @@ class Trainer:
             logger.close()
         return self.finish(sum(s.wall_segments_s))  # as of the final save: a no-op rerun adds nothing
 
+    def log_banner(self) -> None:
+        """The start banner (rank 0): model, activation, size, data, devices, batch, steps, run dir."""
+        facts = console.run_facts(
+            self.cfg,
+            self.model,
+            self.info,
+            self.train_loader,
+            self.val_loader,
+            self.total_steps,
+            self.run_dir,
+        )
+        if self.resumed_from is not None:
+            facts.resumed_step, facts.resumed_from = self.state.step, self.resumed_from
+        console.log_banner(facts)
+        log_schedule(self.cfg.recipe, self.total_steps, self.batches_per_epoch)  # its line, its warnings
+
     def stop_at_max_steps(self, logger: RunLogger) -> None:
         """Validate once where ``trainer.max_steps`` stopped the run: a metrics.jsonl line, results.json.
 
@@ -377,6 +393,7 @@ class Trainer:
         if record is None:  # not already validated at the end of an epoch at this step
             val = self.validate()
             s.bad_images_skipped += val.pop("bad_images_skipped")
+            self.skips.add("val", val.pop("bad_image_files"))
             record = {
                 "epoch": round(s.epoch + s.batch_in_epoch / self.batches_per_epoch, 4),
                 "step": s.step,
@@ -416,6 +433,7 @@ class Trainer:
             "steps": self.state.step,
             "epochs": self.state.epoch,
             "bad_images_skipped": self.state.bad_images_skipped,
+            "bad_image_files": self.state.bad_image_files,
             "nonfinite_steps_skipped": self.state.nonfinite_steps_skipped,
             "model": self.cfg.model.name,
             "activation": self.cfg.activation.name,
@@ -428,6 +446,7 @@ class Trainer:
             "origin": self.state.origin,
         }
         write_json(self.run_dir / "results.json", results)
+        console.log_summary(results, self.run_dir)
         return results
 
 

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from acon.config_schema import NON_NEGATIVE, POSITIVE_INT, OneOf, Range
+from acon.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the valid choices."""
+__all__ = [
+    "ConfigError",
+    "check_cli_groups",
+    "check_eval_config",
+    "check_resume",
+    "check_schema",
+    "check_train_command",
+    "check_train_config",
+    "resume_path",
+]
+
+# Keys inside free-form nodes (the instantiated transforms and activation layer) that have a rule.
+NESTED_RULES = {
+    "activation.layer.impl": OneOf(("auto", "reference", "fused")),
+    "data.train_transform.color_jitter": NON_NEGATIVE,
+    "data.val_transform.resize": POSITIVE_INT,
+}
 
 
 def _choice(key: str, value, valid) -> None:
@@ -17,23 +35,48 @@ def _choice(key: str, value, valid) -> None:
         raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, valid))}")
 
 
-def check_train_config(cfg: DictConfig, world_size: int) -> None:
-    """Fail fast on names, combinations and paths that would break the run later."""
-    import models
-    from acon.builders import EXTERNAL_ARCHS
-    from acon.data.build import DATA_KINDS
-    from acon.engine import PRECISIONS
-    from acon.optim import SCHEDULES
+def not_allowed(key: str, value, allowed: Range | OneOf) -> ConfigError:
+    """``key=value is not allowed: must be <what is allowed>`` (or ``is not one of: ...`` for choices)."""
+    if isinstance(allowed, OneOf):
+        return ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed.options()))}")
+    return ConfigError(f"{key}={value!r} is not allowed: must be {allowed.describe()}")
 
-    _choice("model.arch", cfg.model.arch, [*models.list_models(), *EXTERNAL_ARCHS])
-    if cfg.model.arch in EXTERNAL_ARCHS:
-        check_external_model(cfg.model)
-    _choice("data.kind", cfg.data.kind, DATA_KINDS)
-    _choice("recipe.schedule", cfg.recipe.schedule, SCHEDULES)
-    _choice("trainer.precision", cfg.trainer.precision, tuple(PRECISIONS))
-    _choice("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
-    _choice("trainer.nan_policy", cfg.trainer.nan_policy, ("stop", "skip"))
-    _choice("data.bad_image_policy", cfg.data.bad_image_policy, ("raise", "skip"))
+
+def _check_node(node: DictConfig, prefix: str) -> None:
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        if OmegaConf.is_missing(node, f.name):
+            if f.metadata.get("allowed") is not None:
+                raise ConfigError(f"{key} is not set: pass {key}=<{f.metadata['allowed'].describe()}>")
+            continue
+        value = node[f.name]
+        if isinstance(value, DictConfig):
+            _check_node(value, f"{key}.")
+            continue
+        allowed = f.metadata.get("allowed")
+        if allowed is not None and value is not None and not allowed.accepts(value):
+            raise not_allowed(key, value, allowed)
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Every range and choice declared in ``acon.config_schema`` (and ``NESTED_RULES``), in config order."""
+    _check_node(cfg, "")
+    for key, allowed in NESTED_RULES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not allowed.accepts(value):
+            raise not_allowed(key, value, allowed)
+
+
+def check_combinations(cfg: DictConfig, world_size: int) -> None:
+    """Values that are fine alone but not together."""
+    if cfg.data.kind == "synthetic" and cfg.data.pipeline != "reference":
+        raise ConfigError(
+            f"data.pipeline={cfg.data.pipeline!r} reads image files; data={cfg.data.name} (random tensors) "
+            "works only with data.pipeline=reference"
+        )
     batch = int(cfg.recipe.batch_size)
     if batch % world_size:
         raise ConfigError(
@@ -45,9 +88,38 @@ def check_train_config(cfg: DictConfig, world_size: int) -> None:
             f"trainer.val_every_epochs={cfg.trainer.val_every_epochs!r} must be a whole number of epochs >= 1"
         )
     if not cfg.recipe.iterations and not cfg.recipe.epochs:
-        raise ConfigError("set recipe.iterations or recipe.epochs")
+        raise ConfigError(
+            "recipe.iterations and recipe.epochs are both null: set one of them to an integer > 0"
+        )
+
+
+def check_train_command(cfg: DictConfig) -> None:
+    """train.py's checks of one composed command line, before Hydra starts the run."""
+    from acon.distributed import world_size_from_env
+
+    check_schema(cfg)
+    check_combinations(cfg, world_size_from_env())
+    check_resume_value(cfg)
+
+
+def check_resume_value(cfg: DictConfig) -> None:
+    """``resume`` is auto, none or an existing checkpoint file."""
     if cfg.resume not in ("auto", "none", None) and not Path(cfg.resume).is_file():
-        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file")
+        raise ConfigError(f"resume={cfg.resume!r} is not auto, none or an existing checkpoint file")
+
+
+def check_train_config(cfg: DictConfig, world_size: int) -> None:
+    """Fail fast on types, ranges, names, combinations and paths that would break the run later.
+
+    Everything about the config itself comes before the resume checkpoint is looked at.
+    """
+    from acon.builders import EXTERNAL_ARCHS
+
+    check_schema(cfg)
+    if cfg.model.arch in EXTERNAL_ARCHS:
+        check_external_model(cfg.model)
+    check_combinations(cfg, world_size)
+    check_resume_value(cfg)
     if cfg.data.kind == "folder" and not cfg.data.root:
         raise ConfigError(
             f"data.root is not set for data={cfg.data.name}: pass data.root=/path/with/train_and_val"
@@ -78,6 +150,20 @@ def check_external_model(model_cfg: DictConfig) -> None:
         raise ConfigError(
             f"{key}={name!r} is not a {model_cfg.arch} classifier name (see {model_cfg.arch}'s list)"
         )
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """eval.py: a checkpoint that exists, valid ranges and choices."""
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise ConfigError(
+            "checkpoint is not set: pass checkpoint=PATH (a .pt file or a folder of *.pt files)"
+        )
+    target = Path(str(cfg.checkpoint)).expanduser()
+    if not target.exists():
+        raise ConfigError(
+            f"checkpoint={cfg.checkpoint!r} does not exist: pass a .pt file or a folder of them"
+        )
+    check_schema(cfg)
 
 
 def check_cli_groups(args: list[str], config_dir: str | os.PathLike) -> None:
@@ -196,7 +282,7 @@ def check_resume(cfg: DictConfig) -> None:
 
     from acon import checkpoint as ckpt
     from acon.builders import build_model, run_identity
-    from acon.trainer import run_dir_of
+    from acon.report import run_dir_of
 
     mode = cfg.get("resume_mode", "strict")
     _choice("resume_mode", mode, RESUME_MODES)

@@ -1,7 +1,8 @@
 """Model zoo: ShuffleNetV2 and ResNet with an injected activation, as in the ACON paper's tables."""
 
 from models.complexity import activation_sites, count_flops, count_params
-from models.features import FeatureInfo, FPNBackbone, build_fpn_backbone
+from models.detection import build_fpn_backbone
+from models.features import FeatureInfo, FPNBackbone
 from models.official import convert_official_state_dict, load_official_checkpoint
 from models.registry import MODELS, create_model, get_entry, list_models, model_activation
 

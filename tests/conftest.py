@@ -15,6 +15,8 @@ CONFIGS = ROOT / "configs"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import acon.config_schema  # noqa: E402, F401  (registers the typed schemas with Hydra)
+
 
 def write_image_folder(
     root: Path, classes: int = 3, per_class: tuple[int, int] = (8, 3), size=(40, 30), seed: int = 0

@@ -15,8 +15,8 @@ from acon.data.folder import ImageFolderDataset, collate_skipping_bad, find_clas
 from acon.data.samplers import ExactShardSampler, ResumableTrainSampler, SeededDataset
 from acon.data.synthetic import SyntheticDataset
 from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from acon.errors import ConfigError
 from acon.preempt import worker_ignores_stop_signals
-from acon.validate import ConfigError
 
 DATA_KINDS = ("digits", "folder", "synthetic")
 

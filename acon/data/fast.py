@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import functional as TF
 
+from acon.data.bad_images import decoding, split_batch
 from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD, OpenCVResize
 
 __all__ = [
@@ -162,7 +163,8 @@ def jpeg_header(data: torch.Tensor) -> tuple[int, int, str] | None:
 def _open(data: torch.Tensor | Image.Image) -> Image.Image:
     if isinstance(data, Image.Image):
         return data
-    return Image.open(io.BytesIO(data.numpy().tobytes()))  # lazily: reads the header only
+    with decoding():
+        return Image.open(io.BytesIO(data.numpy().tobytes()))  # lazily: reads the header only
 
 
 class FastTrainTransform:
@@ -211,10 +213,8 @@ class FastTrainTransform:
         if self._use_tvio(fmt, mode, data, h, w):
             from torchvision.io import ImageReadMode, decode_image
 
-            try:
+            with decoding():  # a DecodeError, so the dataset's bad-image policy applies
                 x = decode_image(data, mode=ImageReadMode.RGB)
-            except RuntimeError as e:  # as OSError, so the dataset's bad-image policy applies
-                raise OSError(f"torchvision cannot decode the image: {e}") from e
             # packed (channels-last) pixels take the uint8 SIMD resize's fast path: 1.7x faster here
             x = x[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)[0]
@@ -230,9 +230,14 @@ class FastTrainTransform:
     def _pil_crop(
         self, img: Image.Image, top: int, left: int, h: int, w: int, flip: bool, jit
     ) -> torch.Tensor:
-        if img.mode not in ("RGB", "L"):  # CMYK, palette, RGBA: convert at full size, as the reference does
-            img = img.convert("RGB")
-        s = _draft_scale(img, h, w, self.size) if self.decoder != "tvio" else 1.0
+        with decoding():
+            if img.mode not in (
+                "RGB",
+                "L",
+            ):  # CMYK, palette, RGBA: convert at full size, as the reference does
+                img = img.convert("RGB")
+            s = _draft_scale(img, h, w, self.size) if self.decoder != "tvio" else 1.0
+            img.load()  # decode now (at the draft scale): a failure here is the file's
         box = (left / s, top / s, (left + w) / s, (top + h) / s)
         out = img.resize((self.size, self.size), Image.BILINEAR, box=box)
         out = out if out.mode == "RGB" else out.convert("RGB")
@@ -268,7 +273,9 @@ class FastValTransform:
 
     def __call__(self, data: torch.Tensor | Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         img = _open(data)
-        img = img if img.mode == "RGB" else img.convert("RGB")
+        with decoding():
+            img = img if img.mode == "RGB" else img.convert("RGB")
+            img.load()
         if self._authors is not None:
             return TF.center_crop(self._authors(img), self.size).contiguous(), self._params.clone()
         img = TF.center_crop(TF.resize(img, self.resize), self.size)
@@ -306,11 +313,9 @@ def collate_augment(batch: list) -> tuple[AugBatch, torch.Tensor, int]:
 
     Decoded uint8 CHW images are stacked into a uint8 NCHW tensor (in shared memory when called in a
     DataLoader worker, as ``default_collate`` does, so that sending it costs no copy); encoded byte tensors
-    (variable length) stay a list. ``None`` samples (skipped bad images) are dropped and counted.
+    (variable length) stay a list. Skipped bad images are dropped and counted (``BadImages``).
     """
-    good = [b for b in batch if b is not None]
-    if not good:
-        raise RuntimeError(f"every image in a batch of {len(batch)} failed to decode")
+    good, bad = split_batch(batch)
     first = good[0][0][0]
     params = torch.stack([s[0][1] for s in good])
     targets = torch.tensor([s[1] for s in good], dtype=torch.long)
@@ -318,4 +323,4 @@ def collate_augment(batch: list) -> tuple[AugBatch, torch.Tensor, int]:
         images = default_collate([s[0][0] for s in good])
     else:
         images = [s[0][0] for s in good]
-    return AugBatch(images, params), targets, len(batch) - len(good)
+    return AugBatch(images, params), targets, bad

@@ -8,24 +8,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from acon.data.bad_images import DECODE_ERRORS, BadImageError, DecodeError, SkippedImage, split_batch
 from acon.data.index import load_index
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 BAD_IMAGE_POLICIES = ("skip", "raise")
-
-
-class BadImageError(RuntimeError):
-    """An image file that cannot be decoded; the message names the file."""
+__all__ = ["BAD_IMAGE_POLICIES", "BadImageError", "ImageFolderDataset", "collate_skipping_bad", "open_image"]
 
 
 def open_image(path: str) -> Image.Image:
-    """Open lazily; PIL identifies the format from the bytes, so a PNG named .JPEG still decodes."""
+    """Open and decode; PIL identifies the format from the bytes, so a PNG named .JPEG still decodes.
+
+    Decoding here (not lazily in the transform) makes a file that cannot be decoded the loader's error,
+    and an error in the transform the transform's own.
+    """
     if os.path.getsize(path) == 0:
         raise BadImageError(f"{path}: zero-byte image file")
-    return Image.open(path)
+    img = Image.open(path)
+    img.load()
+    return img
 
 
 def find_classes(root: Path) -> list[str]:
@@ -87,17 +91,23 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def load(self, index: int):
-        """Decode and transform one sample; errors become BadImageError naming the file."""
+        """Read, decode and transform one sample; a failure to read or decode the file becomes
+        BadImageError naming it, any other error propagates as it is."""
         path, target = self.samples[index]
         if self.sample_seed is not None:
             torch.manual_seed(self.sample_seed(index))
         try:
             img = self.loader(path)
-            return (self.transform(img) if self.transform else img), target
         except BadImageError:
             raise
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            raise BadImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+        except DECODE_ERRORS as e:
+            raise BadImageError(f"{path}: cannot read or decode image ({type(e).__name__}: {e})") from e
+        if not self.transform:
+            return img, target
+        try:
+            return self.transform(img), target
+        except DecodeError as e:
+            raise BadImageError(f"{path}: cannot decode image ({e})") from e
 
     def __getitem__(self, index: int):
         try:
@@ -106,13 +116,12 @@ class ImageFolderDataset(Dataset):
             if self.bad_image_policy == "raise":
                 raise
             warnings.warn(f"skipping bad image: {e}", stacklevel=2)
-            return None
+            return SkippedImage(self.samples[index][0], str(e))
 
 
 def collate_skipping_bad(batch: list):
-    """Default collate over the good samples; returns (images, targets, number of bad images skipped)."""
-    good = [b for b in batch if b is not None]
-    if not good:
-        raise BadImageError(f"every image in a batch of {len(batch)} failed to decode")
+    """Default collate over the good samples; returns (images, targets, BadImages: the skipped count and
+    files)."""
+    good, bad = split_batch(batch)
     images, targets = default_collate(good)
-    return images, targets, len(batch) - len(good)
+    return images, targets, bad

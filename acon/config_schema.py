@@ -1,0 +1,268 @@
+"""Typed schemas of every config group, registered with Hydra so a wrong type fails at composition.
+
+Each group's yaml files start from its schema (``defaults: [base_<group>, _self_]``); the dataclasses below
+are the only place a key is declared. A field's ``allowed`` rule (a range or a set of choices) is checked
+by :func:`acon.validate.check_schema` before any data is read or any model is built.
+
+To add a key: add a field to the group's dataclass here (with ``allowed=`` if it has a range or choices),
+then set it in the yaml files that need another value than the default.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers between ``low`` and ``high`` (either may be open or absent)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        """True when ``value`` is a number of the right kind inside the range."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def describe(self) -> str:
+        """What is allowed, in words: ``an integer > 0``, ``a number in [0, 1)``."""
+        kind = "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        return kind
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of fixed ``choices``, or of the sequence named by ``source`` (``module:NAME``, imported late)."""
+
+    choices: tuple = ()
+    source: str | None = None
+
+    def options(self) -> tuple:
+        """The valid values."""
+        if self.source is None:
+            return self.choices
+        module, name = self.source.split(":")
+        found = getattr(importlib.import_module(module), name)
+        return tuple(found() if callable(found) else found)
+
+    def accepts(self, value: Any) -> bool:
+        """True when ``value`` is one of the options."""
+        return value in self.options()
+
+    def describe(self) -> str:
+        """``one of: a, b, c``."""
+        return "one of: " + ", ".join(map(str, self.options()))
+
+
+POSITIVE_INT = Range(0, low_open=True, integer=True)
+NON_NEGATIVE_INT = Range(0, integer=True)
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1, high_open=True)  # [0, 1)
+
+
+def key(default: Any = MISSING, allowed: Range | OneOf | None = None) -> Any:
+    """A schema field with its default and its ``allowed`` rule (read by ``acon.validate``)."""
+    meta = {"allowed": allowed} if allowed else {}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelSchema:
+    """``model``: a registered architecture and its constructor options."""
+
+    name: str = key()
+    arch: str = key(allowed=OneOf(source="acon.builders:model_archs"))
+    small_input: bool = key(False)
+    kwargs: dict[str, Any] = key({})
+
+
+@dataclass
+class ExternalModelSchema(ModelSchema):
+    """``model=timm`` / ``model=torchvision``: a classifier of that library with its activations converted."""
+
+    timm_name: str | None = key(None)
+    tv_name: str | None = key(None)
+    example_size: int = key(224, POSITIVE_INT)
+    targets: list[str] | None = key(None)
+    init: str = key("default", OneOf(("default", "match")))
+
+
+@dataclass
+class ActivationSchema:
+    """``activation``: a name and the partial ``layer`` the models instantiate."""
+
+    name: str = key()
+    layer: dict[str, Any] = key()
+
+
+@dataclass
+class DataSchema:
+    """``data``: what every kind of data shares."""
+
+    name: str = key()
+    kind: str = key(allowed=OneOf(source="acon.data.build:DATA_KINDS"))
+    num_classes: int = key(allowed=POSITIVE_INT)
+    img_size: int = key(allowed=POSITIVE_INT)
+    preprocess: str = key("rgb_normalized", OneOf(("rgb_normalized", "bgr_255")))
+    pipeline: str = key("reference", OneOf(source="acon.data.pipelines:PIPELINES"))
+    bad_image_policy: str = key("raise", OneOf(("raise", "skip")))
+    max_bad_images: int | None = key(None, NON_NEGATIVE_INT)  # null: 0.1 % of the split, at least 1
+    index_cache: bool = key(True)  # keep each split's file list (acon/data/index.py)
+    index_cache_dir: str | None = key(None)
+    num_workers: int = key(0, NON_NEGATIVE_INT)
+    pin_memory: bool = key(True)
+    persistent_workers: bool = key(False)
+    prefetch_factor: int = key(2, POSITIVE_INT)
+
+
+@dataclass
+class FolderDataSchema(DataSchema):
+    """``data`` read from image folders (ImageNet layout, the digits PNGs)."""
+
+    root: str | None = key(None)
+    train_split: str = key("train")
+    val_split: str = key("val")
+    train_transform: dict[str, Any] = key()
+    val_transform: dict[str, Any] = key()
+
+
+@dataclass
+class SyntheticDataSchema(DataSchema):
+    """``data=synthetic``: random tensors."""
+
+    train_samples: int = key(allowed=POSITIVE_INT)
+    val_samples: int = key(allowed=POSITIVE_INT)
+
+
+@dataclass
+class RecipeSchema:
+    """``recipe``: optimiser, schedule, length and regularisation."""
+
+    name: str = key()
+    batch_size: int = key(allowed=POSITIVE_INT)
+    base_batch_size: int = key(allowed=POSITIVE_INT)
+    lr: float = key(allowed=POSITIVE)
+    momentum: float = key(0.9, PROBABILITY)
+    nesterov: bool = key(False)
+    weight_decay: float = key(0.0, NON_NEGATIVE)
+    label_smoothing: float = key(0.0, PROBABILITY)
+    iterations: int | None = key(None, POSITIVE_INT)
+    epochs: int | None = key(None, POSITIVE_INT)
+    schedule: str = key("linear", OneOf(source="acon.optim:SCHEDULES"))
+    warmup_steps: int = key(0, NON_NEGATIVE_INT)
+    warmup_lr: float = key(0.0, NON_NEGATIVE)
+    min_lr: float = key(0.0, NON_NEGATIVE)
+    ema_decay: float | None = key(None, Range(0, 1, low_open=True, high_open=True))
+    mixup: float = key(0.0, NON_NEGATIVE)
+    cutmix: float = key(0.0, NON_NEGATIVE)
+    clip_grad: float | None = key(None, POSITIVE)
+
+
+@dataclass
+class TrainerSchema:
+    """``trainer``: device, precision, logging and checkpoint intervals."""
+
+    device: str = key("auto", OneOf(("auto", "cpu", "cuda")))
+    precision: str = key("fp32", OneOf(source="acon.engine:PRECISIONS"))
+    channels_last: bool = key(False)
+    compile: bool = key(False)
+    sync_bn: bool = key(False)
+    threads: int | None = key(None, POSITIVE_INT)
+    log_every: int = key(20, POSITIVE_INT)
+    hist_every: int = key(200, POSITIVE_INT)
+    ckpt_every_steps: int = key(500, POSITIVE_INT)
+    val_every_epochs: int = key(1, POSITIVE_INT)
+    eval_batch_size: int = key(256, POSITIVE_INT)
+    keep_step_checkpoints: int = key(0, NON_NEGATIVE_INT)
+    nan_policy: str = key("stop", OneOf(("stop", "skip")))
+    max_steps: int | None = key(None, POSITIVE_INT)
+    progress: bool = key(True)
+    dist_timeout_s: float = key(600.0, POSITIVE)
+
+
+@dataclass
+class TrainSchema:
+    """train.yaml's own keys (the groups carry their own schemas)."""
+
+    model: Any = MISSING
+    activation: Any = MISSING
+    data: Any = MISSING
+    recipe: Any = MISSING
+    trainer: Any = MISSING
+    experiment: Any = None
+    seed: int = key(0, NON_NEGATIVE_INT)
+    deterministic: bool = key(False)
+    out_dir: str = key("runs")
+    sweep_name: str = key("sweep")
+    run_name: str = key()
+    resume: str | None = key("auto")  # auto | none | a checkpoint file (checked by acon.validate)
+    resume_mode: str = key("strict", OneOf(source="acon.validate:RESUME_MODES"))
+
+
+@dataclass
+class OfficialSchema:
+    """eval.py's ``official``: how to read an authors' released checkpoint."""
+
+    model: str | None = key(None, OneOf(source="models:list_models"))
+    activation: str | None = key(None)  # inferred from the parameter names when null
+    model_kwargs: dict[str, Any] = key({})
+
+
+@dataclass
+class EvalSchema:
+    """eval.yaml's own keys."""
+
+    data: Any = MISSING
+    trainer: Any = MISSING
+    checkpoint: str = key()
+    out: str | None = key(None)
+    batch_size: int = key(256, POSITIVE_INT)
+    use_ema: bool = key(False)
+    data_from_checkpoint: bool = key(True)
+    official: OfficialSchema = field(default_factory=OfficialSchema)
+
+
+GROUP_SCHEMAS = {
+    "model": {"base_model": ModelSchema, "base_external_model": ExternalModelSchema},
+    "activation": {"base_activation": ActivationSchema},
+    "data": {"base_folder_data": FolderDataSchema, "base_synthetic_data": SyntheticDataSchema},
+    "recipe": {"base_recipe": RecipeSchema},
+    "trainer": {"base_trainer": TrainerSchema},
+}
+ROOT_SCHEMAS = {"base_train": TrainSchema, "base_eval": EvalSchema}
+
+
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore (before Hydra composes ``configs/``)."""
+    cs = ConfigStore.instance()
+    for group, schemas in GROUP_SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=name, node=node)
+    for name, node in ROOT_SCHEMAS.items():
+        cs.store(name=name, node=node)
+
+
+register()

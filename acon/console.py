@@ -1,0 +1,200 @@
+"""The lines a person reads: start banner, one line per epoch, closing summary, eval rows.
+
+Everything goes through the ``acon`` logger, so Hydra's job logging (``configs/hydra/job_logging``)
+prints it and writes the same lines to the run's ``train.log``. Callers log on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("acon")
+
+
+def show_progress_bar(wanted: bool) -> bool:
+    """A redrawing bar only for a person at a terminal: stderr is a TTY and the job is not under SLURM."""
+    return wanted and sys.stderr.isatty() and "SLURM_JOB_ID" not in os.environ
+
+
+def hms(seconds: float) -> str:
+    """``h:mm:ss``."""
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def activation_impl(model, device) -> str:
+    """Which ACON-C implementation the model's activations run on ``device`` (empty for other ones)."""
+    import torch
+
+    from acon.activations import AconC, MetaAconC
+
+    layer = next((m for m in model.modules() if isinstance(m, AconC | MetaAconC)), None)
+    if layer is None:
+        return ""
+    if layer.impl == "reference":
+        return "reference form"
+    from acon import fused
+
+    probe = torch.empty(2, layer.channels, 8, 8, device="meta" if device.type != "cpu" else "cpu")
+    if device.type == "cuda":
+        return "fused (Triton)" if fused.ops.triton_importable() else "reference form"
+    if not fused.available(probe, layer.impl):
+        return "reference form"
+    mode = fused.cpu.mode()
+    return {"native": "fused (C++ kernels)", "compiled": "fused (Inductor)"}.get(mode, f"fused ({mode})")
+
+
+def dataset_size(loader) -> int | None:
+    """Samples in a (possibly wrapped) loader's dataset, when it has a length."""
+    inner = getattr(loader, "loader", loader)
+    try:
+        return len(inner.dataset)
+    except TypeError:
+        return None
+
+
+@dataclass
+class RunFacts:
+    """What the banner says about a run."""
+
+    model: str
+    activation: str
+    params: int
+    macs: int
+    img_size: int
+    train_size: int | None
+    val_size: int | None
+    world_size: int
+    device: str
+    precision: str
+    global_batch: int
+    total_steps: int
+    run_dir: Path
+    resumed_step: int | None = None
+    resumed_from: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_facts(
+    cfg: DictConfig, model, info, train_loader, val_loader, total_steps: int, run_dir: Path
+) -> RunFacts:
+    """The banner's facts for a trainer's objects."""
+    import models
+
+    impl = activation_impl(model, info.device)
+    act = cfg.activation.name + (f" [{impl}]" if impl else "")
+    return RunFacts(
+        model=f"{cfg.model.name} ({cfg.model.arch})",
+        activation=act,
+        params=models.count_params(model),
+        macs=models.count_flops(model, int(cfg.data.img_size)),
+        img_size=int(cfg.data.img_size),
+        train_size=dataset_size(train_loader),
+        val_size=dataset_size(val_loader),
+        world_size=info.world_size,
+        device=str(info.device),
+        precision=str(cfg.trainer.precision),
+        global_batch=int(cfg.recipe.batch_size),
+        total_steps=total_steps,
+        run_dir=run_dir,
+    )
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
+def banner_lines(facts: RunFacts, schedule: str | None = None) -> list[str]:
+    """The start banner; ``schedule`` (the recipe's schedule in words) gets its own line when given."""
+    lines = [
+        f"acon: model {facts.model}, activation {facts.activation}",
+        f"  {facts.params / 1e6:.2f} M params, {facts.macs / 1e6:.1f} M MACs at {facts.img_size} px",
+        f"  data: {_count(facts.train_size)} train / {_count(facts.val_size)} val images",
+        f"  {facts.world_size} process(es) on {facts.device}, {facts.precision}, global batch "
+        f"{facts.global_batch}, {facts.total_steps:,} steps",
+    ]
+    if schedule:
+        lines.append(f"  schedule: {schedule}")
+    lines.append(f"  run dir: {facts.run_dir}")
+    if facts.resumed_step is not None:
+        lines.append(f"  resumed from step {facts.resumed_step} ({facts.resumed_from})")
+    return lines
+
+
+def log_banner(facts: RunFacts, schedule: str | None = None) -> None:
+    """Log the start banner."""
+    for line in banner_lines(facts, schedule):
+        log.info(line)
+
+
+class RunClock:
+    """Elapsed time and ETA from the steps this process has run."""
+
+    def __init__(self, start_step: int, total_steps: int) -> None:
+        self.t0, self.start_step, self.total_steps = time.perf_counter(), start_step, total_steps
+
+    def elapsed(self) -> float:
+        """Seconds since this process started training."""
+        return time.perf_counter() - self.t0
+
+    def eta(self, step: int) -> float:
+        """Seconds left at the pace of this process so far."""
+        done = step - self.start_step
+        return self.elapsed() / done * (self.total_steps - step) if done > 0 else math.nan
+
+
+def _val_text(record: dict) -> str:
+    if "val_top1_err" not in record:
+        return "val -"
+    return f"val top-1 {record['val_top1_err']:.2f}% top-5 {record['val_top5_err']:.2f}%"
+
+
+def epoch_line(
+    record: dict, total_epochs: int, best: dict | None, clock: RunClock, images_per_s: float
+) -> str:
+    """``epoch i/N``, step, train loss, val top-1/top-5 error, best so far, lr, images/s, elapsed, ETA."""
+    eta = clock.eta(record["step"])
+    best_txt = f"best {best['top1_err']:.2f}% (epoch {best['epoch']})" if best else "best -"
+    return (
+        f"epoch {record['epoch']}/{total_epochs}  step {record['step']}/{clock.total_steps}  "
+        f"train loss {record['train_loss']:.4f}  {_val_text(record)}  {best_txt}  lr {record['lr']:.4g}  "
+        f"{images_per_s:.0f} img/s  elapsed {hms(clock.elapsed())}  "
+        f"ETA {hms(eta) if not math.isnan(eta) else '-'}"
+    )
+
+
+def summary_lines(results: dict, run_dir: Path) -> list[str]:
+    """The closing summary: final and best error, wall time, and where everything went."""
+    run_dir = Path(run_dir)
+    status = results.get("status", "complete")
+    return [
+        f"{'done' if status == 'complete' else status}: final top-1 error {results['top1_err']:.2f}% (top-5 {results['top5_err']:.2f}%), best "
+        f"{results['best_top1_err']:.2f}% at epoch {results['best_epoch']}, wall time {hms(results['wall_time_s'])}",
+        f"  run dir:     {run_dir}",
+        f"  results:     {run_dir / 'results.json'}",
+        f"  best:        {run_dir / 'best.pt'}",
+        f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
+    ]
+
+
+def log_summary(results: dict, run_dir: Path) -> None:
+    """Log the closing summary."""
+    for line in summary_lines(results, run_dir):
+        log.info(line)
+
+
+def eval_line(row: dict) -> str:
+    """One checkpoint's evaluation."""
+    skipped = row.get("bad_images_skipped", 0)
+    return (
+        f"{row['checkpoint']}: top-1 error {row['top1_err']:.2f}%  top-5 error {row['top5_err']:.2f}%  "
+        f"({row['count']} images{f', {skipped} bad skipped' if skipped else ''})"
+    )
