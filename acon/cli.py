@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -35,9 +36,16 @@ def full_traceback() -> bool:
 
 
 def fail(message: str, status: int = 2) -> None:
-    """Print ``error: message`` on one line and exit."""
+    """Print ``error: message`` on one line and exit at once.
+
+    The exit skips interpreter teardown: DataLoader workers ignore SIGTERM (so a signal to the process
+    group becomes a checkpoint), and multiprocessing's exit handler would wait forever for the workers it
+    terminates. The workers die with this process instead (``PR_SET_PDEATHSIG``, acon.preempt).
+    """
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    logging.shutdown()  # flush the run's train.log
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def one_line(message: str) -> str:

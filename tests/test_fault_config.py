@@ -54,7 +54,10 @@ def test_cli_unknown_model_is_one_line_and_fast(tmp_path):
     proc = run_cli([sys.executable, "train.py", "model=nope", f"out_dir={tmp_path}"], check=False, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: model='nope' is not one of: resnet101"), lines
+    assert len(lines) == 1 and lines[0].startswith("error: model='nope' is not one of: "), lines
+    choices = lines[0].split("is not one of: ", 1)[1].split(", ")
+    assert {"resnet101", "resnet50", "shufflenetv2_x0_5", "tfnet_x0_5", "timm", "torchvision"} <= set(choices)
+    assert choices == sorted(choices), choices
     assert time.perf_counter() - t0 < 30 and not any(tmp_path.iterdir())
 
 
