@@ -15,6 +15,8 @@ def model_archs() -> list[str]:
     import models
 
     return [*models.list_models(), *EXTERNAL_ARCHS]
+
+
 """``model.arch`` values that build another library's classifier and convert its activations."""
 NATIVE_ACTIVATION = "relu"
 """``activation=relu`` on an external model keeps the model's own activations (the baseline column)."""
