@@ -82,7 +82,7 @@ class FPNBackbone(nn.Module):
         from torchvision.ops import FeaturePyramidNetwork
         from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-        if not hasattr(body, "feature_info"):
+        if not callable(getattr(getattr(body, "feature_info", None), "channels", None)):
             raise ValueError(f"{type(body).__name__} has no feature_info: build it with features_only=True")
         extra = LastLevelP6P7(out_channels, out_channels) if extra_p6p7 else LastLevelMaxPool()
         self.body = body

@@ -41,6 +41,7 @@ def _all_modules(channels: int = C) -> list[nn.Module]:
 # ---- the paper's limits and special cases --------------------------------------------------------
 
 
+@pytest.mark.slow  # long; run with -m slow
 def test_acon_c_beta_to_zero_is_the_mean():
     torch.manual_seed(0)
     x = torch.linspace(-6, 6, 241).repeat(2, C, 1).double()

@@ -65,6 +65,7 @@ def test_smoke_dry_run_lists_every_combination(capsys):
     assert "activation=relu" in cmds[0] and "data.pipeline=reference" in cmds[0]
 
 
+@pytest.mark.slow  # long; run with -m slow
 def test_smoke_run_on_cpu_two_steps(tmp_path, capsys):
     """One real 2-step run through train.py (the gpu pipeline, on the CPU), as gpu_check.sh runs them."""
     args = ["--device", "cpu", "--steps", "2", "--batch", "4", "--img", "32", "--workers", "0"]

@@ -91,6 +91,7 @@ def test_wrong_data_root(tiny_imagenet, tmp_path, root, no_data_scan):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # long; run with -m slow
 def test_cli_missing_data_root_exit_2(tmp_path):
     proc = run_cli(
         [sys.executable, "train.py", *tiny_overrides(tmp_path / "nowhere", tmp_path / "out", steps=1)],

@@ -59,6 +59,7 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
         assert_finite(model)
 
 
+@pytest.mark.slow  # long; run with -m slow
 def test_exploding_lr_stops_cli_with_clear_message(tiny_imagenet, tmp_path):
     """A real divergence (lr=1e30): exit status 3, one error line, last.pt finite or never written."""
     proc = run_cli(

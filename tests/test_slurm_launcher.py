@@ -129,6 +129,7 @@ def _preempt_and_resume(tiny_imagenet, tmp_path, sig: signal.Signals, multirun: 
     assert runs == [run_dir]  # resumed in place, no new timestamped dir
 
 
+@pytest.mark.slow  # long; run with -m slow
 def test_preemption_checkpoints_requeues_and_rerun_resumes(tiny_imagenet, tmp_path):
     _preempt_and_resume(tiny_imagenet, tmp_path, signal.SIGUSR1, multirun=False)
 

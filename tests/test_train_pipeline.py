@@ -15,6 +15,7 @@ from acon.checkpoint import load_checkpoint
 RUN = "folder-{model}-{act}-s0"
 
 
+@pytest.mark.slow  # long; run with -m slow
 def test_train_then_eval_end_to_end(tiny_imagenet, tmp_path):
     out = tmp_path / "runs"
     run_cli(
@@ -130,6 +131,7 @@ def _updates(state: dict, init: dict) -> dict:
     return {k: state["model"][k] - init[k] for k in init if init[k].is_floating_point()}
 
 
+@pytest.mark.slow  # long; run with -m slow
 def test_ddp_two_processes_match_one(tiny_imagenet, tmp_path):
     """2 gloo ranks with SyncBatchNorm = 1 process with the same global batch.
 
@@ -218,7 +220,7 @@ def test_ddp_two_processes_match_one(tiny_imagenet, tmp_path):
     )
 
 
-@pytest.mark.parametrize("pipeline", ["fast", "gpu", "shards"])
+@pytest.mark.parametrize("pipeline", ["fast", "gpu", pytest.param("shards", marks=pytest.mark.slow)])
 def test_trains_with_each_input_pipeline(tiny_imagenet, tmp_path, pipeline):
     """data.pipeline=fast|gpu|shards run through the same trainer (the device stage runs on CPU here)."""
     root = tiny_imagenet

@@ -71,6 +71,8 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    import acon.config_schema  # noqa: F401  (registers the typed schemas the yaml files start from)
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
