@@ -9,6 +9,9 @@ the main process is gone.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # noqa: F401  (its exit handler is registered first)
 import os
 import signal
 import subprocess
@@ -17,6 +20,21 @@ import sys
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — torchrun --max-restarts and our SLURM wrapper rerun
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def _kill_daemonic_children() -> None:
+    """At interpreter exit, SIGKILL daemonic children (DataLoader workers) that are still alive.
+
+    Our workers ignore SIGTERM, so multiprocessing's own exit handler, which terminates daemonic
+    children with SIGTERM and then joins them, would wait forever for a worker whose loader was never
+    shut down. Registered after multiprocessing's handler, this one runs first (atexit is LIFO).
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_daemonic_children)
 
 
 def _signals(names: tuple[str, ...]) -> list[signal.Signals]:

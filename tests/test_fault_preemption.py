@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, tiny_overrides
+from conftest import ROOT, compose, tiny_overrides
 from test_fault_checkpoints import (
     descendants,
     group_signals_then_bit_exact_resume,
@@ -233,3 +234,17 @@ def test_group_signals_with_workers_on_the_other_cpu_pipelines(
     reference = pipeline_references(pipeline, root)
     extra = (f"data.pipeline={pipeline}", "data.num_workers=2")
     group_signals_then_bit_exact_resume(root, tmp_path, reference, ("SIGTERM", "SIGINT"), *extra)
+
+
+def test_process_exits_with_live_workers_that_ignore_stop_signals():
+    """A loader whose workers ignore SIGTERM and was never shut down must not hold the interpreter's exit."""
+    code = (
+        "import torch\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from acon.preempt import worker_ignores_stop_signals\n"
+        "loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=2,\n"
+        "                    persistent_workers=True, worker_init_fn=worker_ignores_stop_signals)\n"
+        "it = iter(loader); next(it); KEEP = [it]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
