@@ -93,6 +93,7 @@ def child(mode: str, root: Path, launched: float, workers: int) -> None:
     from acon.data.build import build_datasets, build_train_loader
     from acon.data.transforms import train_transform, val_transform
 
+    imports = time.time() - launched
     cfg = OmegaConf.load(ROOT / "configs" / "data" / "imagenet.yaml")
     classes = len([d for d in os.scandir(root / "train") if d.is_dir()])
     overrides = dict(root=str(root), num_classes=classes, img_size=64, num_workers=workers)
@@ -114,7 +115,17 @@ def child(mode: str, root: Path, launched: float, workers: int) -> None:
     torch.nn.functional.cross_entropy(model(images), targets).backward()
     opt.step()
     first_step = time.time() - launched
-    print(json.dumps({"mode": mode, "first_step_s": first_step, "index_s": t_index, "val": len(val)}))
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "first_step_s": first_step,
+                "index_s": t_index,
+                "imports_s": imports,
+                "val": len(val),
+            }
+        )
+    )
 
 
 def tree_shape_from(root: Path) -> list[int]:
@@ -176,10 +187,11 @@ def report(best: dict[str, dict], root: Path) -> None:
     classes, n_train, n_val = tree_shape_from(root)
     print(f"\ntree: {classes} classes, {n_train:,} train + {n_val:,} val files ({root})")
     print(f"after: {load_note()}\n")
-    print("| launch | to first training step (s) | file listing / index of both splits (s) |")
-    print("|---|---|---|")
+    print("| launch | to first training step (s) | file listing / index of both splits (s) | imports (s) |")
+    print("|---|---|---|---|")
     for mode in MODES:
-        print(f"| {mode} | {best[mode]['first_step_s']:.2f} | {best[mode]['index_s']:.2f} |")
+        r = best[mode]
+        print(f"| {mode} | {r['first_step_s']:.2f} | {r['index_s']:.2f} | {r['imports_s']:.2f} |")
     cold, warm, tv = (best[m]["first_step_s"] for m in MODES)
     ci, wi, ti = (best[m]["index_s"] for m in MODES)
     print(
