@@ -81,17 +81,19 @@ def test_run_logs_banner_epochs_summary_and_resume_point(tiny_imagenet, tmp_path
 def test_command_prints_the_lines_and_train_log_holds_them(tiny_imagenet, tmp_path):
     """`python train.py` with the bar on but stderr not a terminal: lines on stdout, no bar redraws."""
     env = {"SLURM_JOB_ID": "7"}
-    args = tiny_overrides(tiny_imagenet, tmp_path) + ["model=resnet18_small", "activation=relu"]
+    args = tiny_overrides(tiny_imagenet, tmp_path) + ["model=shufflenetv2_x0_5_small", "activation=relu"]
     args = [a for a in args if a != "trainer.progress=false"] + ["trainer.progress=true"]
     proc = run_cli([sys.executable, "train.py", *args], env=env, timeout=300)
     out = proc.stdout.strip().splitlines()
     assert (
-        out[0].startswith("acon: model resnet18_small") and sum(ln.startswith("epoch 1/1") for ln in out) == 1
+        out[0].startswith("acon: model shufflenetv2_x0_5_small")
+        and sum(ln.startswith("epoch 1/1") for ln in out) == 1
     )
-    assert out[-5].startswith("done: final top-1 error") and out[-4] == f"  run dir:     {tmp_path / RUN}"
+    run = "folder-shufflenetv2_x0_5_small-relu-s0"
+    assert out[-5].startswith("done: final top-1 error") and out[-4] == f"  run dir:     {tmp_path / run}"
     assert "\r" not in proc.stderr and "step/s" not in proc.stderr and "it/s" not in proc.stderr
     logged = [
         re.sub(r"^\[[^]]*\]\[[A-Z]+\] ", "", ln)
-        for ln in (tmp_path / RUN / "train.log").read_text().splitlines()
+        for ln in (tmp_path / run / "train.log").read_text().splitlines()
     ]
     assert logged == out

@@ -106,7 +106,16 @@ def test_rrc_params_reproduce_torchvision_draws(w, h):
         assert rrc_params(h, w) == ref
 
 
-@pytest.mark.parametrize("path", ["fast_auto", "fast_pil", "fast_tvio", "gpu"])
+@pytest.mark.parametrize(
+    "path",
+    # auto decodes through both PIL (DCT-scaled) and torchvision.io; the forced decoders on demand
+    [
+        "fast_auto",
+        pytest.param("fast_pil", marks=pytest.mark.slow),
+        pytest.param("fast_tvio", marks=pytest.mark.slow),
+        "gpu",
+    ],
+)
 def test_crop_scale_and_aspect_distributions_match_reference(path):
     data = read_bytes_from(_jpeg(200, 150))
     tf = {

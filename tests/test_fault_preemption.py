@@ -126,6 +126,7 @@ def test_dead_rank_ends_whole_job_quickly(tiny_imagenet, tmp_path):
     assert load_checkpoint(tmp_path / RUN / "last.pt")["world_size"] == 2
 
 
+@pytest.mark.slow  # long; torchrun's launch and a rank's death stay in test_dead_rank_ends_whole_job_quickly
 def test_torchrun_restart_resumes_from_last_checkpoint(tiny_imagenet, tmp_path):
     run_dir = tmp_path / RUN
     proc = start(torchrun(tiny_imagenet, tmp_path, 30, restarts=1))
