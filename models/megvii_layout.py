@@ -7,7 +7,7 @@ inside a Sequential, the authors' key). A family sets these modules, calls ``ini
 ``init_feature_info``, and gets the forward passes, the head, pruning and parameter groups from here.
 """
 
-from __future__ import annotations
+# No postponed annotations here: FX copies forward()'s annotations into code that TorchScript compiles.
 
 import torch
 from timm.models import checkpoint_seq

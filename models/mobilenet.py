@@ -14,7 +14,7 @@ the last conv last; feature index 0 is the stem with the layers at its stride, 1
 layer downsamples (strides 4-32, the last with the last conv).
 """
 
-from __future__ import annotations
+# No postponed annotations here: FX copies forward()'s annotations into code that TorchScript compiles.
 
 import math
 from collections.abc import Callable, Sequence

@@ -26,7 +26,7 @@ The layout is ShuffleNetV2's (``models.megvii_layout``), which gives TFNet timm'
 5 the last 1x1 conv.
 """
 
-from __future__ import annotations
+# No postponed annotations here: FX copies forward()'s annotations into code that TorchScript compiles.
 
 import functools
 import inspect

@@ -110,6 +110,8 @@ def test_torchscript_and_fx_keep_the_acon_modules_whole(name, act, one_thread):
     kw = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
     fx = create_feature_extractor(m, return_nodes=["conv_last.2"], tracer_kwargs=kw)
     assert "conv_last.2" in dict(fx.named_modules()) and isinstance(fx.get_submodule("conv_last.2"), act)
+    with torch.no_grad():  # the traced graph scripts too (timm's test_model_forward_fx_torchscript)
+        torch.testing.assert_close(torch.jit.script(fx)(X)["conv_last.2"], m.forward_features(X))
 
 
 def test_data_config_is_our_evaluation_transform(tmp_path):
