@@ -3,9 +3,10 @@
 A family subclasses ``TimmModelMixin`` and provides ``stem`` (the first feature map), ``maxpool`` (if it
 has one), the modules after it (``stage_list``), ``drop_stages_after``, the classifier attribute named by
 ``classifier_name`` (and ``build_classifier`` if it is not a plain Linear), and its own scriptable
-``forward_features`` / ``group_matcher``. Feature index 0 is the stem, then one index per stage (timm's
-``feature_info`` order). ``DropoutHeadMixin`` adds the head of the families whose dropout is a module
-(ShuffleNetV2, TFNet, MobileNet); ``models.megvii_layout`` the rest of ShuffleNetV2's and TFNet's layout.
+``forward_features`` / ``forward_head`` / ``group_matcher``. Feature index 0 is the stem, then one index per stage (timm's
+``feature_info`` order). ``DropoutHeadMixin`` adds ``forward_head`` for the families whose dropout is a
+module (ShuffleNetV2, TFNet, MobileNet); ``models.megvii_layout`` the rest of ShuffleNetV2's and TFNet's
+shared layout.
 """
 
 from __future__ import annotations
