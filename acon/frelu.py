@@ -20,6 +20,16 @@ from acon.functional import check_channels
 STRIDES = (1, 2)
 
 
+def check_feature_maps(x: torch.Tensor, channels: int) -> None:
+    """Raise a clear error unless ``x`` is (N, ``channels``, H, W)."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"AconFReLU needs (N, C, H, W) feature maps (its funnel is a 3x3 depthwise conv), "
+            f"got shape {tuple(x.shape)}"
+        )
+    check_channels(x, channels)
+
+
 class AconFReLU(nn.Module):
     """ACON-FReLU on (N, C, H, W) maps; ``stride=2`` halves H and W (max-pooled identity, strided funnel)."""
 
@@ -34,12 +44,8 @@ class AconFReLU(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(
-                f"AconFReLU needs (N, C, H, W) feature maps (its funnel is a 3x3 depthwise conv), "
-                f"got shape {tuple(x.shape)}"
-            )
-        check_channels(x, self.channels)
+        if not torch.jit.is_scripting():  # TorchScript: the same computation without the input checks
+            check_feature_maps(x, self.channels)
         funnel = self.bn1(self.conv_frelu(x))
         d = self.maxpool(x) - funnel
         return self.bn2(d * torch.sigmoid(d) + funnel)

@@ -8,17 +8,24 @@ last 1x1 conv; the projection 1x1 stays linear. MobileNetV1 (Howard et al., 2017
 depthwise-separable blocks, the activation after every BatchNorm, widths ``int(c * width)``.
 
 ``small_input=True`` makes the stem stride 1 for 16-64 px proxy data.
+
+Both follow timm's model protocol (``models.timm_api``): ``features`` holds every layer, stem first and
+the last conv last; feature index 0 is the stem with the layers at its stride, 1-4 end where the next
+layer downsamples (strides 4-32, the last with the last conv).
 """
 
-from __future__ import annotations
+# No postponed annotations here: FX copies forward()'s annotations into code that TorchScript compiles.
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
+from timm.models import checkpoint_seq
 from torch import nn
 from torchvision.models._utils import _make_divisible
 
 from acon import ReLU, create_activation
+from models.timm_api import DropoutHeadMixin
 
 # MobileNetV2: (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 2.
 V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2))
@@ -56,13 +63,29 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-class _Classifier(nn.Module):
-    """Shared head and init of both MobileNets: global average pool, dropout, linear."""
+def stage_ends(strides: Sequence[int]) -> list[int]:
+    """Index of the last layer before each stride-2 layer after the first, and of the last layer."""
+    return [i - 1 for i, s in enumerate(strides) if s > 1 and i > 0] + [len(strides) - 1]
 
-    def _make_head(self, features: int, num_classes: int, drop_rate: float) -> None:
-        self.num_features, self.num_classes = features, num_classes
-        self.dropout = nn.Dropout(drop_rate)
-        self.classifier = nn.Linear(features, num_classes) if num_classes > 0 else nn.Identity()
+
+class _MobileNet(DropoutHeadMixin, nn.Module):
+    """What both MobileNets share: ``features`` (stem first, last conv last), the head, timm's protocol.
+
+    ``layers`` are given as (module, stride, output channels). Feature index 0 is the stem with the layers
+    at its stride (timm's choice for MobileNetV2); indices 1-4 end where the next layer downsamples, the
+    last one with the last conv."""
+
+    def _build(
+        self, layers: list[tuple[nn.Module, int, int]], num_classes: int, drop_rate: float, global_pool: str
+    ) -> None:
+        modules, strides, channels = zip(*layers, strict=True)
+        self.features = nn.Sequential(*modules)
+        self.stage_ends = stage_ends(strides)
+        self.feature_info = [
+            dict(module=f"features.{e}", num_chs=channels[e], reduction=math.prod(strides[: e + 1]))
+            for e in self.stage_ends
+        ]
+        self.init_dropout_head(channels[-1], num_classes, global_pool, drop_rate)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -73,20 +96,35 @@ class _Classifier(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature index 0: the stem and the layers at its stride."""
+        return self.features[: self.stage_ends[0] + 1](x)
+
+    def stage_list(self) -> list[nn.Module]:
+        """The layers of feature indices 1-4 (slices of ``features``)."""
+        ends = self.stage_ends
+        return [self.features[a + 1 : e + 1] for a, e in zip(ends[:-1], ends[1:], strict=True)]
+
+    def drop_stages_after(self, index: int) -> None:
+        """Remove the layers after feature index ``index``."""
+        self.features = self.features[: self.stage_ends[max(index, 0)] + 1]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups: the stem conv, then one group per layer of ``features``."""
+        return dict(stem=r"^features\.0\.", blocks=r"^features\.(\d+)")
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled output of the last conv."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.features, x)
         return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool, dropout and classifier."""
-        x = self.dropout(torch.flatten(x.mean((2, 3), keepdim=True), 1))
-        return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
-class MobileNetV2(_Classifier):
+class MobileNetV2(_MobileNet):
     """MobileNetV2 at ``width`` (torchvision's channel rounding) with an injected activation."""
 
     def __init__(
@@ -97,22 +135,24 @@ class MobileNetV2(_Classifier):
         small_input: bool = False,
         drop_rate: float = 0.2,
         in_chans: int = 3,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
-        chs = _make_divisible(32 * width, 8)
-        layers = [conv_bn_act(in_chans, chs, 3, 1 if small_input else 2, act_layer)]
+        self.in_chans = in_chans
+        chs, stride = _make_divisible(32 * width, 8), 1 if small_input else 2
+        layers = [(conv_bn_act(in_chans, chs, 3, stride, act_layer), stride, chs)]
         for t, c, n, s in V2_SETTING:
             out = _make_divisible(c * width, 8)
             for i in range(n):
-                layers.append(InvertedResidual(chs, out, s if i == 0 else 1, t, act_layer))
+                stride = s if i == 0 else 1
+                layers.append((InvertedResidual(chs, out, stride, t, act_layer), stride, out))
                 chs = out
         last = _make_divisible(1280 * max(1.0, width), 8)
-        layers.append(conv_bn_act(chs, last, 1, 1, act_layer))
-        self.features = nn.Sequential(*layers)
-        self._make_head(last, num_classes, drop_rate)
+        layers.append((conv_bn_act(chs, last, 1, 1, act_layer), 1, last))
+        self._build(layers, num_classes, drop_rate, global_pool)
 
 
-class MobileNetV1(_Classifier):
+class MobileNetV1(_MobileNet):
     """MobileNetV1 at ``width`` (channels ``int(c * width)``) with an injected activation."""
 
     def __init__(
@@ -123,17 +163,17 @@ class MobileNetV1(_Classifier):
         small_input: bool = False,
         drop_rate: float = 0.0,
         in_chans: int = 3,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
-        chs = int(32 * width)
-        layers = [conv_bn_act(in_chans, chs, 3, 1 if small_input else 2, act_layer)]
+        self.in_chans = in_chans
+        chs, stride = int(32 * width), 1 if small_input else 2
+        layers = [(conv_bn_act(in_chans, chs, 3, stride, act_layer), stride, chs)]
         for c, s in V1_SETTING:
             out = int(c * width)
-            layers.append(
-                nn.Sequential(
-                    conv_bn_act(chs, chs, 3, s, act_layer, groups=chs), conv_bn_act(chs, out, 1, 1, act_layer)
-                )
+            dw_pw = nn.Sequential(
+                conv_bn_act(chs, chs, 3, s, act_layer, groups=chs), conv_bn_act(chs, out, 1, 1, act_layer)
             )
+            layers.append((dw_pw, s, out))
             chs = out
-        self.features = nn.Sequential(*layers)
-        self._make_head(chs, num_classes, drop_rate)
+        self._build(layers, num_classes, drop_rate, global_pool)

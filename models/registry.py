@@ -135,7 +135,8 @@ def create_model(
     Family options: ShuffleNetV2 ``variant="official"|"megvii"``, ``drop_rate``; ResNet
     ``variant="official"|"torchvision"``, ``act_placement="paper"|"all"``, ``zero_init_residual``;
     both ``in_chans``, ``features_only``, ``out_indices``, ``se`` and ``se_reduction`` (squeeze-excite).
-    TFNet and MobileNet: ``drop_rate``, ``in_chans``.
+    TFNet: ``drop_rate``, ``in_chans``, ``features_only``, ``out_indices``; MobileNet: ``drop_rate``,
+    ``in_chans``. Every family: ``global_pool`` (timm's pooling names).
     """
     entry = get_entry(name)
     valid = _model_kwargs(entry)

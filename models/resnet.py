@@ -31,7 +31,7 @@ from timm.models import checkpoint_seq
 from torch import nn
 
 from acon import ReLU, create_activation
-from models.features import FeatureInfo, FeatureSpec
+from models.features import FeatureSpec
 from models.se import DEFAULT_REDUCTION, check_reduction, resnet_se
 from models.timm_api import TimmModelMixin
 
@@ -169,14 +169,8 @@ class ResNet(TimmModelMixin, nn.Module):
             in_chs = out_chs
             specs.append(FeatureSpec(f"layer{i + 1}", out_chs, base * 2**i))
         self.init_head(in_chs, num_classes, global_pool, drop_rate)
-        self.feature_specs = tuple(specs)
         self._initialize_weights(zero_init_residual)
-        self.features_only = features_only
-        if features_only:
-            self.feature_info = FeatureInfo(self.feature_specs, out_indices)
-            self._prune_for_features(max(self.feature_info.out_indices))
-        else:
-            self.feature_info = [dict(vars(spec)) for spec in self.feature_specs]
+        self.init_feature_info(specs, features_only, out_indices)
 
     def _initialize_weights(self, zero_init_residual: bool) -> None:
         """Authors' (torchvision) init: convs Kaiming-normal fan_out, BN weight 1 and bias 0."""

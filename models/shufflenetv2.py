@@ -20,13 +20,12 @@ Megvii's ShuffleNetV2+; ``se_reduction`` (default 4) sets its hidden width C // 
 from collections.abc import Callable, Sequence
 
 import torch
-from timm.models import checkpoint_seq
 from torch import nn
 
 from acon import ReLU, create_activation
-from models.features import FeatureInfo, FeatureSpec
+from models.features import FeatureSpec
+from models.megvii_layout import MegviiLayoutMixin
 from models.se import DEFAULT_REDUCTION, check_reduction, shufflenet_se
-from models.timm_api import TimmModelMixin
 
 WIDTHS: dict[str, tuple[int, int, int, int, int]] = {
     "0.5x": (24, 48, 96, 192, 1024),
@@ -92,10 +91,9 @@ class ShuffleV2Block(nn.Module):
         return torch.cat((self.branch_proj(x), self.branch_main(x)), 1)
 
 
-class ShuffleNetV2(TimmModelMixin, nn.Module):
+class ShuffleNetV2(MegviiLayoutMixin, nn.Module):
     """ShuffleNetV2 with an injected activation; ``channels`` = (stem, stage2, stage3, stage4, last)."""
 
-    classifier_name = "classifier"
     __constants__ = ["features_only"]
 
     def __init__(
@@ -120,7 +118,7 @@ class ShuffleNetV2(TimmModelMixin, nn.Module):
         if len(channels) != 5:
             raise ValueError(f"ShuffleNetV2 channels needs 5 widths, got {tuple(channels)}")
         bias = variant == "official"
-        self.variant, self.in_chans, self.head_bias = variant, in_chans, bias
+        self.variant, self.in_chans = variant, in_chans
         stem = channels[0]
         self.first_conv = nn.Sequential(
             nn.Conv2d(in_chans, stem, 3, 1 if small_input else 2, 1, bias=bias),
@@ -142,37 +140,19 @@ class ShuffleNetV2(TimmModelMixin, nn.Module):
             nn.BatchNorm2d(channels[4]),
             create_activation(act_layer, channels[4]),
         )
-        self.dropout = nn.Dropout(drop_rate)
-        self.init_head(channels[4], num_classes, global_pool, 0.0)
-        self.drop_rate = drop_rate
+        self.init_megvii_head(channels[4], num_classes, global_pool, drop_rate, bias)
         self._initialize_weights()
 
         base = 1 if small_input else 4  # stride after the stem and max-pool
-        self.feature_specs = (
+        specs = [
             FeatureSpec("first_conv.2", stem, 1 if small_input else 2),
             *(
                 FeatureSpec(f"features.{e}", c, base * r)
                 for e, c, r in zip(self.stage_ends, channels[1:4], (2, 4, 8), strict=True)
             ),
             FeatureSpec("conv_last.2", channels[4], base * 8),
-        )
-        self.features_only = features_only
-        if features_only:
-            self.feature_info = FeatureInfo(self.feature_specs, out_indices)
-            self._prune_for_features(max(self.feature_info.out_indices))
-        else:
-            self.feature_info = [dict(vars(spec)) for spec in self.feature_specs]
-
-    def build_classifier(self, num_classes: int) -> nn.Module:
-        """``classifier.0``, the authors' key (bias only in the ACON release); empty for 0 classes."""
-        if num_classes <= 0:
-            return nn.Sequential()
-        return nn.Sequential(nn.Linear(self.num_features, num_classes, bias=self.head_bias))
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The Linear layer (``classifier.0``), or the empty head when there are no classes."""
-        return self.classifier[0] if len(self.classifier) else self.classifier
+        ]
+        self.init_feature_info(specs, features_only, out_indices)
 
     def _initialize_weights(self) -> None:
         """Authors' init: convs N(0, 1/weight.shape[1]) (stem N(0, 0.01)), BN bias 1e-4, fc N(0, 0.01)."""
@@ -190,74 +170,3 @@ class ShuffleNetV2(TimmModelMixin, nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    def _prune_for_features(self, last: int) -> None:
-        """Drop the modules no selected feature map depends on (head, later stages)."""
-        self.classifier = self.dropout = None
-        if last < 4:
-            self.conv_last = None
-        if last == 0:
-            self.features = nn.Sequential()
-        elif last < 4:
-            self.features = self.features[: self.stage_ends[last - 1] + 1]
-
-    def stage_list(self) -> list[nn.Module]:
-        """The modules after the max-pool, one per feature index 1-4 (the last 1x1 conv is index 4)."""
-        starts = [0] + [e + 1 for e in self.stage_ends[:-1]]
-        stages = [self.features[a : e + 1] for a, e in zip(starts, self.stage_ends, strict=True)]
-        return [*stages, self.conv_last]
-
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        """The stem's output (feature index 0), before the max-pool."""
-        return self.first_conv(x)
-
-    def drop_stages_after(self, index: int) -> None:
-        """Remove the blocks after feature index ``index`` (the last 1x1 conv below index 4)."""
-        if index < 4:
-            self.conv_last = nn.Identity()
-        if index <= 0:
-            self.features = nn.Sequential()
-        elif index < 4:
-            self.features = self.features[: self.stage_ends[index - 1] + 1]
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's parameter groups: the stem, then one per block (the last 1x1 conv is the last group)."""
-        return dict(stem=r"^first_conv", blocks=[(r"^features\.(\d+)", None), (r"^conv_last", (99999,))])
-
-    @torch.jit.unused
-    def forward_feature_list(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The feature maps selected by ``out_indices`` (our own ``features_only`` output)."""
-        wanted, out = set(self.feature_info.out_indices), []
-        x = self.first_conv(x)
-        if 0 in wanted:
-            out.append(x)
-        x = self.maxpool(x)
-        for i, block in enumerate(self.features):
-            x = block(x)
-            if i in self.stage_ends and self.stage_ends.index(i) + 1 in wanted:
-                out.append(x)
-        if self.conv_last is not None:
-            x = self.conv_last(x)
-            if 4 in wanted:
-                out.append(x)
-        return out
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled output of the last 1x1 conv."""
-        x = self.maxpool(self.first_conv(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.features, x)
-        else:
-            x = self.features(x)
-        return self.conv_last(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global pool, dropout and classifier."""
-        x = self.dropout(self.global_pool(x))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor):
-        if self.features_only:
-            return self.forward_feature_list(x)
-        return self.forward_head(self.forward_features(x))

@@ -20,18 +20,24 @@ stem, which is what "replace ACON-FReLU by ReLU" means for this network.
 
 Differences from the release that do not change a 224x224 result: global average pooling instead of a
 fixed 7x7 pool, and ``small_input=True`` (stride-1 stem) for 16-64 px proxy data.
+
+The layout is ShuffleNetV2's (``models.megvii_layout``), which gives TFNet timm's model protocol and
+``features_only`` / ``out_indices``: feature index 0 is the stem, 1-4 the four stages (strides 4-32),
+5 the last 1x1 conv.
 """
 
-from __future__ import annotations
+# No postponed annotations here: FX copies forward()'s annotations into code that TorchScript compiles.
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from acon import AconFReLU, ReLU, create_activation
+from models.features import FeatureSpec
+from models.megvii_layout import MegviiLayoutMixin
 
 WIDTHS = (0.5, 1.0, 1.5, 2.0)
 STAGE_REPEATS = (2, 3, 8, 3)
@@ -76,8 +82,10 @@ class TFBlock(nn.Module):
         return self.acon(x + y if self.stride == 1 else torch.cat((x, y), 1))
 
 
-class TFNet(nn.Module):
+class TFNet(MegviiLayoutMixin, nn.Module):
     """TFNet at ``width`` (0.5 / 1.0 / 1.5 / 2.0) with an injected activation (default ACON-FReLU)."""
+
+    __constants__ = ["features_only"]
 
     def __init__(
         self,
@@ -87,30 +95,42 @@ class TFNet(nn.Module):
         small_input: bool = False,
         drop_rate: float | None = None,
         in_chans: int = 3,
+        global_pool: str = "avg",
+        features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
     ) -> None:
         super().__init__()
         stem = int(16 * width)
-        self.width, self.num_classes, self.num_features = width, num_classes, LAST_CHANNELS
+        self.width, self.in_chans = width, in_chans
         self.first_conv = nn.Sequential(
             nn.Conv2d(in_chans, stem, 3, 1 if small_input else 2, 1, bias=True),
             nn.BatchNorm2d(stem),
             ReLU(stem, inplace=True),
         )
-        blocks, chs = [], stem
+        self.maxpool = nn.Identity()  # none after the stem: the stride-2 activations downsample
+        blocks, chs, self.stage_ends = [], stem, []
         for repeats in STAGE_REPEATS:
             for i in range(repeats):
                 blocks.append(TFBlock(chs, 2 if i == 0 else 1, act_layer))
                 chs = chs * 2 if i == 0 else chs
+            self.stage_ends.append(len(blocks) - 1)
         self.features = nn.Sequential(*blocks)
         self.conv_last = nn.Sequential(
             nn.Conv2d(chs, LAST_CHANNELS, 1, 1, 0, bias=True),
             nn.BatchNorm2d(LAST_CHANNELS),
             activation_site(act_layer, LAST_CHANNELS),
         )
-        self.dropout = nn.Dropout((0.2 if width > 0.5 else 0.0) if drop_rate is None else drop_rate)
-        head = [nn.Linear(LAST_CHANNELS, num_classes, bias=True)] if num_classes > 0 else []
-        self.classifier = nn.Sequential(*head)
+        drop_rate = (0.2 if width > 0.5 else 0.0) if drop_rate is None else drop_rate
+        self.init_megvii_head(LAST_CHANNELS, num_classes, global_pool, drop_rate, bias=True)
         self._initialize_weights()
+        base = 1 if small_input else 2  # stride after the stem
+        specs = [FeatureSpec("first_conv.2", stem, base)]
+        specs += [
+            FeatureSpec(f"features.{e}", stem * 2 ** (i + 1), base * 2 ** (i + 1))
+            for i, e in enumerate(self.stage_ends)
+        ]
+        specs.append(FeatureSpec("conv_last.2", LAST_CHANNELS, base * 2 ** len(self.stage_ends)))
+        self.init_feature_info(specs, features_only, out_indices)
 
     def _initialize_weights(self) -> None:
         """Authors' init: convs N(0, 1/weight.shape[1]), stem and funnel convs N(0, 0.01); BN bias 1e-4."""
@@ -126,15 +146,3 @@ class TFNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled output of the last 1x1 conv and its activation."""
-        return self.conv_last(self.features(self.first_conv(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool, dropout and classifier."""
-        x = self.dropout(torch.flatten(x.mean((2, 3), keepdim=True), 1))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

@@ -1,10 +1,12 @@
 """timm's model protocol for our families: head, pooling, grad checkpointing and intermediate features.
 
-A family subclasses ``TimmModelMixin`` and provides ``stem`` (the first feature map), ``maxpool``, the
-four modules after it (``stage_list``), ``drop_stages_after``, the classifier attribute named by
+A family subclasses ``TimmModelMixin`` and provides ``stem`` (the first feature map), ``maxpool`` (if it
+has one), the modules after it (``stage_list``), ``drop_stages_after``, the classifier attribute named by
 ``classifier_name`` (and ``build_classifier`` if it is not a plain Linear), and its own scriptable
-``forward_features`` / ``forward_head`` / ``group_matcher``. Feature index 0 is the stem, 1-4 the stages
-(timm's ``feature_info`` order).
+``forward_features`` / ``forward_head`` / ``group_matcher``. Feature index 0 is the stem, then one index per stage (timm's
+``feature_info`` order). ``DropoutHeadMixin`` adds ``forward_head`` for the families whose dropout is a
+module (ShuffleNetV2, TFNet, MobileNet); ``models.megvii_layout`` the rest of ShuffleNetV2's and TFNet's
+shared layout.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from models.features import FeatureInfo, FeatureSpec
+
 POOL_TYPES = ("avg", "max", "avgmax", "")
 
 
@@ -28,7 +32,7 @@ def make_global_pool(pool_type: str) -> SelectAdaptivePool2d:
 
 
 class TimmModelMixin:
-    """The methods timm's tools expect, shared by ResNet and ShuffleNetV2 (see the module docstring)."""
+    """The methods timm's tools expect, shared by every family (see the module docstring)."""
 
     classifier_name = "fc"
 
@@ -38,6 +42,19 @@ class TimmModelMixin:
         self.num_classes, self.drop_rate, self.grad_checkpointing = num_classes, drop_rate, False
         self.global_pool = make_global_pool(global_pool)
         setattr(self, self.classifier_name, self.build_classifier(num_classes))
+
+    def init_feature_info(
+        self, specs: Sequence[FeatureSpec], features_only: bool, out_indices: Sequence[int]
+    ) -> None:
+        """``feature_info`` from the tap points: timm's list of dicts, or the selected taps (pruned) for
+        our own ``features_only`` model, which the family prunes in ``_prune_for_features``."""
+        self.feature_specs = tuple(specs)
+        self.features_only = features_only
+        if features_only:
+            self.feature_info = FeatureInfo(self.feature_specs, out_indices)
+            self._prune_for_features(max(self.feature_info.out_indices))
+        else:
+            self.feature_info = [dict(vars(spec)) for spec in self.feature_specs]
 
     def build_classifier(self, num_classes: int) -> nn.Module:
         """The classifier module (identity for ``num_classes=0``)."""
@@ -86,7 +103,8 @@ class TimmModelMixin:
         x = self.stem(x)
         if 0 in take_indices:
             intermediates.append(x)
-        x = self.maxpool(x)
+        if getattr(self, "maxpool", None) is not None:
+            x = self.maxpool(x)
         for i, stage in enumerate(stages[:max_index] if stop_early else stages, start=1):
             x = self.run_stage(stage, x)
             if i in take_indices:
@@ -102,3 +120,22 @@ class TimmModelMixin:
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
+
+
+class DropoutHeadMixin(TimmModelMixin):
+    """Global pool, the ``dropout`` module and ``classifier``: the head of ShuffleNetV2, TFNet, MobileNet."""
+
+    classifier_name = "classifier"
+
+    def init_dropout_head(
+        self, num_features: int, num_classes: int, global_pool: str, drop_rate: float
+    ) -> None:
+        """``dropout`` (``nn.Dropout(drop_rate)``), then pooling and classifier as in ``init_head``."""
+        self.dropout = nn.Dropout(drop_rate)
+        self.init_head(num_features, num_classes, global_pool, 0.0)
+        self.drop_rate = drop_rate
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global pool, dropout and classifier."""
+        x = self.dropout(self.global_pool(x))
+        return x if pre_logits else self.classifier(x)

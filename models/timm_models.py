@@ -4,6 +4,7 @@
 ``FAMILIES`` (timm's own models stay untouched)::
 
     timm.create_model("acon_resnet50")                           # ACON-C (the default activation)
+    timm.create_model("acon_tfnet_x0_5")                         # TFNet's own default: ACON-FReLU
     timm.create_model("acon_resnet50", activation="meta_acon", num_classes=10, features_only=True)
     timm.create_model("acon_resnet50.megvii_meta_in1k", pretrained=True,
                       pretrained_cfg_overlay=dict(file="ResNet50+MetaACON.pth.tar"))
@@ -12,7 +13,8 @@ Every keyword of ``models.create_model`` is accepted (``activation``, ``act_kwar
 ``small_input``, ...), plus timm's ``device``/``dtype``; unknown ones raise ``TypeError``.
 
 Pretrained tags name the authors' checkpoint layouts: ``megvii_in1k`` (ACON-C) and ``megvii_meta_in1k``
-(Meta-ACON) for the models of the paper's ACON tables. No URL is known, so the file is given with
+(Meta-ACON) for the models of the paper's ACON tables, ``megvii_in1k`` (ACON-FReLU) for the four
+released TFNets. No URL is known, so the file is given with
 ``pretrained_cfg_overlay=dict(file=PATH)``; it is converted on load by ``models.official`` (timm's
 ``pretrained_filter_fn``). Those weights were trained on BGR input in 0-255 without normalisation. The
 cfg records the 0-255 scale as ``mean=0, std=1/255`` (what ``timm.data.create_transform`` can express);
@@ -21,7 +23,9 @@ reverses the first convolution's input channels, so the loaded model takes RGB. 
 keeps the weights as released and feeds BGR (``data.preprocess=bgr_255``); both give the same logits.
 
 The ACON modules are FX leaves (``register_notrace_module``): their fused op is an autograd.Function
-that FX cannot trace into. Under TorchScript they take the reference (paper-form) path.
+that FX cannot trace into. Under TorchScript they take the reference (paper-form) path. ACON-FReLU is
+a leaf too (its input checks branch on shapes); it has no fused op, and under TorchScript it skips only
+those checks.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 from torch import nn
 
+from acon import AconFReLU
 from acon.activations import ACON_MODULES
 from models.official import OFFICIAL_INPUT, convert_official_state_dict
 from models.registry import MODELS, create_model
@@ -49,33 +54,48 @@ AUTHORS_CODE = "https://github.com/nmaac/acon"
 
 @dataclass(frozen=True)
 class TimmFamily:
-    """How a family of ``models.registry`` meets timm: first conv, classifier, feature wrapper config."""
+    """How a family of ``models.registry`` meets timm: first conv, classifier, feature wrapper config, and
+    the activation of its untagged ``acon_*`` models."""
 
     first_conv: str
     classifier: str
-    feature_cfg: dict = field(default_factory=dict)
+    feature_cfg: dict = field(default_factory=lambda: {"flatten_sequential": True})
+    default_activation: str = DEFAULT_ACTIVATION
 
 
 FAMILIES: dict[str, TimmFamily] = {
-    "shufflenetv2": TimmFamily("first_conv.0", "classifier.0", {"flatten_sequential": True}),
-    "resnet": TimmFamily("conv1", "fc"),
+    "shufflenetv2": TimmFamily("first_conv.0", "classifier.0"),
+    "resnet": TimmFamily("conv1", "fc", {}),
+    "tfnet": TimmFamily("first_conv.0", "classifier.0", default_activation="acon_frelu"),
+    "mobilenetv2": TimmFamily("features.0.0", "classifier"),
+    "mobilenetv1": TimmFamily("features.0.0", "classifier"),
 }
-"""One row per family registered with timm; a new family (e.g. TFNet) needs one row here."""
+"""One row per family registered with timm (every family of ``models.registry``)."""
 
-TAG_ACTIVATION = {"": DEFAULT_ACTIVATION, "megvii_in1k": "acon_c", "megvii_meta_in1k": "meta_acon"}
-"""The activation a pretrained tag's weights were trained with ('' is the untagged default)."""
-
-PRETRAINED_TAGS: dict[str, tuple[str, ...]] = {
-    name: ("megvii_in1k", "megvii_meta_in1k")
-    for name in ("shufflenetv2_x0_5", "shufflenetv2_x1_5", "resnet50", "resnet101", "resnet152")
+_ACON_TABLE_TAGS = {"megvii_in1k": "acon_c", "megvii_meta_in1k": "meta_acon"}
+PRETRAINED_TAGS: dict[str, dict[str, str]] = {
+    **{
+        name: _ACON_TABLE_TAGS
+        for name in ("shufflenetv2_x0_5", "shufflenetv2_x1_5", "resnet50", "resnet101", "resnet152")
+    },
+    **{f"tfnet_x{w}": {"megvii_in1k": "acon_frelu"} for w in ("0_5", "1_0", "1_5", "2_0")},
 }
-"""The authors' checkpoint layouts per model: the paper's ACON-C and Meta-ACON table rows."""
+"""The authors' checkpoint layouts per model, each tag with the activation its weights were trained with:
+the paper's ACON-C and Meta-ACON table rows, and the released TFNets (ACON-FReLU)."""
 
-for _module in ACON_MODULES:
+
+def tag_activation(name: str, tag: str | None) -> str:
+    """The activation ``acon_<name>.<tag>`` is built with (the family's default without a tag)."""
+    if tag:
+        return PRETRAINED_TAGS[name][tag]
+    return FAMILIES[MODELS[name].family].default_activation
+
+
+for _module in (*ACON_MODULES, AconFReLU):
     register_notrace_module(_module)
 
 
-def _cfg(family: TimmFamily, tag: str) -> dict:
+def _cfg(family: TimmFamily, tag: str, activation: str) -> dict:
     cfg = dict(
         num_classes=1000,
         input_size=(3, 224, 224),
@@ -95,7 +115,7 @@ def _cfg(family: TimmFamily, tag: str) -> dict:
             mean=tuple(OFFICIAL_INPUT["mean"]),
             std=(1.0 / scale,) * 3,
             notes=(
-                f"authors' checkpoint ({TAG_ACTIVATION[tag]}): trained on BGR input in 0-255 without "
+                f"authors' checkpoint ({activation}): trained on BGR input in 0-255 without "
                 "normalisation; mean=0, std=1/255 give the 0-255 scale, and the checkpoint filter reverses "
                 "the first conv's input channels so the loaded model takes RGB",
             ),
@@ -140,7 +160,7 @@ def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
             f"{variant}: no hosted weights; pass the authors' checkpoint file with a pretrained tag "
             f"(tags: {tags}) and pretrained_cfg_overlay=dict(file=PATH)"
         )
-    kwargs.setdefault("activation", TAG_ACTIVATION.get(cfg.tag or "", DEFAULT_ACTIVATION))
+    kwargs.setdefault("activation", tag_activation(name, cfg.tag))
     family = FAMILIES[MODELS[name].family]
     return build_model_with_cfg(
         functools.partial(_build, name),
@@ -170,7 +190,8 @@ def register_family(family: str) -> list[str]:
     cfgs = {}
     for n in names:
         for tag in ("", *PRETRAINED_TAGS.get(n, ())):
-            cfgs[PREFIX + n + (f".{tag}" if tag else "")] = _cfg(FAMILIES[family], tag)
+            variant = PREFIX + n + (f".{tag}" if tag else "")
+            cfgs[variant] = _cfg(FAMILIES[family], tag, tag_activation(n, tag))
     globals()["default_cfgs"] = {**globals().get("default_cfgs", {}), **generate_default_cfgs(cfgs)}
     return [register_model(_entrypoint(n)).__name__ for n in names]
 

@@ -226,12 +226,10 @@ def test_timm_registration():
 
     import models.timm_models as tm
 
-    # Families are registered once they follow timm's model protocol (models.timm_models.FAMILIES); TFNet
-    # and the MobileNet baselines do not yet, and are the only ones left out.
-    pending = {"tfnet", "mobilenetv2", "mobilenetv1"}
-    expected = {f"acon_{n}" for n in NAMES if models.get_entry(n).family not in pending}
+    # Every family follows timm's model protocol and is registered (models.timm_models.FAMILIES).
+    expected = {f"acon_{n}" for n in NAMES}
     assert "acon_resnet50" in timm.list_models("acon_*") and set(tm.TIMM_NAMES) == expected
-    assert set(tm.FAMILIES) == {models.get_entry(n).family for n in NAMES} - pending
+    assert set(tm.FAMILIES) == {models.get_entry(n).family for n in NAMES}
     m = timm.create_model("acon_resnet50", activation="acon_c", num_classes=5)
     assert isinstance(m, models.resnet.ResNet) and isinstance(m.layer1[0].acon, AconC)
     f = timm.create_model("acon_shufflenetv2_x1_0", features_only=True, out_indices=(1, 2, 3))
