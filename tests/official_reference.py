@@ -276,3 +276,12 @@ class RefTFNet(nn.Module):
     def forward(self, x):
         x = self.globalpool(self.conv_last(self.features(self.first_conv(x))))
         return self.classifier(self.dropout(x).flatten(1))
+
+
+def randomize_batchnorm(bn: nn.BatchNorm2d, g: torch.Generator) -> None:
+    """Non-trivial affine parameters and running statistics, drawn from ``g`` (in place, no grad)."""
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(bn.weight.shape, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(bn.bias.shape, generator=g) * 0.1)
+        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g) * 0.1)
+        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
-from conftest import compose
+from conftest import compose, tiny_overrides
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from acon.trainer import train
@@ -18,6 +18,20 @@ class _Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append((record.levelno, record.getMessage()))
+
+
+def small_shufflenet(root, out, *extra: str) -> list[str]:
+    """A few CPU steps of ShuffleNetV2 0.5x (ReLU) at 16 px on the tiny JPEG folder; ``extra`` last."""
+    return [
+        *tiny_overrides(root, out),
+        "model=shufflenetv2_x0_5_small",
+        "activation=relu",
+        "trainer.threads=1",
+        "recipe.warmup_steps=0",
+        "data.img_size=16",
+        "data.val_transform.resize=18",
+        *extra,
+    ]
 
 
 def weights_norm(params) -> float:

@@ -10,7 +10,7 @@ from torch import nn
 
 import models
 from models.official import OFFICIAL_INPUT, infer_official_activation, unwrap_state_dict
-from tests.official_reference import RefAconC, RefMetaAconC, RefResNet, RefShuffleNetV2
+from tests.official_reference import RefAconC, RefMetaAconC, RefResNet, RefShuffleNetV2, randomize_batchnorm
 
 KIND = {"relu": "relu", "acon_c": "acon", "meta_acon": "meta"}
 
@@ -24,10 +24,7 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                randomize_batchnorm(m, g)
                 m.num_batches_tracked.fill_(7)
             elif isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)

@@ -6,9 +6,8 @@ import json
 import shutil
 
 import pytest
-from conftest import tiny_overrides
 from omegaconf import OmegaConf
-from recording import run_recording, weights_norm
+from recording import run_recording, small_shufflenet, weights_norm
 
 from acon.builders import build_model
 from acon.checkpoint import CheckpointError, load_checkpoint
@@ -17,18 +16,7 @@ from acon.validate import ConfigError
 
 def small(root, out, *extra: str) -> list[str]:
     """ShuffleNetV2 0.5x (ReLU) on the tiny JPEG folder at batch 8: 3 steps per epoch."""
-    return [
-        *tiny_overrides(root, out),
-        "model=shufflenetv2_x0_5_small",
-        "activation=relu",
-        "trainer.threads=1",
-        "recipe.batch_size=8",
-        "recipe.base_batch_size=8",
-        "recipe.warmup_steps=0",
-        "data.img_size=16",
-        "data.val_transform.resize=18",
-        *extra,
-    ]
+    return small_shufflenet(root, out, "recipe.batch_size=8", "recipe.base_batch_size=8", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import compose, tiny_overrides
-from recording import run_recording
+from conftest import compose
+from recording import run_recording, small_shufflenet
 
 from acon.optim import build_scheduler, describe_schedule, log_schedule, step_lrs, total_steps
 
-
-def small(root, out, *extra: str) -> list[str]:
-    """A few CPU steps of ShuffleNetV2 0.5x (ReLU) on the tiny JPEG folder."""
-    return [
-        *tiny_overrides(root, out),
-        "model=shufflenetv2_x0_5_small",
-        "activation=relu",
-        "trainer.threads=1",
-        "recipe.warmup_steps=0",
-        "data.img_size=16",
-        "data.val_transform.resize=18",
-        *extra,
-    ]
+small = small_shufflenet
 
 
 @pytest.fixture(scope="module")

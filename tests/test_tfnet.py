@@ -15,7 +15,7 @@ import acon
 import models
 from acon.data import build_datasets
 from models.official import infer_official_activation
-from tests.official_reference import RefFunnelAcon, RefTFNet
+from tests.official_reference import RefFunnelAcon, RefTFNet, randomize_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZES = {"tfnet_x0_5": 0.5, "tfnet_x1_0": 1.0, "tfnet_x1_5": 1.5, "tfnet_x2_0": 2.0}
@@ -27,10 +27,7 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                randomize_batchnorm(m, g)
             elif isinstance(m, nn.Conv2d | nn.Linear):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
