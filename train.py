@@ -15,7 +15,7 @@ import acon.config_schema  # noqa: F401  (registers the typed schemas before Hyd
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the final top-1 error (for sweepers)."""
+    """Hydra entry point; returns the final primary metric, e.g. top-1 error (for sweepers)."""
     from acon.checkpoint import CheckpointError
     from acon.cli import fail, full_traceback, one_line_errors
     from acon.data.folder import BadImageError
@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
         except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C while saving
             print("acon: interrupted; nothing saved since the last checkpoint", file=sys.stderr, flush=True)
             sys.exit(INTERRUPT_EXIT_CODE)
-    return results["top1_err"] if results else None
+    return results[results["primary_metric"]] if results else None
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def build_model(model_cfg: DictConfig, activation_cfg: DictConfig, num_classes: 
 
 
 def run_identity(cfg: DictConfig) -> dict:
-    """What a resumed run must share with its checkpoint: model, activation (impl aside) and recipe.
+    """What a resumed run must share with its checkpoint: model, activation (impl aside), recipe and
+    what the task adds (``Task.identity``).
 
     A run that extends or fine-tunes a checkpoint (``resume_mode``) records that too.
     """
@@ -86,6 +87,9 @@ def run_identity(cfg: DictConfig) -> dict:
         "recipe": OmegaConf.to_container(cfg.recipe, resolve=True),
         "num_classes": int(cfg.data.num_classes),
     }
+    from acon.tasks import task_of
+
+    identity.update(task_of(cfg).identity(cfg))  # what a task adds (head, backbone); none for classification
     if cfg.get("resume_mode", "strict") != "strict":
         identity["resume_mode"] = str(cfg.resume_mode)
     return identity

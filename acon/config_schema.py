@@ -158,6 +158,24 @@ class SyntheticDataSchema(DataSchema):
 
 
 @dataclass
+class SegmentationDataSchema(DataSchema):
+    """``data`` for ``task=segmentation``: a VOC or Cityscapes layout, or the embedded shapes set."""
+
+    kind: str = key(allowed=OneOf(source="acon.tasks.segmentation:SEG_DATA_KINDS"))
+    root: str | None = key(None)  # seg_shapes: null writes it under ~/.cache/acon-suite (or $ACON_CACHE)
+    train_split: str = key("train")
+    val_split: str = key("val")
+    scale_range: list[float] = key([0.5, 2.0])  # random rescale before the img_size crop
+    hflip: bool = key(True)
+    val_max_size: int | None = key(None, POSITIVE_INT)  # null: validate on whole images at their size
+    mean: list[float] = key([0.485, 0.456, 0.406])
+    std: list[float] = key([0.229, 0.224, 0.225])
+    train_samples: int = key(240, POSITIVE_INT)  # seg_shapes only: images written per split, and their size
+    val_samples: int = key(60, POSITIVE_INT)
+    shapes_size: int = key(64, POSITIVE_INT)
+
+
+@dataclass
 class RecipeSchema:
     """``recipe``: optimiser, schedule, length and regularisation."""
 
@@ -172,6 +190,7 @@ class RecipeSchema:
     iterations: int | None = key(None, POSITIVE_INT)
     epochs: int | None = key(None, POSITIVE_INT)
     schedule: str = key("linear", OneOf(source="acon.optim:SCHEDULES"))
+    poly_power: float | None = key(None, POSITIVE)  # schedule=poly: lr·(1 - t/T)^poly_power; null: 0.9
     warmup_steps: int = key(0, NON_NEGATIVE_INT)
     warmup_lr: float = key(0.0, NON_NEGATIVE)
     min_lr: float = key(0.0, NON_NEGATIVE)
@@ -204,6 +223,34 @@ class TrainerSchema:
 
 
 @dataclass
+class TaskSchema:
+    """``task``: which task the shared trainer runs (``acon/tasks/``); classification is the default."""
+
+    name: str = key("classification", OneOf(source="acon.tasks:task_names"))
+
+
+@dataclass
+class SegmentationTaskSchema(TaskSchema):
+    """``task=segmentation``: a torchvision FCN or DeepLabV3 head on a feature backbone."""
+
+    head: str = key("deeplabv3", OneOf(("fcn", "deeplabv3")))
+    output_stride: int | None = key(None, OneOf((8, 16, 32)))  # ResNet dilation; null: native strides
+    aux_loss: bool = key(False)  # an FCN head on the second-last feature map, weighted by aux_weight
+    aux_weight: float = key(0.4, NON_NEGATIVE)
+    ignore_index: int = key(255, NON_NEGATIVE_INT)  # mask value left out of the loss and the metrics
+
+
+@dataclass
+class BackboneSchema:
+    """``backbone``: the feature extractor of a transfer task (``acon/tasks/backbone.py``)."""
+
+    checkpoint: str | None = key(None)  # our best.pt/last.pt, or an authors' (converted) file
+    freeze_bn: bool = key(False)  # every BatchNorm (Meta-ACON's β-network ones too) → FrozenBatchNorm2d
+    freeze_acon: bool = key(False)  # ACON p1/p2/β (Meta-ACON: its β network) not trained
+    out_indices: list[int] | None = key(None)  # null: the task's default feature maps
+
+
+@dataclass
 class TrainSchema:
     """train.yaml's own keys (the groups carry their own schemas)."""
 
@@ -212,7 +259,9 @@ class TrainSchema:
     data: Any = MISSING
     recipe: Any = MISSING
     trainer: Any = MISSING
+    task: Any = MISSING
     experiment: Any = None
+    backbone: BackboneSchema = field(default_factory=BackboneSchema)
     seed: int = key(0, NON_NEGATIVE_INT)
     deterministic: bool = key(False)
     out_dir: str = key("runs")
@@ -248,9 +297,14 @@ class EvalSchema:
 GROUP_SCHEMAS = {
     "model": {"base_model": ModelSchema, "base_external_model": ExternalModelSchema},
     "activation": {"base_activation": ActivationSchema},
-    "data": {"base_folder_data": FolderDataSchema, "base_synthetic_data": SyntheticDataSchema},
+    "data": {
+        "base_folder_data": FolderDataSchema,
+        "base_synthetic_data": SyntheticDataSchema,
+        "base_segmentation_data": SegmentationDataSchema,
+    },
     "recipe": {"base_recipe": RecipeSchema},
     "trainer": {"base_trainer": TrainerSchema},
+    "task": {"base_task": TaskSchema, "base_segmentation_task": SegmentationTaskSchema},
 }
 ROOT_SCHEMAS = {"base_train": TrainSchema, "base_eval": EvalSchema}
 

@@ -151,18 +151,24 @@ class RunClock:
         return self.elapsed() / done * (self.total_steps - step) if done > 0 else math.nan
 
 
-def _val_text(record: dict) -> str:
+def _val_text(record: dict, task=None) -> str:
+    if task is not None:
+        if f"val_{task.primary_metric}" not in record:
+            return "val -"
+        return "val " + task.metrics_text({k[4:]: v for k, v in record.items() if k.startswith("val_")})
     if "val_top1_err" not in record:
         return "val -"
     return f"val top-1 {record['val_top1_err']:.2f}% top-5 {record['val_top5_err']:.2f}%"
 
 
 def epoch_line(
-    record: dict, total_epochs: int, best: dict | None, clock: RunClock, images_per_s: float
+    record: dict, total_epochs: int, best: dict | None, clock: RunClock, images_per_s: float, task=None
 ) -> str:
-    """``epoch i/N``, step, train loss, val top-1/top-5 error, best so far, lr, images/s, elapsed, ETA."""
+    """``epoch i/N``, step, train loss, the validation metrics (``task.metrics_text``; default top-1/top-5
+    error), the best primary metric so far (%), lr, images/s, elapsed, ETA."""
     eta = clock.eta(record["step"])
-    best_txt = f"best {best['top1_err']:.2f}% (epoch {best['epoch']})" if best else "best -"
+    metric = "top1_err" if task is None else task.primary_metric
+    best_txt = f"best {best[metric]:.2f}% (epoch {best['epoch']})" if best else "best -"
     return (
         f"epoch {record['epoch']}/{total_epochs}  step {record['step']}/{clock.total_steps}  "
         f"train loss {record['train_loss']:.4f}  {_val_text(record)}  {best_txt}  lr {record['lr']:.4g}  "
@@ -175,9 +181,14 @@ def summary_lines(results: dict, run_dir: Path) -> list[str]:
     """The closing summary: final and best error, wall time, and where everything went."""
     run_dir = Path(run_dir)
     status = results.get("status", "complete")
+    metric = results.get("primary_metric", "top1_err")
+    if metric == "top1_err":
+        what = f"final top-1 error {results['top1_err']:.2f}% (top-5 {results['top5_err']:.2f}%)"
+    else:
+        what = f"final {metric} {results[metric]:.2f}%"
     return [
-        f"{'done' if status == 'complete' else status}: final top-1 error {results['top1_err']:.2f}% (top-5 {results['top5_err']:.2f}%), best "
-        f"{results['best_top1_err']:.2f}% at epoch {results['best_epoch']}, wall time {hms(results['wall_time_s'])}",
+        f"{'done' if status == 'complete' else status}: {what}, best "
+        f"{results[f'best_{metric}']:.2f}% at epoch {results['best_epoch']}, wall time {hms(results['wall_time_s'])}",
         f"  run dir:     {run_dir}",
         f"  results:     {run_dir / 'results.json'}",
         f"  best:        {run_dir / 'best.pt'}",

@@ -10,10 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from acon import checkpoint as ckpt
 from acon import console, distributed
-from acon.builders import build_model
-from acon.data import build_eval_loader, build_val_dataset
-from acon.engine import evaluate
 from acon.report import write_json
+from acon.tasks import get_task, task_of
 
 
 def cli_data_overrides() -> list[str]:
@@ -60,7 +58,7 @@ def model_for_checkpoint(
     state: dict, path: Path, cfg: DictConfig
 ) -> tuple[torch.nn.Module, DictConfig, dict]:
     """The model with the checkpoint's weights, the data config to evaluate it with, and what the model is
-    (``{"model", "activation", "seed"}``, seed empty for an authors' checkpoint)."""
+    (``{"model", "activation", "seed", "task"}``, seed empty for an authors' checkpoint)."""
     import models
 
     if is_ours(state):
@@ -69,7 +67,8 @@ def model_for_checkpoint(
         data = OmegaConf.merge(
             data, OmegaConf.from_dotlist([o.split("data.", 1)[1] for o in cli_data_overrides()])
         )
-        model = build_model(run_cfg.model, run_cfg.activation, int(run_cfg.data.num_classes))
+        task = task_of(run_cfg)
+        model = task.build_model(run_cfg)
         weights = state["model"]
         if cfg.use_ema:
             if not state.get("ema"):
@@ -77,7 +76,7 @@ def model_for_checkpoint(
             weights = {k.removeprefix("module."): v for k, v in state["ema"].items()}
         ckpt.load_model_state(model, weights, str(path))
         about = {"model": run_cfg.model.name, "activation": run_cfg.activation.name, "seed": run_cfg.seed}
-        return model, data, about
+        return model, data, {**about, "task": task.name}
     name, act, kw = official_spec(state, path, cfg)
     kw["num_classes"] = int(cfg.data.num_classes)
     model = models.create_model(name, activation=act, **kw)
@@ -87,22 +86,23 @@ def model_for_checkpoint(
         raise ckpt.CheckpointError(f"{path}: {e.args[0] if isinstance(e, KeyError) else e}") from None
     ckpt.load_model_state(model, weights, str(path))
     data = OmegaConf.merge(cfg.data, {"preprocess": "bgr_255"})
-    return model, data, {"model": name, "activation": act, "seed": ""}
+    return model, data, {"model": name, "activation": act, "seed": "", "task": "classification"}
 
 
 def evaluate_checkpoint(
     path: Path, cfg: DictConfig, info: distributed.DistInfo, val_sets: dict | None = None
 ) -> dict:
-    """Top-1/top-5 error of one checkpoint on its validation set (``val_sets`` caches datasets by config)."""
+    """The task's metrics (top-1/top-5 error, mIoU, AP) of one checkpoint on its validation set
+    (``val_sets`` caches datasets by config)."""
     state = ckpt.load_checkpoint(path, map_location="cpu")
     model, data, about = model_for_checkpoint(state, path, cfg)
+    task = get_task(about["task"])
+    run_cfg = OmegaConf.create(state["config"]) if is_ours(state) else OmegaConf.create({})
+    run_cfg.data, run_cfg.trainer = data, cfg.trainer
     model = model.to(info.device)
     val_sets = {} if val_sets is None else val_sets
-    key = OmegaConf.to_yaml(data, resolve=True)
-    if key not in val_sets:
-        val_sets[key] = build_val_dataset(data)
-    loader = build_eval_loader(val_sets[key], data, int(cfg.batch_size), info.rank, info.world_size)
-    metrics = evaluate(model, loader, info.device, cfg.trainer.precision, bool(cfg.trainer.channels_last))
+    loader = task.build_val_loader(run_cfg, int(cfg.batch_size), info, val_sets)
+    metrics = task.evaluate(model, loader, run_cfg, info)
     return {"checkpoint": str(path), **about, **metrics}
 
 
@@ -136,9 +136,12 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     if info.is_main:
         for r in rows:
             seed = f" seed {r['seed']}" if r["seed"] != "" else ""
+            if "top1_err" in r:
+                what = f"top-1 error {r['top1_err']:.2f}%  top-5 error {r['top5_err']:.2f}%"
+            else:
+                what = get_task(r["task"]).metrics_text(r)
             console.log.info(
-                f"{r['checkpoint']} ({r['model']}, {r['activation']}{seed}): top-1 error {r['top1_err']:.2f}%  "
-                f"top-5 error {r['top5_err']:.2f}%  ({r['count']} images)"
+                f"{r['checkpoint']} ({r['model']}, {r['activation']}{seed}): {what}  ({r['count']} images)"
             )
         console.log.info(f"wrote {write_rows(rows, target, cfg.out)}")
     return rows

@@ -16,7 +16,7 @@ from torch import nn
 
 from acon.params import param_groups
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine", "poly")
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +65,8 @@ def _quiet_single_step_warning():
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, total_steps: int) -> Scheduler:
-    """A timm scheduler stepped per iteration: linear decay to min_lr, or cosine, with optional warm-up.
+    """A timm scheduler stepped per iteration: linear decay to min_lr, cosine, or poly (DeepLab's
+    (1 - t/T)^power), with optional warm-up.
 
     The trainer sets step k's lr (k = 1..total_steps) *before* the optimiser step, as the authors'
     train.py does (LambdaLR stepped before each update): linear gives step 1 lr·(1 - 1/T), the last 0.
@@ -82,6 +83,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, total_
             return PolyLRScheduler(optimizer, power=1.0, **common)
         if recipe.schedule == "cosine":
             return CosineLRScheduler(optimizer, **common)
+        if recipe.schedule == "poly":
+            return PolyLRScheduler(optimizer, power=float(recipe.get("poly_power") or 0.9), **common)
     raise ValueError(f"recipe.schedule={recipe.schedule!r} is not one of {SCHEDULES}")
 
 

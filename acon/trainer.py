@@ -14,11 +14,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from acon import checkpoint as ckpt
 from acon import console, distributed, fallbacks
-from acon.builders import build_model, run_identity
-from acon.data import build_datasets, build_eval_loader, build_train_loader
+from acon.builders import run_identity
 from acon.data.bad_images import SkipLog
-from acon.data.build import build_pipeline_loaders
-from acon.engine import StepContext, agree, evaluate, forward_loss, optimizer_step
+from acon.engine import StepContext, agree, optimizer_step
 from acon.logging import Progress, RunLogger
 from acon.optim import (
     build_criterion,
@@ -33,6 +31,8 @@ from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, run_dir_of, write_json
 from acon.rundir import carry_over_checkpoints, set_aside_previous_run
 from acon.syncbn import convert_sync_batchnorm
+from acon.tasks import task_of
+from acon.tasks.base import best_entry, is_better, unprefixed
 from acon.validate import check_extended_length, check_train_config, resume_kind, resume_path
 
 
@@ -77,10 +77,11 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, info: distributed.DistInfo) -> None:
         self.cfg, self.info, self.run_dir = cfg, info, run_dir_of(cfg)
+        self.task = task_of(cfg)
         tcfg, recipe = cfg.trainer, cfg.recipe
-        self.train_loader, self.val_loader, n_train = self.build_loaders()
+        self.train_loader, self.val_loader, n_train = self.task.build_loaders(cfg, info)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model, cfg.activation, int(cfg.data.num_classes))
+        model = self.task.build_model(cfg)
         if tcfg.sync_bn and info.enabled:
             model = convert_sync_batchnorm(model, info.device)
         fmt = torch.channels_last if tcfg.channels_last else torch.preserve_format
@@ -116,19 +117,6 @@ class Trainer:
         if self.resumed_from is None:
             seed_process(int(cfg.seed) * 1000 + info.rank)
         self.segment, self.segment_start = len(self.state.wall_segments_s), time.perf_counter()
-
-    def build_loaders(self) -> tuple:
-        """(train loader, val loader, training-set size) for the configured data pipeline."""
-        cfg, info, batch = self.cfg, self.info, int(self.cfg.recipe.batch_size)
-        eval_batch, seed = int(cfg.trainer.eval_batch_size), int(cfg.seed)
-        if cfg.data.get("pipeline", "reference") != "reference":
-            return build_pipeline_loaders(
-                cfg.data, batch, eval_batch, info.rank, info.world_size, seed, info.device
-            )
-        train_set, val_set = build_datasets(cfg.data)
-        train = build_train_loader(train_set, cfg.data, batch, info.rank, info.world_size, seed)
-        val = build_eval_loader(val_set, cfg.data, eval_batch, info.rank, info.world_size)
-        return train, val, len(train_set)
 
     def epoch_batches(self, epoch: int, batches_done: int):
         """The training batches of ``epoch`` after the first ``batches_done`` (resumable mid-epoch)."""
@@ -229,14 +217,12 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def validate(self) -> dict:
         """Evaluate on the validation set (every image once across ranks); EMA weights too if kept."""
-        t, c = self.cfg.trainer, self.ctx
+        c, task = self.ctx, self.task
         self.sync_bn_buffers()
-        metrics = evaluate(self.model, self.val_loader, self.info.device, t.precision, bool(t.channels_last))
+        metrics = task.evaluate(self.model, self.val_loader, self.cfg, self.info)
         if c.ema is not None:
-            ema = evaluate(
-                c.ema.module, self.val_loader, self.info.device, t.precision, bool(t.channels_last)
-            )
-            metrics.update({f"ema_{k}": ema[k] for k in ("top1_err", "top5_err", "loss")})
+            ema = task.evaluate(c.ema.module, self.val_loader, self.cfg, self.info)
+            metrics.update({f"ema_{k}": ema[k] for k in task.scalar_metrics})
         return metrics
 
     def validation_due(self) -> bool:
@@ -247,8 +233,9 @@ class Trainer:
         )
 
     def end_of_epoch(self, logger: RunLogger, train_loss: float, lr: float, elapsed: float) -> None:
-        """Record the epoch, validate when due, and save last.pt (and best.pt on a new best top-1 error)."""
-        s = self.state
+        """Record the epoch, validate when due, and save last.pt (and best.pt on a new best of the task's
+        primary metric: top-1 error, mIoU, AP)."""
+        s, task = self.state, self.task
         record = {
             "epoch": s.epoch,
             "step": s.step,
@@ -262,23 +249,16 @@ class Trainer:
             s.bad_images_skipped += val.pop("bad_images_skipped")
             self.skips.add("val", val.pop("bad_image_files"))
             record.update({f"val_{k}": v for k, v in val.items()})
-            logger.scalars(
-                s.step,
-                {"val/top1_err": val["top1_err"], "val/top5_err": val["top5_err"], "val/loss": val["loss"]},
-            )
-            is_best = s.best is None or val["top1_err"] < s.best["top1_err"]
+            logger.scalars(s.step, {f"val/{k}": val[k] for k in task.scalar_metrics})
+            pm = task.primary_metric
+            is_best = is_better(task, val[pm], None if s.best is None else s.best[pm])
             if is_best:
-                s.best = {
-                    "top1_err": val["top1_err"],
-                    "top5_err": val["top5_err"],
-                    "epoch": s.epoch,
-                    "step": s.step,
-                }
+                s.best = best_entry(task, val, s.epoch, s.step)
         s.history.append(record)
         logger.epoch_line(record)
         if self.info.is_main:
             epochs = -(-self.total_steps // self.batches_per_epoch)
-            console.log.info(console.epoch_line(record, epochs, s.best, self.clock, self.bar.rate))
+            console.log.info(console.epoch_line(record, epochs, s.best, self.clock, self.bar.rate, task))
         self.save(best=is_best)
 
     def fit(self) -> dict | None:
@@ -298,7 +278,7 @@ class Trainer:
                 for images, targets, n_bad in self.epoch_batches(s.epoch, s.batch_in_epoch):
                     s.bad_images_skipped += n_bad
                     self.skips.add("train", n_bad)
-                    loss = forward_loss(c, images, targets)
+                    loss = self.task.loss(c, images, targets)
                     nonfinite, stop_now = agree(
                         [float(not torch.isfinite(loss)), float(bool(flag))], self.info.device
                     )
@@ -329,7 +309,9 @@ class Trainer:
                     run_done = s.step >= self.total_steps or (max_steps and s.step >= max_steps)
                     if s.step % int(t.hist_every) == 0 or epoch_done or run_done:
                         logger.activation_histograms(self.model, s.step)
-                        logger.meta_beta_stats(self.model, images[:8].to(self.info.device), s.step)
+                        sample = self.task.sample_input(images)
+                        if sample is not None:
+                            logger.meta_beta_stats(self.model, sample.to(self.info.device), s.step)
                     if stop_now and not epoch_done:
                         self.save()
                         bar.close()
@@ -387,9 +369,9 @@ class Trainer:
 
         Runs after the checkpoint is saved and is not part of its history (a resume drops the line).
         """
-        s = self.state
+        s, task = self.state, self.task
         last = s.history[-1] if s.history else {}
-        record = last if last.get("step") == s.step and "val_top1_err" in last else None
+        record = last if last.get("step") == s.step and f"val_{task.primary_metric}" in last else None
         if record is None:  # not already validated at the end of an epoch at this step
             val = self.validate()
             s.bad_images_skipped += val.pop("bad_images_skipped")
@@ -403,28 +385,24 @@ class Trainer:
                 **{f"val_{k}": v for k, v in val.items()},
             }
             logger.epoch_line(record)
-            logger.scalars(s.step, {f"val/{k}": val[k] for k in ("top1_err", "top5_err", "loss")})
+            logger.scalars(s.step, {f"val/{k}": val[k] for k in task.scalar_metrics})
         self.finish(sum(s.wall_segments_s), status="stopped at max_steps", last=record)
         self.announce(
             f"stopped at trainer.max_steps={self.cfg.trainer.max_steps} (step {s.step} of {self.total_steps}),"
-            f" validated once: top-1 error {record['val_top1_err']:.2f} %; results in {self.run_dir}"
+            f" validated once: {task.metrics_text(unprefixed(record))}; results in {self.run_dir}"
         )
 
     def finish(self, wall: float, status: str = "complete", last: dict | None = None) -> dict | None:
-        """Write results.json on rank 0: final errors, params, FLOPs, time and throughput over every
-        segment of the run, commit."""
+        """Write results.json on rank 0: the task's final and best metrics, params, FLOPs, time and
+        throughput over every segment of the run, commit."""
         if not self.info.is_main:
             return None
         import models
 
         last = last or self.state.history[-1]
-        best = self.state.best or {"top1_err": last["val_top1_err"], "epoch": last["epoch"]}
         results = {
             "status": status,
-            "top1_err": last["val_top1_err"],
-            "top5_err": last["val_top5_err"],
-            "best_top1_err": best["top1_err"],
-            "best_epoch": best["epoch"],
+            **self.task.result_fields({**unprefixed(last), "epoch": last["epoch"]}, self.state.best),
             "params": models.count_params(self.model),
             "flops": models.count_flops(self.model, int(self.cfg.data.img_size)),
             "wall_time_s": wall,  # every segment of a preempted/resumed run
@@ -439,6 +417,8 @@ class Trainer:
             "activation": self.cfg.activation.name,
             "recipe": self.cfg.recipe.name,
             "data": self.cfg.data.name,
+            "task": self.task.name,
+            "primary_metric": self.task.primary_metric,
             "seed": int(self.cfg.seed),
             "git_commit": git_commit(),
             "identity": run_identity(self.cfg),

@@ -120,6 +120,9 @@ def check_train_config(cfg: DictConfig, world_size: int) -> None:
         check_external_model(cfg.model)
     check_combinations(cfg, world_size)
     check_resume_value(cfg)
+    from acon.tasks import task_of
+
+    task_of(cfg).check_config(cfg)
     if cfg.data.kind == "folder" and not cfg.data.root:
         raise ConfigError(
             f"data.root is not set for data={cfg.data.name}: pass data.root=/path/with/train_and_val"
@@ -176,14 +179,14 @@ def check_cli_groups(args: list[str], config_dir: str | os.PathLike) -> None:
         folder = config_dir / key
         if not folder.is_dir():
             continue
-        valid = sorted(f.stem for f in folder.glob("*.yaml"))
+        valid = sorted(f.relative_to(folder).with_suffix("").as_posix() for f in folder.rglob("*.yaml"))
         for option in value.split(","):
             if option not in ("", "null") and option not in valid:
                 raise ConfigError(f"{key}={option!r} is not one of: {', '.join(valid)}")
 
 
 RESUME_MODES = ("strict", "extend", "finetune")
-NETWORK_KEYS = ("model", "activation", "num_classes")
+NETWORK_KEYS = ("model", "activation", "num_classes", "task", "backbone")
 LENGTH_KEYS = ("recipe.epochs", "recipe.iterations")
 
 
@@ -281,8 +284,9 @@ def check_resume(cfg: DictConfig) -> None:
     import torch
 
     from acon import checkpoint as ckpt
-    from acon.builders import build_model, run_identity
+    from acon.builders import run_identity
     from acon.report import run_dir_of
+    from acon.tasks import task_of
 
     mode = cfg.get("resume_mode", "strict")
     _choice("resume_mode", mode, RESUME_MODES)
@@ -302,7 +306,7 @@ def check_resume(cfg: DictConfig) -> None:
         return
     if ("model" in diff or "num_classes" in diff) and isinstance(state.get("model"), dict):
         with torch.device("meta"):
-            model = build_model(cfg.model, cfg.activation, int(cfg.data.num_classes))
+            model = task_of(cfg).build_model(cfg)
         ckpt.load_model_state(model, state["model"], f"resume checkpoint {path}")
     if mode == "strict":
         raise ckpt.CheckpointError(

@@ -110,30 +110,42 @@ def _loader_kwargs(cfg: DictConfig) -> dict:
 
 
 def build_train_loader(
-    dataset: Dataset, cfg: DictConfig, global_batch: int, rank: int, world_size: int, seed: int
+    dataset: Dataset,
+    cfg: DictConfig,
+    global_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    collate_fn=collate_skipping_bad,
 ) -> DataLoader:
-    """A resumable training loader: per-rank batch = global batch / world size, tail dropped."""
+    """A resumable training loader: per-rank batch = global batch / world size, tail dropped.
+    ``collate_fn`` returns (inputs, targets, skipped bad images)."""
     sampler = ResumableTrainSampler(len(dataset), global_batch, rank, world_size, seed)
     return DataLoader(
         SeededDataset(dataset),
         batch_size=sampler.per_rank_batch,
         sampler=sampler,
         drop_last=True,
-        collate_fn=collate_skipping_bad,
+        collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed + rank),
         **_loader_kwargs(cfg),
     )
 
 
 def build_eval_loader(
-    dataset: Dataset, cfg: DictConfig, batch_size: int, rank: int, world_size: int
+    dataset: Dataset,
+    cfg: DictConfig,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    collate_fn=collate_skipping_bad,
 ) -> DataLoader:
     """An evaluation loader in which every sample is seen exactly once across ranks."""
     sampler = ExactShardSampler(len(dataset), rank, world_size)
     kw = _loader_kwargs(cfg)
     kw["persistent_workers"] = False if kw["num_workers"] else None
     kw = {k: v for k, v in kw.items() if v is not None}
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_skipping_bad, **kw)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, **kw)
 
 
 def _transform_args(cfg: DictConfig) -> dict:

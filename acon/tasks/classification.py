@@ -1,0 +1,84 @@
+"""Image classification (the paper's ImageNet task): top-1/top-5 error, the suite's default task."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+
+class ClassificationTask:
+    """Softmax classifier over image folders; best.pt on the lowest top-1 error."""
+
+    name = "classification"
+    primary_metric = "top1_err"
+    higher_is_better = False
+    scalar_metrics = ("top1_err", "top5_err", "loss")
+
+    def check_config(self, cfg: DictConfig) -> None:
+        """Nothing beyond the shared checks."""
+
+    def identity(self, cfg: DictConfig) -> dict:
+        """Nothing beyond model, activation, recipe and classes (checkpoints of earlier versions resume)."""
+        return {}
+
+    def build_loaders(self, cfg: DictConfig, info) -> tuple:
+        """(train loader, val loader, training-set size) for the configured data pipeline."""
+        from acon.data import build_datasets, build_eval_loader, build_train_loader
+        from acon.data.build import build_pipeline_loaders
+
+        batch, eval_batch, seed = int(cfg.recipe.batch_size), int(cfg.trainer.eval_batch_size), int(cfg.seed)
+        if cfg.data.get("pipeline", "reference") != "reference":
+            return build_pipeline_loaders(
+                cfg.data, batch, eval_batch, info.rank, info.world_size, seed, info.device
+            )
+        train_set, val_set = build_datasets(cfg.data)
+        train = build_train_loader(train_set, cfg.data, batch, info.rank, info.world_size, seed)
+        val = build_eval_loader(val_set, cfg.data, eval_batch, info.rank, info.world_size)
+        return train, val, len(train_set)
+
+    def build_val_loader(self, cfg: DictConfig, batch_size: int, info, cache: dict):
+        """The validation folder of ``cfg.data`` (datasets cached by their resolved data config)."""
+        from acon.data import build_eval_loader, build_val_dataset
+
+        key = OmegaConf.to_yaml(cfg.data, resolve=True)
+        if key not in cache:
+            cache[key] = build_val_dataset(cfg.data)
+        return build_eval_loader(cache[key], cfg.data, batch_size, info.rank, info.world_size)
+
+    def build_model(self, cfg: DictConfig) -> nn.Module:
+        """The classifier of the ``model`` and ``activation`` groups with ``data.num_classes`` outputs."""
+        from acon.builders import build_model
+
+        return build_model(cfg.model, cfg.activation, int(cfg.data.num_classes))
+
+    def loss(self, ctx, inputs, targets) -> torch.Tensor:
+        """Mixup (if on), forward under autocast and the recipe's criterion, in fp32."""
+        from acon.engine import forward_loss
+
+        return forward_loss(ctx, inputs, targets)
+
+    def evaluate(self, model: nn.Module, loader, cfg: DictConfig, info) -> dict:
+        """Top-1/top-5 error and loss over every sample, summed across ranks."""
+        from acon.engine import evaluate
+
+        t = cfg.trainer
+        return evaluate(model, loader, info.device, t.precision, bool(t.channels_last))
+
+    def sample_input(self, inputs) -> torch.Tensor | None:
+        """The first 8 images."""
+        return inputs[:8]
+
+    def metrics_text(self, metrics: dict) -> str:
+        """``top-1 X% top-5 Y%`` (the epoch line's words)."""
+        return f"top-1 {metrics['top1_err']:.2f}% top-5 {metrics['top5_err']:.2f}%"
+
+    def result_fields(self, final: dict, best: dict | None) -> dict:
+        """Final and best top-1 error, final top-5 error, the best epoch."""
+        best = best or {"top1_err": final["top1_err"], "epoch": final["epoch"]}
+        return {
+            "top1_err": final["top1_err"],
+            "top5_err": final["top5_err"],
+            "best_top1_err": best["top1_err"],
+            "best_epoch": best["epoch"],
+        }
