@@ -170,9 +170,9 @@ class SegmentationDataSchema(DataSchema):
     val_max_size: int | None = key(None, POSITIVE_INT)  # null: validate on whole images at their size
     mean: list[float] = key([0.485, 0.456, 0.406])
     std: list[float] = key([0.229, 0.224, 0.225])
-    train_samples: int = key(240, POSITIVE_INT)  # seg_shapes only: images written per split, and their size
-    val_samples: int = key(60, POSITIVE_INT)
-    shapes_size: int = key(64, POSITIVE_INT)
+    train_samples: int = key(192, POSITIVE_INT)  # seg_shapes only: images written per split, and their size
+    val_samples: int = key(48, POSITIVE_INT)
+    shapes_size: int = key(48, POSITIVE_INT)
 
 
 @dataclass

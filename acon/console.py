@@ -171,7 +171,7 @@ def epoch_line(
     best_txt = f"best {best[metric]:.2f}% (epoch {best['epoch']})" if best else "best -"
     return (
         f"epoch {record['epoch']}/{total_epochs}  step {record['step']}/{clock.total_steps}  "
-        f"train loss {record['train_loss']:.4f}  {_val_text(record)}  {best_txt}  lr {record['lr']:.4g}  "
+        f"train loss {record['train_loss']:.4f}  {_val_text(record, task)}  {best_txt}  lr {record['lr']:.4g}  "
         f"{images_per_s:.0f} img/s  elapsed {hms(clock.elapsed())}  "
         f"ETA {hms(eta) if not math.isnan(eta) else '-'}"
     )

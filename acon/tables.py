@@ -1,4 +1,5 @@
-"""Comparison tables from finished runs: top-1 error per (model, activation), mean ± std over seeds.
+"""Comparison tables from finished runs: each run's primary metric (top-1 error; mIoU or AP for transfer
+tasks, ``results.json``'s ``primary_metric``) per (model, activation), mean ± std over seeds.
 
 A run dir is any folder holding ``results.json``, ``config.yaml`` or ``last.pt`` (what the trainer
 writes). Runs whose ``results.json`` says ``status: complete`` are averaged; the others are listed as
@@ -28,6 +29,7 @@ ACTIVATION_LABELS = {
 }
 MARKERS = ("results.json", "config.yaml", "last.pt")
 SKIP_DIRS = ("hparams", "tb")  # .hydra and other hidden dirs are skipped too
+METRIC_LABELS = {"top1_err": "top-1 err %", "mIoU": "mIoU %", "AP": "AP"}
 SET_ASIDE_PREFIX = "previous-"  # an earlier run's outputs moved aside by resume=none (acon.rundir)
 
 
@@ -44,10 +46,11 @@ class Run:
     model: str
     activation: str
     seed: int
-    top1_err: float
+    top1_err: float  # the primary metric's value: top-1 error % for classification, else ``metric``
     top5_err: float
     recipe: dict
     results: dict
+    metric: str = "top1_err"
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Cell:
     paper: float | None = None
     delta_relu: float | None = None
     extra: dict = field(default_factory=dict)
+    metric: str = "top1_err"  # what ``values`` are: top1_err, mIoU, AP
 
     @property
     def n(self) -> int:
@@ -167,7 +171,8 @@ def collect(roots: list[str | Path]) -> tuple[list[Run], list[Incomplete]]:
         if res.get("status") != "complete":
             incomplete.append(_incomplete(path, f"status={res.get('status')!r}" + _progress_note(path)))
             continue
-        missing = [k for k in ("model", "activation", "seed", "top1_err") if k not in res]
+        metric = str(res.get("primary_metric", "top1_err"))
+        missing = [k for k in ("model", "activation", "seed", metric) if k not in res]
         if missing:
             raise TableError(f"{res_file}: missing keys {missing}")
         runs.append(
@@ -177,10 +182,11 @@ def collect(roots: list[str | Path]) -> tuple[list[Run], list[Incomplete]]:
                 model=str(res["model"]),
                 activation=str(res["activation"]),
                 seed=int(res["seed"]),
-                top1_err=float(res["top1_err"]),
+                top1_err=float(res[metric]),
                 top5_err=float(res.get("top5_err", math.nan)),
                 recipe=(res.get("identity") or {}).get("recipe", {"name": res.get("recipe")}),
                 results=res,
+                metric=metric,
             )
         )
     return runs, incomplete
@@ -200,6 +206,11 @@ def build_cells(runs: list[Run], paper: dict[tuple[str, str], float] | None = No
             detail = ", ".join(str(r.path) for r in members if r.seed in dup)
             raise TableError(f"cell ({data}, {model}, {act}) has seed(s) {dup} more than once: {detail}")
         members.sort(key=lambda r: r.seed)
+        metrics = sorted({r.metric for r in members})
+        if len(metrics) > 1:
+            raise TableError(
+                f"cell ({data}, {model}, {act}) mixes metrics {metrics}: {[str(r.path) for r in members]}"
+            )
         cells.append(
             Cell(
                 data,
@@ -208,7 +219,8 @@ def build_cells(runs: list[Run], paper: dict[tuple[str, str], float] | None = No
                 [r.top1_err for r in members],
                 [r.seed for r in members],
                 [r.path for r in members],
-                paper=paper.get((model, act)) if data == PAPER_DATA else None,
+                paper=paper.get((model, act)) if data == PAPER_DATA and metrics == ["top1_err"] else None,
+                metric=metrics[0],
             )
         )
     relu = {(c.data, c.model): c.mean for c in cells if c.activation == "relu"}
@@ -243,9 +255,11 @@ def to_markdown(cells: list[Cell], incomplete: list[Incomplete] = ()) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for data, model in rows:
         got = [by.get((data, model, a)) for a in acts]
-        label = _row_label(data, model, rows)
+        label, metric = _row_label(data, model, rows), _row_metric(got)
         ours = [f"{c.mean:.2f} ± {c.std:.2f} (n={c.n})" if c else "" for c in got]
-        lines.append(f"| {label} | top-1 err % | " + " | ".join(ours) + " |")
+        lines.append(f"| {label} | {METRIC_LABELS.get(metric, metric)} | " + " | ".join(ours) + " |")
+        if metric != "top1_err":  # transfer tasks: the paper's numbers are not available, left empty
+            lines.append("| | paper | " + " | ".join("" for _ in got) + " |")
         if any(c and c.paper is not None for c in got):
             lines.append("| | paper | " + " | ".join(_fmt(c and c.paper, 1) for c in got) + " |")
             lines.append("| | Δ vs paper | " + " | ".join(_signed(c and c.delta_paper) for c in got) + " |")
@@ -257,24 +271,29 @@ def to_markdown(cells: list[Cell], incomplete: list[Incomplete] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _row_metric(cells: list) -> str:
+    return next((c.metric for c in cells if c), "top1_err")
+
+
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
 def to_csv(cells: list[Cell]) -> str:
-    """One row per cell: data, model, activation, n, mean, std, paper, deltas, seeds and run dirs."""
+    """One row per cell: data, model, activation, n, mean, std, paper, deltas, seeds, run dirs and the metric
+    (the ``top1_err_*`` columns hold the cell's ``metric``: mIoU or AP for transfer tasks)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(
         ["data", "model", "activation", "n", "top1_err_mean", "top1_err_std", "paper_top1_err"]
-        + ["delta_paper", "delta_relu", "seeds", "runs"]
+        + ["delta_paper", "delta_relu", "seeds", "runs", "metric"]
     )
     for c in cells:
         w.writerow(
             [c.data, c.model, c.activation, c.n, f"{c.mean:.4f}", f"{c.std:.4f}"]
             + ["" if c.paper is None else c.paper, "" if c.delta_paper is None else f"{c.delta_paper:.4f}"]
             + ["" if c.delta_relu is None else f"{c.delta_relu:.4f}", " ".join(map(str, c.seeds))]
-            + [" ".join(str(p) for p in c.runs)]
+            + [" ".join(str(p) for p in c.runs), c.metric]
         )
     return buf.getvalue()
 
@@ -299,7 +318,8 @@ def to_latex(cells: list[Cell]) -> str:
     for data, model in rows:
         got = [by.get((data, model, a)) for a in acts]
         ours = [f"${c.mean:.2f} \\pm {c.std:.2f}$ ({c.n})" if c else "" for c in got]
-        out.append(f"{_tex(_row_label(data, model, rows))} & top-1 err & " + " & ".join(ours) + r" \\")
+        metric = METRIC_LABELS.get(_row_metric(got), _row_metric(got)).removesuffix(" %")
+        out.append(f"{_tex(_row_label(data, model, rows))} & {_tex(metric)} & " + " & ".join(ours) + r" \\")
         if any(c and c.paper is not None for c in got):
             out.append(
                 " & paper & "
@@ -345,7 +365,9 @@ def write_hparams(runs: list[Run], out_dir: str | Path) -> list[Path]:
             v = r.recipe.get(k)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 hp[f"recipe.{k}"] = v
-        metrics = {"hparam/top1_err": r.top1_err, "hparam/top5_err": r.top5_err}
+        metrics = {f"hparam/{r.metric}": r.top1_err}
+        if not math.isnan(r.top5_err):
+            metrics["hparam/top5_err"] = r.top5_err
         for k in ("best_top1_err", "params", "flops", "images_per_s", "wall_time_s"):
             if isinstance(r.results.get(k), (int, float)):
                 metrics[f"hparam/{k}"] = float(r.results[k])
