@@ -134,7 +134,9 @@ def test_segmentation_config_errors_before_any_data():
         check_train_config(compose(["task=segmentation", "backbone.checkpoint=/nope.pt"]), 1)
 
 
-@pytest.mark.parametrize(("head", "aux"), [("deeplabv3", True), ("fcn", False)])
+@pytest.mark.parametrize(
+    ("head", "aux"), [("deeplabv3", True), pytest.param("fcn", False, marks=pytest.mark.slow)]
+)
 def test_heads_on_dilated_resnet_give_input_size_logits(head, aux):
     from acon.tasks import get_task
 
@@ -147,3 +149,26 @@ def test_heads_on_dilated_resnet_give_input_size_logits(head, aux):
         out = model(torch.randn(2, 3, 48, 40))
     assert out["out"].shape == (2, 5, 48, 40) and ("aux" in out) == aux
     assert model.backbone.body.feature_info.reduction() == [8, 8]
+
+
+def test_segmentation_experiment_cells_compose_with_headers_and_no_paper_number():
+    import re
+
+    from conftest import CONFIGS
+
+    files = sorted((CONFIGS / "experiment" / "segmentation").glob("*.yaml"))
+    assert len(files) == 16  # {cityscapes, voc} x {resnet50, shufflenetv2_x1_5} x 4 activations
+    for f in files:
+        head = dict(re.findall(r"^#[ \t]*([A-Z][\w\- ()%]*?):[ \t]*(.*)$", f.read_text(), re.M))
+        assert f"experiment=segmentation/{f.stem}" in head["Command"] and "A100" in head["Hardware"]
+        assert re.match(r"\d+ \(estimate", head["Expected GPU-hours"]) and head["Paper mIoU (%)"] == ""
+        assert head["Expected mIoU (%)"].startswith("unknown")
+    for f in (files[0], files[-1]):  # composing takes ~0.7 s each: one per dataset and backbone
+        cfg = compose([f"experiment=segmentation/{f.stem}"])
+        assert (
+            cfg.task.name == "segmentation" and cfg.task.head == "deeplabv3" and cfg.recipe.schedule == "poly"
+        )
+        assert cfg.data.kind in f.stem and cfg.model.name in f.stem and f.stem.endswith(cfg.activation.name)
+        assert cfg.task.output_stride == (
+            None if "shufflenet" in f.stem else 8 if "cityscapes" in f.stem else 16
+        )

@@ -27,7 +27,10 @@ def test_registry_names_the_tasks_and_defaults_to_classification():
         get_task("pose")
 
 
-@pytest.mark.parametrize(("output_stride", "last"), [(None, 2), (16, 4), (8, 8)])
+@pytest.mark.parametrize(
+    ("output_stride", "last"),
+    [pytest.param(None, 2, marks=pytest.mark.slow), pytest.param(16, 4, marks=pytest.mark.slow), (8, 8)],
+)
 def test_resnet_output_stride_by_dilation(output_stride, last):
     cfg = compose(["model=resnet18", "activation=relu"])
     body = build_backbone(cfg, (1, 2, 3, 4), output_stride)
@@ -84,7 +87,9 @@ def test_authors_converted_file_and_a_wrong_architecture(tmp_path):
     other = compose(
         ["model=shufflenetv2_x1_0", "activation=acon_c", f"backbone.checkpoint={tmp_path / 'ours.pt'}"]
     )
-    with pytest.raises(ckpt.CheckpointError, match=r"ours.pt'.*shapes differ: features.0.branch_main.0.bias: .24,. vs .58,."):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"ours.pt'.*shapes differ: features.0.branch_main.0.bias: .24,. vs .58,."
+    ):
         build_backbone(other, (3,))
 
 
@@ -101,6 +106,7 @@ def test_freeze_bn_covers_meta_acon_beta_network_and_freezes_statistics():
     torch.testing.assert_close(train_out, body.eval()(x)[-1])  # statistics do not depend on the batch
 
 
+@pytest.mark.slow
 def test_freeze_bn_counts_every_meta_acon_bn():
     from acon.activations import MetaAconC
 
@@ -124,6 +130,7 @@ def test_freeze_acon_leaves_the_rest_trainable():
     assert freeze_activations(body) == 0  # already frozen
 
 
+@pytest.mark.slow
 def test_timm_features_only_with_converted_activations_and_torchvision_refused():
     from acon.activations import AconC
 
