@@ -149,3 +149,20 @@ def test_miou_table_over_two_seeds_and_two_activations(shapes_root, tmp_path):
         assert float(rows[act][5]) == pytest.approx(statistics.stdev(values), abs=1e-4)
         assert f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n=2)" in md
     assert "4 complete runs in 2 cells" in proc.stderr
+
+
+def test_missing_mask_is_one_error_line_before_training(shapes_root, tmp_path):
+    from acon.data.seg_shapes import prepare_seg_shapes
+
+    root = prepare_seg_shapes(tmp_path / "voc", train=8, val=2, size=32)
+    (root / "SegmentationClass" / "train_00003.png").unlink()
+    proc = run_cli(
+        [sys.executable, "train.py", *tiny(root, tmp_path, "data.train_samples=8", "data.val_samples=2")],
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: train split: missing mask file") and line.endswith(
+        "train_00003.png (data.bad_image_policy=skip drops such samples)"
+    )
+    assert "epoch" not in proc.stdout and "Traceback" not in proc.stderr
