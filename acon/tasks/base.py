@@ -27,6 +27,7 @@ class Task(Protocol):
     primary_metric: str  # key of evaluate()'s dict used for best.pt and tables: "top1_err" | "mIoU" | "AP"
     higher_is_better: bool  # False for top1_err, True for mIoU / AP
     scalar_metrics: tuple[str, ...]  # evaluate() keys logged as TensorBoard val/<key>, kept in best, EMA'd
+    # Metrics are in percent (top-1 error %, mIoU %, AP x 100): the epoch line prints "best <value>%".
 
     def check_config(self, cfg: DictConfig) -> None:
         """Task-specific config checks, before any data is read or model built (raise ConfigError)."""
