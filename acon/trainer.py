@@ -15,8 +15,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from acon import checkpoint as ckpt
 from acon import console, distributed, fallbacks
 from acon.builders import run_identity
+from acon.data import build_datasets  # noqa: F401  (classification's loaders build through this name)
 from acon.data.bad_images import SkipLog
-from acon.engine import StepContext, agree, optimizer_step
+from acon.engine import StepContext, agree, forward_loss, optimizer_step  # noqa: F401  (forward_loss: as above)
 from acon.logging import Progress, RunLogger
 from acon.optim import (
     build_criterion,
