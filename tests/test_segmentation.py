@@ -172,3 +172,19 @@ def test_segmentation_experiment_cells_compose_with_headers_and_no_paper_number(
         assert cfg.task.output_stride == (
             None if "shufflenet" in f.stem else 8 if "cityscapes" in f.stem else 16
         )
+
+
+def test_validation_images_of_several_sizes_are_not_padded_together(shapes, tmp_path):
+    from acon.tasks.segmentation import build_seg_dataset, val_batch_size
+
+    data = seg_cfg(shapes, "data=voc", "data.num_classes=4").data
+    assert val_batch_size(build_seg_dataset(data, "val", False, 255), 8) == 8  # one size: batched
+    root = _voc_copy(shapes, tmp_path / "voc")
+    for folder, ext, resample in (
+        ("JPEGImages", "jpg", Image.BILINEAR),
+        ("SegmentationClass", "png", Image.NEAREST),
+    ):
+        path = root / folder / f"val_00001.{ext}"
+        Image.open(path).resize((40, 24), resample).save(path)
+    ds = build_seg_dataset(seg_cfg(root, "data=voc", "data.num_classes=4").data, "val", False, 255)
+    assert val_batch_size(ds, 8) == 1 and ds[1][0].shape == (3, 24, 40)

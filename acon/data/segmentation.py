@@ -111,6 +111,15 @@ def check_pairs(
     return good, problems
 
 
+def image_sizes(pairs: Sequence[Pair]) -> set[tuple[int, int]]:
+    """The distinct (width, height) of the images (headers only)."""
+    sizes = set()
+    for image, _ in pairs:
+        with Image.open(image) as im:
+            sizes.add(im.size)
+    return sizes
+
+
 class SegmentationDataset(Dataset):
     """(image tensor, mask tensor) pairs; ``transform(image, mask)`` gets PIL images and returns tensors."""
 

@@ -61,6 +61,14 @@ def build_seg_dataset(data: DictConfig, split: str, train: bool, ignore_index: i
     )
 
 
+def val_batch_size(dataset, requested: int) -> int:
+    """``requested`` when every validation image has one size, else 1: whole images of several sizes are
+    not padded together, so the metrics never depend on the batch size or the batch's neighbours."""
+    from acon.data.segmentation import image_sizes
+
+    return requested if len(image_sizes(dataset.pairs)) == 1 else 1
+
+
 class SegmentationTask:
     """Per-pixel classification; best.pt on the highest mIoU."""
 
@@ -122,7 +130,7 @@ class SegmentationTask:
         train = build_train_loader(
             train_set, data, batch, info.rank, info.world_size, seed, collate_fn=collate
         )
-        eval_batch = int(cfg.trainer.eval_batch_size)
+        eval_batch = val_batch_size(val_set, int(cfg.trainer.eval_batch_size))
         val = build_eval_loader(val_set, data, eval_batch, info.rank, info.world_size, collate_fn=collate)
         return train, val, len(train_set)
 
@@ -135,10 +143,8 @@ class SegmentationTask:
         key = OmegaConf.to_yaml(cfg.data, resolve=True)
         if key not in cache:
             cache[key] = build_seg_dataset(cfg.data, str(cfg.data.val_split), False, self.ignore_index)
-        collate = PadCollate(self.ignore_index)
-        return build_eval_loader(
-            cache[key], cfg.data, batch_size, info.rank, info.world_size, collate_fn=collate
-        )
+        collate, batch = PadCollate(self.ignore_index), val_batch_size(cache[key], batch_size)
+        return build_eval_loader(cache[key], cfg.data, batch, info.rank, info.world_size, collate_fn=collate)
 
     def build_model(self, cfg: DictConfig) -> nn.Module:
         """``task.head`` on the backbone (see ``acon.tasks.seg_model``)."""
