@@ -1,8 +1,8 @@
 """Which fast paths a run fell back from, and why: one warning each, and a record for ``results.json``.
 
 A self-check (a fused kernel against the reference form, nvJPEG against CPU decoding) that fails calls
-:func:`record`; the run continues on the slower, correct path and the trainer writes :func:`recorded`
-into ``results.json`` under ``"fallbacks"``.
+:func:`record`; the run continues on the slower, correct path and the trainer writes every rank's
+:func:`recorded` (merged by :func:`across_ranks`) into ``results.json`` under ``"fallbacks"``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,22 @@ def record(path: str, reason: str) -> None:
 def recorded() -> dict[str, str]:
     """Every fallback of this process so far: path → reason."""
     return dict(_RECORDS)
+
+
+def across_ranks(per_rank: list[dict[str, str]]) -> dict[str, str]:
+    """One record from every rank's :func:`recorded`: a path that fell back on only some ranks names them.
+
+    ``[{"p": "why"}, {}]`` gives ``{"p": "why (rank 0 of 2)"}``; a path on every rank keeps its reason.
+    """
+    merged: dict[str, str] = {}
+    for path in dict.fromkeys(p for records in per_rank for p in records):
+        ranks = [r for r, records in enumerate(per_rank) if path in records]
+        reason = per_rank[ranks[0]][path]
+        if len(ranks) < len(per_rank):
+            names = ", ".join(map(str, ranks))
+            reason += f" (rank{'s' if len(ranks) > 1 else ''} {names} of {len(per_rank)})"
+        merged[path] = reason
+    return merged
 
 
 def clear() -> None:

@@ -395,7 +395,8 @@ class Trainer:
 
     def finish(self, wall: float, status: str = "complete", last: dict | None = None) -> dict | None:
         """Write results.json on rank 0: the task's final and best metrics, params, FLOPs, time and
-        throughput over every segment of the run, commit."""
+        throughput over every segment of the run, commit, and every rank's fallbacks."""
+        every_rank = distributed.all_gather_object(fallbacks.recorded())  # a collective: all ranks call it
         if not self.info.is_main:
             return None
         import models
@@ -423,7 +424,7 @@ class Trainer:
             "seed": int(self.cfg.seed),
             "git_commit": git_commit(),
             "identity": run_identity(self.cfg),
-            "fallbacks": fallbacks.recorded(),
+            "fallbacks": fallbacks.across_ranks(every_rank),
             "origin": self.state.origin,
         }
         write_json(self.run_dir / "results.json", results)

@@ -95,3 +95,14 @@ def test_triton_mismatch_falls_back(monkeypatch, fresh_selfcheck):
     want = acon_c_reference(x.float(), p1, p2, beta)
     torch.testing.assert_close(got[0].float(), want, rtol=1.6e-2, atol=2e-2)
     assert "acon_c triton cpu bfloat16 contiguous" in fresh_selfcheck.recorded()
+
+
+def test_results_name_the_ranks_a_fallback_happened_on():
+    from acon.fallbacks import across_ranks
+
+    assert across_ranks([{}, {}]) == {}
+    assert across_ranks([{"p": "why"}, {"p": "why"}]) == {"p": "why"}
+    assert across_ranks([{}, {"p": "why"}, {"p": "why", "q": "bad"}]) == {
+        "p": "why (ranks 1, 2 of 3)",
+        "q": "bad (rank 2 of 3)",
+    }
