@@ -76,11 +76,6 @@ def optimizer_step(ctx: StepContext, loss: torch.Tensor, step: int) -> None:
         ctx.ema.update(ctx.raw_model, step=step + 1)
 
 
-def agree(flags: list[float], device: torch.device) -> list[bool]:
-    """Combine per-rank flags (non-finite loss, preemption) so every rank takes the same branch."""
-    return [v > 0 for v in all_reduce_sum(flags, device)]
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader, device: torch.device, precision: str = "fp32", channels_last: bool = False

@@ -17,7 +17,7 @@ from acon import console, distributed, fallbacks
 from acon.builders import run_identity
 from acon.data import build_datasets  # noqa: F401  (classification's loaders build through this name)
 from acon.data.bad_images import SkipLog
-from acon.engine import StepContext, agree, forward_loss, optimizer_step  # noqa: F401  (forward_loss: as above)
+from acon.engine import StepContext, forward_loss, optimizer_step  # noqa: F401  (forward_loss: as above)
 from acon.logging import Progress, RunLogger
 from acon.optim import (
     build_criterion,
@@ -210,6 +210,11 @@ class Trainer:
             seed_process(int(self.cfg.seed) * 1000 + self.info.rank + 7919 * self.state.step)
         return path
 
+    def record_skips(self, split: str, files) -> None:
+        """Add the bad files every rank skipped (a collective) to the run's list; raise past the budget."""
+        here = list(getattr(files, "files", files) or ())
+        self.skips.add(split, [f for rank_files in distributed.all_gather_object(here) for f in rank_files])
+
     def announce(self, what: str) -> None:
         """One line on rank 0, through the run's log (console and train.log)."""
         if self.info.is_main:
@@ -247,8 +252,8 @@ class Trainer:
         is_best = False
         if self.validation_due():
             val = self.validate()
-            s.bad_images_skipped += val.pop("bad_images_skipped")
-            self.skips.add("val", val.pop("bad_image_files"))
+            s.bad_images_skipped += val.pop("bad_images_skipped")  # summed over ranks by evaluate
+            self.record_skips("val", val.pop("bad_image_files"))
             record.update({f"val_{k}": v for k, v in val.items()})
             logger.scalars(s.step, {f"val/{k}": val[k] for k in task.scalar_metrics})
             pm = task.primary_metric
@@ -277,12 +282,14 @@ class Trainer:
             while s.step < self.total_steps:
                 t_epoch = time.perf_counter()
                 for images, targets, n_bad in self.epoch_batches(s.epoch, s.batch_in_epoch):
-                    s.bad_images_skipped += n_bad
-                    self.skips.add("train", n_bad)
                     loss = self.task.loss(c, images, targets)
-                    nonfinite, stop_now = agree(
-                        [float(not torch.isfinite(loss)), float(bool(flag))], self.info.device
+                    nonfinite, stop_now, bad_total = distributed.all_reduce_sum(
+                        [float(not torch.isfinite(loss)), float(bool(flag)), float(n_bad)], self.info.device
                     )
+                    nonfinite, stop_now = nonfinite > 0, stop_now > 0  # every rank takes the same branch
+                    if bad_total:  # one budget and one list for the whole job, the same on every rank
+                        s.bad_images_skipped += int(bad_total)
+                        self.record_skips("train", n_bad)
                     if nonfinite:
                         if t.nan_policy == "stop":
                             raise FloatingPointError(
@@ -375,8 +382,8 @@ class Trainer:
         record = last if last.get("step") == s.step and f"val_{task.primary_metric}" in last else None
         if record is None:  # not already validated at the end of an epoch at this step
             val = self.validate()
-            s.bad_images_skipped += val.pop("bad_images_skipped")
-            self.skips.add("val", val.pop("bad_image_files"))
+            s.bad_images_skipped += val.pop("bad_images_skipped")  # summed over ranks by evaluate
+            self.record_skips("val", val.pop("bad_image_files"))
             record = {
                 "epoch": round(s.epoch + s.batch_in_epoch / self.batches_per_epoch, 4),
                 "step": s.step,

@@ -83,3 +83,23 @@ def test_skip_budget_stops_the_run_or_lists_the_files(messy_imagenet, tmp_path, 
     names = sorted(p.rsplit("/", 1)[1] for p in saved["bad_image_files"]["train"])
     assert names == ["empty.JPEG", "garbage.JPEG", "truncated.JPEG"] and results["bad_images_skipped"] == 4
     assert [p.rsplit("/", 1)[1] for p in saved["bad_image_files"]["val"]] == ["empty.JPEG"]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_one_skip_budget_and_list(messy_imagenet, tmp_path):  # noqa: F811
+    """2 gloo ranks read disjoint halves of each epoch: the budget counts the bad files of every rank,
+    results.json lists and counts them all, and past the budget every rank stops with the error."""
+    import sys
+
+    from conftest import run_cli
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    base = [*torchrun, "train.py", *tiny_overrides(messy_imagenet, tmp_path), "model=shufflenetv2_x0_5_small"]
+    base += ["activation=relu", "trainer.threads=1", "data.bad_image_policy=skip", "recipe.batch_size=8"]
+    run_cli([*base, "data.max_bad_images=3", "run_name=within"])
+    saved = json.loads((tmp_path / "within" / "results.json").read_text())
+    names = sorted(p.rsplit("/", 1)[1] for p in saved["bad_image_files"]["train"])
+    assert names == ["empty.JPEG", "garbage.JPEG", "truncated.JPEG"] and saved["bad_images_skipped"] == 4
+    over = run_cli([*base, "data.max_bad_images=2", "run_name=over"], check=False, timeout=300)
+    assert over.returncode != 0
+    assert "3 bad images in the train split, more than data.max_bad_images=2" in over.stdout + over.stderr
