@@ -1,0 +1,107 @@
+"""COCO-format detection samples as torchvision's detectors take them, and their batches."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
+
+from acon.data.bad_images import DECODE_ERRORS, BadImageError, SkippedImage, split_batch
+from acon.data.folder import BAD_IMAGE_POLICIES, open_image
+from acon.detection.coco import CocoIndex
+from acon.errors import ConfigError
+
+
+def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    """Mirror an image (C, H, W) and its xyxy boxes left-right."""
+    width = image.shape[-1]
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    return image.flip(-1), {**target, "boxes": boxes}
+
+
+class CocoDetectionDataset(Dataset):
+    """Images of a COCO instances file as (float CHW image in [0, 1], target), torchvision's format.
+
+    The target has ``boxes`` (float32 N×4, xyxy pixels), ``labels`` (int64, contiguous 1..K),
+    ``image_id`` (the COCO id), ``area`` and ``iscrowd``. ``train=True`` mirrors with probability
+    ``hflip_prob`` (drawn from torch's RNG, so a seeded sample is reproducible). Files that cannot be
+    decoded follow ``bad_image_policy`` as for classification (``raise``: the path in the error;
+    ``skip``: a warning, and the batch counts it).
+    """
+
+    def __init__(
+        self,
+        index: CocoIndex,
+        train: bool = False,
+        hflip_prob: float = 0.5,
+        bad_image_policy: str = "raise",
+    ) -> None:
+        if bad_image_policy not in BAD_IMAGE_POLICIES:
+            raise ConfigError(
+                f"data.bad_image_policy={bad_image_policy!r} is not one of {BAD_IMAGE_POLICIES}"
+            )
+        self.index, self.train, self.hflip_prob = index, train, float(hflip_prob)
+        self.bad_image_policy = bad_image_policy
+
+    def __len__(self) -> int:
+        return len(self.index.records)
+
+    def target(self, i: int) -> dict:
+        """The training target of sample ``i`` (no image decoded)."""
+        rec = self.index.records[i]
+        boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
+        return {
+            "boxes": boxes,
+            "labels": torch.tensor(rec.labels, dtype=torch.int64),
+            "image_id": rec.image_id,
+            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            "iscrowd": torch.zeros(len(rec.labels), dtype=torch.int64),
+        }
+
+    def load(self, i: int) -> tuple[torch.Tensor, dict]:
+        """Decode image ``i`` (BadImageError naming the file on failure) and build its target."""
+        rec = self.index.records[i]
+        try:
+            img = open_image(rec.path).convert("RGB")
+        except BadImageError:
+            raise
+        except DECODE_ERRORS as e:
+            raise BadImageError(f"{rec.path}: cannot read or decode image ({type(e).__name__}: {e})") from e
+        if img.size != (rec.width, rec.height):
+            raise ConfigError(
+                f"{rec.path}: image is {img.size[0]}x{img.size[1]} but {self.index.ann_file} says "
+                f"{rec.width}x{rec.height} (image id {rec.image_id})"
+            )
+        image, target = pil_to_tensor(img).float().div_(255), self.target(i)
+        if self.train and self.hflip_prob > 0 and torch.rand(()).item() < self.hflip_prob:
+            image, target = hflip(image, target)
+        return image, target
+
+    def __getitem__(self, i: int):
+        try:
+            return self.load(i)
+        except BadImageError as e:
+            if self.bad_image_policy == "raise":
+                raise
+            warnings.warn(f"skipping bad image: {e}", stacklevel=2)
+            return SkippedImage(self.index.records[i].path, str(e))
+
+
+def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict], object]:
+    """(list of images, list of targets, BadImages: the skipped count and files) for one batch."""
+    good, bad = split_batch(batch)
+    return [g[0] for g in good], [g[1] for g in good], bad
+
+
+def split_paths(root: str | os.PathLike, split: str, ann_pattern: str, images_pattern: str) -> tuple:
+    """(instances JSON, image folder) of ``split`` under ``root`` (COCO 2017 layout by default)."""
+    root = os.path.expanduser(str(root))
+    ann = os.path.join(root, ann_pattern.format(split=split))
+    images = os.path.join(root, images_pattern.format(split=split))
+    if not os.path.isdir(images):
+        raise FileNotFoundError(f"data.root={root!r}: missing image folder {images!r} for split {split!r}")
+    return ann, images
