@@ -176,6 +176,26 @@ class SegmentationDataSchema(DataSchema):
 
 
 @dataclass
+class DetectionDataSchema(DataSchema):
+    """``data`` for ``task=detection``: a COCO-format folder or the embedded shapes set."""
+
+    kind: str = key(allowed=OneOf(source="acon.tasks.detection:DET_DATA_KINDS"))
+    root: str | None = key(None)  # det_shapes: null writes it under ~/.cache/acon-suite (or $ACON_CACHE)
+    train_split: str = key("train2017")
+    val_split: str = key("val2017")
+    ann_file: str = key("annotations/instances_{split}.json")  # under root; {split} is filled in
+    images_dir: str = key("{split}")  # under root
+    max_size: int = key(1333, POSITIVE_INT)  # long-side cap; img_size is the short side the detector sees
+    box_policy: str = key("clip", OneOf(("clip", "raise")))  # boxes outside the image / without area
+    empty_policy: str = key("skip", OneOf(("skip", "keep")))  # training images without boxes
+    hflip_prob: float = key(0.5, Range(0, 1))
+    train_samples: int = key(512, POSITIVE_INT)  # det_shapes only: images per split, size, shapes per image
+    val_samples: int = key(128, POSITIVE_INT)
+    shapes_size: int = key(64, POSITIVE_INT)
+    max_shapes: int = key(3, POSITIVE_INT)
+
+
+@dataclass
 class RecipeSchema:
     """``recipe``: optimiser, schedule, length and regularisation."""
 
@@ -191,6 +211,8 @@ class RecipeSchema:
     epochs: int | None = key(None, POSITIVE_INT)
     schedule: str = key("linear", OneOf(source="acon.optim:SCHEDULES"))
     poly_power: float | None = key(None, POSITIVE)  # schedule=poly: lr·(1 - t/T)^poly_power; null: 0.9
+    lr_steps: list[int] | None = key(None)  # schedule=step: iterations (at base_batch_size) where lr drops
+    lr_gamma: float = key(0.1, POSITIVE)  # schedule=step: the factor at each of lr_steps
     warmup_steps: int = key(0, NON_NEGATIVE_INT)
     warmup_lr: float = key(0.0, NON_NEGATIVE)
     min_lr: float = key(0.0, NON_NEGATIVE)
@@ -238,6 +260,17 @@ class SegmentationTaskSchema(TaskSchema):
     aux_loss: bool = key(False)  # an FCN head on the second-last feature map, weighted by aux_weight
     aux_weight: float = key(0.4, NON_NEGATIVE)
     ignore_index: int = key(255, NON_NEGATIVE_INT)  # mask value left out of the loss and the metrics
+
+
+@dataclass
+class DetectionTaskSchema(TaskSchema):
+    """``task=detection``: a torchvision RetinaNet or Faster R-CNN with an FPN on a feature backbone."""
+
+    detector: str = key("retinanet", OneOf(source="acon.detection.detectors:DETECTORS"))
+    fpn_channels: int = key(256, POSITIVE_INT)
+    anchor_scale: float | None = key(None, POSITIVE)  # anchor size / level stride; null: torchvision's
+    detections_per_img: int = key(100, POSITIVE_INT)
+    kwargs: dict[str, Any] = key({})  # more keywords for torchvision's RetinaNet / FasterRCNN
 
 
 @dataclass
@@ -301,10 +334,15 @@ GROUP_SCHEMAS = {
         "base_folder_data": FolderDataSchema,
         "base_synthetic_data": SyntheticDataSchema,
         "base_segmentation_data": SegmentationDataSchema,
+        "base_detection_data": DetectionDataSchema,
     },
     "recipe": {"base_recipe": RecipeSchema},
     "trainer": {"base_trainer": TrainerSchema},
-    "task": {"base_task": TaskSchema, "base_segmentation_task": SegmentationTaskSchema},
+    "task": {
+        "base_task": TaskSchema,
+        "base_segmentation_task": SegmentationTaskSchema,
+        "base_detection_task": DetectionTaskSchema,
+    },
 }
 ROOT_SCHEMAS = {"base_train": TrainSchema, "base_eval": EvalSchema}
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from acon.params import param_groups
 
-SCHEDULES = ("linear", "cosine", "poly")
+SCHEDULES = ("linear", "cosine", "poly", "step")
 log = logging.getLogger(__name__)
 
 
@@ -65,8 +65,8 @@ def _quiet_single_step_warning():
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, total_steps: int) -> Scheduler:
-    """A timm scheduler stepped per iteration: linear decay to min_lr, cosine, or poly (DeepLab's
-    (1 - t/T)^power), with optional warm-up.
+    """A timm scheduler stepped per iteration: linear decay to min_lr, cosine, poly (DeepLab's
+    (1 - t/T)^power), or step (Detectron's: × ``lr_gamma`` at each of ``lr_steps``), with optional warm-up.
 
     The trainer sets step k's lr (k = 1..total_steps) *before* the optimiser step, as the authors'
     train.py does (LambdaLR stepped before each update): linear gives step 1 lr·(1 - 1/T), the last 0.
@@ -85,7 +85,29 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, total_
             return CosineLRScheduler(optimizer, **common)
         if recipe.schedule == "poly":
             return PolyLRScheduler(optimizer, power=float(recipe.get("poly_power") or 0.9), **common)
+        if recipe.schedule == "step":
+            return step_scheduler(optimizer, recipe, common)
     raise ValueError(f"recipe.schedule={recipe.schedule!r} is not one of {SCHEDULES}")
+
+
+def step_scheduler_steps(recipe: DictConfig) -> list[int]:
+    """``recipe.lr_steps`` in steps of the run's batch size (they count at base_batch_size)."""
+    scale = float(recipe.base_batch_size) / float(recipe.batch_size)
+    return [max(1, round(int(s) * scale)) for s in (recipe.get("lr_steps") or [])]
+
+
+def step_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, common: dict) -> Scheduler:
+    """lr × ``lr_gamma`` from each step (1-based) of ``recipe.lr_steps`` on; they count at base_batch_size,
+    as ``recipe.iterations`` does, so another batch size moves them with the run's length."""
+    from timm.scheduler import MultiStepLRScheduler
+
+    # timm applies milestone m from t = m - 1 on, and the trainer asks for step k's lr with t = k: m + 1
+    # makes step k (1-based) run at the decayed lr exactly from k = lr_steps on, warm-up not shifting it
+    decay_t = [s + 1 for s in step_scheduler_steps(recipe)]
+    common = {k: v for k, v in common.items() if k not in ("t_initial", "lr_min")}
+    return MultiStepLRScheduler(
+        optimizer, decay_t=decay_t, decay_rate=float(recipe.lr_gamma), warmup_prefix=False, **common
+    )
 
 
 def step_lrs(recipe: DictConfig, total_steps: int, steps: list[int]) -> list[float]:
@@ -123,10 +145,11 @@ def describe_schedule(recipe: DictConfig, total_steps: int, batches_per_epoch: i
     if warm:
         text += f", warm-up {warm} steps from lr {float(recipe.warmup_lr):g} to {scaled_lr(recipe):g}"
     first, last = step_lrs(recipe, total_steps, [1, total_steps])
-    return (
-        f"{text}, {recipe.schedule} decay to {float(recipe.min_lr):g}; "
-        f"step 1 at lr {first:.4g}, step {total_steps} at {last:.4g}"
-    )
+    if recipe.schedule == "step":
+        decay = f"× {float(recipe.lr_gamma):g} at steps {list(step_scheduler_steps(recipe))}"
+    else:
+        decay = f"{recipe.schedule} decay to {float(recipe.min_lr):g}"
+    return f"{text}, {decay}; step 1 at lr {first:.4g}, step {total_steps} at {last:.4g}"
 
 
 def log_schedule(recipe: DictConfig, total_steps: int, batches_per_epoch: int) -> str:

@@ -111,6 +111,12 @@ def test_unknown_category_and_image_ids_are_errors(tmp_path):
         CocoIndex(path, tmp_path / "img")
 
 
+def test_repeated_annotation_ids_are_errors(tmp_path):
+    path = write_coco(tmp_path, [ann(3, 1, 3, [1, 1, 5, 5]), ann(3, 2, 3, [1, 1, 5, 5])])
+    with pytest.raises(ConfigError, match="annotation id 3: annotation ids must be unique"):
+        CocoIndex(path, tmp_path / "img")
+
+
 def test_missing_files_and_bad_json_are_errors_before_decoding(tmp_path):
     path = write_coco(tmp_path, [ann(1, 1, 3, [1, 1, 5, 5])])
     (tmp_path / "img" / "b.jpg").unlink()
@@ -144,6 +150,7 @@ def test_embedded_shapes_set_is_a_real_coco_dataset(tmp_path):
     data = json.loads((root / "annotations" / "instances_val.json").read_text())
     assert data["categories"] == CATEGORIES and len(data["images"]) == 4
     assert all(len(a["segmentation"][0]) >= 6 and a["area"] > 0 for a in data["annotations"])
+    assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
     assert sorted(p.suffix for p in (root / "train").iterdir()) == [".jpg"] * 6
     index = CocoIndex(root / "annotations" / "instances_train.json", root / "train", box_policy="raise")
     assert index.stats.boxes == len(

@@ -14,7 +14,7 @@ kept, clipped or dropped follows two documented policies and is counted in :clas
 Always errors: a missing or unreadable JSON, missing ``images``/``annotations``/``categories``, an
 annotation whose ``category_id`` is not among ``categories`` or whose ``image_id`` is not among
 ``images``, a box that is not four finite numbers, an image without a positive ``width``/``height``,
-and image files that do not exist (the first few are named, with the count).
+a missing or repeated annotation id, and image files that do not exist (the first few are named, with the count).
 """
 
 from __future__ import annotations
@@ -146,9 +146,13 @@ class CocoIndex:
         return records
 
     def _add_annotations(self, records: dict[int, CocoRecord]) -> None:
+        seen: set = set()
         for ann in self.data["annotations"]:
             aid = ann.get("id")
             where = f"{self.ann_file}: annotation id {aid}"
+            if not isinstance(aid, int) or aid in seen:
+                raise ConfigError(f"{where}: annotation ids must be unique integers (COCOeval matches by id)")
+            seen.add(aid)
             rec = records.get(ann.get("image_id"))
             if rec is None:
                 raise ConfigError(f"{where}: image_id {ann.get('image_id')!r} is not among the images")

@@ -105,3 +105,38 @@ def split_paths(root: str | os.PathLike, split: str, ann_pattern: str, images_pa
     if not os.path.isdir(images):
         raise FileNotFoundError(f"data.root={root!r}: missing image folder {images!r} for split {split!r}")
     return ann, images
+
+
+def split_index(data_cfg, split: str, train: bool) -> CocoIndex:
+    """The checked index of ``split`` for ``data_cfg`` (``data=coco`` or the embedded ``det_shapes``).
+
+    Training follows ``data.empty_policy``; validation keeps every image (COCOeval scores them all)."""
+    if data_cfg.kind == "det_shapes":
+        from acon.detection.shapes import prepare_shapes
+
+        root = prepare_shapes(
+            data_cfg.root,
+            int(data_cfg.train_samples),
+            int(data_cfg.val_samples),
+            int(data_cfg.shapes_size),
+            int(data_cfg.max_shapes),
+        )
+    elif not data_cfg.root:
+        raise ConfigError(f"data.root is not set for data={data_cfg.name}; pass data.root=/path/to/coco")
+    else:
+        root = data_cfg.root
+    ann, images = split_paths(root, split, str(data_cfg.ann_file), str(data_cfg.images_dir))
+    policy = str(data_cfg.empty_policy) if train else "keep"
+    index = CocoIndex(ann, images, box_policy=str(data_cfg.box_policy), empty_policy=policy)
+    if len(index.labels) != int(data_cfg.num_classes):
+        raise ConfigError(
+            f"{ann} has {len(index.labels)} categories but data.num_classes={data_cfg.num_classes}"
+        )
+    return index
+
+
+def build_split(data_cfg, split: str, train: bool) -> CocoDetectionDataset:
+    """The dataset of ``split`` (training: mirrored with ``data.hflip_prob``)."""
+    index = split_index(data_cfg, split, train)
+    hflip_prob = float(data_cfg.hflip_prob) if train else 0.0
+    return CocoDetectionDataset(index, train, hflip_prob, str(data_cfg.bad_image_policy))

@@ -26,7 +26,7 @@ CATEGORIES = [
     {"id": 2, "name": "disc", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
-VERSION = 1  # bump when the drawing changes: the cache folder name carries it
+VERSION = 2  # bump when the drawing changes: the cache folder name carries it
 
 
 def shape_polygon(kind: int, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -102,7 +102,7 @@ def write_split(root: Path, split: str, count: int, size: int, max_shapes: int, 
         name = f"{split}_{i:05d}.{ext}"
         img.save(root / split / name, **({"quality": 95} if ext == "jpg" else {}))
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-        anns += [annotation(len(anns) + 1, i + 1, s) for s in shapes]
+        anns += [annotation(len(anns) + k + 1, i + 1, s) for k, s in enumerate(shapes)]
     (root / "annotations").mkdir(exist_ok=True)
     doc = {
         "info": {"description": f"acon-suite synthetic shapes v{VERSION}, seed {seed}"},
