@@ -67,3 +67,5 @@ def test_detector_outputs_become_coco_results():
     }
     [r] = to_coco_results([out], [7], {1: 3, 2: 9})
     assert r == {"image_id": 7, "category_id": 9, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.5}
+    background = {**out, "labels": torch.tensor([0])}  # RetinaNet scores label 0 too: not a category
+    assert to_coco_results([background], [7], {1: 3, 2: 9}) == []

@@ -29,12 +29,17 @@ def coco_ground_truth(data: dict):
 
 
 def to_coco_results(outputs: list[dict], image_ids: list[int], label_to_category: dict[int, int]) -> list:
-    """torchvision detector outputs (xyxy boxes, contiguous labels) as COCO result dicts (xywh, ids)."""
+    """torchvision detector outputs (xyxy boxes, contiguous labels) as COCO result dicts (xywh, ids).
+
+    Label 0 is the background: RetinaNet has a score for it too (its head has no separate background),
+    never trained as a positive; such detections are dropped."""
     results = []
     for out, image_id in zip(outputs, image_ids, strict=True):
         boxes = out["boxes"].detach().float().cpu()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
         for box, score, label in zip(xywh, out["scores"].tolist(), out["labels"].tolist(), strict=True):
+            if int(label) == 0:
+                continue
             results.append(
                 {
                     "image_id": int(image_id),
