@@ -7,6 +7,7 @@ run resumes bit-exactly; eval.py reproduces the logged AP; 2 gloo ranks log the 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,8 +21,9 @@ pytestmark = pytest.mark.slow
 DEFAULT_MIN_AP = 30.0  # the default run's stated floor (README "Detection"; measured 2026-12-01)
 
 
-def tiny(root: Path, out: Path, run: str, *extra: str) -> list[str]:
-    """A few CPU steps of task=detection on a 16-image shapes set (8 validation images)."""
+def tiny(root: Path, out: Path, run: str | None, *extra: str) -> list[str]:
+    """A few CPU steps of task=detection on a 16-image shapes set (8 validation images); ``run``: the
+    run_name (None: the default name)."""
     return [
         "train.py",
         "task=detection",
@@ -38,7 +40,7 @@ def tiny(root: Path, out: Path, run: str, *extra: str) -> list[str]:
         "trainer.progress=false",
         "trainer.threads=1",
         f"out_dir={out}",
-        f"run_name={run}",
+        *([f"run_name={run}"] if run else []),
         *extra,
     ]
 
@@ -101,3 +103,30 @@ def test_two_gloo_ranks_log_the_ap_one_process_computes(tmp_path):
     row = eval_ap(run_dir / "last.pt", tmp_path)
     assert record["val_count"] == row["count"] == 8  # every image once across the 2 ranks
     assert row["AP"] == record["val_AP"] == results["AP"]
+
+
+def test_ap_table_per_backbone_and_activation_over_two_seeds(tmp_path):
+    sweep = tmp_path / "detsweep"
+    run_cli(
+        [sys.executable, "train.py", "-m", *tiny(tmp_path / "shapes", tmp_path, None)[1:]]
+        + ["model=shufflenetv2_x0_5,resnet18", "activation=relu,acon_c", "seed=0,1", "sweep_name=detsweep"],
+        timeout=1800,
+    )
+    run_cli([sys.executable, "scripts/make_table.py", str(sweep), "--out", str(tmp_path / "tables")])
+    md = (tmp_path / "tables" / "table.md").read_text()
+    rows = {
+        tuple(r.split(",")[1:3]): r.split(",")
+        for r in (tmp_path / "tables" / "table.csv").read_text().splitlines()[1:]
+    }
+    for model in ("shufflenetv2_x0_5", "resnet18"):
+        assert f"| {model} (det_shapes) | AP |" in md, md
+        for act in ("relu", "acon_c"):
+            values = [
+                json.loads((sweep / f"det_shapes-{model}-{act}-s{s}" / "results.json").read_text())["AP"]
+                for s in (0, 1)
+            ]
+            row = rows[(model, act)]
+            assert row[3] == "2" and row[-1] == "AP"
+            assert float(row[4]) == pytest.approx(statistics.mean(values), abs=1e-4)
+            assert float(row[5]) == pytest.approx(statistics.stdev(values), abs=1e-4)
+            assert f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n=2)" in md

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, run_cli
 from torch import nn
 
 from acon.distributed import DistInfo
@@ -107,3 +109,14 @@ def test_step_schedule_drops_at_the_given_steps():
     )
     half = compose(["task=detection", "recipe.warmup_steps=0", "recipe.lr_steps=[8]", "recipe.batch_size=16"])
     assert step_lrs(half.recipe, 10, [3, 4]) == pytest.approx([0.04, 0.004])  # steps scale with the batch
+
+
+def test_pycocotools_is_imported_only_to_evaluate():
+    """Classification (and building a detector) never import pycocotools; the COCO metrics do."""
+    code = (
+        "import sys; from acon.tasks import get_task; get_task('classification'); get_task('detection'); "
+        "import acon.detection.dataset, acon.detection.detectors; assert 'pycocotools' not in sys.modules; "
+        "import acon.detection.metrics as m; m.coco_ground_truth({'images': [], 'annotations': [], "
+        "'categories': []}); assert 'pycocotools' in sys.modules"
+    )
+    run_cli([sys.executable, "-c", code])
