@@ -130,3 +130,25 @@ def test_ap_table_per_backbone_and_activation_over_two_seeds(tmp_path):
             assert float(row[4]) == pytest.approx(statistics.mean(values), abs=1e-4)
             assert float(row[5]) == pytest.approx(statistics.stdev(values), abs=1e-4)
             assert f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n=2)" in md
+
+
+def test_bad_coco_annotations_stop_train_py_in_one_error_line(tmp_path):
+    from test_detection_data import ann, write_coco
+
+    path = write_coco(tmp_path, [ann(17, 1, 5, [1, 1, 5, 5])])  # category 5 is not among 3 and 7
+    cmd = [
+        sys.executable,
+        "train.py",
+        "task=detection",
+        "data=coco",
+        f"data.root={tmp_path}",
+        "data.num_classes=2",
+    ]
+    cmd += ["data.ann_file=instances.json", "data.images_dir=img", f"out_dir={tmp_path / 'runs'}"]
+    proc = run_cli(cmd, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert (
+        f"{path}: annotation id 17" in errors[0] and "category_id 5 is not among the categories" in errors[0]
+    )
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
