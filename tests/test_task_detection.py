@@ -120,3 +120,19 @@ def test_pycocotools_is_imported_only_to_evaluate():
         "'categories': []}); assert 'pycocotools' in sys.modules"
     )
     run_cli([sys.executable, "-c", code])
+
+
+def test_images_of_other_sizes_are_predicted_one_at_a_time():
+    from acon.tasks.detection import predict
+
+    calls = []
+
+    def model(images):
+        calls.append([tuple(i.shape) for i in images])
+        return [{"n": len(images)} for _ in images]
+
+    same = [torch.zeros(3, 8, 8)] * 3
+    assert predict(model, same) == [{"n": 3}] * 3 and calls == [[(3, 8, 8)] * 3]
+    calls.clear()
+    mixed = [torch.zeros(3, 8, 8), torch.zeros(3, 8, 6)]
+    assert predict(model, mixed) == [{"n": 1}] * 2 and calls == [[(3, 8, 8)], [(3, 8, 6)]]

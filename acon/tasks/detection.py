@@ -53,6 +53,14 @@ def _to_device(images: list, targets: list, device: torch.device) -> tuple[list,
     return images, targets
 
 
+def predict(model: nn.Module, images: list) -> list[dict]:
+    """Detections for ``images``: one call when they share a size, else one image at a time, so that
+    padding to a common size never changes a result (the metrics do not depend on the batch size)."""
+    if all(i.shape == images[0].shape for i in images):
+        return model(images)
+    return [out for i in images for out in model([i])]
+
+
 class DetectionTask:
     """Detection behind the shared trainer; best.pt on the highest COCO box AP."""
 
@@ -154,7 +162,7 @@ class DetectionTask:
         for images, targets, n_bad in loader:
             images, _ = _to_device(images, [], info.device)
             with autocast(info.device, cfg.trainer.precision):
-                outputs = model(images)
+                outputs = predict(model, images)
             ids = [t["image_id"] for t in targets]
             results += to_coco_results(outputs, ids, index.label_to_category)
             image_ids += ids
