@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -30,47 +27,12 @@ from acon.optim import (
 )
 from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, run_dir_of, write_json
+from acon.run_state import Progression, configure_determinism, seed_process
 from acon.rundir import carry_over_checkpoints, set_aside_previous_run
 from acon.syncbn import convert_sync_batchnorm
 from acon.tasks import task_of
 from acon.tasks.base import best_entry, is_better, unprefixed
 from acon.validate import check_extended_length, check_train_config, resume_kind, resume_path
-
-
-@dataclass
-class Progression:
-    """Where the run is; saved in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    history: list = field(default_factory=list)
-    best: dict | None = None
-    bad_images_skipped: int = 0
-    bad_image_files: dict = field(default_factory=dict)  # split -> distinct skipped files (capped)
-    nonfinite_steps_skipped: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_loss_count: int = 0
-    origin: dict | None = None  # the checkpoint this run extends or fine-tunes (resume_mode), if any
-    wall_segments_s: list = field(default_factory=list)  # wall time of each process that ran this run
-
-
-def configure_determinism(cfg: DictConfig) -> None:
-    """Threads and deterministic algorithms, as the trainer config asks."""
-    if cfg.trainer.threads:
-        torch.set_num_threads(int(cfg.trainer.threads))
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-
-
-def seed_process(seed: int) -> None:
-    """Seed python, numpy and torch for this process."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -267,6 +229,46 @@ class Trainer:
             console.log.info(console.epoch_line(record, epochs, s.best, self.clock, self.bar.rate, task))
         self.save(best=is_best)
 
+    def train_step(self, images, targets, n_bad, stop_requested: bool) -> tuple[torch.Tensor, bool]:
+        """One optimisation step (skipped on a non-finite loss under nan_policy=skip), the bad-image budget
+        of the whole job, and the position; returns the loss and whether any rank was asked to stop."""
+        s, t, c = self.state, self.cfg.trainer, self.ctx
+        loss = self.task.loss(c, images, targets)
+        nonfinite, stop_now, bad_total = distributed.all_reduce_sum(
+            [float(not torch.isfinite(loss)), float(stop_requested), float(n_bad)], self.info.device
+        )
+        nonfinite, stop_now = nonfinite > 0, stop_now > 0  # every rank takes the same branch
+        if bad_total:  # one budget and one list for the whole job, the same on every rank
+            s.bad_images_skipped += int(bad_total)
+            self.record_skips("train", n_bad)
+        if nonfinite:
+            if t.nan_policy == "stop":
+                raise FloatingPointError(
+                    f"non-finite training loss at step {s.step} (epoch {s.epoch}); the last "
+                    f"good checkpoint is {self.run_dir / 'last.pt'} (trainer.nan_policy=stop)"
+                )
+            s.nonfinite_steps_skipped += 1
+        else:
+            optimizer_step(c, loss, s.step)
+            s.epoch_loss_sum += loss.item()
+            s.epoch_loss_count += 1
+        s.step += 1
+        s.batch_in_epoch += 1
+        return loss, stop_now
+
+    def log_step(self, logger: RunLogger, loss: torch.Tensor, rate: float, images, closing: bool) -> None:
+        """TensorBoard scalars every ``log_every`` steps; activation histograms and Meta-ACON β statistics
+        every ``hist_every`` steps and at the end of every epoch and of the run (``closing``)."""
+        s, t = self.state, self.cfg.trainer
+        if s.step % int(t.log_every) == 0:
+            lr = self.ctx.optimizer.param_groups[0]["lr"]
+            logger.scalars(s.step, {"train/loss": loss.item(), "train/lr": lr, "train/images_per_s": rate})
+        if s.step % int(t.hist_every) == 0 or closing:
+            logger.activation_histograms(self.model, s.step)
+            sample = self.task.sample_input(images)
+            if sample is not None:
+                logger.meta_beta_stats(self.model, sample.to(self.info.device), s.step)
+
     def fit(self) -> dict | None:
         """Train to the end; returns the results dict on rank 0 (None when stopped early)."""
         cfg, t, s, c = self.cfg, self.cfg.trainer, self.state, self.ctx
@@ -277,49 +279,15 @@ class Trainer:
             self.log_banner()
         flag = PreemptionFlag().install()
         max_steps = int(t.max_steps) if t.max_steps else None
-        rate = 0.0
         try:
             while s.step < self.total_steps:
                 t_epoch = time.perf_counter()
                 for images, targets, n_bad in self.epoch_batches(s.epoch, s.batch_in_epoch):
-                    loss = self.task.loss(c, images, targets)
-                    nonfinite, stop_now, bad_total = distributed.all_reduce_sum(
-                        [float(not torch.isfinite(loss)), float(bool(flag)), float(n_bad)], self.info.device
-                    )
-                    nonfinite, stop_now = nonfinite > 0, stop_now > 0  # every rank takes the same branch
-                    if bad_total:  # one budget and one list for the whole job, the same on every rank
-                        s.bad_images_skipped += int(bad_total)
-                        self.record_skips("train", n_bad)
-                    if nonfinite:
-                        if t.nan_policy == "stop":
-                            raise FloatingPointError(
-                                f"non-finite training loss at step {s.step} (epoch {s.epoch}); the last "
-                                f"good checkpoint is {self.run_dir / 'last.pt'} (trainer.nan_policy=stop)"
-                            )
-                        s.nonfinite_steps_skipped += 1
-                    else:
-                        optimizer_step(c, loss, s.step)
-                        s.epoch_loss_sum += loss.item()
-                        s.epoch_loss_count += 1
-                    s.step += 1
-                    s.batch_in_epoch += 1
+                    loss, stop_now = self.train_step(images, targets, n_bad, bool(flag))
                     rate = bar.update(int(cfg.recipe.batch_size), epoch=s.epoch)
-                    if s.step % int(t.log_every) == 0:
-                        logger.scalars(
-                            s.step,
-                            {
-                                "train/loss": loss.item(),
-                                "train/lr": c.optimizer.param_groups[0]["lr"],
-                                "train/images_per_s": rate,
-                            },
-                        )
                     epoch_done = s.batch_in_epoch == self.batches_per_epoch
-                    run_done = s.step >= self.total_steps or (max_steps and s.step >= max_steps)
-                    if s.step % int(t.hist_every) == 0 or epoch_done or run_done:
-                        logger.activation_histograms(self.model, s.step)
-                        sample = self.task.sample_input(images)
-                        if sample is not None:
-                            logger.meta_beta_stats(self.model, sample.to(self.info.device), s.step)
+                    run_done = s.step >= self.total_steps or bool(max_steps and s.step >= max_steps)
+                    self.log_step(logger, loss, rate, images, closing=epoch_done or run_done)
                     if stop_now and not epoch_done:
                         self.save()
                         bar.close()

@@ -1,0 +1,47 @@
+"""The state a run carries between processes (its position, saved in every checkpoint) and how a process
+is seeded and made deterministic."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+
+@dataclass
+class Progression:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    bad_images_skipped: int = 0
+    bad_image_files: dict = field(default_factory=dict)  # split -> distinct skipped files (capped)
+    nonfinite_steps_skipped: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    origin: dict | None = None  # the checkpoint this run extends or fine-tunes (resume_mode), if any
+    wall_segments_s: list = field(default_factory=list)  # wall time of each process that ran this run
+
+
+def configure_determinism(cfg: DictConfig) -> None:
+    """Threads and deterministic algorithms, as the trainer config asks."""
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_process(seed: int) -> None:
+    """Seed python, numpy and torch for this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
