@@ -9,8 +9,9 @@ as what they are, under every policy.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import NamedTuple
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
@@ -44,6 +45,18 @@ class SkippedImage(NamedTuple):
 
     path: str
     reason: str
+
+
+def load_or_skip(load: Callable[[int], Any], index: int, path: str, policy: str) -> Any:
+    """``load(index)``; a :class:`BadImageError` is raised under ``policy="raise"``, else warned about and
+    returned as a :class:`SkippedImage` of ``path`` for the collate function to count."""
+    try:
+        return load(index)
+    except BadImageError as e:
+        if policy == "raise":
+            raise
+        warnings.warn(f"skipping bad image: {e}", stacklevel=3)
+        return SkippedImage(path, str(e))
 
 
 class BadImages(int):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +10,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from acon.data.bad_images import DECODE_ERRORS, BadImageError, DecodeError, SkippedImage, split_batch
+from acon.data.bad_images import (
+    DECODE_ERRORS,
+    BadImageError,
+    DecodeError,
+    load_or_skip,
+    split_batch,
+)
 from acon.data.index import load_index
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -110,13 +115,7 @@ class ImageFolderDataset(Dataset):
             raise BadImageError(f"{path}: cannot decode image ({e})") from e
 
     def __getitem__(self, index: int):
-        try:
-            return self.load(index)
-        except BadImageError as e:
-            if self.bad_image_policy == "raise":
-                raise
-            warnings.warn(f"skipping bad image: {e}", stacklevel=2)
-            return SkippedImage(self.samples[index][0], str(e))
+        return load_or_skip(self.load, index, self.samples[index][0], self.bad_image_policy)
 
 
 def collate_skipping_bad(batch: list):

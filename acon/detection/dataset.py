@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from acon.data.bad_images import DECODE_ERRORS, BadImageError, SkippedImage, split_batch
+from acon.data.bad_images import DECODE_ERRORS, BadImageError, load_or_skip, split_batch
 from acon.data.folder import BAD_IMAGE_POLICIES, open_image
 from acon.detection.coco import CocoIndex
 from acon.errors import ConfigError
@@ -82,13 +81,7 @@ class CocoDetectionDataset(Dataset):
         return image, target
 
     def __getitem__(self, i: int):
-        try:
-            return self.load(i)
-        except BadImageError as e:
-            if self.bad_image_policy == "raise":
-                raise
-            warnings.warn(f"skipping bad image: {e}", stacklevel=2)
-            return SkippedImage(self.index.records[i].path, str(e))
+        return load_or_skip(self.load, i, self.index.records[i].path, self.bad_image_policy)
 
 
 def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict], object]:
