@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default: the first dir given)")
     ap.add_argument("--paper", default=str(PAPER_CSV), help="CSV of published top-1 errors")
     ap.add_argument("--no-hparams", action="store_true", help="skip the TensorBoard HParams entries")
+    ap.add_argument("--quiet", action="store_true", help="write the files without printing the tables")
     ap.add_argument(
         "--view",
         choices=VIEWS,
@@ -61,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "table.md").write_text(md)
     (out / "table.csv").write_text(to_csv(cells))
     (out / "table.tex").write_text(to_latex(cells))
-    print(md)
+    if not args.quiet:
+        print(md)
     if view_md is not None:
         (out / f"table_{args.view}.md").write_text(view_md)
-        print(view_md)
+        if not args.quiet:
+            print(view_md)
     if not args.no_hparams and runs:
         write_hparams(runs, out / "hparams")
     print(
