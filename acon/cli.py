@@ -2,15 +2,16 @@
 
 Before Hydra starts the run, :func:`check_command` composes the command line against the typed schemas
 (``acon.config_schema``) and checks ranges and choices (``acon.validate``); wrong types, values out of
-range, unknown options and missing files are reported as ``error: key=value ...: must be ...``.
-Hydra's own messages (unknown keys, its flags) are left to Hydra. ``HYDRA_FULL_ERROR=1`` shows the
-traceback instead.
+range, unknown options and missing files are reported as ``error: key=value ...: must be ...``; an
+unknown key, with or without ``+``, as ``error: unknown key ...: did you mean ...?`` (:mod:`acon.cli_keys`).
+Hydra's own flags are left to Hydra. ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -144,17 +145,25 @@ def check_command(argv: list[str], config_name: str, check: Callable[[DictConfig
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from acon.cli_keys import check_arguments, check_keys
     from acon.validate import check_cli_groups
 
+    check_arguments(argv, config_name)
     check_cli_groups(argv, CONFIGS)
+    check_launcher(argv)
+    launched_here = not any(a.lstrip("+").startswith("hydra/launcher=") for a in argv)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             for overrides in command_jobs(argv) or []:
+                check_keys(config_name, overrides)
                 cfg = compose_job(config_name, overrides)
                 if cfg is None:
                     return
                 check(cfg)
+                check_model_input(cfg)
+                if launched_here:
+                    check_device(cfg)
     finally:
         GlobalHydra.instance().clear()
 
@@ -163,3 +172,94 @@ def preflight(config_name: str, check: Callable[[DictConfig], None], argv: list[
     """``check_command`` on ``sys.argv``: exit 2 with one ``error:`` line on a bad command line."""
     with one_line_errors():
         check_command(sys.argv[1:] if argv is None else argv, config_name, check)
+
+
+def check_device(cfg: DictConfig) -> None:
+    """``trainer.device=cuda`` (trainer=gpu, the paper experiments) needs a CUDA device on this machine."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(cfg, "trainer.device", default=None) == "cuda":
+        import torch
+
+        from acon.distributed import NO_CUDA
+
+        if not torch.cuda.is_available():
+            raise ConfigError(NO_CUDA)
+
+
+def check_launcher(argv: list[str]) -> None:
+    """``hydra/launcher=slurm`` needs SLURM's ``sbatch`` on this machine (and the submitit plugin)."""
+    import importlib.util
+    import shutil
+
+    launchers = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra/launcher=")]
+    if "slurm" not in launchers:
+        return
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        raise ConfigError(
+            "hydra/launcher=slurm needs the submitit launcher: pip install hydra-submitit-launcher"
+        )
+    if shutil.which("sbatch") is None:
+        raise ConfigError(
+            "hydra/launcher=slurm submits through SLURM, but sbatch is not on PATH on this machine: run the "
+            "command on a SLURM login node, or drop hydra/launcher=slurm to run the jobs here one by one"
+        )
+
+
+def check_model_input(cfg: DictConfig) -> None:
+    """A timm/torchvision classifier takes ``data.img_size`` inputs (a dry forward on the meta device)."""
+    from omegaconf import OmegaConf
+
+    from acon.builders import EXTERNAL_ARCHS, external_model_name
+
+    model_cfg = OmegaConf.select(cfg, "model", default=None)
+    if model_cfg is None or model_cfg.get("arch") not in EXTERNAL_ARCHS:
+        return
+    if OmegaConf.is_missing(model_cfg, "timm_name" if model_cfg.arch == "timm" else "tv_name"):
+        return
+    kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
+    size = int(cfg.data.img_size)
+    problem = _dry_forward(
+        str(model_cfg.arch), external_model_name(model_cfg), size, repr(sorted(kwargs.items()))
+    )
+    if problem:
+        key = "model.timm_name" if model_cfg.arch == "timm" else "model.tv_name"
+        raise ConfigError(
+            f"{key}={external_model_name(model_cfg)} does not take data.img_size={size} px inputs "
+            f"({problem}): set data.img_size to the size it takes, or pick another model"
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def _dry_forward(arch: str, name: str, size: int, kwargs_repr: str) -> str | None:
+    """Why a forward pass of (2, C, size, size) fails on the meta device, or None (also when unknown)."""
+    import ast
+
+    import torch
+
+    kwargs = dict(ast.literal_eval(kwargs_repr))
+    try:
+        with torch.device("meta"):
+            if arch == "timm":
+                import timm
+
+                model = timm.create_model(name, pretrained=False, **kwargs)
+            else:
+                import torchvision
+
+                model = torchvision.models.get_model(name, weights=None, **kwargs)
+            x = torch.empty(2, int(kwargs.get("in_chans", 3)), size, size)
+    except Exception:  # noqa: BLE001  (a constructor problem: the run reports it with its own message)
+        return None
+    expected = getattr(model, "pretrained_cfg", {}).get("input_size")
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        if "meta" in str(e).lower():
+            return None  # an operation the meta device cannot run: not a size problem
+        where = f"; it expects {expected[-2]}x{expected[-1]} px (timm's pretrained_cfg)" if expected else ""
+        return one_line(str(e)).rstrip(".") + where
+    except Exception:  # noqa: BLE001
+        return None
+    return None

@@ -28,12 +28,20 @@ class DistInfo:
         return self.world_size > 1
 
 
+NO_CUDA = (
+    "trainer.device=cuda (trainer=gpu, and every paper experiment=) but no CUDA device is available on this "
+    "machine: run it on a GPU machine, or add trainer.device=cpu to try it on the CPU"
+)
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` → this rank's GPU when CUDA exists, else CPU."""
     if name not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device={name!r} is not one of ('auto', 'cpu', 'cuda')")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is available")
+        from acon.errors import ConfigError
+
+        raise ConfigError(NO_CUDA)
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)

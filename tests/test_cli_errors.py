@@ -106,9 +106,80 @@ def test_good_commands_pass_the_check(tmp_path):
         ["data=synthetic"],
     ):
         check_command([*args, f"out_dir={tmp_path}"], "train", check_train_command)
-    # Hydra's own flags and unknown keys are left to Hydra
+    # Hydra's own flags are left to Hydra; a new keyword in a free-form node is allowed with +
     check_command(["--cfg", "job"], "train", check_train_command)
-    check_command(["trainer.nope=1"], "train", check_train_command)
+    check_command(["+model.kwargs.se=true", f"out_dir={tmp_path}"], "train", check_train_command)
+
+
+UNKNOWN_KEY_CASES = [
+    (["actvation=relu"], "unknown key 'actvation' in actvation=relu: did you mean activation?"),
+    (["+actvation=relu"], "unknown key 'actvation' in +actvation=relu: did you mean activation?"),
+    (["++actvation=relu"], "unknown key 'actvation' in ++actvation=relu: did you mean activation?"),
+    (["trainer.thred=2"], "unknown key 'trainer.thred' in trainer.thred=2: did you mean trainer.threads?"),
+    (["+trainer.thred=2"], "unknown key 'trainer.thred' in +trainer.thred=2: did you mean trainer.threads?"),
+    (["trainr.threads=2"], "unknown key 'trainr' in trainr.threads=2: did you mean trainer?"),
+    (
+        ["experiment=proxy_digits", "recipe.lrr=0.1"],
+        "unknown key 'recipe.lrr' in recipe.lrr=0.1: did you mean",
+    ),
+    (["-m", "seed=0,1", "actvation=relu,swish"], "unknown key 'actvation' in actvation=relu"),
+    (["zzz=1"], "unknown key 'zzz' in zzz=1: the keys at the top level are: activation, backbone, data,"),
+    (["model.kwargs.se=true"], "add it with +model.kwargs.se=true"),
+    (["runs/x/best.pt"], "'runs/x/best.pt' is not key=value: train.py takes group=option and key=value"),
+]
+
+
+@pytest.mark.parametrize("args, expected", UNKNOWN_KEY_CASES, ids=[" ".join(a) for a, _ in UNKNOWN_KEY_CASES])
+def test_unknown_key_names_the_closest_valid_keys(args, expected, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        check_command([*args, f"out_dir={tmp_path}"], "train", check_train_command)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_eval_unknown_key_and_positional_checkpoint(tmp_path):
+    cases = [
+        (["runs/x/best.pt"], "'runs/x/best.pt' is not key=value: write checkpoint=runs/x/best.pt"),
+        (["chekpoint=x"], "unknown key 'chekpoint' in chekpoint=x: did you mean checkpoint"),
+        ([f"checkpoint={tmp_path}", "data.imgsize=3"], "did you mean data.img_size?"),
+    ]
+    for args, expected in cases:
+        with pytest.raises(ConfigError) as info:
+            check_command(args, "eval", check_eval_config)
+        assert expected in str(info.value), (args, str(info.value))
+
+
+def test_cuda_trainer_without_cuda_is_refused_before_the_run(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args in (["trainer=gpu"], ["experiment=resnet18_relu"], ["trainer.device=cuda"]):
+        with pytest.raises(ConfigError, match=r"trainer.device=cuda .* no CUDA device .* trainer.device=cpu"):
+            check_command([*args, f"out_dir={tmp_path}"], "train", check_train_command)
+    # submitted to SLURM, the jobs run on GPU nodes: the login node needs none (only sbatch)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="sbatch is not on PATH"):
+        check_command(
+            ["-m", "hydra/launcher=slurm", "trainer=gpu", f"out_dir={tmp_path}"], "train", check_train_command
+        )
+    sbatch = tmp_path / "sbatch"
+    sbatch.write_text("#!/bin/sh\nexit 1\n")
+    sbatch.chmod(0o755)
+    check_command(
+        ["-m", "hydra/launcher=slurm", "trainer=gpu", f"out_dir={tmp_path}"], "train", check_train_command
+    )
+
+
+def test_external_model_input_size_is_checked_before_training(tmp_path):
+    bad = ["model=timm", "model.timm_name=vit_tiny_patch16_224", f"out_dir={tmp_path}"]
+    with pytest.raises(ConfigError) as info:
+        check_command(bad, "train", check_train_command)
+    msg = str(info.value)
+    assert "model.timm_name=vit_tiny_patch16_224 does not take data.img_size=16 px inputs" in msg, msg
+    assert "224x224" in msg
+    check_command([*bad, "data.img_size=224"], "train", check_train_command)
+    check_command(
+        ["model=timm", "model.timm_name=resnet18", f"out_dir={tmp_path}"], "train", check_train_command
+    )
 
 
 def test_eval_commands(tmp_path):
@@ -186,6 +257,56 @@ def test_bad_command_lines_as_real_commands(cases, tmp_path):
         )
         assert "Traceback" not in proc.stderr + proc.stdout
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == sorted([earlier.name, "last.pt"])
+
+
+def test_traps_are_one_line_as_real_commands(tiny_imagenet, tmp_path):
+    """Unknown keys, a lone checkpoint path, no CUDA, no SLURM, a ViT at 16 px, a dataset smaller than one
+    batch: the last stderr line is the error, exit 2, no traceback (run in parallel)."""
+    no_cuda = {"CUDA_VISIBLE_DEVICES": ""}
+    cases = [
+        (
+            ["train.py", "actvation=relu"],
+            {},
+            "error: unknown key 'actvation' in actvation=relu: did you mean",
+        ),
+        (
+            ["train.py", "+actvation=relu"],
+            {},
+            "error: unknown key 'actvation' in +actvation=relu: did you mean",
+        ),
+        (["eval.py", "runs/x/best.pt"], {}, "error: 'runs/x/best.pt' is not key=value: write checkpoint="),
+        (["train.py", "trainer=gpu"], no_cuda, "error: trainer.device=cuda (trainer=gpu"),
+        (
+            ["train.py", "-m", "hydra/launcher=slurm", "seed=0"],
+            {"PATH": str(tmp_path)},
+            "error: hydra/launcher=slurm",
+        ),
+        (["train.py", "model=timm", "model.timm_name=vit_tiny_patch16_224"], {}, "error: model.timm_name="),
+        (
+            [
+                "train.py",
+                "data=folder",
+                f"data.root={tiny_imagenet}",
+                "data.num_classes=3",
+                "data.num_workers=0",
+            ],
+            no_cuda,
+            "error: the training set has 24 samples, fewer than one global batch of 64 (recipe.batch_size)",
+        ),
+    ]
+
+    def run(case):
+        args, env, _ = case
+        extra = [f"out_dir={tmp_path / 'out'}"] if args[0] == "train.py" else []
+        env = {"ACON_EVAL_DIR": str(tmp_path / "eval"), **env}
+        return run_cli([sys.executable, *args, *extra], env=env, check=False, timeout=300)
+
+    with ThreadPoolExecutor(3) as pool:
+        procs = list(pool.map(run, cases))
+    for (args, _, expected), proc in zip(cases, procs, strict=True):
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines and lines[-1].startswith(expected), (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr + proc.stdout, (args, proc.stderr[-2000:])
 
 
 @pytest.mark.slow

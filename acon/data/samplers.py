@@ -25,7 +25,12 @@ class ResumableTrainSampler(Sampler):
         shuffle: bool = True,
     ) -> None:
         if size < global_batch:
-            raise ValueError(f"dataset has {size} samples, fewer than one global batch of {global_batch}")
+            from acon.errors import ConfigError
+
+            raise ConfigError(
+                f"the training set has {size} samples, fewer than one global batch of {global_batch} "
+                f"(recipe.batch_size): set recipe.batch_size to at most {size}, or add images"
+            )
         self.size, self.rank, self.world_size = size, rank, world_size
         self.global_batch, self.seed, self.shuffle = global_batch, seed, shuffle
         self.batches_per_epoch = size // global_batch
