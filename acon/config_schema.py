@@ -17,6 +17,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+import acon.resolvers  # noqa: F401  (the configs' ${acon.*} resolvers)
+
 
 @dataclass(frozen=True)
 class Range:
