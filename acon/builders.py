@@ -48,6 +48,11 @@ def build_external_model(model_cfg: DictConfig, activation_cfg: DictConfig, num_
 
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if activation_cfg.name == NATIVE_ACTIVATION:
+        import logging
+
+        logging.getLogger("acon.convert").info(
+            "acon: activation=%s keeps %s's own activations (nothing converted)", NATIVE_ACTIVATION, name
+        )
         return model
     size = int(model_cfg.example_size)
     example = torch.randn(2, int(kwargs.get("in_chans", 3)), size, size)
