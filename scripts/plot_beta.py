@@ -123,28 +123,47 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     fig.savefig(out / "beta_last_site.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for r in results:
-        label = f"{LABELS.get(r['activation'], r['activation'])} ({r['path'].parent.name})"
-        for ax, key in zip(axes, ("p1", "p2", "beta"), strict=True):
-            xs = [row["layer"] for row in r["rows"]]
-            ax.errorbar(
-                xs,
-                [row[f"{key}_mean"] for row in r["rows"]],
-                yerr=[row[f"{key}_std"] for row in r["rows"]],
-                marker="o",
-                ms=3,
-                capsize=2,
-                label=label,
-            )
-            ax.set_title(f"{'β' if key == 'beta' else key} per layer (mean ± std over channels)", fontsize=9)
-            ax.set_xlabel("ACON layer index")
-            ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "beta_layers.png", dpi=120)
+    fig = plot_layers(results)
+    legend = fig.axes[0].get_legend()
+    fig.savefig(out / "beta_layers.png", dpi=120, bbox_inches="tight", bbox_extra_artists=[*fig.axes, legend])
     plt.close(fig)
     return [out / "beta_last_site.png", out / "beta_layers.png"]
+
+
+def plot_layers(results: list[dict]):
+    """beta_layers.png's figure: p1, p2 and β per layer, one line per checkpoint with a ±std band over
+    channels (lines, not overlapping error bars, so two checkpoints stay readable); legend below."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+    for i, r in enumerate(results):
+        label = f"{LABELS.get(r['activation'], r['activation'])} ({r['path'].parent.name})"
+        xs = [row["layer"] for row in r["rows"]]
+        for ax, key in zip(axes, ("p1", "p2", "beta"), strict=True):
+            mean = [row[f"{key}_mean"] for row in r["rows"]]
+            std = [row[f"{key}_std"] for row in r["rows"]]
+            ax.plot(xs, mean, marker="o", ms=3, lw=1.5, color=f"C{i}", label=label)
+            lo, hi = (
+                [m - s for m, s in zip(mean, std, strict=True)],
+                [m + s for m, s in zip(mean, std, strict=True)],
+            )
+            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15, lw=0)
+    for ax, key in zip(axes, ("p1", "p2", "β"), strict=True):
+        ax.set_title(f"{key} per layer: mean over channels, band ± std", fontsize=10)
+        ax.set_xlabel("ACON layer index (input → output)")
+        ax.axhline(0 if key != "β" else 1, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    legend = axes[0].legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        bbox_transform=fig.transFigure,
+        ncol=len(results),
+        frameon=False,
+        fontsize=9,
+    )
+    legend.set_in_layout(False)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
