@@ -158,7 +158,8 @@ def _val_text(record: dict, task=None) -> str:
         return "val " + task.metrics_text({k[4:]: v for k, v in record.items() if k.startswith("val_")})
     if "val_top1_err" not in record:
         return "val -"
-    return f"val top-1 {record['val_top1_err']:.2f}% top-5 {record['val_top5_err']:.2f}%"
+    top5 = f" top-5 {record['val_top5_err']:.2f}%" if "val_top5_err" in record else ""
+    return f"val top-1 {record['val_top1_err']:.2f}%{top5}"
 
 
 def epoch_line(
@@ -183,7 +184,8 @@ def summary_lines(results: dict, run_dir: Path) -> list[str]:
     status = results.get("status", "complete")
     metric = results.get("primary_metric", "top1_err")
     if metric == "top1_err":
-        what = f"final top-1 error {results['top1_err']:.2f}% (top-5 {results['top5_err']:.2f}%)"
+        top5 = f" (top-5 {results['top5_err']:.2f}%)" if "top5_err" in results else ""
+        what = f"final top-1 error {results['top1_err']:.2f}%{top5}"
     else:
         what = f"final {metric} {results[metric]:.2f}%"
     return [
@@ -206,6 +208,8 @@ def eval_line(row: dict) -> str:
     """One checkpoint's evaluation."""
     skipped = row.get("bad_images_skipped", 0)
     return (
-        f"{row['checkpoint']}: top-1 error {row['top1_err']:.2f}%  top-5 error {row['top5_err']:.2f}%  "
+        f"{row['checkpoint']}: top-1 error {row['top1_err']:.2f}%"
+        + (f"  top-5 error {row['top5_err']:.2f}%" if "top5_err" in row else "")
+        + "  "
         f"({row['count']} images{f', {skipped} bad skipped' if skipped else ''})"
     )

@@ -76,21 +76,29 @@ def optimizer_step(ctx: StepContext, loss: torch.Tensor, step: int) -> None:
         ctx.ema.update(ctx.raw_model, step=step + 1)
 
 
+TOP5_MIN_CLASSES = 6
+"""Fewer classes than this: top-5 error is 0 by construction and is not reported."""
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader, device: torch.device, precision: str = "fp32", channels_last: bool = False
 ) -> dict:
-    """Top-1/top-5 error and loss over every sample of ``loader`` on every rank (summed across ranks)."""
+    """Top-1/top-5 error and loss over every sample of ``loader`` on every rank (summed across ranks).
+
+    With ``TOP5_MIN_CLASSES - 1`` classes or fewer every label is among the top 5: no ``top5_err`` then."""
     was_training = model.training
     model.eval()
     ctx = StepContext(model, None, None, None, None, device, precision, channels_last)
     correct1 = correct5 = loss_sum = count = skipped = 0.0
+    classes = 0
     bad_files: list[str] = []
     for images, targets, n_bad in loader:
         images, targets = to_device(images, ctx), targets.to(device)
         with autocast(device, precision):
             logits = model(images).float()
-        k = min(5, logits.shape[1])
+        classes = logits.shape[1]
+        k = min(5, classes)
         top = logits.topk(k, dim=1).indices
         hit = top.eq(targets[:, None])
         correct1 += hit[:, 0].sum().item()
@@ -105,9 +113,10 @@ def evaluate(
     )
     if count == 0:
         raise RuntimeError("evaluation saw no samples")
+    top5 = {"top5_err": 100.0 * (1 - correct5 / count)} if classes >= TOP5_MIN_CLASSES else {}
     return {
         "top1_err": 100.0 * (1 - correct1 / count),
-        "top5_err": 100.0 * (1 - correct5 / count),
+        **top5,
         "loss": loss_sum / count,
         "count": int(count),
         "bad_images_skipped": int(skipped),

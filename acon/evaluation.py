@@ -137,7 +137,8 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         for r in rows:
             seed = f" seed {r['seed']}" if r["seed"] != "" else ""
             if "top1_err" in r:
-                what = f"top-1 error {r['top1_err']:.2f}%  top-5 error {r['top5_err']:.2f}%"
+                top5 = f"  top-5 error {r['top5_err']:.2f}%" if "top5_err" in r else ""
+                what = f"top-1 error {r['top1_err']:.2f}%{top5}"
             else:
                 what = get_task(r["task"]).metrics_text(r)
             console.log.info(

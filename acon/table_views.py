@@ -80,7 +80,7 @@ def tfnet_markdown(cells: list[Cell], runs: list[Run]) -> str:
                 paper += f" ({best.paper - c.paper:+.1f})"
             lines.append(
                 f"| {c.data} | {c.model} | {c.activation} | {_si(f)} | {_si(p)} | "
-                f"{c.mean:.2f} ± {c.std:.2f} (n={c.n}) | {paper} | {delta} |"
+                f"{c.text()} | {paper} | {delta} |"
             )
     note = (
         ""

@@ -89,6 +89,11 @@ class Cell:
         """Mean top-1 error (%)."""
         return sum(self.values) / len(self.values)
 
+    def text(self, pm: str = " ± ", n: str = " (n={})") -> str:
+        """``mean ± std (n=K)``; a single run shows no spread: ``mean (n=1)``."""
+        spread = f"{pm}{self.std:.2f}" if self.n > 1 else ""
+        return f"{self.mean:.2f}{spread}{n.format(self.n)}"
+
     @property
     def std(self) -> float:
         """Sample standard deviation over seeds (0 for a single seed)."""
@@ -256,7 +261,7 @@ def to_markdown(cells: list[Cell], incomplete: list[Incomplete] = ()) -> str:
     for data, model in rows:
         got = [by.get((data, model, a)) for a in acts]
         label, metric = _row_label(data, model, rows), _row_metric(got)
-        ours = [f"{c.mean:.2f} ± {c.std:.2f} (n={c.n})" if c else "" for c in got]
+        ours = [c.text() if c else "" for c in got]
         lines.append(f"| {label} | {METRIC_LABELS.get(metric, metric)} | " + " | ".join(ours) + " |")
         if metric != "top1_err":  # transfer tasks: the paper's numbers are not available, left empty
             lines.append("| | paper | " + " | ".join("" for _ in got) + " |")
@@ -290,7 +295,7 @@ def to_csv(cells: list[Cell]) -> str:
     )
     for c in cells:
         w.writerow(
-            [c.data, c.model, c.activation, c.n, f"{c.mean:.4f}", f"{c.std:.4f}"]
+            [c.data, c.model, c.activation, c.n, f"{c.mean:.4f}", f"{c.std:.4f}" if c.n > 1 else ""]
             + ["" if c.paper is None else c.paper, "" if c.delta_paper is None else f"{c.delta_paper:.4f}"]
             + ["" if c.delta_relu is None else f"{c.delta_relu:.4f}", " ".join(map(str, c.seeds))]
             + [" ".join(str(p) for p in c.runs), c.metric]
@@ -300,6 +305,9 @@ def to_csv(cells: list[Cell]) -> str:
 
 def _tex(s: str) -> str:
     return s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+TEX_PM = r" \pm "
 
 
 def to_latex(cells: list[Cell]) -> str:
@@ -317,7 +325,7 @@ def to_latex(cells: list[Cell]) -> str:
 
     for data, model in rows:
         got = [by.get((data, model, a)) for a in acts]
-        ours = [f"${c.mean:.2f} \\pm {c.std:.2f}$ ({c.n})" if c else "" for c in got]
+        ours = [f"${c.text(pm=TEX_PM, n='')}$ ({c.n})" if c else "" for c in got]
         metric = METRIC_LABELS.get(_row_metric(got), _row_metric(got)).removesuffix(" %")
         out.append(f"{_tex(_row_label(data, model, rows))} & {_tex(metric)} & " + " & ".join(ours) + r" \\")
         if any(c and c.paper is not None for c in got):

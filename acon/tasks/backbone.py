@@ -95,6 +95,7 @@ def checkpoint_weights(path: Path, cfg: DictConfig) -> dict[str, torch.Tensor]:
     state = ckpt.load_checkpoint(path, map_location="cpu")
     if state.get("format") == ckpt.FORMAT:
         weights = state["model"]
+        warn_stem_mismatch(state, path, cfg)
     elif isinstance(state.get("model"), str) and isinstance(state.get("state_dict"), dict):
         weights = state["state_dict"]  # written by scripts/convert_official_checkpoint.py
     else:
@@ -107,6 +108,21 @@ def checkpoint_weights(path: Path, cfg: DictConfig) -> dict[str, torch.Tensor]:
         except (KeyError, ValueError, TypeError) as e:
             raise ckpt.CheckpointError(f"backbone.checkpoint={str(path)!r}: {e}") from None
     return {k.removeprefix("module."): v for k, v in weights.items()}
+
+
+def warn_stem_mismatch(state: dict, path: Path, cfg: DictConfig) -> None:
+    """Warn when our checkpoint's stem (``model.small_input``) differs from this backbone's: the tensors
+    have the same shapes, so they load, but the filters were learnt at another stride."""
+    theirs = (state.get("config") or {}).get("model") or {}
+    if "small_input" not in theirs or bool(theirs["small_input"]) == bool(cfg.model.small_input):
+        return
+    stem = {True: "the small-input stem (stride 1, no max-pool)", False: "the normal stem (stride 4)"}
+    log.warning(
+        f"acon: warning: backbone.checkpoint {path} was trained with {stem[bool(theirs['small_input'])]} "
+        f"(model {theirs.get('name', '?')}) but this backbone has {stem[bool(cfg.model.small_input)]} "
+        f"(model {cfg.model.name}): its weights load but were learnt at another scale; "
+        f"pass model={theirs.get('name', '?')} to keep the checkpoint's stem"
+    )
 
 
 def load_backbone_checkpoint(body: nn.Module, path: str | Path, cfg: DictConfig) -> tuple[list, list]:

@@ -64,7 +64,9 @@ class ClassificationTask:
         from acon.engine import evaluate
 
         t = cfg.trainer
-        return evaluate(model, loader, info.device, t.precision, bool(t.channels_last))
+        metrics = evaluate(model, loader, info.device, t.precision, bool(t.channels_last))
+        self.scalar_metrics = tuple(k for k in type(self).scalar_metrics if k in metrics)  # no top-5 of <6
+        return metrics
 
     def sample_input(self, inputs) -> torch.Tensor | None:
         """The first 8 images."""
@@ -72,14 +74,15 @@ class ClassificationTask:
 
     def metrics_text(self, metrics: dict) -> str:
         """``top-1 X% top-5 Y%`` (the epoch line's words)."""
-        return f"top-1 {metrics['top1_err']:.2f}% top-5 {metrics['top5_err']:.2f}%"
+        top5 = f" top-5 {metrics['top5_err']:.2f}%" if "top5_err" in metrics else ""
+        return f"top-1 {metrics['top1_err']:.2f}%{top5}"
 
     def result_fields(self, final: dict, best: dict | None) -> dict:
         """Final and best top-1 error, final top-5 error, the best epoch."""
         best = best or {"top1_err": final["top1_err"], "epoch": final["epoch"]}
         return {
             "top1_err": final["top1_err"],
-            "top5_err": final["top5_err"],
+            **({"top5_err": final["top5_err"]} if "top5_err" in final else {}),
             "best_top1_err": best["top1_err"],
             "best_epoch": best["epoch"],
         }

@@ -25,14 +25,16 @@ def iou_per_class(conf: torch.Tensor) -> list[float | None]:
     ]
 
 
-def segmentation_scores(conf: torch.Tensor) -> dict:
-    """``mIoU`` (mean over classes that occur in the labels or the predictions), ``pixel_acc`` (%), and
-    ``iou_per_class``."""
+def segmentation_scores(conf: torch.Tensor, names: list[str] | None = None) -> dict:
+    """``mIoU`` (mean over classes that occur in the labels or the predictions), ``pixel_acc`` (%),
+    ``iou_per_class`` and ``iou_by_class`` ({class name: IoU}; ``class_<i>`` without ``names``)."""
     ious = iou_per_class(conf)
+    names = names or [f"class_{i}" for i in range(len(ious))]
     present = [v for v in ious if v is not None]
     total = float(conf.sum())
     return {
         "mIoU": sum(present) / len(present) if present else 0.0,
         "pixel_acc": 100.0 * float(conf.diag().sum()) / total if total else 0.0,
         "iou_per_class": ious,
+        "iou_by_class": dict(zip(names, ious, strict=True)),
     }

@@ -205,8 +205,10 @@ class SegmentationTask:
         if count == 0:
             raise RuntimeError("evaluation saw no samples")
         conf = torch.tensor(totals[4:], dtype=torch.float64).round().long().reshape(k, k)
+        from acon.data.seg_classes import class_names
+
         return {
-            **segmentation_scores(conf),
+            **segmentation_scores(conf, class_names(str(cfg.data.kind), k)),
             "loss": loss_sum / max(pixels, 1.0),
             "count": int(count),
             "bad_images_skipped": int(skipped),
@@ -223,4 +225,4 @@ class SegmentationTask:
 
     def result_fields(self, final: dict, best: dict | None) -> dict:
         """Final mIoU, pixel accuracy and per-class IoU, the best mIoU and its epoch."""
-        return transfer_result_fields(self, final, best, extra=("iou_per_class",))
+        return transfer_result_fields(self, final, best, extra=("iou_per_class", "iou_by_class"))
