@@ -199,10 +199,12 @@ def check_launcher(argv: list[str]) -> None:
         raise ConfigError(
             "hydra/launcher=slurm needs the submitit launcher: pip install hydra-submitit-launcher"
         )
-    if shutil.which("sbatch") is None:
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]  # submitit needs both
+    if missing:
         raise ConfigError(
-            "hydra/launcher=slurm submits through SLURM, but sbatch is not on PATH on this machine: run the "
-            "command on a SLURM login node, or drop hydra/launcher=slurm to run the jobs here one by one"
+            f"hydra/launcher=slurm submits through SLURM, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH on this machine: run the command on a SLURM "
+            "login node, or drop hydra/launcher=slurm to run the jobs here one by one"
         )
 
 

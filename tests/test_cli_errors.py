@@ -155,18 +155,18 @@ def test_cuda_trainer_without_cuda_is_refused_before_the_run(tmp_path, monkeypat
     for args in (["trainer=gpu"], ["experiment=resnet18_relu"], ["trainer.device=cuda"]):
         with pytest.raises(ConfigError, match=r"trainer.device=cuda .* no CUDA device .* trainer.device=cpu"):
             check_command([*args, f"out_dir={tmp_path}"], "train", check_train_command)
-    # submitted to SLURM, the jobs run on GPU nodes: the login node needs none (only sbatch)
+    # submitted to SLURM, the jobs run on GPU nodes: the login node needs no GPU, only sbatch and srun
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(ConfigError, match="sbatch is not on PATH"):
-        check_command(
-            ["-m", "hydra/launcher=slurm", "trainer=gpu", f"out_dir={tmp_path}"], "train", check_train_command
-        )
-    sbatch = tmp_path / "sbatch"
-    sbatch.write_text("#!/bin/sh\nexit 1\n")
-    sbatch.chmod(0o755)
-    check_command(
-        ["-m", "hydra/launcher=slurm", "trainer=gpu", f"out_dir={tmp_path}"], "train", check_train_command
-    )
+    slurm_gpu = ["-m", "hydra/launcher=slurm", "trainer=gpu", f"out_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="sbatch and srun are not on PATH"):
+        check_command(slurm_gpu, "train", check_train_command)
+    (tmp_path / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    with pytest.raises(ConfigError, match="srun is not on PATH"):
+        check_command(slurm_gpu, "train", check_train_command)
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "srun").chmod(0o755)
+    check_command(slurm_gpu, "train", check_train_command)
 
 
 def test_external_model_input_size_is_checked_before_training(tmp_path):
