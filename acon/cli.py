@@ -217,6 +217,8 @@ def check_model_input(cfg: DictConfig) -> None:
     model_cfg = OmegaConf.select(cfg, "model", default=None)
     if model_cfg is None or model_cfg.get("arch") not in EXTERNAL_ARCHS:
         return
+    if OmegaConf.select(cfg, "task.name", default="classification") != "classification":
+        return  # a transfer task runs the feature body at its own sizes (acon.tasks.backbone checks it)
     if OmegaConf.is_missing(model_cfg, "timm_name" if model_cfg.arch == "timm" else "tv_name"):
         return
     kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
