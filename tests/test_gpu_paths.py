@@ -192,3 +192,192 @@ def test_gpu_pipeline_batches_follow_trainer_channels_last(tmp_path, channels_la
     assert images.is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
+
+
+class _RecordingCudaDevice:
+    """Stands in for ``torch.cuda.device``: records the device it is entered with."""
+
+    entered: list = []
+    current: torch.device | None = None
+
+    def __init__(self, device) -> None:
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        type(self).entered.append(self.device)
+        type(self).current = self.device
+
+    def __exit__(self, *exc) -> None:
+        type(self).current = None
+
+
+def test_triton_launch_guard_is_the_tensors_cuda_device(monkeypatch):
+    tk = pytest.importorskip("acon.fused.triton_kernels")
+    _RecordingCudaDevice.entered = []
+    monkeypatch.setattr(torch.cuda, "device", _RecordingCudaDevice)
+    with tk.launch_device(torch.device("cuda", 1)):
+        assert _RecordingCudaDevice.current == torch.device("cuda", 1)
+    with tk.launch_device(torch.device("cpu")):
+        pass
+    assert _RecordingCudaDevice.entered == [torch.device("cuda", 1)]
+
+
+def test_triton_kernels_launch_inside_the_device_guard(monkeypatch):
+    """forward and backward launch their kernels while the guard for x's device is entered."""
+    import contextlib
+
+    tk = pytest.importorskip("acon.fused.triton_kernels")
+    active, launches = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        active.append(device)
+        yield
+        active.pop()
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((list(active), args[0].device))
+
+    monkeypatch.setattr(tk, "launch_device", guard)
+    monkeypatch.setattr(tk, "_acon_c_fwd_kernel", Kernel())
+    monkeypatch.setattr(tk, "_acon_c_bwd_kernel", Kernel())
+    x, p = torch.randn(2, 3, 4, 5), torch.ones(1, 3, 1, 1)
+    tk.forward(x, p, p, p)
+    tk.backward(torch.ones_like(x), x, p, p, p)
+    assert launches == [([x.device], x.device), ([x.device], x.device)]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sync_bn_keeps_meta_acon_batch_of_one(device):
+    """SyncBN conversion (CUDA's classes built, run on CPU tensors here) keeps BatchNorm2dB1's fallback."""
+    import copy
+
+    from acon import MetaAconC
+    from acon.activations import BatchNorm2dB1
+    from acon.syncbn import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), MetaAconC(8, r=2)).train()
+    synced = convert_sync_batchnorm(copy.deepcopy(ref), torch.device(device))
+    b1 = [m for m in synced.modules() if "B1" in type(m).__name__]
+    assert len(b1) == 2 and not any(type(m) is BatchNorm2dB1 for m in synced.modules())
+    assert all(isinstance(m, nn.SyncBatchNorm) == (device == "cuda") for m in b1)
+    assert synced.state_dict().keys() == ref.state_dict().keys()
+    before = {k: v.clone() for k, v in synced.state_dict().items() if "2.bn" in k}
+    x = torch.randn(1, 3, 5, 5)
+    torch.testing.assert_close(synced(x), ref(x))  # batch of one: running stats in the β-net
+    assert all(torch.equal(synced.state_dict()[k], v) for k, v in before.items())
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(synced(x), ref(x))  # a real batch: batch statistics, as before
+
+
+@pytest.mark.parametrize(
+    ("visible", "local_rank", "expected"),
+    [(1, 3, "cuda:0"), (1, 0, "cuda:0"), (8, 3, "cuda:3"), (4, 0, "cuda:0"), (2, 3, "error")],
+)
+def test_device_follows_the_visible_gpus(monkeypatch, visible, local_rank, expected):
+    """SLURM binding one GPU per task shows each rank a single cuda:0, whatever its LOCAL_RANK."""
+    from acon import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible))))
+    if expected == "error":
+        with pytest.raises(RuntimeError, match="LOCAL_RANK=3 but this process sees 2 GPUs"):
+            distributed.resolve_device("auto", local_rank)
+    else:
+        assert distributed.resolve_device("auto", local_rank) == torch.device(expected)
+
+
+GPU_TESTS = """
+import pytest
+from acon import fallbacks
+
+@pytest.mark.gpu
+def test_nothing_fell_back():
+    pass
+
+@pytest.mark.gpu
+def test_kernels_fell_back():
+    fallbacks.record("acon_c triton cuda float32 contiguous", "y differs from the reference form")
+
+def test_not_a_gpu_test():
+    fallbacks.record("data.pipeline=gpu nvJPEG decode on cuda:0", "image 0 differs")
+"""
+
+
+def test_gpu_tests_fail_on_a_recorded_fallback(tmp_path):
+    """The suite's hook (tests/conftest.py) fails a ``gpu`` test after which a fallback is recorded."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "conftest.py").write_text("from tests.conftest import pytest_runtest_call  # noqa: F401\n")
+    (tmp_path / "test_gpu_like.py").write_text(GPU_TESTS)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    cmd += ["-W", "ignore::UserWarning", "--rootdir", str(tmp_path), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 1 and "1 failed, 2 passed" in out, out[-3000:]
+    assert "FAILED test_gpu_like.py::test_kernels_fell_back" in out and "FallbackRecorded" in out, out
+    assert "1 fast path(s) fell back in this process: acon_c triton cuda float32 contiguous" in out, out
+
+
+# ---------------------------------------------------------------- on a GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_resume_restores_rng(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3), torch.cuda.manual_seed_all(4)
+    ckpt.atomic_save({"model": nn.Linear(3, 2).state_dict(), "rng": [ckpt.capture_rng()]}, tmp_path / "a.pt")
+    expected = (*_draws(), float(torch.rand(1, device="cuda")))
+    loaded = ckpt.load_checkpoint(tmp_path / "a.pt", map_location=torch.device("cuda", 0))
+    assert loaded["model"]["weight"].is_cuda and not loaded["rng"][0]["torch"].is_cuda
+    ckpt.restore_rng(loaded["rng"][0])
+    assert (*_draws(), float(torch.rand(1, device="cuda"))) == expected
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_kernels_run_on_a_non_current_gpu():
+    import acon.fused
+
+    torch.cuda.set_device(0)
+    x = torch.randn(2, 8, 5, 5, device="cuda:1", requires_grad=True)
+    p1, p2, beta = (torch.randn(1, 8, 1, 1, device="cuda:1", requires_grad=True) for _ in range(3))
+    y = acon.fused.acon_c(x, p1, p2, beta)
+    y.sum().backward()
+    ref = acon.fused.acon_c(x.detach().cpu(), p1.detach().cpu(), p2.detach().cpu(), beta.detach().cpu())
+    torch.testing.assert_close(y.detach().cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_device_augment_follows_channels_last(channels_last):
+    from acon.data.fast import collate_augment
+    from acon.data.gpu import DeviceAugment, EncodedTrainTransform
+
+    batch, _, _ = collate_augment([(EncodedTrainTransform()(_encoded(seed=s)), 0) for s in range(3)])
+    out = DeviceAugment(16, device="cuda", channels_last=channels_last)(batch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_cuda and out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.gpu
+@cuda
+def test_nvjpeg_batch_with_cmyk_and_png_matches_cpu():
+    from acon.data.gpu import decode_batch
+
+    data = [_encoded(seed=0), _encoded("CMYK"), _encoded(fmt="PNG"), _encoded("L"), _encoded(seed=2)]
+    gpu = decode_batch(data, torch.device("cuda"))
+    cpu = decode_batch(data, torch.device("cpu"))
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.is_cuda and a.shape == b.shape and (a.cpu().float() - b.float()).abs().mean() < 3
