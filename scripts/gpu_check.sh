@@ -85,10 +85,10 @@ if [[ $mode == cpu ]]; then
     $steps triton --device cpu
   run_step pipeline "${limits[2]}" $steps pipeline --device cpu --open-files 128 --workers 2 --batch 64 \
     --img 32 --out "$work"
-  run_step deterministic "${limits[3]}" $steps deterministic --device cpu
+  run_step deterministic "${limits[3]}" $steps deterministic --device cpu --batch 2 --img 32
   run_step doctor "${limits[4]}" python -m acon.doctor --no-ddp --samples 2 out_dir="$work/runs"
   run_step activation "${limits[5]}" python scripts/bench_activation.py --device cpu --quick --repeats 2 \
-    --shapes "shufflenetv2 s4"
+    --shapes "shufflenetv2 s2"
   run_step train_step "${limits[6]}" python scripts/bench_train_step.py --device cpu --batch 2 --img 32 \
     --steps 1 --warmup 1 --models shufflenetv2_x0_5 --variants "ReLU,ACON-C fused"
   run_step smoke "${limits[7]}" python scripts/smoke_train.py --device cpu --steps 2 --batch 4 --img 32 \

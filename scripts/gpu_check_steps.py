@@ -132,7 +132,7 @@ def step_pipeline(args: argparse.Namespace) -> bool:
     return error is None and n > 0
 
 
-def _family_backward(name: str, device: str) -> None:
+def _family_backward(name: str, device: str, batch: int, img: int) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -141,9 +141,9 @@ def _family_backward(name: str, device: str) -> None:
     model = create_model(name, activation="meta_acon", num_classes=10).to(device)
     fmt = torch.channels_last if device == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    x = torch.randn(8, 3, 64, 64, device=device).contiguous(memory_format=fmt)
+    x = torch.randn(batch, 3, img, img, device=device).contiguous(memory_format=fmt)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        loss = F.cross_entropy(model(x).float(), torch.arange(8, device=device) % 10)
+        loss = F.cross_entropy(model(x).float(), torch.arange(batch, device=device) % 10)
     loss.backward()
 
 
@@ -160,7 +160,7 @@ def step_deterministic(args: argparse.Namespace) -> bool:
     ok = True
     for family, name in sorted(names.items()):
         try:
-            _family_backward(name, args.device)
+            _family_backward(name, args.device, min(args.batch, 8), args.img)
             result = "ok"
         except RuntimeError as e:
             result, ok = f"FAILED: {str(e).strip().splitlines()[0][:300]}", False
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="folder for the step's data and runs (default: a temporary folder)")
     ap.add_argument("--open-files", type=int, default=1024, help="pipeline: the ulimit -n to run under")
     ap.add_argument("--workers", type=int, default=8, help="pipeline: loader workers")
-    ap.add_argument("--batch", type=int, default=256, help="pipeline: batch size")
-    ap.add_argument("--img", type=int, default=224, help="pipeline: image size")
+    ap.add_argument("--batch", type=int, default=256, help="pipeline: batch size (deterministic: up to 8)")
+    ap.add_argument("--img", type=int, default=224, help="pipeline and deterministic: image size")
     args = ap.parse_args(argv)
     return 0 if STEPS[args.step](args) else 1
 

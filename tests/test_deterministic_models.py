@@ -60,7 +60,8 @@ def _one_per_family() -> list[str]:
 
 
 @pytest.fixture
-def deterministic():
+def deterministic(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses deterministic mode without it
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
