@@ -27,7 +27,7 @@ if [[ "${1:-}" == "--cpu" ]]; then
   out_dir=$(mktemp -d /tmp/acon-gpu-check-cpu.XXXXXX)
   out="${out_dir}/gpu_${stamp}"
   #       resume triton pipeline deterministic doctor activation train_step smoke
-  limits=(40 15 15 15 25 15 15 30)
+  limits=(45 15 15 15 20 15 15 30)
 else
   mode=gpu budget=470 dev=cuda
   out_dir=benchmarks
