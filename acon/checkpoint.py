@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 FORMAT = "acon-suite/1"
+HOST_KEYS = ("rng",)  # top-level checkpoint entries that stay CPU tensors whatever the map_location
 
 
 class CheckpointError(RuntimeError):
@@ -70,19 +71,38 @@ def _rejection_reason(e: Exception) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def _is_host(map_location) -> bool:
+    return map_location is None or torch.device(map_location).type == "cpu"
+
+
+def place_on_device(obj, device: str | torch.device, host_keys: tuple[str, ...] = HOST_KEYS):
+    """``obj`` with its tensors moved to ``device``, except those under a top-level ``host_keys`` entry."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: v if k in host_keys else place_on_device(v, device, ()) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(place_on_device(v, device, ()) for v in obj)
+    return obj
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> dict:
     """Load with ``weights_only=True``: tensors and plain containers only, never code.
 
-    ``mmap=True`` maps the tensors instead of reading them (a cheap look at a large checkpoint).
+    ``mmap=True`` maps the tensors instead of reading them (a cheap look at a large checkpoint). With a
+    device ``map_location`` (``cuda:N``), everything is read to the host first and then moved there,
+    except the entries that must stay on the host (``HOST_KEYS``: the RNG states), which stay CPU tensors.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not isinstance(map_location, str | torch.device | None):
+        raise TypeError(f"map_location must be a device or a device name, not {type(map_location).__name__}")
     try:
         mmap = mmap and zipfile.is_zipfile(path)
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {str(path)!r}: weights-only loading rejected it ({_rejection_reason(e)}); "
@@ -106,7 +126,7 @@ def load_checkpoint(
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} is a {type(obj).__name__}, not a dict")
-    return obj
+    return obj if _is_host(map_location) else place_on_device(obj, map_location)
 
 
 def load_model_state(model: nn.Module, state: dict, source: str) -> None:
@@ -144,15 +164,22 @@ def capture_rng() -> dict:
     return state
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of an RNG state tensor (they are host byte arrays, whatever device a load put them on)."""
+    if t.device.type == "meta":
+        raise CheckpointError("an RNG state was loaded to the meta device: it holds no values to restore")
+    return t if t.device.type == "cpu" else t.cpu()
+
+
 def restore_rng(state: dict) -> None:
-    """Inverse of :func:`capture_rng`."""
+    """Inverse of :func:`capture_rng`; RNG states on a device are restored from CPU copies."""
     version, keys, gauss = state["python"]
     random.setstate((version, tuple(keys), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((name, _host(keys).numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_host(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_host(t) for t in state["cuda"]])
 
 
 def assert_finite(model: nn.Module) -> None:

@@ -35,7 +35,11 @@ NO_CUDA = (
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → this rank's GPU when CUDA exists, else CPU."""
+    """``auto`` → this rank's GPU when CUDA exists, else CPU.
+
+    This rank's GPU is ``cuda:LOCAL_RANK`` when the node's GPUs are all visible (torchrun), and
+    ``cuda:0`` when only one is (SLURM binding one GPU per task through ``CUDA_VISIBLE_DEVICES``).
+    """
     if name not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device={name!r} is not one of ('auto', 'cpu', 'cuda')")
     if name == "cuda" and not torch.cuda.is_available():
@@ -44,6 +48,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(NO_CUDA)
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process "
+            f"per visible GPU, or bind one GPU per task"
+        )
     return torch.device("cuda", local_rank)
 
 

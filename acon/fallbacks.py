@@ -43,6 +43,17 @@ def across_ranks(per_rank: list[dict[str, str]]) -> dict[str, str]:
     return merged
 
 
+class FallbackRecorded(AssertionError):
+    """A fast path fell back where none may (a GPU test, the GPU check): the message lists each and why."""
+
+
+def assert_none(where: str) -> None:
+    """Raise :class:`FallbackRecorded` if any path fell back in this process so far (``where``: who asks)."""
+    if _RECORDS:
+        listed = "; ".join(f"{path}: {reason}" for path, reason in _RECORDS.items())
+        raise FallbackRecorded(f"{where}: {len(_RECORDS)} fast path(s) fell back in this process: {listed}")
+
+
 def clear() -> None:
     """Forget the records (tests)."""
     _RECORDS.clear()

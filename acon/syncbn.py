@@ -1,11 +1,18 @@
-"""SyncBatchNorm for CPU (gloo) as well as GPU: torch's SyncBatchNorm only runs on accelerators."""
+"""SyncBatchNorm for CPU (gloo) as well as GPU: torch's SyncBatchNorm only runs on accelerators.
+
+Meta-ACON's ``BatchNorm2dB1`` (its β-net sees one value per channel at batch size 1) becomes a synced
+BatchNorm that keeps that behaviour: with nothing to sync with, a batch of one uses the running stats.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from acon.activations import BatchNorm2dB1
 
 
 def _global_sum(t: torch.Tensor) -> torch.Tensor:
@@ -71,18 +78,50 @@ class GlooSyncBatchNorm(_BatchNorm):
         return y
 
 
+def _one_value_per_channel(bn: _BatchNorm, x: torch.Tensor) -> bool:
+    """Training on one value per channel with nothing to sync with: Meta-ACON's β-net at batch size 1."""
+    alone = not (dist.is_initialized() and dist.get_world_size() > 1)
+    return bn.training and bn.track_running_stats and alone and x.numel() // x.shape[1] <= 1
+
+
+def _running_stats(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm2dB1's batch-of-one forward: normalise with the running statistics, leave them as they are."""
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+class GlooSyncBatchNormB1(GlooSyncBatchNorm):
+    """:class:`GlooSyncBatchNorm` for ``BatchNorm2dB1``: a batch of one, alone, uses the running stats."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _running_stats(self, x) if _one_value_per_channel(self, x) else super().forward(x)
+
+
+class SyncBatchNormB1(nn.SyncBatchNorm):
+    """torch's SyncBatchNorm for ``BatchNorm2dB1``: a batch of one, alone, uses the running stats."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _running_stats(self, x) if _one_value_per_channel(self, x) else super().forward(x)
+
+
+def _sync_class(bn: _BatchNorm, device: torch.device) -> type[_BatchNorm]:
+    if isinstance(bn, BatchNorm2dB1):
+        return SyncBatchNormB1 if device.type == "cuda" else GlooSyncBatchNormB1
+    return nn.SyncBatchNorm if device.type == "cuda" else GlooSyncBatchNorm
+
+
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """torch's SyncBatchNorm on CUDA; :class:`GlooSyncBatchNorm` elsewhere (same keys, same stats)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if isinstance(module, _BatchNorm):
-        new = GlooSyncBatchNorm(
+    """Every BatchNorm made synced: torch's SyncBatchNorm on CUDA, :class:`GlooSyncBatchNorm` elsewhere
+    (same keys, same stats); Meta-ACON's ``BatchNorm2dB1`` keeps its batch-of-one behaviour."""
+    if isinstance(module, _BatchNorm) and not isinstance(module, GlooSyncBatchNorm | nn.SyncBatchNorm):
+        new = _sync_class(module, device)(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
         ref = next(iter(module.state_dict().values()), None)
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         new.load_state_dict(module.state_dict())
+        for name, p in module.named_parameters(recurse=False):
+            getattr(new, name).requires_grad_(p.requires_grad)
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -24,11 +24,21 @@ from models.features import FeatureInfo, FeatureSpec
 POOL_TYPES = ("avg", "max", "avgmax", "")
 
 
-def make_global_pool(pool_type: str) -> SelectAdaptivePool2d:
+class GlobalPool(SelectAdaptivePool2d):
+    """timm's global pooling to 1x1 as reductions over H and W (``mean``/``amax``), whose CUDA backward is
+    deterministic, where ``nn.AdaptiveAvgPool2d``/``AdaptiveMaxPool2d`` have none (torch raises under
+    ``use_deterministic_algorithms``). No parameters, so no change to state dicts, parameters or FLOPs."""
+
+    def __init__(self, pool_type: str = "avg", flatten: bool = True) -> None:
+        super().__init__(pool_type=f"fast{pool_type}" if pool_type else "", flatten=flatten)
+        self.pool_type = pool_type  # timm's name for it (``is_identity``, ``repr``)
+
+
+def make_global_pool(pool_type: str) -> GlobalPool:
     """timm's global pooling, flattened to (N, C); ``''`` keeps the (N, C, H, W) map."""
     if pool_type not in POOL_TYPES:
         raise ValueError(f"global_pool={pool_type!r} is not one of {POOL_TYPES}")
-    return SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+    return GlobalPool(pool_type, flatten=bool(pool_type))
 
 
 class TimmModelMixin:

@@ -4,6 +4,7 @@ Builds a synthetic ImageFolder (10 classes of generated JPEGs, hard-linked up to
 batches, so no epoch ends early), then runs ``python train.py`` once per (pipeline, activation) and reads
 each run's ``results.json``. Prints a markdown table: time per step (from the run's images/s, which
 includes its first steps) and the ratio to ReLU on the same pipeline; records fallbacks a run reported.
+Each row is printed as soon as its run ends.
 Exit status 1 if any run failed::
 
     python scripts/smoke_train.py --device cuda                      # 200 steps, 224 px, batch 64
@@ -101,24 +102,29 @@ def run_one(cmd: list[str], run_dir: Path, timeout: int) -> dict:
     return {**json.loads(results.read_text()), "process_s": wall}
 
 
+TABLE_HEADER = [
+    "| pipeline | activation | ms/step | vs ReLU | final top-1 err | fallbacks |",
+    "|---|---|---|---|---|---|",
+]
+
+
+def table_row(rows: list[tuple[str, str, dict]], batch: int) -> str:
+    """The markdown row of the last run in ``rows`` (ReLU on its pipeline, run first, is the baseline)."""
+    p, a, r = rows[-1]
+    if "error" in r:
+        return f"| {p} | {a} | failed | - | - | {r['error']} |"
+    step_ms = {
+        (q, b): 1000 * batch / s["images_per_s"] for q, b, s in rows if "error" not in s and s["images_per_s"]
+    }
+    relu = step_ms.get((p, "relu"))
+    ratio = f"{step_ms[(p, a)] / relu:.2f}x" if relu else "-"
+    fb = "; ".join(f"{k}: {v}" for k, v in r.get("fallbacks", {}).items()) or "none"
+    return f"| {p} | {a} | {step_ms[(p, a)]:.1f} | {ratio} | {r['top1_err']:.1f} % | {fb} |"
+
+
 def table(rows: list[tuple[str, str, dict]], batch: int) -> list[str]:
     """Markdown rows: pipeline, activation, ms per step, ratio to ReLU on the same pipeline, fallbacks."""
-    step_ms = {
-        (p, a): 1000 * batch / r["images_per_s"] for p, a, r in rows if "error" not in r and r["images_per_s"]
-    }
-    out = [
-        "| pipeline | activation | ms/step | vs ReLU | final top-1 err | fallbacks |",
-        "|---|---|---|---|---|---|",
-    ]
-    for p, a, r in rows:
-        if "error" in r:
-            out.append(f"| {p} | {a} | failed | - | - | {r['error']} |")
-            continue
-        relu = step_ms.get((p, "relu"))
-        ratio = f"{step_ms[(p, a)] / relu:.2f}x" if relu else "-"
-        fb = "; ".join(f"{k}: {v}" for k, v in r.get("fallbacks", {}).items()) or "none"
-        out.append(f"| {p} | {a} | {step_ms[(p, a)]:.1f} | {ratio} | {r['top1_err']:.1f} % | {fb} |")
-    return out
+    return TABLE_HEADER + [table_row(rows[: i + 1], batch) for i in range(len(rows))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     build_folder(data, args.batch * (args.steps + 1), max(args.batch, CLASSES), args.img)
     print(f"smoke: ShuffleNetV2 0.5x, {args.steps} steps, batch {args.batch}, {args.img} px on {args.device}")
+    print("\n".join(TABLE_HEADER), flush=True)
     rows = []
-    for p, a, cmd in jobs:
+    for p, a, cmd in jobs:  # each row as soon as its run ends: a later timeout loses nothing
         rows.append((p, a, run_one(cmd, args.out / "runs" / f"{p}-{a}", args.timeout)))
-        print(f"smoke: {p} {a}: {rows[-1][2].get('error', 'done')}", file=sys.stderr, flush=True)
-    print("\n".join(table(rows, args.batch)))
+        print(table_row(rows, args.batch), flush=True)
     print(f"smoke: runs in {args.out / 'runs'}")
     return 1 if any("error" in r for *_, r in rows) else 0
 

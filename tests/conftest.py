@@ -52,6 +52,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A ``gpu`` test fails when a fast path fell back (a failed self-check) in its process, in it or
+    before it (a path that fell back stays so): on a GPU the Triton kernels and nvJPEG must serve, not
+    the eager formulas and CPU decoding behind them."""
+    result = yield
+    if item.get_closest_marker("gpu") is not None:
+        from acon import fallbacks
+
+        fallbacks.assert_none(item.nodeid)
+    return result
+
+
 def compose(overrides: list[str], config_name: str = "train"):
     """Compose the real configs with ``overrides`` (no Hydra run dir is created)."""
     from hydra import compose as hydra_compose

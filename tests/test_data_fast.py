@@ -15,6 +15,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from acon.data.fast import (
+    EncodedBatch,
     FastTrainTransform,
     FastValTransform,
     collate_augment,
@@ -200,7 +201,8 @@ def test_gpu_path_augmentation_runs_on_cpu_tensors():
     torch.manual_seed(0)
     samples = [(tf(d), 0) for d in data]
     batch, targets, bad = collate_augment(samples)
-    assert isinstance(batch.images, list) and bad == 0 and targets.tolist() == [0, 0, 0]
+    assert isinstance(batch.images, EncodedBatch) and bad == 0 and targets.tolist() == [0, 0, 0]
+    assert all(torch.equal(a, b) for a, b in zip(batch.images, data, strict=True))  # views of one tensor
     out = DeviceAugment(SIZE, device="cpu", out_dtype=torch.bfloat16, channels_last=True)(batch)
     assert out.shape == (3, 3, SIZE, SIZE) and out.dtype == torch.bfloat16
     assert out.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(out.float()).all()

@@ -169,10 +169,12 @@ def build_pipeline_loaders(
     world_size: int,
     seed: int,
     device: torch.device,
+    channels_last: bool = False,
 ) -> tuple:
     """(train loader, val loader, number of training samples) for ``data.pipeline`` other than reference.
 
-    Loaders yield (images on ``device``, targets, n_bad); augmentation finishes on the device.
+    Loaders yield (images on ``device``, targets, n_bad), channels-last batches if ``channels_last``
+    (``trainer.channels_last``); augmentation finishes on the device.
     """
     from acon.data.pipelines import DeviceLoader, build_loader, build_train_pipeline, build_val_pipeline
 
@@ -192,6 +194,7 @@ def build_pipeline_loaders(
         preprocess=cfg.preprocess,
         rank=rank,
         world_size=world_size,
+        channels_last=channels_last,
     )
     train_root = root if shards else root / cfg.train_split
     val_root = root if shards else root / cfg.val_split

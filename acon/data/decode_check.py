@@ -1,7 +1,8 @@
-"""Self-check of the GPU input pipeline's nvJPEG decoding: the first batch on a CUDA device is decoded on
-the device and on the CPU and compared. A decode error or a difference beyond ``MAX_MEAN_ABS_DIFF``
-(nvJPEG and libjpeg round their IDCT and chroma upsampling differently, by a level or two) gives one
-warning (:mod:`acon.fallbacks`) and every later batch is decoded on the CPU and copied to the device.
+"""Self-check of the GPU input pipeline's nvJPEG decoding against the CPU: the whole first batch on a CUDA
+device, then one image of every ``CHECK_EVERY``-th batch (a different one each time; one CPU decode, so
+cheap). A decode error or a difference beyond ``MAX_MEAN_ABS_DIFF`` (nvJPEG and libjpeg round their IDCT
+and chroma upsampling differently, by a level or two) gives one warning (:mod:`acon.fallbacks`) and every
+later batch is decoded on the CPU and copied to the device.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from acon import fallbacks
 
 MAX_MEAN_ABS_DIFF = 3.0  # mean |device - CPU| per pixel and channel, in 0..255 levels
+CHECK_EVERY = 200  # after the first batch, one sampled image of every CHECK_EVERY-th batch is checked
 
 
 def cpu_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -22,11 +24,14 @@ def cpu_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Ten
     return [img.to(device, non_blocking=True) for img in decode_batch(data, torch.device("cpu"))]
 
 
-def decode_difference(device_imgs: list[torch.Tensor], host_imgs: list[torch.Tensor]) -> str | None:
-    """Why the device decode does not match the CPU decode, or None if it does."""
+def decode_difference(
+    device_imgs: list[torch.Tensor], host_imgs: list[torch.Tensor], indices: list[int] | None = None
+) -> str | None:
+    """Why the device decode does not match the CPU decode, or None if it does (``indices``: the images'
+    places in their batch)."""
     if len(device_imgs) != len(host_imgs):
         return f"{len(device_imgs)} images decoded for a batch of {len(host_imgs)}"
-    for i, (a, b) in enumerate(zip(device_imgs, host_imgs, strict=True)):
+    for i, a, b in zip(indices or range(len(host_imgs)), device_imgs, host_imgs, strict=True):
         if a.shape != b.shape:
             return f"image {i} decodes to shape {tuple(a.shape)} on the device, {tuple(b.shape)} on the CPU"
         diff = (a.cpu().float() - b.float()).abs().mean().item()
@@ -36,35 +41,46 @@ def decode_difference(device_imgs: list[torch.Tensor], host_imgs: list[torch.Ten
 
 
 class CheckedDecoder:
-    """Batch decoding on ``device`` whose first batch is checked against the CPU; CPU decoding after a
-    failed check. ``check`` defaults to CUDA devices only (elsewhere both decoders are the same)."""
+    """Batch decoding on ``device``, checked against the CPU on the first batch and on a sampled image of
+    every ``every``-th batch; CPU decoding after a failed check. ``check`` defaults to CUDA devices only
+    (elsewhere both decoders are the same)."""
 
     def __init__(
-        self, device: torch.device, device_decode: Callable | None = None, check: bool | None = None
+        self,
+        device: torch.device,
+        device_decode: Callable | None = None,
+        check: bool | None = None,
+        every: int = CHECK_EVERY,
     ) -> None:
         from acon.data.gpu import decode_batch
 
         self.device = device
         self.device_decode = device_decode or decode_batch
-        self.pending = device.type == "cuda" if check is None else check
+        self.check = device.type == "cuda" if check is None else check
+        self.every, self.batches = max(int(every), 1), 0
         self.on_cpu = False
 
     def __call__(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.on_cpu:
             return cpu_decode(data, self.device)
-        if not self.pending:
+        n, self.batches = self.batches, self.batches + 1
+        if not self.check or (n > 0 and n % self.every):
             return self.device_decode(data, self.device)
-        self.pending = False
         from acon.data.gpu import decode_batch
 
-        host = decode_batch(data, torch.device("cpu"))
+        pick = list(range(len(data))) if n == 0 else [(n // self.every - 1) % len(data)]
+        host = decode_batch([data[i] for i in pick], torch.device("cpu"))
         try:
             imgs = self.device_decode(data, self.device)
-            reason = decode_difference(imgs, host)
+            reason = decode_difference([imgs[i] for i in pick], host, pick)
         except Exception as e:  # any failure of the device decoder is a failed check
             reason = f"{type(e).__name__}: {e}"
         if reason is None:
             return imgs
+        if n > 0:
+            reason = f"batch {n}: {reason}"
         self.on_cpu = True
         fallbacks.record(f"data.pipeline=gpu nvJPEG decode on {self.device}", reason)
-        return [img.to(self.device, non_blocking=True) for img in host]
+        if n == 0:
+            return [img.to(self.device, non_blocking=True) for img in host]
+        return cpu_decode(data, self.device)

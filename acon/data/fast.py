@@ -44,6 +44,7 @@ __all__ = [
     "FastTrainTransform",
     "FastValTransform",
     "DECODERS",
+    "EncodedBatch",
     "collate_augment",
     "jitter_params",
     "jpeg_header",
@@ -286,16 +287,58 @@ class FastValTransform:
 
 
 @dataclass
+class EncodedBatch:
+    """The encoded files of a batch in one flat uint8 tensor; image ``i`` is ``data[offsets[i]:offsets[i+1]]``.
+
+    One tensor (one shared-memory file descriptor when a loader worker sends it) whatever the batch size,
+    where a list of byte tensors would cost one descriptor per image in the worker and in the trainer.
+    """
+
+    data: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def from_list(cls, parts: list[torch.Tensor]) -> EncodedBatch:
+        """Concatenate ``parts`` (1-D uint8); in a loader worker, straight into shared memory."""
+        sizes = [int(p.numel()) for p in parts]
+        offsets = torch.zeros(len(parts) + 1, dtype=torch.long)
+        torch.cumsum(torch.tensor(sizes, dtype=torch.long), 0, out=offsets[1:])
+        flat = None
+        if torch.utils.data.get_worker_info() is not None:  # as default_collate: no copy when sent
+            storage = parts[0]._typed_storage()._new_shared(sum(sizes), device=parts[0].device)
+            flat = parts[0].new(storage)
+        return cls(torch.cat([p.reshape(-1) for p in parts], out=flat), offsets)
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        bounds = self.offsets[i : i + 2].tolist()
+        return self.data[bounds[0] : bounds[1]]
+
+    def tolist(self) -> list[torch.Tensor]:
+        """Every image's bytes, as views of the flat tensor (no copy)."""
+        o = self.offsets.tolist()
+        return [self.data[a:b] for a, b in zip(o[:-1], o[1:], strict=True)]
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def pin_memory(self) -> EncodedBatch:
+        """Pinned copy (the CPU decoder and nvJPEG read it from host memory)."""
+        return EncodedBatch(self.data.pin_memory(), self.offsets)
+
+
+@dataclass
 class AugBatch:
     """A collated batch before device augmentation: uint8 NCHW images or encoded bytes, plus params."""
 
-    images: torch.Tensor | list[torch.Tensor]
+    images: torch.Tensor | EncodedBatch
     params: torch.Tensor
 
     def pin_memory(self) -> AugBatch:
         """Pinned copy (called by DataLoader(pin_memory=True))."""
-        imgs = self.images.pin_memory() if isinstance(self.images, torch.Tensor) else self.images
-        return AugBatch(imgs, self.params.pin_memory())
+        return AugBatch(self.images.pin_memory(), self.params.pin_memory())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> AugBatch:
         """Move decoded images and params; encoded bytes stay on the host for the decoder."""
@@ -313,7 +356,8 @@ def collate_augment(batch: list) -> tuple[AugBatch, torch.Tensor, int]:
 
     Decoded uint8 CHW images are stacked into a uint8 NCHW tensor (in shared memory when called in a
     DataLoader worker, as ``default_collate`` does, so that sending it costs no copy); encoded byte tensors
-    (variable length) stay a list. Skipped bad images are dropped and counted (``BadImages``).
+    (variable length) are concatenated into one :class:`EncodedBatch`. Either way a batch is a few
+    tensors, so a few file descriptors, whatever its size. Skipped bad images are dropped and counted.
     """
     good, bad = split_batch(batch)
     first = good[0][0][0]
@@ -322,5 +366,5 @@ def collate_augment(batch: list) -> tuple[AugBatch, torch.Tensor, int]:
     if first.dim() == 3:  # in a loader worker, stacked straight into shared memory (no extra copy)
         images = default_collate([s[0][0] for s in good])
     else:
-        images = [s[0][0] for s in good]
+        images = EncodedBatch.from_list([s[0][0] for s in good])
     return AugBatch(images, params), targets, bad

@@ -29,6 +29,7 @@ from acon.data.fast import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugBatch,
+    EncodedBatch,
     jitter_params,
     jpeg_header,
     rrc_params,
@@ -41,6 +42,7 @@ __all__ = [
     "color_jitter_batch",
     "crop_resize_batch",
     "decode_batch",
+    "nvjpeg_decodable",
 ]
 
 PREPROCESS = ("rgb_normalized", "bgr_255")
@@ -71,33 +73,55 @@ class EncodedTrainTransform:
         return data, torch.tensor((top, left, h, w, float(flip), *jit), dtype=torch.float32)
 
 
-def decode_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def nvjpeg_decodable(data: torch.Tensor) -> bool:
+    """Whether nvJPEG takes ``data``: a JPEG with 1 or 3 components (not CMYK, not a PNG named .JPEG)."""
+    header = jpeg_header(data)
+    return header is not None and header[2] in ("L", "RGB")
+
+
+def _upload(img: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return img.to(device, non_blocking=True)
+
+
+def _decode_on_cpu(data: torch.Tensor, index: int) -> torch.Tensor:
+    """One image on the CPU (any format torchvision reads); a grey image, with a warning, if it is corrupt."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as e:  # corrupt file: a grey image, so that the step still runs
+        warnings.warn(f"image {index} of the batch cannot be decoded ({e}); using a grey image", stacklevel=3)
+        return torch.full((3, 8, 8), 128, dtype=torch.uint8)
+
+
+def decode_batch(data: Iterable[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Decode encoded images to uint8 RGB CHW on ``device``: one batched nvJPEG call on CUDA.
 
-    Files nvJPEG rejects (CMYK JPEGs, PNGs named .JPEG) fall back to CPU decoding one by one; a file
-    nothing can decode becomes a grey image, with a warning.
+    Files nvJPEG cannot take (CMYK JPEGs, PNGs named .JPEG; told from their header) are decoded on the
+    CPU and copied over, the rest of the batch still in one nvJPEG call; a file nothing can decode
+    becomes a grey image, with a warning.
     """
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
 
-    if device.type == "cuda":
+    data = list(data)
+    out: list[torch.Tensor | None] = [None] * len(data)
+    batched = [i for i, d in enumerate(data) if nvjpeg_decodable(d)] if device.type == "cuda" else []
+    if batched:
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            pass
-    out = []
-    for i, d in enumerate(data):
-        try:
-            if device.type == "cuda":
+            imgs = decode_jpeg([data[i] for i in batched], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # a file whose header looked fine: decode these one by one
+            imgs = [None] * len(batched)
+            for k, i in enumerate(batched):
                 try:
-                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-                    continue
+                    imgs[k] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device)
                 except RuntimeError:
                     pass
-            out.append(decode_image(d, mode=ImageReadMode.RGB).to(device))
-        except RuntimeError as e:  # corrupt file: a grey image, so that the step still runs
-            warnings.warn(f"image {i} of the batch cannot be decoded ({e}); using a grey image", stacklevel=2)
-            out.append(torch.full((3, 8, 8), 128, dtype=torch.uint8, device=device))
-    return out
+        for i, img in zip(batched, imgs, strict=True):
+            out[i] = img
+    return [
+        img if img is not None else _upload(_decode_on_cpu(d, i), device)
+        for i, (d, img) in enumerate(zip(data, out, strict=True))
+    ]
 
 
 def crop_resize_batch(images: list[torch.Tensor], boxes: list[list[float]], size: int) -> torch.Tensor:
@@ -171,13 +195,13 @@ class DeviceAugment:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self._pool = OutputPool()
         self._bufs: WorkPlanes | None = None
-        self._decode = CheckedDecoder(self.device)  # nvJPEG checked against the CPU on the first batch
+        self._decode = CheckedDecoder(self.device)  # nvJPEG checked against the CPU, first batch and sampled
 
     def __call__(self, batch: AugBatch) -> torch.Tensor:
         params = batch.params.to(self.device, non_blocking=True)
-        if isinstance(batch.images, list):
+        if isinstance(batch.images, EncodedBatch | list):
             host = batch.params if batch.params.device.type == "cpu" else batch.params.cpu()
-            decoded = self._decode(batch.images)
+            decoded = self._decode(list(batch.images))
             x = crop_resize_batch(decoded, host.tolist(), self.size).to(self.compute_dtype)
             flip = params[:, 4].view(-1, 1, 1, 1) > 0.5
             x = torch.where(flip, x.flip(-1), x)

@@ -85,12 +85,22 @@ def build_train_pipeline(
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
+    channels_last: bool | None = None,
 ) -> Pipeline:
-    """The training pipeline ``name``; ``root`` is a class folder (or a shard folder for shards*)."""
+    """The training pipeline ``name``; ``root`` is a class folder (or a shard folder for shards*).
+
+    ``channels_last``: the memory format of the batches (None: channels-last on CUDA only)."""
     _check(name)
     p = 0.5 if hflip else 0.0
     dev = DeviceAugment(
-        img_size, mean, std, bool(color_jitter), device, out_dtype=out_dtype, preprocess=preprocess
+        img_size,
+        mean,
+        std,
+        bool(color_jitter),
+        device,
+        out_dtype=out_dtype,
+        preprocess=preprocess,
+        channels_last=channels_last,
     )
     folder = dict(
         classes=classes,
@@ -130,6 +140,7 @@ def build_val_pipeline(
     split: str = "val",
     rank: int = 0,
     world_size: int = 1,
+    channels_last: bool | None = None,
 ) -> Pipeline:
     """Validation pipeline: the reference Resize+CenterCrop pixels, normalised on the device except for
     ``reference``; shard paths read each of the rank's shards once (no padding)."""
@@ -145,7 +156,16 @@ def build_val_pipeline(
         ds = ImageFolderDataset(root, tf, **folder)
         return Pipeline(name, ds, collate_skipping_bad, None)
     tf = FastValTransform(img_size, resize, preprocess)
-    dev = DeviceAugment(img_size, mean, std, False, device, out_dtype=out_dtype, preprocess=preprocess)
+    dev = DeviceAugment(
+        img_size,
+        mean,
+        std,
+        False,
+        device,
+        out_dtype=out_dtype,
+        preprocess=preprocess,
+        channels_last=channels_last,
+    )
     if name.startswith("shards"):
         ds = ShardDataset(
             root, split, tf, bytes_tensor, shuffle=False, rank=rank, world_size=world_size, pad=False

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         ("devices", system.check_devices),
         ("fused ACON-C", system.check_fused),
         ("data", lambda: data.check_data(cfg, args.samples)),
+        ("open files", lambda: system.check_open_files(cfg)),
     ]
     if not args.no_ddp:
         groups += [("DDP gloo", system.check_gloo), ("DDP NCCL", system.check_nccl)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import shutil
 import socket
 import time
@@ -16,6 +17,10 @@ from acon.doctor import Check, fail, ok, warn
 
 GiB = 1 << 30
 DISK_FAIL_GIB, DISK_WARN_GIB = 1, 20
+BASE_OPEN_FILES = 128  # libraries, logs, TensorBoard, NCCL sockets: what a rank opens besides batches
+# shared-memory tensors per collated batch: each holds a file descriptor in the trainer while it waits
+# (torch's file_descriptor sharing): images (or encoded bytes + offsets), params, targets
+TENSORS_PER_BATCH = {"reference": 2, "fast": 3, "shards": 3, "gpu": 4, "shards_gpu": 4}
 
 
 def _version(module: str) -> str | None:
@@ -209,3 +214,39 @@ def check_disk_and_resume(cfg) -> Iterator[Check]:
         yield ok(
             "resume", f"{path} ({path.stat().st_size / 2**20:.0f} MiB, {stamp}): the run continues from it"
         )
+
+
+def open_files_needed(data_cfg, per_rank_batch: int) -> tuple[int, str]:
+    """Open files one rank's training loader needs at most, and how that was counted, in words."""
+    workers, pipeline = int(data_cfg.get("num_workers", 0)), str(data_cfg.get("pipeline", "reference"))
+    prefetch = int(data_cfg.get("prefetch_factor", 2)) if workers else 0
+    in_flight = workers * prefetch + 2  # queued by the workers, plus the one in use and the one prepared
+    per_batch = TENSORS_PER_BATCH.get(pipeline, 4)
+    need = BASE_OPEN_FILES + in_flight * per_batch
+    how = (
+        f"data.pipeline={pipeline} with {workers} workers x prefetch {prefetch} (+2) batches of "
+        f"{per_rank_batch} images in flight, {per_batch} shared tensors each, + {BASE_OPEN_FILES} base"
+    )
+    return need, how
+
+
+def check_open_files(cfg) -> Iterator[Check]:
+    """``ulimit -n`` (this process's soft limit on open files) against what the configured loader needs."""
+    world = max(int(os.environ.get("WORLD_SIZE", 1)), 1)
+    per_rank = max(int(cfg.recipe.batch_size) // world, 1)
+    need, how = open_files_needed(cfg.data, per_rank)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+    detail = f"ulimit -n is {limit}; about {need} needed per rank ({how}; sharing strategy {strategy})"
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fix = f"raise it with `ulimit -n {max(need * 2, 4096)}` before training" + (
+            f" (the hard limit is {hard}: ask the cluster admins)"
+            if hard != resource.RLIM_INFINITY and hard < need
+            else ""
+        )
+        yield fail("open files", f"{detail}: loader workers would die of 'Too many open files'; {fix}")
+    elif soft != resource.RLIM_INFINITY and soft < 2 * need:
+        yield warn("open files", f"{detail}: little margin; `ulimit -n {max(need * 2, 4096)}` is safer")
+    else:
+        yield ok("open files", detail)

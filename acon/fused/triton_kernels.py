@@ -12,6 +12,9 @@ the shape, so the gradients are bitwise deterministic run to run.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -117,6 +120,24 @@ def _flat_params(p1, p2, beta, c):
     return p1.reshape(c).contiguous(), p2.reshape(c).contiguous(), beta.reshape(-1, c).contiguous()
 
 
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context to launch in: ``torch.cuda.device(device)`` for a CUDA tensor (Triton launches on the
+    current CUDA device, not on the tensors' device), nothing otherwise."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_tensor_device(fn):
+    """Run ``fn`` (its first argument a tensor) with its kernels launched on that tensor's device."""
+
+    @functools.wraps(fn)
+    def launch(first: torch.Tensor, *args):
+        with launch_device(first.device):
+            return fn(first, *args)
+
+    return launch
+
+
+@_on_tensor_device
 def forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """ACON-C forward for a dense (contiguous or channels-last) x; output has x's strides and dtype."""
     layout = layout_of(x)
@@ -135,6 +156,7 @@ def forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Ten
     return y
 
 
+@_on_tensor_device
 def backward(dy: torch.Tensor, x: torch.Tensor, p1, p2, beta):
     """(dx with x's strides, Σ for dp1 (C,), Σ for dp2 (C,), Σ for dβ (N, C)); dy must share x's strides."""
     layout = layout_of(x)

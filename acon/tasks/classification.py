@@ -31,7 +31,14 @@ class ClassificationTask:
         batch, eval_batch, seed = int(cfg.recipe.batch_size), int(cfg.trainer.eval_batch_size), int(cfg.seed)
         if cfg.data.get("pipeline", "reference") != "reference":
             return build_pipeline_loaders(
-                cfg.data, batch, eval_batch, info.rank, info.world_size, seed, info.device
+                cfg.data,
+                batch,
+                eval_batch,
+                info.rank,
+                info.world_size,
+                seed,
+                info.device,
+                channels_last=bool(cfg.trainer.channels_last),
             )
         train_set, val_set = trainer.build_datasets(cfg.data)
         train = build_train_loader(train_set, cfg.data, batch, info.rank, info.world_size, seed)

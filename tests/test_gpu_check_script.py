@@ -1,0 +1,53 @@
+"""scripts/gpu_check.sh's shape: the budget of a lent GPU, no step able to stop the others, the key checks first."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from tests.conftest import ROOT
+
+SCRIPT = (ROOT / "scripts" / "gpu_check.sh").read_text()
+ORDER = ["resume", "triton", "pipeline", "deterministic", "doctor", "activation", "train_step", "smoke"]
+
+
+def _branch(mode: str) -> str:
+    cpu, gpu = SCRIPT.split("if [[ $mode == cpu ]]; then", 1)[1].split("\nelse\n", 1)
+    return cpu if mode == "cpu" else gpu.split("\nfi\n", 1)[0]
+
+
+def _limits(mode: str) -> tuple[int, list[int]]:
+    block = SCRIPT.split(f"mode={mode} ", 1)[1].split("\n", 4)
+    text = "\n".join(block)
+    budget = int(re.search(r"budget=(\d+)", text).group(1))
+    limits = [int(v) for v in re.search(r"limits=\(([\d ]+)\)", text).group(1).split()]
+    return budget, limits
+
+
+def test_script_parses_and_never_stops_at_the_first_failure():
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
+    assert "set -uo pipefail" in SCRIPT and not re.search(r"^\s*set -[a-z]*e", SCRIPT, re.M)
+    assert 'timeout -k 5 "$t"' in SCRIPT and "PIPESTATUS[0]" in SCRIPT  # a step's own status, not tee's
+
+
+def test_steps_fit_eight_minutes_on_a_gpu_and_three_on_a_cpu():
+    budget, limits = _limits("gpu")
+    assert len(limits) == len(ORDER) and sum(limits) <= budget <= 8 * 60 - 10  # the header counts too
+    cpu_budget, cpu_limits = _limits("cpu")
+    assert len(cpu_limits) == len(ORDER) and sum(cpu_limits) <= cpu_budget <= 3 * 60 - 10
+    # a step never runs past the deadline, with the kill grace counted
+    assert "left=$((deadline - SECONDS - 5))" in SCRIPT and "deadline=$((start + budget))" in SCRIPT
+
+
+def test_the_key_checks_come_first_in_both_modes():
+    for mode in ("cpu", "gpu"):
+        names = re.findall(r"run_step (\w+) ", _branch(mode))
+        assert names == ORDER, (mode, names)
+    gpu = _branch("gpu")
+    assert "ulimit -n 1024" in gpu and "-m gpu" in gpu and "--open-files 1024" in gpu
+    assert "TRITON_INTERPRET=1 ACON_FUSED_CPU_BACKEND=triton" in _branch("cpu")
+
+
+def test_each_step_writes_its_file_when_it_ends():
+    assert 'tee -a "$file"' in SCRIPT and '| tee -a "$summary"' in SCRIPT
+    assert 'file="${out}_${n}_${name}.md"' in SCRIPT
