@@ -231,17 +231,24 @@ def _compose_jobs(config_name: str, args: list[str]) -> int:
     assert not [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")], args
     jobs = command_jobs(args)
     hydra_args = [a for a in args if a.lstrip("+~").startswith("hydra")]
+    todo = [
+        job + hydra_args for job in covering_jobs(jobs) if (config_name, *job, *hydra_args) not in _COMPOSED
+    ]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            for job in covering_jobs(jobs):
+            for overrides in todo:
                 cfg = compose(
-                    config_name=config_name, overrides=job + hydra_args, return_hydra_config=bool(hydra_args)
+                    config_name=config_name, overrides=overrides, return_hydra_config=bool(hydra_args)
                 )
                 check_schema(cfg)
+                _COMPOSED.add((config_name, *overrides))
     finally:
         GlobalHydra.instance().clear()
     return len(jobs)
+
+
+_COMPOSED: set[tuple[str, ...]] = set()  # command lines already composed and checked (the docs repeat some)
 
 
 def covering_jobs(jobs: list[list[str]]) -> list[list[str]]:
