@@ -332,6 +332,33 @@ def test_model_tables_in_docs_are_the_generator_output(capsys):
     )
 
 
+def test_frequently_used_keys_exist_with_their_stated_defaults():
+    """Every key of docs/configuration.md's key table is in the default config, with the stated default."""
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose([]), resolve=False)
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    table = text.split("## Frequently used keys")[1].split("\n## ")[0]
+    rows = [r.split(" | ") for r in table.splitlines() if r.startswith("| `")]
+    assert len(rows) >= 10
+    compared = 0
+    for cells in rows:
+        keys = re.findall(r"`([\w.]+)`", cells[0])
+        defaults = re.findall(r"`([^`]+)`", cells[1])
+        for i, key in enumerate(keys):
+            node = cfg
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, (
+                    f"docs/configuration.md names {key}: no such key"
+                )
+                node = node[part]
+            if len(defaults) == len(keys) and "<" not in defaults[i] and "$" not in str(node):
+                assert str(node).lower().replace("none", "null") == defaults[i], f"{key}: default {node!r}"
+                compared += 1
+    assert compared >= 10, "the key table states fewer defaults than it used to"
+
+
 def test_links_between_the_readme_and_docs_resolve():
     """Every relative link of the README and docs/ names a file that exists, and its #anchor a heading."""
     for path in DOCS:
