@@ -80,6 +80,9 @@ RULES: list[tuple[str, str, str]] = [
 ]
 KINDS = ("run", "help", "skip", "ci")
 SHRINK = ["trainer.max_steps=2", "trainer.progress=false", "trainer.threads=1"]
+# When a later command of the block reads the run (eval.py on best.pt, tables, figures): one whole epoch,
+# so the run completes and writes best.pt.
+SHRINK_TO_EPOCH = ["recipe.epochs=1", "recipe.iterations=null", "trainer.progress=false", "trainer.threads=1"]
 PLACEHOLDER = re.compile(r"<\w+>|\$\{?(\w+)\}?")
 
 
@@ -421,7 +424,7 @@ def _move_paths(arg: str, tmp: Path) -> str:
     return f"{key}{sep}{value}"
 
 
-def _runnable(cmd: Command, tmp: Path) -> list[str]:
+def _runnable(cmd: Command, tmp: Path, whole_epoch: bool = False) -> list[str]:
     """The command line to run: shrunk, its paths in tmp, or ``--help`` for a ``help`` command."""
     kind = classify(cmd)[0]
     argv = list(cmd.argv)
@@ -432,7 +435,7 @@ def _runnable(cmd: Command, tmp: Path) -> list[str]:
     if argv[0] == "python":
         argv[0] = sys.executable
     if cmd.argv[:2] == ("python", "train.py") and "--cfg" not in argv:
-        shrink = [*SHRINK, f"out_dir={tmp / 'runs'}"]
+        shrink = [*(SHRINK_TO_EPOCH if whole_epoch else SHRINK), f"out_dir={tmp / 'runs'}"]
         keys = {s.split("=")[0] for s in shrink}
         argv = [a for a in argv if a.split("=")[0] not in keys] + shrink
     if cmd.argv[:2] == ("python", "eval.py"):
@@ -473,6 +476,11 @@ def _missing_inputs(cmd: Command, tmp: Path) -> list[tuple[str, ...]]:
     return [PRODUCERS[w] for w in wanted if not (tmp / w).exists()]
 
 
+def _reads_runs(cmd: Command) -> bool:
+    """eval.py, make_table.py and the plots read the runs a train.py before them wrote."""
+    return bool(re.match(r"python (eval\.py|scripts/(make_table|plot_curves|plot_beta)\.py)", cmd.text))
+
+
 BLOCKS = sorted({(c.doc, c.block) for c in COMMANDS if classify(c)[0] in ("run", "help")})
 
 
@@ -484,13 +492,14 @@ def test_block_runs_on_cpu(doc, block, tmp_path):
     if any("/data/kaggle" in c.text for c in cmds):
         _kaggle_layout(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for cmd in cmds:
+    for i, cmd in enumerate(cmds):
         if classify(cmd)[0] not in ("run", "help"):
             continue
         for producer in _missing_inputs(cmd, tmp_path):
-            made = _runnable(Command(cmd.doc, cmd.line, cmd.block, producer), tmp_path)
+            made = _runnable(Command(cmd.doc, cmd.line, cmd.block, producer), tmp_path, whole_epoch=True)
             subprocess.run(made, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=True)
-        argv = _runnable(cmd, tmp_path)
+        readers = [c for c in cmds[i + 1 :] if classify(c)[0] == "run" and _reads_runs(c)]
+        argv = _runnable(cmd, tmp_path, whole_epoch=bool(readers))
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (
             f"{cmd}\nran: {argv}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
