@@ -335,6 +335,15 @@ def test_model_tables_in_docs_are_the_generator_output(capsys):
     )
 
 
+def test_proxy_table_in_docs_is_the_generated_one():
+    """docs/tables.md shows the table make_table.py wrote to docs/proxy/table.md, unchanged."""
+    generated = (ROOT / "docs" / "proxy" / "table.md").read_text().strip()
+    assert generated.startswith("| model |")
+    assert generated in (ROOT / "docs" / "tables.md").read_text(), (
+        "paste docs/proxy/table.md into docs/tables.md"
+    )
+
+
 def test_frequently_used_keys_exist_with_their_stated_defaults():
     """Every key of docs/configuration.md's key table is in the default config, with the stated default."""
     from conftest import compose
