@@ -490,6 +490,21 @@ def _reads_runs(cmd: Command) -> bool:
     return bool(re.match(r"python (eval\.py|scripts/(make_table|plot_curves|plot_beta)\.py)", cmd.text))
 
 
+def _path_args(cmd: Command) -> list[str]:
+    """The values of a command's arguments (``checkpoint=runs/x`` gives ``runs/x``)."""
+    return [a.partition("=")[2] if "=" in a else a for a in cmd.argv]
+
+
+def _run_dir(cmd: Command) -> str:
+    """``runs/<run_name>`` of a train.py command, or ``runs/<sweep_name>/`` of a sweep."""
+    from conftest import compose
+
+    args = [a for a in cmd.argv[2:] if not a.startswith("-") and a != "job"]
+    cfg = compose([a.split(",")[0] if "=" in a else a for a in args])
+    multirun = "-m" in cmd.argv or "--multirun" in cmd.argv
+    return f"runs/{cfg.sweep_name}/" if multirun else f"runs/{cfg.run_name}/"
+
+
 BLOCKS = sorted({(c.doc, c.block) for c in COMMANDS if classify(c)[0] in ("run", "help")})
 
 
@@ -508,6 +523,9 @@ def test_block_runs_on_cpu(doc, block, tmp_path):
             made = _runnable(Command(cmd.doc, cmd.line, cmd.block, producer), tmp_path, whole_epoch=True)
             subprocess.run(made, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=True)
         readers = [c for c in cmds[i + 1 :] if classify(c)[0] == "run" and _reads_runs(c)]
+        if readers and cmd.argv[:2] == ("python", "train.py"):
+            writes = _run_dir(cmd)
+            readers = [c for c in readers if any(a.startswith(writes) for a in _path_args(c))]
         argv = _runnable(cmd, tmp_path, whole_epoch=bool(readers))
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (
