@@ -524,8 +524,10 @@ def test_block_runs_on_cpu(doc, block, tmp_path):
             subprocess.run(made, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=True)
         readers = [c for c in cmds[i + 1 :] if classify(c)[0] == "run" and _reads_runs(c)]
         if readers and cmd.argv[:2] == ("python", "train.py"):
-            writes = _run_dir(cmd)
-            readers = [c for c in readers if any(a.startswith(writes) for a in _path_args(c))]
+            writes = _run_dir(cmd).rstrip("/")
+            readers = [
+                c for c in readers if any(a == writes or a.startswith(writes + "/") for a in _path_args(c))
+            ]
         argv = _runnable(cmd, tmp_path, whole_epoch=bool(readers))
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (
