@@ -18,7 +18,7 @@ from conftest import run_cli
 from acon.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
-DEFAULT_MIN_AP = 30.0  # the default run's stated floor (README "Detection"; measured 2026-12-01)
+DEFAULT_MIN_AP = 30.0  # the default run's stated floor (docs/transfer.md "Detection"; measured 2026-12-01)
 
 
 def tiny(root: Path, out: Path, run: str | None, *extra: str) -> list[str]:

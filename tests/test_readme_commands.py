@@ -1,0 +1,559 @@
+"""Every fenced command of README.md and docs/*.md resolves, and the ones a CPU can run do run.
+
+Each ```bash block is split into commands (continuation lines joined, comments dropped, ``&&`` split).
+Every command is classified by the first rule of ``RULES`` whose pattern it matches; a command that no
+rule matches fails the test, so a new command in the docs needs a decision here:
+
+* ``run``: runs on this CPU, shrunk (``trainer.max_steps=2``, a temp ``out_dir``; paths under ``runs/``,
+  ``tables/``, ``figures/`` and ``/data/kaggle`` moved into a temp dir), in order with the other commands
+  of its block, so an ``eval.py`` finds the checkpoint the ``train.py`` before it wrote;
+* ``help``: the point is a script that needs data, a GPU or minutes of measuring; ``--help`` runs;
+* ``skip``: needs a GPU, ImageNet, SLURM, the network or a finished ImageNet sweep; checked statically;
+* ``ci``: ``.ci/run`` runs it as written.
+
+The default suite checks every command statically: the program and scripts exist, every ``--flag`` is
+one the script defines, and every ``train.py``/``eval.py``/doctor command line composes with the real
+configs (sweeps expanded, every group option named exists, every value has its schema's type and range).
+The runs are ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+# (pattern searched in the command, kind, reason). The first match decides.
+RULES: list[tuple[str, str, str]] = [
+    (r"pip install -r requirements\.txt", "ci", ".ci/run installs the requirements before anything else"),
+    (r"^python -m pytest -q$", "ci", ".ci/run runs the default test suite"),
+    (r"^tensorboard ", "skip", "starts a web server that does not exit; the runs write the tb/ it reads"),
+    (r"hydra/launcher=slurm", "skip", "submits to SLURM (sbatch); tests/test_slurm_launcher.py covers it"),
+    (r"^torchrun ", "skip", "several GPUs or nodes; tests/test_distributed.py runs gloo ranks on CPU"),
+    (r"^scripts/gpu_check\.sh --cpu$", "run", "the GPU check's CPU-side parts"),
+    (r"^scripts/gpu_check\.sh$", "skip", "needs a CUDA GPU (about 10 min on one)"),
+    (
+        r"^scripts/proxy_sweep\.sh",
+        "skip",
+        "8 full runs (~5 min); its steps are the README's proxy block, run here",
+    ),
+    (
+        r"scripts/prepare_imagenet\.py /data/kaggle/",
+        "run",
+        "sorts a Kaggle-layout val folder built in a temp dir",
+    ),
+    (
+        r"scripts/(bench_\w+|prepare_fast_imagenet|convert_official_checkpoint|run_timm_tests)\.py",
+        "help",
+        "a benchmark or a tool for ImageNet or the authors' files: minutes of work or absent data",
+    ),
+    (r"trainer=gpu|data\.pipeline=(gpu|shards_gpu)", "skip", "needs a CUDA GPU"),
+    (r"\.pth\.tar|meta_x1_5\.pt", "skip", "the authors' released checkpoint (a download)"),
+    (r"/data/|\$\w+_ROOT", "skip", "needs the data set (ImageNet, VOC, Cityscapes or COCO) on disk"),
+    (r"<\w+>", "skip", "names a run dir of a sweep by placeholder"),
+    (
+        r"runs/(short|my_sweep)\b",
+        "skip",
+        "needs an earlier run of the user's own; tests/test_resume_modes.py and "
+        "tests/test_eval_workflows.py run these modes",
+    ),
+    (
+        r"runs/(resnet|shufflenetv2|tfnet|se|mobilenet|coco_det|seg_cityscapes)\b",
+        "skip",
+        "needs the runs of an ImageNet (or COCO, Cityscapes) sweep",
+    ),
+    (r"^python (train|eval)\.py", "run", "a CPU run on the embedded data"),
+    (
+        r"^python scripts/(make_table|plot_curves|plot_beta|model_table)\.py",
+        "run",
+        "tables and figures of the runs made before it in the same block",
+    ),
+]
+KINDS = ("run", "help", "skip", "ci")
+SHRINK = ["trainer.max_steps=2", "trainer.progress=false", "trainer.threads=1"]
+# When a later command of the block reads the run (eval.py on best.pt, tables, figures): one whole epoch,
+# so the run completes and writes best.pt.
+SHRINK_TO_EPOCH = ["recipe.epochs=1", "recipe.iterations=null", "trainer.progress=false", "trainer.threads=1"]
+PLACEHOLDER = re.compile(r"<\w+>|\$\{?(\w+)\}?")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command of a fenced block: where it is and its words (comments and continuations removed)."""
+
+    doc: str
+    line: int
+    block: int
+    argv: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.argv)
+
+    def __str__(self) -> str:
+        return f"{self.doc}:{self.line}: {self.text}"
+
+
+def fenced_blocks(path: Path, lang: str) -> list[tuple[int, str]]:
+    """(first line number, text) of every ```lang block; fences may be indented (inside list items)."""
+    blocks, current, start, indent = [], None, 0, ""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if current is None and stripped == f"```{lang}":
+            current, start, indent = [], n + 1, line[: len(line) - len(line.lstrip())]
+        elif current is not None and stripped == "```":
+            blocks.append((start, "\n".join(current)))
+            current = None
+        elif current is not None:
+            current.append(line[len(indent) :] if line.startswith(indent) else line)
+    assert current is None, f"{path}: unclosed ```{lang} block from line {start}"
+    return blocks
+
+
+def split_commands(doc: str, block: int, start: int, text: str) -> list[Command]:
+    """The commands of one bash block, split on newlines (after joining ``\\`` continuations) and ``&&``."""
+    commands, pending, first = [], "", start
+    for n, line in enumerate(text.splitlines(), start):
+        if not pending:
+            first = n
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        words = shlex.split(pending + line, comments=True)
+        pending = ""
+        part: list[str] = []
+        for w in [*words, "&&"]:
+            if w == "&&":
+                if part:
+                    commands.append(Command(doc, first, block, tuple(part)))
+                part = []
+            else:
+                part.append(w)
+    return commands
+
+
+def all_commands() -> list[Command]:
+    """Every command of every ```bash block of the README and docs/."""
+    out = []
+    for path in DOCS:
+        doc = str(path.relative_to(ROOT))
+        for i, (start, text) in enumerate(fenced_blocks(path, "bash")):
+            out += split_commands(doc, i, start, text)
+    return out
+
+
+def classify(cmd: Command) -> tuple[str, str, str]:
+    """(kind, reason, pattern) of the first rule that matches the command."""
+    for pattern, kind, reason in RULES:
+        if re.search(pattern, cmd.text):
+            return kind, reason, pattern
+    raise AssertionError(f"{cmd}\n  no rule in RULES says whether this command can run here; add one")
+
+
+COMMANDS = all_commands()
+
+
+def _id(cmd: Command) -> str:
+    return f"{cmd.doc}:{cmd.line}"
+
+
+# ---------------------------------------------------------------- static checks (default suite)
+
+
+def test_the_docs_have_commands_and_every_command_is_classified():
+    assert len(COMMANDS) >= 40, "the README and docs/ lost their commands"
+    assert {kind for _, kind, _ in RULES} <= set(KINDS)
+    kinds = {}
+    for cmd in COMMANDS:
+        kinds.setdefault(classify(cmd)[0], []).append(cmd)
+    assert len(kinds.get("run", [])) >= 10, "fewer than 10 commands run on CPU: a rule became too broad"
+    readme = [c for c in COMMANDS if c.doc == "README.md"]
+    assert any(c.text == "python -m pip install -r requirements.txt" for c in readme)
+    assert any(c.text == "python train.py" for c in readme)
+    assert any(c.text == "python -m pytest -q" for c in readme)
+
+
+def test_every_rule_is_used():
+    used = {classify(c)[2] for c in COMMANDS}
+    stale = [p for p, _, _ in RULES if p not in used]
+    assert not stale, f"rules that match no command any more (remove them): {stale}"
+
+
+def test_ci_runs_the_readme_quick_start_and_test_commands():
+    """The two quick-start commands .ci/run depends on are in the README exactly as written."""
+    readme = (ROOT / "README.md").read_text()
+    assert "```bash\npython -m pip install -r requirements.txt && python train.py\n```" in readme
+    assert "```bash\npython -m pytest -q\n```" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert (
+        "pip install -q -r requirements.txt" in ci and "python train.py" in ci and "python -m pytest -q" in ci
+    )
+
+
+def _program(cmd: Command) -> tuple[str | None, list[str]]:
+    """(the script or module a command runs, its arguments)."""
+    argv = list(cmd.argv)
+    if argv[0] == "torchrun":
+        script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+        return argv[script], argv[script + 1 :]
+    if argv[0] == "python" and argv[1] == "-m":
+        return f"-m {argv[2]}", argv[3:]
+    if argv[0] == "python":
+        return argv[1], argv[2:]
+    if argv[0].endswith(".sh"):
+        return argv[0], argv[1:]
+    if argv[0] == "tensorboard":
+        return None, argv[1:]
+    raise AssertionError(f"{cmd}: unknown program {argv[0]!r}")
+
+
+def _dummy(arg: str) -> str:
+    """The argument with its placeholders (``<run>``, ``$VAR``) replaced by plain words."""
+    return PLACEHOLDER.sub(lambda m: f"/{m.group(1)}" if m.group(1) else "RUN", arg)
+
+
+def _compose_jobs(config_name: str, args: list[str]) -> int:
+    """Compose every job of a train.py/eval.py command line; check its schema; the number of jobs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import acon.config_schema  # noqa: F401
+    from acon.cli import command_jobs
+    from acon.validate import check_schema
+
+    args = [_dummy(a) for a in args if a not in ("--cfg", "job")]
+    assert not [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")], args
+    jobs = command_jobs(args)
+    hydra_args = [a for a in args if a.lstrip("+~").startswith("hydra")]
+    todo = [
+        job + hydra_args for job in covering_jobs(jobs) if (config_name, *job, *hydra_args) not in _COMPOSED
+    ]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            for overrides in todo:
+                cfg = compose(
+                    config_name=config_name, overrides=overrides, return_hydra_config=bool(hydra_args)
+                )
+                check_schema(cfg)
+                _COMPOSED.add((config_name, *overrides))
+    finally:
+        GlobalHydra.instance().clear()
+    return len(jobs)
+
+
+_COMPOSED: set[tuple[str, ...]] = set()  # command lines already composed and checked (the docs repeat some)
+
+
+def covering_jobs(jobs: list[list[str]]) -> list[list[str]]:
+    """The jobs of a sweep that together hold every swept ``key=value`` at least once (all, for no sweep)."""
+    chosen, covered = [], set()
+    for job in jobs:
+        if set(job) - covered or not chosen:
+            chosen.append(job)
+            covered |= set(job)
+    return chosen
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=_id)
+def test_command_resolves(cmd):
+    """The program exists, its flags exist, and a train.py/eval.py/doctor command line composes."""
+    classify(cmd)
+    program, args = _program(cmd)
+    if program is None:
+        return
+    if program.startswith("-m "):
+        module = program[3:]
+        assert module in ("pip", "pytest", "acon.doctor"), f"{cmd}: unknown module {module}"
+        if module == "acon.doctor":
+            from acon.doctor import compose, parse_args
+
+            _, overrides = parse_args([_dummy(a) for a in args])
+            compose(overrides)
+        return
+    script = ROOT / program
+    assert script.is_file(), f"{cmd}: {program} does not exist"
+    if program in ("train.py", "eval.py"):
+        assert _compose_jobs(program.removesuffix(".py"), args) >= 1
+        return
+    source = script.read_text()
+    for module in re.findall(r"^from acon\.(\w+) import", source, re.M):  # shared options (acon/bench.py)
+        source += (
+            (ROOT / "acon" / f"{module}.py").read_text() if (ROOT / "acon" / f"{module}.py").is_file() else ""
+        )
+    for flag in [a.split("=")[0] for a in args if a.startswith("--")]:
+        assert f'"{flag}"' in source or f"'{flag}'" in source, f"{cmd}: {program} has no option {flag}"
+    if program.endswith(".sh"):
+        assert os.access(script, os.X_OK), f"{program} is not executable"
+
+
+def test_compose_check_catches_a_wrong_option_and_a_wrong_value():
+    """The static check itself: a misspelt group option and an out-of-range value fail it."""
+    from hydra.errors import HydraException
+
+    from acon.errors import ConfigError
+
+    assert _compose_jobs("train", ["-m", "activation=relu,acon_c", "seed=0,1"]) == 4
+    assert covering_jobs([["a=1", "s=0"], ["a=1", "s=1"], ["a=2", "s=0"], ["a=2", "s=1"]]) == [
+        ["a=1", "s=0"],
+        ["a=1", "s=1"],
+        ["a=2", "s=0"],
+    ]
+    with pytest.raises(HydraException):  # the bad value is the sweep's last one: it is composed too
+        _compose_jobs("train", ["-m", "activation=relu,acon_x", "seed=0,1,2"])
+    with pytest.raises(HydraException):
+        _compose_jobs("train", ["activation=acon_x"])
+    with pytest.raises((ConfigError, HydraException, ValueError)):
+        _compose_jobs("train", ["recipe.batch_size=0"])
+
+
+def test_model_tables_in_docs_are_the_generator_output(capsys):
+    """docs/models.md holds exactly what ``python scripts/model_table.py`` prints, between its markers."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import model_table
+
+    assert model_table.main([]) == 0
+    generated = capsys.readouterr().out.strip()
+    text = (ROOT / "docs" / "models.md").read_text()
+    block = re.search(
+        r"<!-- begin: generated by python scripts/model_table\.py[^\n]*-->\n(.*?)\n<!-- end: generated",
+        text,
+        re.S,
+    )
+    assert block, "docs/models.md lost the model_table.py markers"
+    assert block.group(1).strip() == generated, (
+        "docs/models.md is stale: paste `python scripts/model_table.py`"
+    )
+
+
+def test_proxy_table_in_docs_is_the_generated_one():
+    """docs/tables.md shows the table make_table.py wrote to docs/proxy/table.md, unchanged."""
+    generated = (ROOT / "docs" / "proxy" / "table.md").read_text().strip()
+    assert generated.startswith("| model |")
+    assert generated in (ROOT / "docs" / "tables.md").read_text(), (
+        "paste docs/proxy/table.md into docs/tables.md"
+    )
+
+
+def test_frequently_used_keys_exist_with_their_stated_defaults():
+    """Every key of docs/configuration.md's key table is in the default config, with the stated default."""
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose([]), resolve=False)
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    table = text.split("## Frequently used keys")[1].split("\n## ")[0]
+    rows = [r.split(" | ") for r in table.splitlines() if r.startswith("| `")]
+    assert len(rows) >= 10
+    compared = 0
+    for cells in rows:
+        keys = re.findall(r"`([\w.]+)`", cells[0])
+        defaults = re.findall(r"`([^`]+)`", cells[1])
+        for i, key in enumerate(keys):
+            node = cfg
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, (
+                    f"docs/configuration.md names {key}: no such key"
+                )
+                node = node[part]
+            if len(defaults) == len(keys) and "<" not in defaults[i] and "$" not in str(node):
+                assert str(node).lower().replace("none", "null") == defaults[i], f"{key}: default {node!r}"
+                compared += 1
+    assert compared >= 10, "the key table states fewer defaults than it used to"
+
+
+def test_links_between_the_readme_and_docs_resolve():
+    """Every relative link of the README and docs/ names a file that exists, and its #anchor a heading."""
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            assert dest.exists(), f"{path.name}: link to {target}: no such file"
+            if anchor and dest.suffix == ".md":
+                assert anchor in _anchors(dest), f"{path.name}: link to {target}: no such heading"
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file (lower case, punctuation dropped, spaces to -)."""
+    seen: dict[str, int] = {}
+    out = set()
+    in_code = False
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("```"):
+            in_code = not in_code
+        if in_code or not line.startswith("#"):
+            continue
+        text = line.lstrip("#").strip().lower()
+        slug = re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_readme_is_short_and_has_its_sections():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 300
+    for section in (
+        "Quick start",
+        "Sweep and table",
+        "ACON in your own model",
+        "ImageNet",
+        "Transfer",
+        "Cluster",
+    ):
+        assert f"\n## {section}\n" in readme, section
+    assert "trainer.threads" in readme.split("## Sweep and table")[0], "CPU users must see trainer.threads"
+    kaggle = readme.split("## ImageNet")[1].split("\n## ")[0]
+    assert "ILSVRC/Data/CLS-LOC" in kaggle and "LOC_val_solution.csv" in kaggle
+
+
+# ---------------------------------------------------------------- runs (slow)
+
+
+def _move_paths(arg: str, tmp: Path) -> str:
+    """Paths the docs write or read relative to the repo (runs/, tables/, figures/, /data/kaggle) in tmp."""
+    key, sep, value = arg.rpartition("=") if "=" in arg and not arg.startswith("-") else ("", "", arg)
+    for prefix in ("runs/", "tables/", "figures/"):
+        if value.startswith(prefix) or value == prefix.rstrip("/"):
+            value = str(tmp / value)
+    if value.startswith("/data/kaggle"):
+        value = str(tmp) + value
+    return f"{key}{sep}{value}"
+
+
+def _runnable(cmd: Command, tmp: Path, whole_epoch: bool = False) -> list[str]:
+    """The command line to run: shrunk, its paths in tmp, or ``--help`` for a ``help`` command."""
+    kind = classify(cmd)[0]
+    argv = list(cmd.argv)
+    if kind == "help":
+        program, _ = _program(cmd)
+        return [sys.executable, program, "--help"]
+    argv = [_move_paths(a, tmp) for a in argv]
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    if cmd.argv[:2] == ("python", "train.py") and "--cfg" not in argv:
+        shrink = [*(SHRINK_TO_EPOCH if whole_epoch else SHRINK), f"out_dir={tmp / 'runs'}"]
+        keys = {s.split("=")[0] for s in shrink}
+        argv = [a for a in argv if a.split("=")[0] not in keys] + shrink
+    if cmd.argv[:2] == ("python", "eval.py"):
+        argv += ["trainer.threads=1"]
+    return argv
+
+
+def _kaggle_layout(tmp: Path) -> None:
+    """ILSVRC/Data/CLS-LOC/{train/<wnid>,val (flat)} and LOC_val_solution.csv, as Kaggle unpacks them."""
+    from PIL import Image
+
+    root = tmp / "data" / "kaggle"
+    rows = ["ImageId,PredictionString"]
+    for c, wnid in enumerate(("n01440764", "n01443537")):
+        (root / "ILSVRC/Data/CLS-LOC/train" / wnid).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (20, 16), (c * 200, 50, 90)).save(
+                root / "ILSVRC/Data/CLS-LOC/train" / wnid / f"{wnid}_{i}.JPEG"
+            )
+    (root / "ILSVRC/Data/CLS-LOC/val").mkdir(parents=True)
+    for i in range(1, 5):
+        stem = f"ILSVRC2012_val_{i:08d}"
+        Image.new("RGB", (20, 16), (i * 40, 50, 90)).save(root / "ILSVRC/Data/CLS-LOC/val" / f"{stem}.JPEG")
+        rows.append(f"{stem},{('n01440764', 'n01443537')[i % 2]} 1 2 3 4")
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+
+
+# Runs an eval.py command of a block reads when no command before it in the block wrote them.
+PRODUCERS = {
+    "runs/digits-shufflenetv2_x0_5_small-acon_c-s0/best.pt": ("python", "train.py"),
+    "runs/det_shapes-shufflenetv2_x0_5-acon_c-s0/best.pt": ("python", "train.py", "task=detection"),
+}
+
+
+def _missing_inputs(cmd: Command, tmp: Path) -> list[tuple[str, ...]]:
+    """The producer commands of the ``runs/`` files this command reads that are not in tmp yet."""
+    wanted = [a.partition("=")[2] for a in cmd.argv if a.startswith("checkpoint=runs/")]
+    return [PRODUCERS[w] for w in wanted if not (tmp / w).exists()]
+
+
+def _reads_runs(cmd: Command) -> bool:
+    """eval.py, make_table.py and the plots read the runs a train.py before them wrote."""
+    return bool(re.match(r"python (eval\.py|scripts/(make_table|plot_curves|plot_beta)\.py)", cmd.text))
+
+
+def _path_args(cmd: Command) -> list[str]:
+    """The values of a command's arguments (``checkpoint=runs/x`` gives ``runs/x``)."""
+    return [a.partition("=")[2] if "=" in a else a for a in cmd.argv]
+
+
+def _run_dir(cmd: Command) -> str:
+    """``runs/<run_name>`` of a train.py command, or ``runs/<sweep_name>/`` of a sweep."""
+    from conftest import compose
+
+    args = [a for a in cmd.argv[2:] if not a.startswith("-") and a != "job"]
+    cfg = compose([a.split(",")[0] if "=" in a else a for a in args])
+    multirun = "-m" in cmd.argv or "--multirun" in cmd.argv
+    return f"runs/{cfg.sweep_name}/" if multirun else f"runs/{cfg.run_name}/"
+
+
+BLOCKS = sorted({(c.doc, c.block) for c in COMMANDS if classify(c)[0] in ("run", "help")})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc,block", BLOCKS, ids=[f"{d}-block{b}" for d, b in BLOCKS])
+def test_block_runs_on_cpu(doc, block, tmp_path):
+    """The block's runnable commands, shrunk, in order: each exits 0."""
+    cmds = [c for c in COMMANDS if (c.doc, c.block) == (doc, block)]
+    if any("/data/kaggle" in c.text for c in cmds):
+        _kaggle_layout(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for i, cmd in enumerate(cmds):
+        if classify(cmd)[0] not in ("run", "help"):
+            continue
+        for producer in _missing_inputs(cmd, tmp_path):
+            made = _runnable(Command(cmd.doc, cmd.line, cmd.block, producer), tmp_path, whole_epoch=True)
+            subprocess.run(made, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=True)
+        readers = [c for c in cmds[i + 1 :] if classify(c)[0] == "run" and _reads_runs(c)]
+        if readers and cmd.argv[:2] == ("python", "train.py"):
+            writes = _run_dir(cmd).rstrip("/")
+            readers = [
+                c for c in readers if any(a == writes or a.startswith(writes + "/") for a in _path_args(c))
+            ]
+        argv = _runnable(cmd, tmp_path, whole_epoch=bool(readers))
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (
+            f"{cmd}\nran: {argv}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    if any("/data/kaggle" in c.text for c in cmds):
+        val = tmp_path / "data/kaggle/ILSVRC/Data/CLS-LOC/val"
+        assert sorted(p.name for p in val.iterdir()) == ["n01440764", "n01443537"], "val was not sorted"
+
+
+@pytest.mark.slow
+def test_python_snippets_run(tmp_path):
+    """The ```python blocks run, except the one that loads the authors' checkpoint file."""
+    snippets = [(p, s, t) for p in DOCS for s, t in fenced_blocks(p, "python")]
+    ran = 0
+    for path, start, text in snippets:
+        if "pretrained=True" in text:  # the authors' released file, a download
+            continue
+        proc = subprocess.run(
+            [sys.executable, "-c", text],
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, f"{path.name}:{start}\n{proc.stderr[-3000:]}"
+        ran += 1
+    assert ran >= 3
