@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from acon.storage import refused_writes, state_bytes
+from acon.storage import is_write_refusal, refused_writes, state_bytes
 
 FORMAT = "acon-suite/1"
 
@@ -68,7 +68,9 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             tmp.unlink(missing_ok=True)
             try:
                 os.link(src, tmp)
-            except OSError:
+            except OSError as e:
+                if is_write_refusal(e):  # a copy would need more space, not less
+                    raise
                 shutil.copyfile(src, tmp)
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())

@@ -65,6 +65,18 @@ def is_write_refusal(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
 
 
+def refusal_in(e: BaseException | None) -> OSError | None:
+    """The refused-write OSError that ``e`` is or was raised while handling (torch.save's zip writer
+    reports a full disk as a RuntimeError from its clean-up, with the OSError as its context)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if is_write_refusal(e):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def write_failed(path: str | os.PathLike, e: OSError, needed=None) -> WriteFailed:
     """The :class:`WriteFailed` for ``e`` while writing ``path`` (``needed``: the bytes the write needs,
     or a function returning them)."""
@@ -85,7 +97,7 @@ def write_failed(path: str | os.PathLike, e: OSError, needed=None) -> WriteFaile
         else "fix the run dir"
     )
     message = (
-        f"cannot write {path}: {cause} ({name}); needs {human(needed)}, {human(free)} free there; "
+        f"cannot write {path}: {cause} ({name}); needs about {human(needed)}, {human(free)} free there; "
         f"{fix} and rerun the same command to resume from the last complete checkpoint"
     )
     return WriteFailed(message, path, e.errno)
@@ -97,10 +109,11 @@ def refused_writes(path: str | os.PathLike, needed=None) -> Iterator[None]:
     bytes it needs, or a function returning them, asked only on failure)."""
     try:
         yield
-    except OSError as e:
-        if not is_write_refusal(e):
+    except Exception as e:
+        refusal = refusal_in(e)
+        if refusal is None:
             raise
-        raise write_failed(path, e, needed) from None
+        raise write_failed(path, refusal, needed) from None
 
 
 def state_bytes(obj) -> int:
