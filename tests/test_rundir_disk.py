@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -230,3 +231,39 @@ def test_real_full_filesystem_stops_cleanly_and_resumes_after_space_is_freed(tin
     assert again.returncode == 0, again.stderr
     assert f"resuming from {run_dir / 'last.pt'} at step {step}" in again.stdout + again.stderr
     assert json.loads((run_dir / "results.json").read_text())["status"] == "complete"
+
+
+@pytest.fixture
+def nearly_full(monkeypatch):
+    """The filesystem reports 5 MiB free (through shutil.disk_usage, which every free-space check asks)."""
+    real = shutil.disk_usage
+
+    def small(path):
+        usage = real(path)
+        return usage._replace(free=5 << 20)
+
+    monkeypatch.setattr(shutil, "disk_usage", small)
+
+
+def test_trainer_and_doctor_warn_before_the_first_step_with_both_numbers(
+    tiny_imagenet, tmp_path, nearly_full, caplog, one_thread
+):
+    from acon.doctor.system import check_disk_and_resume
+    from acon.trainer import train
+
+    overrides = tiny_overrides(tiny_imagenet, tmp_path, steps=1) + [
+        "model=shufflenetv2_x0_5_small",
+        "activation=relu",
+        "run_name=r",
+        "trainer.keep_step_checkpoints=2",
+    ]
+    cfg = compose(overrides)
+    (check,) = [c for c in check_disk_and_resume(cfg) if c.name == "disk for this run"]
+    assert check.status == "warn" and "5.0 MiB free for" in check.detail, check
+    assert "4 checkpoints of about" in check.detail and "below the" in check.detail, check
+    with caplog.at_level("INFO", logger="acon"):
+        train(cfg)
+    lines = [r.getMessage() for r in caplog.records]
+    (warning,) = [i for i, m in enumerate(lines) if "5.0 MiB free for" in m and "4 checkpoints of about" in m]
+    banner = next(i for i, m in enumerate(lines) if "steps" in m)
+    assert warning < banner  # before training starts
