@@ -58,21 +58,13 @@ class RunDir:
 
     def take_lock(self) -> None:
         """Rank 0 takes the lock; a refusal ends every rank with the same status (rank 0 prints it)."""
-        from acon import distributed
-
         refusal = None
         if self.is_main:
             try:
                 self.lock.acquire()
             except REFUSALS as e:
-                refusal = (isinstance(e, WriteFailed), str(e), e)
-        outcome = distributed.broadcast_object(refusal and refusal[:2])
-        if refusal:
-            raise refusal[2]
-        if outcome:
-            e = WriteFailed(outcome[1], self.path, 0) if outcome[0] else RunDirBusy(outcome[1])
-            e.echo_of_rank0 = True
-            raise e
+                refusal = e
+        raise_on_every_rank(refusal)
         previous = self.lock.previous
         if self.is_main and previous:
             print(
@@ -99,10 +91,24 @@ class RunDir:
             carry_over_checkpoints(resumed_from, self.path, best_step)
         OmegaConf.save(self.cfg, self.path / "config.yaml", resolve=True)
 
-    def warn_if_short_of_space(self, checkpoint_bytes: int) -> str | None:
+    def write_checkpoints(self, state: dict, step: int, best: bool) -> None:
+        """Rank 0: last.pt, its step_<step>.pt copy (pruned to ``trainer.keep_step_checkpoints``) and
+        best.pt when asked; raises :class:`WriteFailed` when the filesystem refuses one."""
+        last = ckpt.atomic_save(state, self.path / "last.pt")
+        keep = int(self.cfg.trainer.keep_step_checkpoints)
+        if keep > 0:
+            ckpt.atomic_copy(last, self.path / f"step_{step}.pt")
+            ckpt.prune_step_checkpoints(self.path, keep)
+        if best:
+            ckpt.atomic_copy(last, self.path / "best.pt")
+
+    def warn_if_short_of_space(self, model) -> str | None:
         """Rank 0, before the first step: warn when free space is below what the run keeps."""
+        if not self.is_main:
+            return None
+        size = checkpoint_bytes(state_bytes(model.state_dict()), self.cfg.recipe)
         kept = kept_checkpoints(int(self.cfg.trainer.keep_step_checkpoints))
-        warning = space_shortfall(self.path, checkpoint_bytes, kept) if self.is_main else None
+        warning = space_shortfall(self.path, size, kept)
         if warning:
             logging.getLogger("acon").warning(f"acon: warning: {warning}")
         return warning
@@ -110,6 +116,20 @@ class RunDir:
     def close(self) -> None:
         """Release the lock (readers then see the run as finished or stopped)."""
         self.lock.release()
+
+
+def raise_on_every_rank(refusal: BaseException | None) -> None:
+    """Rank 0's refusal (a busy run dir, a refused write), raised on every rank: rank 0 raises its own,
+    the others an echo that exits with the same status without repeating the line. A collective."""
+    from acon import distributed
+
+    outcome = distributed.broadcast_object(refusal and (isinstance(refusal, WriteFailed), str(refusal)))
+    if refusal is not None:
+        raise refusal
+    if outcome:
+        echo = WriteFailed(outcome[1], Path(), 0) if outcome[0] else RunDirBusy(outcome[1])
+        echo.echo_of_rank0 = True
+        raise echo
 
 
 def checkpoint_bytes(model_state_bytes: int, recipe: DictConfig) -> int:

@@ -28,8 +28,8 @@ from acon.optim import (
 from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, write_json
 from acon.run_state import Progression, configure_determinism, seed_process
-from acon.rundir import REFUSALS, RunDir, check_extended_length, checkpoint_bytes
-from acon.storage import WriteFailed, state_bytes
+from acon.rundir import REFUSALS, RunDir, check_extended_length, raise_on_every_rank
+from acon.storage import WriteFailed
 from acon.syncbn import convert_sync_batchnorm
 from acon.tasks import task_of
 from acon.tasks.base import best_entry, is_better, unprefixed
@@ -131,30 +131,10 @@ class Trainer:
         if self.info.is_main:
             ckpt.assert_finite(self.model)
             try:
-                self.write_checkpoints(rng_all, best)
+                self.rundir.write_checkpoints(self.checkpoint_state(rng_all), self.state.step, best)
             except WriteFailed as e:
                 failure = e
-        message = distributed.broadcast_object(failure and str(failure))  # the barrier after the save
-        if failure is not None:
-            raise failure
-        if message:
-            echo = WriteFailed(message, self.run_dir, 0)
-            echo.echo_of_rank0 = True
-            raise echo
-
-    def write_checkpoints(self, rng_all: list, best: bool) -> None:
-        """last.pt, the step copy (pruned to ``keep_step_checkpoints``) and best.pt when asked."""
-        last = ckpt.atomic_save(self.checkpoint_state(rng_all), self.run_dir / "last.pt")
-        keep = int(self.cfg.trainer.keep_step_checkpoints)
-        if keep > 0:
-            ckpt.atomic_copy(last, self.run_dir / f"step_{self.state.step}.pt")
-            ckpt.prune_step_checkpoints(self.run_dir, keep)
-        if best:
-            ckpt.atomic_copy(last, self.run_dir / "best.pt")
-
-    def checkpoint_bytes(self) -> int:
-        """About the size of one checkpoint of this run (weights, momentum, EMA)."""
-        return checkpoint_bytes(state_bytes(self.model.state_dict()), self.cfg.recipe)
+        raise_on_every_rank(failure)  # also the barrier after the save
 
     def maybe_resume(self) -> Path | None:
         """Load the checkpoint the run dir chose (resume=auto: run_dir/last.pt, or resume=PATH), if any,
@@ -446,7 +426,7 @@ def train(cfg: DictConfig) -> dict | None:
             trainer = Trainer(cfg, info, run)
             best = trainer.state.best
             run.prepare(trainer.resumed_from, trainer.state.origin is None, best and best["step"])
-            run.warn_if_short_of_space(trainer.checkpoint_bytes())
+            run.warn_if_short_of_space(trainer.model)
             return trainer.fit()
         finally:
             run.close()

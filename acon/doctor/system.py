@@ -223,4 +223,6 @@ def _run_space(cfg, run_dir: Path, estimate, kept_checkpoints, space_shortfall) 
     shortfall = space_shortfall(run_dir, size, kept)
     if shortfall:
         return warn("disk for this run", shortfall)
-    return ok("disk for this run", f"room for {kept} checkpoints of about {size / 2**20:.1f} MiB in {run_dir}")
+    return ok(
+        "disk for this run", f"room for {kept} checkpoints of about {size / 2**20:.1f} MiB in {run_dir}"
+    )
