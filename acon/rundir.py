@@ -56,6 +56,13 @@ class RunDir:
             raise
         return run
 
+    @classmethod
+    def unlocked(cls, cfg: DictConfig, is_main: bool = True) -> RunDir:
+        """The run dir without its lock and without the identity check (a Trainer built by hand)."""
+        run = cls(cfg, is_main)
+        run.resume_from = resume_path(cfg, run.path)
+        return run
+
     def take_lock(self) -> None:
         """Rank 0 takes the lock; a refusal ends every rank with the same status (rank 0 prints it)."""
         refusal = None
@@ -78,7 +85,7 @@ class RunDir:
         """How to use the loaded resume checkpoint: continue | extend | finetune."""
         return resume_kind(self.cfg, state)
 
-    def prepare(self, resumed_from: Path | None, own_history: bool, best_step: int | None) -> None:
+    def prepare(self, resumed_from: Path | None, carry_over: bool, best_step: int | None) -> None:
         """Rank 0: remove dead processes' temp files; set a previous run aside (a fresh start) or give a
         run resumed from another folder its own checkpoints; write config.yaml."""
         if not self.is_main:
@@ -87,7 +94,7 @@ class RunDir:
         ckpt.remove_stale_temp_files(self.path)
         if resumed_from is None:
             set_aside_previous_run(self.path)
-        elif own_history:  # extend/finetune write their own checkpoints as they go
+        elif carry_over:  # False for extend/finetune: they write their own checkpoints as they go
             carry_over_checkpoints(resumed_from, self.path, best_step)
         OmegaConf.save(self.cfg, self.path / "config.yaml", resolve=True)
 

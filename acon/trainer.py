@@ -40,7 +40,7 @@ class Trainer:
     """Holds one run's objects; :meth:`fit` runs it to completion, preemption or ``max_steps``."""
 
     def __init__(self, cfg: DictConfig, info: distributed.DistInfo, run: RunDir | None = None) -> None:
-        self.rundir = run or RunDir(cfg, info.is_main)  # which checkpoint to continue from, and how
+        self.rundir = run or RunDir.unlocked(cfg, info.is_main)  # which checkpoint to continue from, how
         self.cfg, self.info, self.run_dir = cfg, info, self.rundir.path
         self.task = task_of(cfg)
         tcfg, recipe = cfg.trainer, cfg.recipe
