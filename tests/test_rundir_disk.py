@@ -267,3 +267,18 @@ def test_trainer_and_doctor_warn_before_the_first_step_with_both_numbers(
     (warning,) = [i for i, m in enumerate(lines) if "5.0 MiB free for" in m and "4 checkpoints of about" in m]
     banner = next(i for i, m in enumerate(lines) if "steps" in m)
     assert warning < banner  # before training starts
+
+
+@pytest.mark.slow
+def test_ddp_full_disk_stops_every_rank_with_one_line(tiny_imagenet, tmp_path):
+    """torchrun, 2 gloo ranks: rank 0's refused checkpoint write ends both ranks promptly, one line."""
+    env = {"PYTHONPATH": str(ROOT / "tests" / "inject"), "ACON_REFUSE_WRITES": ".last.pt.tmp*=ENOSPC@1"}
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0"]
+    args = train_cmd(tiny_imagenet, tmp_path, "recipe.batch_size=8", "data.num_workers=0")
+    t0 = time.monotonic()
+    proc = run([args[0], *launcher, *args[1:]], env, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and time.monotonic() - t0 < 200, proc.stderr[-3000:]
+    assert len(errors) == 1 and "no space left on device (ENOSPC)" in errors[0], proc.stderr[-3000:]
+    assert proc.stderr.count("exitcode  : 4 ") == 2, proc.stderr[-3000:]  # both ranks, torchrun's report
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["progress"]["step"] == 3  # 3 steps an epoch at 8
