@@ -21,7 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from acon import checkpoint as ckpt
 from acon.errors import ConfigError
 from acon.runlock import RunDirBusy, RunLock
-from acon.storage import WRITE_EXIT_CODE, WriteFailed, kept_checkpoints, space_shortfall, state_bytes
+from acon.storage import (
+    WRITE_EXIT_CODE,
+    WriteFailed,
+    kept_checkpoints,
+    refused_writes,
+    space_shortfall,
+    state_bytes,
+)
 from acon.validate import RESUME_MODES
 
 PREVIOUS_OUTPUTS = ("tb", "metrics.jsonl", "results.json", "last.pt", "best.pt")
@@ -90,13 +97,16 @@ class RunDir:
         run resumed from another folder its own checkpoints; write config.yaml."""
         if not self.is_main:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        with refused_writes(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temp_files(self.path)
         if resumed_from is None:
-            set_aside_previous_run(self.path)
+            with refused_writes(self.path):
+                set_aside_previous_run(self.path)
         elif carry_over:  # False for extend/finetune: they write their own checkpoints as they go
             carry_over_checkpoints(resumed_from, self.path, best_step)
-        OmegaConf.save(self.cfg, self.path / "config.yaml", resolve=True)
+        with refused_writes(self.path / "config.yaml"):
+            OmegaConf.save(self.cfg, self.path / "config.yaml", resolve=True)
 
     def write_checkpoints(self, state: dict, step: int, best: bool) -> None:
         """Rank 0: last.pt, its step_<step>.pt copy (pruned to ``trainer.keep_step_checkpoints``) and
