@@ -1,8 +1,11 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]` (see configs/train.yaml).
 
-Exit status: 0 done, 2 bad config/data/checkpoint (one ``error:`` line), 3 non-finite loss under
-``trainer.nan_policy=stop``, 75 preempted (SIGTERM/SIGUSR1) after saving a checkpoint, 130 interrupted
-(SIGINT, Ctrl-C) after saving a checkpoint; rerun the same command to resume.
+Exit status: 0 done, 2 bad config/data/checkpoint, or a run dir that another live run is writing (one
+``error:`` line naming the dir and the holder's host, pid and start time), 3 non-finite loss under
+``trainer.nan_policy=stop``, 4 a write the filesystem refused (disk full, quota, read-only, permission:
+one ``error:`` line naming the file and the space needed vs free; last.pt is the previous complete
+checkpoint), 75 preempted (SIGTERM/SIGUSR1) after saving a checkpoint, 130 interrupted (SIGINT,
+Ctrl-C) after saving a checkpoint; rerun the same command to resume.
 """
 
 import sys
@@ -20,6 +23,7 @@ def main(cfg: DictConfig) -> float | None:
     from acon.cli import fail, full_traceback, one_line_errors
     from acon.data.folder import BadImageError
     from acon.preempt import INTERRUPT_EXIT_CODE
+    from acon.rundir import REFUSALS, exit_status, stop_quietly_if_echo
     from acon.trainer import train
 
     with one_line_errors(CheckpointError, FileNotFoundError, BadImageError):
@@ -29,6 +33,11 @@ def main(cfg: DictConfig) -> float | None:
             if full_traceback():
                 raise
             fail(str(e), status=3)
+        except REFUSALS as e:  # a run dir in use (2), a refused write (4)
+            if full_traceback():
+                raise
+            stop_quietly_if_echo(e)
+            fail(str(e), status=exit_status(e))
         except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C while saving
             print("acon: interrupted; nothing saved since the last checkpoint", file=sys.stderr, flush=True)
             sys.exit(INTERRUPT_EXIT_CODE)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from acon.storage import is_write_refusal, refused_writes, state_bytes
+
 FORMAT = "acon-suite/1"
 HOST_KEYS = ("rng",)  # top-level checkpoint entries that stay CPU tensors whatever the map_location
 
@@ -29,19 +31,31 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _remove(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # e.g. a read-only filesystem, where it was never written
+
+
 def atomic_save(obj: dict, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file in the same folder, flush + fsync, then rename over ``path``."""
+    """torch.save to a temp file in the same folder, flush + fsync, then rename over ``path``.
+
+    A failure leaves ``path`` as it was and removes the temp file; a refused write (disk full, quota,
+    read-only, permission) raises :class:`acon.storage.WriteFailed` naming the file and the space.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with refused_writes(path, lambda: state_bytes(obj)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
     _fsync_dir(path.parent)
     return path
 
@@ -50,14 +64,20 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Make ``dst`` an atomic copy of ``src`` (a hard link where the filesystem allows)."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
+        with refused_writes(dst, lambda: src.stat().st_size):
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError as e:
+                if is_write_refusal(e):  # a copy would need more space, not less
+                    raise
+                shutil.copyfile(src, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, dst)
+    finally:
+        _remove(tmp)
     _fsync_dir(dst.parent)
     return dst
 

@@ -244,6 +244,7 @@ class TrainerSchema:
     max_steps: int | None = key(None, POSITIVE_INT)
     progress: bool = key(True)
     dist_timeout_s: float = key(600.0, POSITIVE)
+    tensorboard_errors: str = key("raise", OneOf(("raise", "warn")))  # a refused TensorBoard write
 
 
 @dataclass

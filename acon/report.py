@@ -37,9 +37,23 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + fsync + rename); a refused write (disk full, read-only, ...)
+    raises :class:`acon.storage.WriteFailed` and leaves ``path`` as it was, without the temp file."""
+    from acon.storage import refused_writes
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    data = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    try:
+        with refused_writes(path, len(data.encode())):
+            with open(tmp, "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     return path

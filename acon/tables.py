@@ -2,8 +2,10 @@
 tasks, ``results.json``'s ``primary_metric``) per (model, activation), mean ± std over seeds.
 
 A run dir is any folder holding ``results.json``, ``config.yaml`` or ``last.pt`` (what the trainer
-writes). Runs whose ``results.json`` says ``status: complete`` are averaged; the others are listed as
-incomplete and never enter a mean. Runs of one cell trained with different recipes are an error.
+writes), or one a live run holds the lock of. Runs whose ``results.json`` says ``status: complete`` are
+averaged; the others are listed as incomplete and never enter a mean. A run dir that a live run is
+writing (its lock held: ``acon.runlock``) is listed as ``running``, whatever its files say; reading
+never takes the lock. Runs of one cell trained with different recipes are an error.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from acon.recipes import group_by_cell, mixed_recipes_message
+from acon.runlock import LOCK_NAME, describe, running_holder
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 PAPER_DATA = "imagenet"  # the paper's numbers only apply to runs on this dataset
@@ -55,7 +58,8 @@ class Run:
 
 @dataclass
 class Incomplete:
-    """A run dir without a complete ``results.json`` (still running, preempted or crashed)."""
+    """A run dir without a complete ``results.json`` (preempted or crashed), or one still being written
+    (``reason`` starts with ``running``)."""
 
     path: Path
     reason: str
@@ -127,10 +131,12 @@ def find_run_dirs(roots: list[str | Path]) -> list[Path]:
     for root in map(Path, roots):
         if not root.is_dir():
             raise FileNotFoundError(f"run or sweep dir {str(root)!r} does not exist")
-        for marker in MARKERS:
+        for marker in (*MARKERS, LOCK_NAME):
             for p in root.rglob(marker):
                 rel = p.parent.relative_to(root).parts
-                if not any(part.startswith((".", SET_ASIDE_PREFIX)) or part in SKIP_DIRS for part in rel):
+                if any(part.startswith((".", SET_ASIDE_PREFIX)) or part in SKIP_DIRS for part in rel):
+                    continue
+                if marker != LOCK_NAME or running_holder(p.parent) is not None:
                     found.add(p.parent)
     return sorted(found)
 
@@ -141,7 +147,10 @@ def _incomplete(path: Path, reason: str) -> Incomplete:
         return Incomplete(path, reason)
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(cfg_file)
+    try:
+        cfg = OmegaConf.load(cfg_file)
+    except Exception:  # being written, or damaged: the row without its names
+        return Incomplete(path, reason)
     return Incomplete(
         path,
         reason,
@@ -164,6 +173,10 @@ def collect(roots: list[str | Path]) -> tuple[list[Run], list[Incomplete]]:
     """Read every run dir under ``roots``: complete runs and the incomplete/crashed ones."""
     runs, incomplete = [], []
     for path in find_run_dirs(roots):
+        holder = running_holder(path)
+        if holder is not None:  # being written: not a finished row, whatever results.json says
+            incomplete.append(_incomplete(path, f"running ({describe(holder)})" + _progress_note(path)))
+            continue
         res_file = path / "results.json"
         if not res_file.is_file():
             incomplete.append(_incomplete(path, "no results.json" + _progress_note(path)))

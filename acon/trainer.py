@@ -26,20 +26,22 @@ from acon.optim import (
     total_steps,
 )
 from acon.preempt import PreemptionFlag, requeue_and_exit
-from acon.report import git_commit, run_dir_of, write_json
+from acon.report import git_commit, write_json
 from acon.run_state import Progression, configure_determinism, seed_process
-from acon.rundir import carry_over_checkpoints, set_aside_previous_run
+from acon.rundir import REFUSALS, RunDir, check_extended_length, raise_on_every_rank
+from acon.storage import WriteFailed
 from acon.syncbn import convert_sync_batchnorm
 from acon.tasks import task_of
 from acon.tasks.base import best_entry, is_better, unprefixed
-from acon.validate import check_extended_length, check_train_config, resume_kind, resume_path
+from acon.validate import check_train_config
 
 
 class Trainer:
     """Holds one run's objects; :meth:`fit` runs it to completion, preemption or ``max_steps``."""
 
-    def __init__(self, cfg: DictConfig, info: distributed.DistInfo) -> None:
-        self.cfg, self.info, self.run_dir = cfg, info, run_dir_of(cfg)
+    def __init__(self, cfg: DictConfig, info: distributed.DistInfo, run: RunDir | None = None) -> None:
+        self.rundir = run or RunDir.unlocked(cfg, info.is_main)  # which checkpoint to continue from, how
+        self.cfg, self.info, self.run_dir = cfg, info, self.rundir.path
         self.task = task_of(cfg)
         tcfg, recipe = cfg.trainer, cfg.recipe
         self.train_loader, self.val_loader, n_train = self.task.build_loaders(cfg, info)
@@ -117,32 +119,35 @@ class Trainer:
         distributed.sync_bn_buffers(self.model, self.ctx.ema.module if self.ctx.ema is not None else None)
 
     def save(self, best: bool = False) -> None:
-        """Write last.pt atomically on rank 0 (all ranks contribute their RNG states); best.pt if asked."""
+        """Write last.pt atomically on rank 0 (all ranks contribute their RNG states); best.pt if asked.
+
+        A write the filesystem refuses ends every rank with rank 0's :class:`WriteFailed`; last.pt is
+        then still the previous complete checkpoint.
+        """
         self.sync_bn_buffers()
         self.record_wall_time()
         rng_all = distributed.all_gather_object(ckpt.capture_rng())
+        failure = None
         if self.info.is_main:
             ckpt.assert_finite(self.model)
-            last = ckpt.atomic_save(self.checkpoint_state(rng_all), self.run_dir / "last.pt")
-            keep = int(self.cfg.trainer.keep_step_checkpoints)
-            if keep > 0:
-                ckpt.atomic_copy(last, self.run_dir / f"step_{self.state.step}.pt")
-                ckpt.prune_step_checkpoints(self.run_dir, keep)
-            if best:
-                ckpt.atomic_copy(last, self.run_dir / "best.pt")
-        distributed.barrier()
+            try:
+                self.rundir.write_checkpoints(self.checkpoint_state(rng_all), self.state.step, best)
+            except WriteFailed as e:
+                failure = e
+        raise_on_every_rank(failure)  # also the barrier after the save
 
     def maybe_resume(self) -> Path | None:
-        """Load the resume checkpoint (resume=auto: run_dir/last.pt, or resume=PATH), if there is one.
+        """Load the checkpoint the run dir chose (resume=auto: run_dir/last.pt, or resume=PATH), if any,
+        the way it says (:meth:`RunDir.resume_kind`: continue, extend or finetune).
 
-        Its model, activation and recipe were already checked against this run by ``check_train_config``.
+        Its model, activation and recipe were already checked against this run when the run dir opened.
         """
-        path = resume_path(self.cfg, self.run_dir)
+        path = self.rundir.resume_from
         if path is None:
             return None
         state = ckpt.load_checkpoint(path, map_location=self.info.device)
         ckpt.load_model_state(self.model, state["model"], str(path))
-        c, how = self.ctx, resume_kind(self.cfg, state)
+        c, how = self.ctx, self.rundir.resume_kind(state)
         origin = {"resume_mode": how, "checkpoint": str(path), "step": state["progress"]["step"]}
         if how == "finetune":  # its weights only: fresh optimiser, schedule, EMA, position and RNG
             if c.ema is not None:
@@ -272,7 +277,7 @@ class Trainer:
     def fit(self) -> dict | None:
         """Train to the end; returns the results dict on rank 0 (None when stopped early)."""
         cfg, t, s, c = self.cfg, self.cfg.trainer, self.state, self.ctx
-        logger = RunLogger(self.run_dir, self.info.is_main, s.step, s.history)
+        logger = RunLogger(self.run_dir, self.info.is_main, s.step, s.history, t.tensorboard_errors)
         bar = self.bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
         self.clock = console.RunClock(s.step, self.total_steps)
         if self.info.is_main:
@@ -408,22 +413,35 @@ class Trainer:
 
 
 def train(cfg: DictConfig) -> dict | None:
-    """Check the config, set up DDP from the environment, and run training."""
+    """Check the config, set up DDP from the environment, open the run dir (resume choice, lock) and run
+    training; the lock is released however the run ends."""
 
     check_train_config(cfg, distributed.world_size_from_env())
     configure_determinism(cfg)
     info = distributed.setup(cfg.trainer.device, float(cfg.trainer.dist_timeout_s))
+    failure = None
     try:
-        trainer = Trainer(cfg, info)
-        if info.is_main:
-            trainer.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temp_files(trainer.run_dir)
-            if trainer.resumed_from is None:
-                set_aside_previous_run(trainer.run_dir)
-            elif trainer.state.origin is None:  # extend/finetune write their own checkpoints as they go
-                best = trainer.state.best
-                carry_over_checkpoints(trainer.resumed_from, trainer.run_dir, best and best["step"])
-            OmegaConf.save(cfg, trainer.run_dir / "config.yaml", resolve=True)
-        return trainer.fit()
+        run = RunDir.open(cfg, info.is_main)
+        try:
+            trainer = Trainer(cfg, info, run)
+            best = trainer.state.best
+            run.prepare(trainer.resumed_from, trainer.state.origin is None, best and best["step"])
+            run.warn_if_short_of_space(trainer.model)
+            return trainer.fit()
+        finally:
+            run.close()
+    except REFUSALS as e:
+        failure, trainer = e, None  # raised below, once the loaders are gone
     finally:
         distributed.teardown()
+    raise _without_frames(failure)
+
+
+def _without_frames(e: BaseException) -> BaseException:
+    """``e`` without its traceback and chained errors, so the frames holding the DataLoader iterators
+    are freed and their workers shut down before the process ends."""
+    import gc
+
+    e.__traceback__ = e.__context__ = e.__cause__ = None
+    gc.collect()
+    return e

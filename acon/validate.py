@@ -15,11 +15,9 @@ __all__ = [
     "ConfigError",
     "check_cli_groups",
     "check_eval_config",
-    "check_resume",
     "check_schema",
     "check_train_command",
     "check_train_config",
-    "resume_path",
 ]
 
 # Keys inside free-form nodes (the instantiated transforms and activation layer) that have a rule.
@@ -28,11 +26,6 @@ NESTED_RULES = {
     "data.train_transform.color_jitter": NON_NEGATIVE,
     "data.val_transform.resize": POSITIVE_INT,
 }
-
-
-def _choice(key: str, value, valid) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, valid))}")
 
 
 def not_allowed(key: str, value, allowed: Range | OneOf) -> ConfigError:
@@ -111,7 +104,7 @@ def check_resume_value(cfg: DictConfig) -> None:
 def check_train_config(cfg: DictConfig, world_size: int) -> None:
     """Fail fast on types, ranges, names, combinations and paths that would break the run later.
 
-    Everything about the config itself comes before the resume checkpoint is looked at.
+    Only the config itself: the resume checkpoint is checked when the run dir is opened (acon.rundir).
     """
     from acon.builders import EXTERNAL_ARCHS
 
@@ -134,7 +127,6 @@ def check_train_config(cfg: DictConfig, world_size: int) -> None:
         for split in (cfg.data.train_split, cfg.data.val_split):
             if not (root / split).is_dir():
                 raise ConfigError(f"data.root={cfg.data.root!r} has no {split}/ folder ({root / split})")
-    check_resume(cfg)
 
 
 def check_external_model(model_cfg: DictConfig) -> None:
@@ -185,133 +177,4 @@ def check_cli_groups(args: list[str], config_dir: str | os.PathLike) -> None:
                 raise ConfigError(f"{key}={option!r} is not one of: {', '.join(valid)}")
 
 
-RESUME_MODES = ("strict", "extend", "finetune")
-NETWORK_KEYS = ("model", "activation", "num_classes", "task", "backbone")
-LENGTH_KEYS = ("recipe.epochs", "recipe.iterations")
-
-
-def identity_diff(mine: dict, theirs) -> list[str]:
-    """The identity keys in which a checkpoint differs from this run (recipe keys as ``recipe.<key>``)."""
-    if not isinstance(theirs, dict):
-        return list(mine)
-    diff = []
-    for key in [*mine, *(k for k in theirs if k not in mine)]:
-        a, b = mine.get(key), theirs.get(key)
-        if key == "recipe" and isinstance(a, dict) and isinstance(b, dict):
-            diff += [f"recipe.{k}" for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k)]
-        elif a != b:
-            diff.append(key)
-    return diff
-
-
-def _identity_of(path: Path):
-    from acon import checkpoint as ckpt
-
-    return ckpt.load_checkpoint(path, mmap=True).get("identity")
-
-
-def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint this run will resume from (resume=auto: run_dir/last.pt), if it exists.
-
-    An extended or fine-tuned run that already saved its own last.pt (same identity, resume_mode
-    included) continues from that one, so a requeued job keeps its progress.
-    """
-    from acon.builders import run_identity
-
-    r, own = cfg.resume, run_dir / "last.pt"
-    if cfg.get("resume_mode", "strict") != "strict" and r != "none" and own.is_file():
-        if not identity_diff(run_identity(cfg), _identity_of(own)):
-            return own
-    path = own if r in ("auto", None) else None if r == "none" else Path(r)
-    return path if path is not None and path.is_file() else None
-
-
-def resume_kind(cfg: DictConfig, state: dict) -> str:
-    """continue (the checkpoint is this run's own), or the run's resume_mode: extend | finetune."""
-    from acon.builders import run_identity
-
-    if not identity_diff(run_identity(cfg), state.get("identity")):
-        return "continue"
-    return str(cfg.get("resume_mode", "strict"))
-
-
-def _length(recipe) -> tuple[str, int]:
-    return (
-        ("iterations", int(recipe["iterations"]))
-        if recipe.get("iterations")
-        else ("epochs", int(recipe["epochs"]))
-    )
-
-
-def check_extended_length(total_steps: int, checkpoint_step: int, path: Path) -> None:
-    """resume_mode=extend must leave steps to train."""
-    if total_steps <= checkpoint_step:
-        raise ConfigError(
-            f"resume_mode=extend needs a longer schedule: this run has {total_steps} steps and {path} is "
-            f"already at step {checkpoint_step}; raise recipe.epochs or recipe.iterations"
-        )
-
-
-def _check_mode(cfg: DictConfig, path: Path, diff: list[str], theirs: dict) -> None:
-    """What resume_mode=extend|finetune may change: extend the schedule length, finetune the recipe."""
-    mode = cfg.resume_mode
-    network = [k for k in diff if k in NETWORK_KEYS]
-    if network:
-        raise ConfigError(
-            f"resume_mode={mode} continues the same network, but {path} has another {', '.join(network)}"
-        )
-    other = [k for k in diff if k != "resume_mode" and k not in LENGTH_KEYS]
-    if mode == "extend" and other:
-        raise ConfigError(
-            f"resume_mode=extend changes only the schedule length (recipe.epochs / recipe.iterations), but "
-            f"{', '.join(other)} differ from {path}; use resume_mode=finetune for a new recipe"
-        )
-    if mode == "extend":
-        (unit, new), (old_unit, old) = _length(cfg.recipe), _length(theirs["recipe"])
-        if unit == old_unit and new <= old:
-            raise ConfigError(
-                f"resume_mode=extend needs a longer schedule: recipe.{unit}={new} is not more than the "
-                f"{old} of {path}"
-            )
-
-
-def check_resume(cfg: DictConfig) -> None:
-    """Refuse, before any data is scanned, a resume checkpoint made by another model, activation or recipe.
-
-    A checkpoint of another architecture is refused with its missing and unexpected keys. With
-    ``resume_mode=extend`` the schedule may be longer; with ``resume_mode=finetune`` the recipe may differ.
-    """
-    import torch
-
-    from acon import checkpoint as ckpt
-    from acon.builders import run_identity
-    from acon.report import run_dir_of
-    from acon.tasks import task_of
-
-    mode = cfg.get("resume_mode", "strict")
-    _choice("resume_mode", mode, RESUME_MODES)
-    run_dir = run_dir_of(cfg)
-    path = resume_path(cfg, run_dir)
-    if path is None:
-        if mode != "strict":
-            where = "resume=none" if cfg.resume == "none" else f"no checkpoint at resume={cfg.resume}"
-            if cfg.resume in ("auto", None):
-                where = f"resume=auto found no last.pt in {run_dir}"
-            raise ConfigError(f"resume_mode={mode} needs a checkpoint to start from, but {where}")
-        return
-    state = ckpt.load_checkpoint(path, mmap=True)
-    theirs = state.get("identity")
-    diff = identity_diff(run_identity(cfg), theirs)
-    if not diff:
-        return
-    if ("model" in diff or "num_classes" in diff) and isinstance(state.get("model"), dict):
-        with torch.device("meta"):
-            model = task_of(cfg).build_model(cfg)
-        ckpt.load_model_state(model, state["model"], f"resume checkpoint {path}")
-    if mode == "strict":
-        raise ckpt.CheckpointError(
-            f"refusing to resume from {path}: its {', '.join(diff)} differ from this run's config; "
-            f"use a different run dir (out_dir/run_name) or resume=none, or on purpose resume_mode=extend "
-            f"(a longer schedule) or resume_mode=finetune (its weights, a fresh optimiser and schedule)"
-        )
-    _check_mode(cfg, path, diff, theirs)
+RESUME_MODES = ("strict", "extend", "finetune")  # what each may change: acon.rundir.check_resume

@@ -189,9 +189,10 @@ def _existing(path: Path) -> Path:
 
 
 def check_disk_and_resume(cfg) -> Iterator[Check]:
-    """Free space where the run writes, and whether its last.pt (the resume point) exists."""
-    from acon.trainer import run_dir_of
-    from acon.validate import resume_path
+    """Free space where the run writes (against what it keeps), and its last.pt (the resume point)."""
+    from acon.report import run_dir_of
+    from acon.rundir import estimated_checkpoint_bytes, resume_path
+    from acon.storage import kept_checkpoints, space_shortfall
 
     out = Path(str(cfg.out_dir)).expanduser()
     free = shutil.disk_usage(_existing(out.resolve())).free / GiB
@@ -203,6 +204,7 @@ def check_disk_and_resume(cfg) -> Iterator[Check]:
     else:
         yield ok("disk", detail)
     run_dir = run_dir_of(cfg)
+    yield _run_space(cfg, run_dir, estimated_checkpoint_bytes, kept_checkpoints, space_shortfall)
     if cfg.resume not in ("auto", "none", None) and not Path(str(cfg.resume)).is_file():
         yield fail("resume", f"resume={cfg.resume} does not exist")
         return
@@ -250,3 +252,18 @@ def check_open_files(cfg) -> Iterator[Check]:
         yield warn("open files", f"{detail}: little margin; `ulimit -n {max(need * 2, 4096)}` is safer")
     else:
         yield ok("open files", detail)
+
+
+def _run_space(cfg, run_dir: Path, estimate, kept_checkpoints, space_shortfall) -> Check:
+    """This run's checkpoints (size × how many it keeps, plus a margin) against the free space."""
+    try:
+        size = estimate(cfg)
+    except Exception as e:  # the model check reports a model that cannot be built
+        return warn("disk for this run", f"checkpoint size unknown ({type(e).__name__}: {e})")
+    kept = kept_checkpoints(int(cfg.trainer.keep_step_checkpoints))
+    shortfall = space_shortfall(run_dir, size, kept)
+    if shortfall:
+        return warn("disk for this run", shortfall)
+    return ok(
+        "disk for this run", f"room for {kept} checkpoints of about {size / 2**20:.1f} MiB in {run_dir}"
+    )

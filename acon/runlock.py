@@ -1,0 +1,204 @@
+"""One writer per run dir: an exclusive OS lock on ``<run dir>/acon.lock`` and its holder written in it.
+
+The lock is a POSIX record lock (``fcntl``): the kernel drops it when the process ends in any way
+(``kill -9``, a crash, a lost node's lease on NFS), it is not inherited by forked DataLoader workers,
+and NFS (NLM/NFSv4) and Lustre (mounted with ``-o flock``) forward it to the server, so it excludes
+processes on other hosts too. The file names the holder (host, pid, start time) for the second
+process's message and for readers (tables), which look at the lock (``F_GETLK``) without taking it.
+A file whose lock is free is a dead run's: the next run takes it over. Where the filesystem has no
+locks at all (``ENOLCK``, Lustre ``-o noflock``) only the file is left: a holder on this host is
+checked by its pid; a holder on another host cannot be checked, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+from acon.storage import refused_writes
+
+LOCK_NAME = "acon.lock"
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_HELD: dict[str, RunLock] = {}  # run dirs this process holds (opening their lock file again would drop it)
+
+
+class RunDirBusy(RuntimeError):
+    """Another live run holds the run dir; the message names the dir and the holder."""
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (tells a reused pid apart), if readable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def this_process() -> dict:
+    """Who holds a lock: host, pid, start time, and the command line."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": _proc_start(os.getpid()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def describe(holder: dict | None) -> str:
+    """``host H, pid P, started T`` (or that the holder is not known yet)."""
+    if not holder:
+        return "holder not recorded yet"
+    return (
+        f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
+    )
+
+
+def _read(fd: int) -> dict | None:
+    try:
+        raw = os.pread(fd, 1 << 16, 0)
+        return json.loads(raw) if raw.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+def alive_on_this_host(holder: dict | None) -> bool | None:
+    """True/False for a holder on this host (its pid runs, and is the same process); None elsewhere."""
+    if not holder or holder.get("host") != socket.gethostname():
+        return None
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    start = _proc_start(pid)
+    return start is None or holder.get("pid_start") in (None, start)
+
+
+def _lock_is_held(fd: int) -> bool | None:
+    """Whether another process holds a lock on the file (F_GETLK: asks without taking it); None if the
+    filesystem cannot say."""
+    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    except OSError:
+        return None
+    return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
+
+
+class RunLock:
+    """The exclusive lock of one run dir, held from :meth:`acquire` to :meth:`release`."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.fd: int | None = None
+        self.previous: dict | None = None  # a dead run's entry that this lock took over
+        self.holder: dict | None = None
+
+    def busy(self, holder: dict | None) -> RunDirBusy:
+        """The refusal: the dir, its holder, and what to do."""
+        return RunDirBusy(
+            f"run dir {self.run_dir} is in use by another run ({describe(holder)}; lock file {self.path}): "
+            f"one run writes a run dir at a time; wait for it to end or stop it, or pick another "
+            f"run_name/out_dir"
+        )
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise :class:`RunDirBusy` at once (never waits for the holder)."""
+        key = os.path.realpath(self.path)
+        if key in _HELD:
+            raise self.busy(_HELD[key].holder)
+        with refused_writes(self.path):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._lock(fd)
+            self.previous = _read(fd)
+            self.holder = this_process()
+            data = (json.dumps(self.holder, indent=1) + "\n").encode()
+            with refused_writes(self.path, len(data)):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, _HELD[key] = fd, self
+        return self
+
+    def _lock(self, fd: int) -> None:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise self.busy(self._holder_of_locked(fd)) from None
+            if e.errno not in NO_LOCKS:
+                raise
+        holder = _read(fd)  # no OS locks on this filesystem: only the file is left
+        alive = alive_on_this_host(holder)
+        if alive and holder.get("pid") != os.getpid():
+            raise self.busy(holder)
+        print(
+            f"acon: warning: the filesystem of {self.run_dir} has no file locks: only runs on this host "
+            f"are kept out of it"
+            + (
+                f"; the last entry ({describe(holder)}) cannot be checked" if alive is None and holder else ""
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @staticmethod
+    def _holder_of_locked(fd: int) -> dict | None:
+        for _ in range(20):  # the holder writes its entry right after taking the lock
+            holder = _read(fd)
+            if holder:
+                return holder
+            time.sleep(0.05)
+        return None
+
+    def release(self) -> None:
+        """Empty the file (no holder) and drop the lock; safe to call twice."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        _HELD.pop(os.path.realpath(self.path), None)
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass  # the entry stays; its free lock marks it as a dead run's
+        finally:
+            os.close(fd)  # closing drops the lock
+
+
+def running_holder(run_dir: str | os.PathLike) -> dict | None:
+    """The holder of a run dir that a live run is writing, else None; never takes the lock."""
+    path = Path(run_dir) / LOCK_NAME
+    own = _HELD.get(os.path.realpath(path))
+    if own is not None:
+        return own.holder
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        holder, held = _read(fd), _lock_is_held(fd)
+    finally:
+        os.close(fd)
+    if held is not None:
+        return (holder or {}) if held else None
+    alive = alive_on_this_host(holder)
+    return holder if holder and alive is not False else None
