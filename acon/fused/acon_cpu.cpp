@@ -2,7 +2,7 @@
 //
 // Math (in fp32 whatever the storage type): d = p1 - p2, u = d·x, z = β·u, s = σ(z),
 //   y = u·s + p2·x
-//   t = u·s·(1 - s), g = s + β·t = ∂(u·s)/∂u
+//   t = u·σ'(z) = u·s·(1 - s), g = s + β·t = ∂(u·s)/∂u
 //   dx = dy·(d·g + p2);  with gx = dy·x: dp1 = Σ gx·g = Σ gx·s + β·Σ gx·t, dp2 = Σ gx - dp1, dβ = d·Σ gx·t,
 //   since β and d are constant along each summed row; so only Σ gx·s, Σ gx·t and Σ gx are accumulated.
 //
@@ -15,7 +15,8 @@
 //          C + VB that repeat the channels, so a chunk crossing a row boundary needs one plain load.
 // Reductions are per row (ncs; VB finished rows at a time) or per (n, block of s) (nsc) in a fixed order,
 // so results do not depend on thread timing. Portable GCC/Clang vector extensions sized to the ISA (AVX-512, AVX2, SSE or NEON).
-// No fast-math: NaN and Inf propagate as in the reference formula.
+// No fast-math: NaN and ±Inf propagate as IEEE arithmetic of these formulas gives them (see vexp_neg and
+// vsigmoid; acon.fused.native's docstring states the convention against the reference formula).
 
 #include <cstdint>
 #include <cstring>
@@ -103,15 +104,20 @@ struct BF16 {  // bfloat16 stored as uint16; round to nearest even on store, NaN
   }
 };
 
-// e^-z, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), z clamped to [-88, 87.3].
+// Bounds of vexp_neg's argument: e^-z stays finite and normal for z in [EXP_LO, EXP_HI].
+constexpr float EXP_LO = -88.0f, EXP_HI = 87.3365478515625f;
+
+// e^-z, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), z clamped to [EXP_LO, EXP_HI].
+// The clamps are written so that a NaN z fails the comparison and is kept (x86 max/min return their second
+// operand when either is NaN): e^-NaN is NaN, never a bound's value.
 // n = round(-z·log2 e) comes from adding 1.5·2^23, which leaves n in the low mantissa bits (no float/int
 // conversion); r = -z - n·ln 2 then lies in [-ln2/2, ln2/2], and e^r = 1 + r·(1 + r·P(r)). The code works
 // with q = -r = z + n·ln 2 (P's odd coefficients negated), so -z is never formed. 2^n is applied with
 // AVX-512's scalef, else built in the exponent bits.
 inline vf vexp_neg(vf z) {
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23
-  z = z > splat(-88.0f) ? z : splat(-88.0f);
-  z = z < splat(87.3365478515625f) ? z : splat(87.3365478515625f);
+  z = z < splat(EXP_LO) ? splat(EXP_LO) : z;  // NaN compares false: kept
+  z = z > splat(EXP_HI) ? splat(EXP_HI) : z;
   const vf k = z * splat(-1.44269504088896341f) + magic;
   const vf nf = k - magic;
   const vf q = z + nf * splat(0.693359375f) + nf * splat(-2.12194440e-4f);
@@ -160,7 +166,27 @@ inline vf vrecip(vf a) {
 #endif
 }
 
-inline vf vsigmoid(vf z) { return vrecip(splat(1.0f) + vexp_neg(z)); }
+// σ(z) and σ'(z) = σ(z)·(1 - σ(z)) as IEEE arithmetic gives them: NaN for NaN; σ exactly 0 below EXP_LO
+// (and at -inf; the true value is below 7e-39 there) and σ' exactly 0 outside [EXP_LO, EXP_HI] (and at ±inf),
+// so that u·σ and u·σ' are NaN for an infinite u where they are ∞·0 in the reference formula (a clamped,
+// tiny σ or σ' would give ∞ instead). σ' is formed as σ·(e^-z·σ), accurate to a few ulps where σ is near 1
+// (σ - σ² there would carry σ's rounding error, which the caller multiplies by z).
+struct Sig {
+  vf s, sp;  // σ(z), σ'(z)
+};
+
+inline Sig vsigmoid2(vf z) {
+  const vf e = vexp_neg(z);
+  const vf r = vrecip(splat(1.0f) + e);
+  const vf s = z < splat(EXP_LO) ? vf{} : r;   // NaN compares false: kept
+  const vf et = z > splat(EXP_HI) ? vf{} : e;  // e^-z, exactly 0 where σ' underflows
+  return {s, s * (et * s)};
+}
+
+inline vf vsigmoid(vf z) {
+  const vf s = vrecip(splat(1.0f) + vexp_neg(z));
+  return z < splat(EXP_LO) ? vf{} : s;
+}
 
 inline vf fwd_math(vf x, vf d, vf p, vf b) {
   vf u = d * x;
@@ -175,12 +201,12 @@ struct Grads {
 };
 
 inline Grads bwd_math(vf dy, vf x, vf d, vf p, vf b) {
-  vf u = d * x;
-  vf s = vsigmoid(b * u);
-  vf t = u * (s - s * s);
-  vf g = s + b * t;
-  vf gx = dy * x;
-  return {dy * (d * g + p), gx * s, gx * t, gx};
+  const vf u = d * x;
+  const Sig sg = vsigmoid2(b * u);
+  const vf t = u * sg.sp;
+  const vf g = sg.s + b * t;
+  const vf gx = dy * x;
+  return {dy * (d * g + p), gx * sg.s, gx * t, gx};
 }
 
 // Sums of the rows of a block, VB rows at a time: each finished row parks its three accumulator vectors
@@ -348,8 +374,12 @@ void bwd_nsc_block(const typename IO::T* dy, const typename IO::T* x, typename I
   Aligned acc(3 * W);
   float *a1 = acc.v, *a2 = a1 + W, *ab = a2 + W;
   auto step = [&](int64_t i, int64_t n, int64_t c0) {
-    const Grads g = bwd_math(IO::load(dy + i, n), IO::load(x + i, n), d.at(c0), p.at(c0), b.at(c0));
+    Grads g = bwd_math(IO::load(dy + i, n), IO::load(x + i, n), d.at(c0), p.at(c0), b.at(c0));
     IO::store(dx + i, g.dx, n);
+    if (n < VB) {  // lanes past the data hold x = dy = 0, whose terms are NaN for an infinite parameter
+      const vi m = LANE < (int32_t)n;
+      g.gs = m ? g.gs : vf{}, g.gt = m ? g.gt : vf{}, g.gx = m ? g.gx : vf{};
+    }
     F32::store(a1 + c0, F32::load(a1 + c0, VB) + g.gs, VB);
     F32::store(a2 + c0, F32::load(a2 + c0, VB) + g.gt, VB);
     F32::store(ab + c0, F32::load(ab + c0, VB) + g.gx, VB);
@@ -543,3 +573,4 @@ ACON_EXPORT(nsc_f32, nsc, F32)
 ACON_EXPORT(nsc_bf16, nsc, BF16)
 
 extern "C" int acon_abi_version() { return 3; }
+extern "C" int acon_vector_width() { return int(VB); }  // floats per vector chunk: 16, 8 or 4

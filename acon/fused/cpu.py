@@ -65,7 +65,7 @@ def backward_math(
     gx = dyf * xf
     sum_p1 = (gx * g).sum(sdim)
     sum_p2 = (gx * (1 - g)).sum(sdim)
-    sum_beta = (dyf * u * u * sp).sum(sdim)
+    sum_beta = (dyf * u * (u * sp)).sum(sdim)  # u·sp first: u² may overflow where u·σ'(z) is 0
     return dx, sum_p1, sum_p2, sum_beta
 
 

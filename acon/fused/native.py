@@ -104,6 +104,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             getattr(lib, f"acon_fwd_{layout}_{dt}").argtypes = [ptr] * 5 + [i64, i64, i64, i32, i64, i32]
             getattr(lib, f"acon_bwd_{layout}_{dt}").argtypes = [ptr] * 9 + [i64, i64, i64, i32, i64, i32]
     lib.acon_abi_version.restype = i32
+    lib.acon_vector_width.restype = i32
 
 
 def build(force: bool = False) -> Path:
@@ -144,6 +145,12 @@ def library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the C++ kernels are built and loaded (builds them on the first call)."""
     return library() is not None
+
+
+def vector_width() -> int | None:
+    """Floats per vector chunk of the loaded kernels (16: AVX-512, 8: AVX/AVX2, 4: SSE/NEON), or ``None``."""
+    lib = library()
+    return None if lib is None else int(lib.acon_vector_width())
 
 
 def supports(x: torch.Tensor) -> bool:

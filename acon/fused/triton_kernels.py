@@ -86,7 +86,7 @@ def _acon_c_bwd_kernel(
         gx = dy * x
         acc1 += gx * g
         acc2 += gx * (1.0 - g)
-        accb += dy * u * u * sgp
+        accb += dy * u * (u * sgp)  # u·σ'(z) first: u² may overflow where that product is 0
     out = (n * n_split + sp) * C + c
     plane = N * n_split * C
     tl.store(part_ptr + out, tl.sum(acc1, axis=1), mask=cm)
