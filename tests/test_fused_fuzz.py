@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from acon import AconC, MetaAconC
 from acon.activations import _acon_c
 from acon.fused import cpu, native
 
@@ -154,11 +155,12 @@ def run(case: Case, w: dict, impl: str, fp64: bool = False) -> list[torch.Tensor
     return [y.detach(), dx, *grads[1:]]
 
 
-def exact(w: dict, per_sample: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def exact(w: dict, per_sample: bool) -> list[list[torch.Tensor]]:
     """The ground truth for accuracy: [y, dx, dp1, dp2, dβ] differentiated by hand in fp64 with σ'(z) formed
     as e^-|z|/(1 + e^-|z|)² (the paper form's autograd in fp64 rounds σ' to 0 beyond |z| ≈ 37), and per
-    entry the sum of the absolute values of its terms (its conditioning), all flattened. u = (p1 - p2)·x is
-    exact in fp64 for fp32/bf16 inputs."""
+    entry the sum of the absolute values of its terms (its conditioning) and that sum with σ and σ' taken
+    as 1 (it bounds what an absolute error of σ or σ' costs), all flattened. u = (p1 - p2)·x is exact in
+    fp64 for fp32/bf16 inputs."""
     x, p1, p2, beta, dy = (w[k].double() for k in ("x", "p1", "p2", "beta", "dy"))
     view = lambda p: p.reshape(p.shape[:2] + (1,) * (x.dim() - 2))  # noqa: E731
     p1, p2, beta = view(p1), view(p2), view(beta)
@@ -187,7 +189,14 @@ def exact(w: dict, per_sample: bool) -> tuple[list[torch.Tensor], list[torch.Ten
         total((dy * x).abs() * (1 + ga), rows),
         total(dy.abs() * u * (u * sp), bdims),
     ]
-    return [v.reshape(-1) for v in values], [v.reshape(-1) for v in scale]
+    under = [  # the same terms with σ and σ' taken as 1: what an absolute error in them is multiplied by
+        u.abs(),
+        dy.abs() * d.abs() * (1 + z.abs()),
+        total((dy * x).abs() * (1 + z.abs()), rows),
+        total((dy * x).abs() * (1 + z.abs()), rows),
+        total(dy.abs() * u * u, bdims),
+    ]
+    return [[v.reshape(-1) for v in vs] for vs in (values, scale, under)]
 
 
 def pattern(t: torch.Tensor) -> torch.Tensor:
@@ -204,7 +213,7 @@ def limit_form(w: dict) -> torch.Tensor:
     return u * torch.sigmoid(view(beta) * u) + view(p2) * x
 
 
-def check_case(case: Case) -> None:
+def check_case(case: Case, floor: dict | None = None) -> None:
     """Assert the fused op's NaN/Inf pattern and accuracy against the fp64 paper form (module docstring)."""
     w = working(case, make_inputs(case))
     paper64 = run(case, w, "reference", fp64=True)
@@ -212,25 +221,31 @@ def check_case(case: Case) -> None:
     fused = run(case, w, "fused")
     xinf = w["x"].double().isinf().reshape(-1)
     out_dtypes = [w["x"].dtype, w["x"].dtype, w["p1"].dtype, w["p2"].dtype, w["beta"].dtype]
-    truths, scales = exact(w, case.per_sample)
-    for name, f, p, p64, tr, sc, odt in zip(
-        NAMES, fused, paper, paper64, truths, scales, out_dtypes, strict=True
-    ):
+    truths, scales, unders = exact(w, case.per_sample)
+    tiny = torch.finfo(torch.float64 if case.dtype == "fp64" else torch.float32).tiny
+    rows = zip(NAMES, fused, paper, paper64, truths, scales, unders, out_dtypes, strict=True)
+    for name, f, p, p64, tr, sc, under, odt in rows:
         assert f.dtype == p.dtype == odt and f.shape == p64.shape, f"{name}: {f.dtype} {f.shape} ({case})"
         f, p, p64 = f.reshape(-1), p.reshape(-1), p64.reshape(-1)
         tr = torch.where(tr.isfinite(), tr, p64)
         want = pattern(p64)
         if name == "y":  # the documented exception: x = ±Inf gives the limit form's value
             want = torch.where(xinf, pattern(limit_form(w)).reshape(-1), want)
-        bad = (pattern(f) != want).nonzero().reshape(-1)
+        # a finite truth whose terms overflow the working precision: the paper form is not finite there
+        # either, and the fused op need not be
+        overflow = (want == 0) & ~p.isfinite()
+        bad = ((pattern(f) != want) & ~overflow).nonzero().reshape(-1)
         assert bad.numel() == 0, (
             f"{name}: NaN/Inf pattern differs at {bad[:5].tolist()}: fused {f[bad[:5]].tolist()}, "
             f"paper fp64 {p64[bad[:5]].tolist()} ({case})"
         )
-        fin = want == 0
-        f, p, tr, sc = f[fin].double(), p[fin].double(), tr[fin], sc[fin].nan_to_num(0.0, 0.0, 0.0)
-        err_f, err_p = (f - tr).abs(), (p - tr).abs().nan_to_num(0.0, 0.0, 0.0)
-        allowed = 4 * err_p + FLOOR[odt] * sc + torch.finfo(torch.float32).tiny
+        fin = (want == 0) & f.isfinite()
+        f, p, tr = f[fin].double(), p[fin].double(), tr[fin]
+        sc, under = sc[fin].nan_to_num(0.0, 0.0, 0.0), under[fin].nan_to_num(0.0, 0.0, 0.0)
+        err_f = (f - tr).abs()
+        err_p = torch.where(p.isfinite(), (p - tr).abs(), torch.inf)
+        # rounding of the result's dtype, plus σ and σ' resolved only to the smallest normal number
+        allowed = 4 * err_p + (floor or FLOOR)[odt] * sc + 4 * tiny * under + tiny
         worst = (err_f - allowed).argmax() if err_f.numel() else None
         assert worst is None or err_f[worst] <= allowed[worst], (
             f"{name}: fused {f[worst].item()!r} vs exact {tr[worst].item()!r} (paper {p[worst].item()!r}, "
@@ -330,8 +345,12 @@ def test_fuzz_inductor(mode):
     if not cpu.compile_supported():
         pytest.skip("no C compiler for torch.compile")
     mode("compiled")
-    picked = [c for c in cases(200) if c.dtype == "fp32" and c.layout != "channels_last" and not c.per_sample]
-    for case in picked[:8]:
+    picked = [
+        c
+        for c in cases(200)
+        if c.dtype == "fp32" and c.layout != "channels_last" and not c.per_sample and len(c.shape) == 4
+    ]
+    for case in picked[:4]:
         check_case(case)
 
 
@@ -377,10 +396,15 @@ def triton_counted(monkeypatch):
     return calls
 
 
+# The interpreter converts fp32 to bf16 by truncation (GPUs round to nearest), so bf16 results may be one
+# bf16 ulp (2^-7 relative) off there instead of half of one.
+INTERPRETER_FLOOR = {**FLOOR, torch.bfloat16: 8e-3}
+
+
 @inner
 def test_fuzz_triton_inner(triton_counted):
     for case in cases(12, seed=SEED + 3):
-        check_case(case)
+        check_case(case, INTERPRETER_FLOOR)
     assert triton_counted["forward"] >= 12 and triton_counted["backward"] >= 12
 
 
@@ -388,7 +412,7 @@ def test_fuzz_triton_inner(triton_counted):
 @pytest.mark.slow
 def test_fuzz_triton_inner_many(triton_counted):
     for case in cases(200, seed=SEED + 4):
-        check_case(case)
+        check_case(case, INTERPRETER_FLOOR)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
@@ -400,3 +424,52 @@ def test_fuzz_triton_interpreter():
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
 def test_fuzz_triton_interpreter_many():
     _interpreter_run("test_fuzz_triton_inner_many", "slow")
+
+
+# ---- regressions ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", list(WIDTH_FLAGS))
+def test_nan_beta_gives_nan_outputs_and_dbeta(width):
+    """A NaN β makes every output of its channel and its dβ NaN, as in the paper form (the C++ kernels
+    once clamped the sigmoid's NaN argument to a bound and returned finite values)."""
+    if width != "native" and not X86:
+        pytest.skip("x86 vector-width flags")
+    x = torch.randn(2, 4, 3, 3)
+    counts = {}
+    with native_build(width):
+        for impl in ("reference", "fused"):
+            m = AconC(4, impl=impl)
+            with torch.no_grad():
+                m.beta[0, 1] = float("nan")
+            xi = x.clone().requires_grad_(True)
+            y = m(xi)
+            y.sum().backward()
+            counts[impl] = (int(y[:, 1].isnan().sum()), int(m.beta.grad.isnan().sum()))
+    assert counts == {"reference": (18, 1), "fused": (18, 1)}
+
+
+@pytest.mark.parametrize("mode_name", ["native", "eager"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_meta_acon_nan_pixel_spreads_like_the_reference(mode, mode_name, channels_last):
+    """One NaN input pixel: the spatial mean and the batch statistics of Meta-ACON's β network spread it to
+    every β of the batch, so every output and every gradient is NaN with the fused op as with the paper
+    form (a training run then stops under trainer.nan_policy=stop instead of training on clamped values)."""
+    mode(mode_name)
+    torch.manual_seed(0)
+    ref = MetaAconC(8, r=4, impl="reference")
+    fused = MetaAconC(8, r=4, impl="fused")
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 8, 5, 5)
+    x[1, 2, 3, 4] = float("nan")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = {}
+    for name, m in (("reference", ref), ("fused", fused)):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out[name] = [y.detach(), xi.grad] + [p.grad for _, p in sorted(m.named_parameters())]
+    assert out["reference"][0].isnan().all()
+    for a, b in zip(out["reference"], out["fused"], strict=True):
+        assert torch.equal(pattern(a), pattern(b))

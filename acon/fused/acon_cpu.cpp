@@ -3,8 +3,10 @@
 // Math (in fp32 whatever the storage type): d = p1 - p2, u = d·x, z = β·u, s = σ(z),
 //   y = u·s + p2·x
 //   t = u·σ'(z) = u·s·(1 - s), g = s + β·t = ∂(u·s)/∂u
-//   dx = dy·(d·g + p2);  with gx = dy·x: dp1 = Σ gx·g = Σ gx·s + β·Σ gx·t, dp2 = Σ gx - dp1, dβ = d·Σ gx·t,
-//   since β and d are constant along each summed row; so only Σ gx·s, Σ gx·t and Σ gx are accumulated.
+//   dx = dy·(d·g + p2);  with gx = dy·x: dp1 = Σ gx·g, dp2 = Σ gx - dp1, dβ = d·Σ gx·t,
+//   since d is constant along each summed row; so only Σ gx·g, Σ gx·t and Σ gx are accumulated.
+//   (Σ gx·g is not split into Σ gx·s + β·Σ gx·t: gx·t can overflow, or be 0 where β is ±inf, where gx·g
+//   does not, as in the reference formula.)
 //
 // Layouts (x viewed as 3-D, dense):
 //   "ncs": rows of S contiguous values, one row per (n, c). Work is cut into chunks of one vector (VB
@@ -194,10 +196,10 @@ inline vf fwd_math(vf x, vf d, vf p, vf b) {
 }
 
 // Backward of one chunk. With gx = dy·x the per-element gradient terms of p1 and β are
-// dy·x·g = gx·s + β·gx·t and dy·u·t = d·gx·t, where β and d are constant along a row (or per channel
-// for "nsc"); so only Σ gx·s, Σ gx·t and Σ gx are accumulated, and `finish` applies β and d per row.
+// dy·x·g = gx·g and dy·u·t = d·gx·t, where d is constant along a row (or per channel for "nsc"); so
+// only Σ gx·g, Σ gx·t and Σ gx are accumulated, and `finish` applies d per row.
 struct Grads {
-  vf dx, gs, gt, gx;  // dx, and the terms of Σ gx·s, Σ gx·t and Σ gx
+  vf dx, gs, gt, gx;  // dx, and the terms of Σ gx·g, Σ gx·t and Σ gx
 };
 
 inline Grads bwd_math(vf dy, vf x, vf d, vf p, vf b) {
@@ -206,7 +208,7 @@ inline Grads bwd_math(vf dy, vf x, vf d, vf p, vf b) {
   const vf t = u * sg.sp;
   const vf g = sg.s + b * t;
   const vf gx = dy * x;
-  return {dy * (d * g + p), gx * sg.s, gx * t, gx};
+  return {dy * (d * g + p), gx * g, gx * t, gx};
 }
 
 // Sums of the rows of a block, VB rows at a time: each finished row parks its three accumulator vectors
@@ -410,19 +412,18 @@ inline std::vector<float> difference(const float* p1, const float* p2, int64_t C
 }
 
 // Final gradients from partial sums laid out (N, K, C) (K = 1 row per (n, c) for "ncs", K blocks per
-// sample for "nsc"), summed in a fixed order over (n, k): with β of (n, c) and d of c,
-// g1 = Σ (ss + β·st) (Σ dy·x·g), g2 = Σ sx - g1 and gb = d·Σ st, over k and also n unless β is per sample.
+// sample for "nsc"), summed in a fixed order over (n, k): with d of c,
+// g1 = Σ ss (Σ dy·x·g), g2 = Σ sx - g1 and gb = d·Σ st, over k and also n unless β is per sample.
 inline void finish(const float* __restrict__ ss, const float* __restrict__ st, const float* __restrict__ sx,
-                   const float* d, const float* b, float* __restrict__ g1, float* __restrict__ g2,
+                   const float* d, float* __restrict__ g1, float* __restrict__ g2,
                    float* __restrict__ gb, int64_t N, int64_t K, int64_t C, bool per_sample) {
   for (int64_t c = 0; c < C; ++c) g1[c] = g2[c] = 0.0f;
   for (int64_t j = 0; j < (per_sample ? N : 1) * C; ++j) gb[j] = 0.0f;
   for (int64_t n = 0; n < N; ++n) {
-    const float* bn = b + (per_sample ? n * C : 0);
     float* gbn = gb + (per_sample ? n * C : 0);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t q = (n * K + k) * C;
-      for (int64_t c = 0; c < C; ++c) g1[c] += ss[q + c] + bn[c] * st[q + c], g2[c] += sx[q + c], gbn[c] += st[q + c];
+      for (int64_t c = 0; c < C; ++c) g1[c] += ss[q + c], g2[c] += sx[q + c], gbn[c] += st[q + c];
     }
   }
   for (int64_t c = 0; c < C; ++c) g2[c] -= g1[c];
@@ -459,7 +460,7 @@ void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2,
     const int64_t r0 = R * k / blocks, o = r0 * S;
     rows_long<IO, true>((const T*)dy + o, (const T*)x + o, (T*)dx + o, ss, st, sx, P, r0, R * (k + 1) / blocks, S);
   }
-  finish(ss, st, sx, d.data(), b, g1, g2, gb, N, 1, C, per_sample != 0);
+  finish(ss, st, sx, d.data(), g1, g2, gb, N, 1, C, per_sample != 0);
 }
 
 template <class IO>
@@ -500,7 +501,7 @@ void bwd_nsc(const void* dy, const void* x, void* dx, float* g1, float* g2, floa
     bwd_nsc_block<IO>((const T*)dy + off, (const T*)x + off, (T*)dx + off, ss + q * C, st + q * C, sx + q * C,
                       dr, pr, br, C, a, e);
   }
-  finish(ss, st, sx, d.data(), b, g1, g2, gb, N, blocks, C, per_sample != 0);
+  finish(ss, st, sx, d.data(), g1, g2, gb, N, blocks, C, per_sample != 0);
 }
 
 // ---- "ncs" with rows shorter than a vector (S < VB) ------------------------------------------------
