@@ -25,7 +25,7 @@
 #include <memory>
 #include <utility>
 #include <vector>
-#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
 
@@ -106,20 +106,60 @@ struct BF16 {  // bfloat16 stored as uint16; round to nearest even on store, NaN
   }
 };
 
-// Bounds of vexp_neg's argument: e^-z stays finite and normal for z in [EXP_LO, EXP_HI].
-constexpr float EXP_LO = -88.0f, EXP_HI = 87.3365478515625f;
+// lo > z ? lo : z and hi < z ? hi : z, which keep a NaN z (it fails the comparison): one max/min instruction
+// on x86, whose max/min return their second operand when either is NaN.
+template <class V, class F>
+inline vf via(vf a, vf b, F f) {
+  V x, y;
+  std::memcpy(&x, &a, sizeof x);
+  std::memcpy(&y, &b, sizeof y);
+  x = f(x, y);
+  std::memcpy(&a, &x, sizeof x);
+  return a;
+}
+inline vf max_keep_nan(vf lo, vf z) {
+#if ACON_VB == 16 && defined(__AVX512F__)
+  return via<__m512>(lo, z, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); });
+#elif ACON_VB == 8 && defined(__AVX__)
+  return via<__m256>(lo, z, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); });
+#elif ACON_VB == 4 && defined(__SSE__)
+  return via<__m128>(lo, z, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); });
+#else
+  return lo > z ? lo : z;
+#endif
+}
+inline vf min_keep_nan(vf hi, vf z) {
+#if ACON_VB == 16 && defined(__AVX512F__)
+  return via<__m512>(hi, z, [](__m512 a, __m512 b) { return _mm512_min_ps(a, b); });
+#elif ACON_VB == 8 && defined(__AVX__)
+  return via<__m256>(hi, z, [](__m256 a, __m256 b) { return _mm256_min_ps(a, b); });
+#elif ACON_VB == 4 && defined(__SSE__)
+  return via<__m128>(hi, z, [](__m128 a, __m128 b) { return _mm_min_ps(a, b); });
+#else
+  return hi < z ? hi : z;
+#endif
+}
 
-// e^-z, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), z clamped to [EXP_LO, EXP_HI].
-// The clamps are written so that a NaN z fails the comparison and is kept (x86 max/min return their second
-// operand when either is NaN): e^-NaN is NaN, never a bound's value.
+// Bounds of vexp_neg's argument. Below EXP_LO e^-z would overflow. Above EXP_HI: with AVX-512's scalef
+// e^-z underflows through the subnormals to exactly 0 (at z ≈ 104); otherwise 2^n is built in the exponent
+// bits, which only hold normal numbers, and e^-z stops at about 1.2e-38 there.
+#if ACON_VB == 16 && defined(__AVX512F__)
+#define ACON_EXP_UNDERFLOWS_TO_ZERO 1
+constexpr float EXP_LO = -88.0f, EXP_HI = 110.0f;
+#else
+#define ACON_EXP_UNDERFLOWS_TO_ZERO 0
+constexpr float EXP_LO = -88.0f, EXP_HI = 87.3365478515625f;
+#endif
+
+// e^-z, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), z clamped to [EXP_LO, EXP_HI]
+// so that a NaN z stays NaN (e^-NaN is NaN, never a bound's value).
 // n = round(-z·log2 e) comes from adding 1.5·2^23, which leaves n in the low mantissa bits (no float/int
 // conversion); r = -z - n·ln 2 then lies in [-ln2/2, ln2/2], and e^r = 1 + r·(1 + r·P(r)). The code works
 // with q = -r = z + n·ln 2 (P's odd coefficients negated), so -z is never formed. 2^n is applied with
 // AVX-512's scalef, else built in the exponent bits.
 inline vf vexp_neg(vf z) {
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23
-  z = z < splat(EXP_LO) ? splat(EXP_LO) : z;  // NaN compares false: kept
-  z = z > splat(EXP_HI) ? splat(EXP_HI) : z;
+  z = min_keep_nan(splat(EXP_HI), max_keep_nan(splat(EXP_LO), z));
   const vf k = z * splat(-1.44269504088896341f) + magic;
   const vf nf = k - magic;
   const vf q = z + nf * splat(0.693359375f) + nf * splat(-2.12194440e-4f);
@@ -169,7 +209,7 @@ inline vf vrecip(vf a) {
 }
 
 // σ(z) and σ'(z) = σ(z)·(1 - σ(z)) as IEEE arithmetic gives them: NaN for NaN; σ exactly 0 below EXP_LO
-// (and at -inf; the true value is below 7e-39 there) and σ' exactly 0 outside [EXP_LO, EXP_HI] (and at ±inf),
+// (and at -inf; the true value is below 7e-39 there) and σ' exactly 0 at ±inf and wherever e^-z underflows,
 // so that u·σ and u·σ' are NaN for an infinite u where they are ∞·0 in the reference formula (a clamped,
 // tiny σ or σ' would give ∞ instead). σ' is formed as σ·(e^-z·σ), accurate to a few ulps where σ is near 1
 // (σ - σ² there would carry σ's rounding error, which the caller multiplies by z).
@@ -180,9 +220,13 @@ struct Sig {
 inline Sig vsigmoid2(vf z) {
   const vf e = vexp_neg(z);
   const vf r = vrecip(splat(1.0f) + e);
-  const vf s = z < splat(EXP_LO) ? vf{} : r;   // NaN compares false: kept
+  const vf s = z < splat(EXP_LO) ? vf{} : r;  // NaN compares false: kept
+#if ACON_EXP_UNDERFLOWS_TO_ZERO
+  return {s, s * (e * s)};  // e is 0 from z ≈ 104 (and at +inf)
+#else
   const vf et = z > splat(EXP_HI) ? vf{} : e;  // e^-z, exactly 0 where σ' underflows
   return {s, s * (et * s)};
+#endif
 }
 
 inline vf vsigmoid(vf z) {
