@@ -140,15 +140,14 @@ inline vf min_keep_nan(vf hi, vf z) {
 #endif
 }
 
-// Bounds of vexp_neg's argument. Below EXP_LO e^-z would overflow. Above EXP_HI: with AVX-512's scalef
-// e^-z underflows through the subnormals to exactly 0 (at z ≈ 104); otherwise 2^n is built in the exponent
-// bits, which only hold normal numbers, and e^-z stops at about 1.2e-38 there.
+// Bounds of vexp_neg's argument: below EXP_LO e^-z would overflow. Above EXP_HI it is exactly 0: with
+// AVX-512's scalef e^-z underflows through the subnormals to 0 (from z ≈ 104); where 2^n is built in the
+// exponent bits, n = -127 gives the bit pattern of 0, so e^-z is 0 from z ≈ 87.7 (true value < 1e-38), and
+// EXP_HI keeps n >= -127 (n = -128 would give the pattern of -inf).
 #if ACON_VB == 16 && defined(__AVX512F__)
-#define ACON_EXP_UNDERFLOWS_TO_ZERO 1
 constexpr float EXP_LO = -88.0f, EXP_HI = 110.0f;
 #else
-#define ACON_EXP_UNDERFLOWS_TO_ZERO 0
-constexpr float EXP_LO = -88.0f, EXP_HI = 87.3365478515625f;
+constexpr float EXP_LO = -88.0f, EXP_HI = 88.3f;
 #endif
 
 // e^-z, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), z clamped to [EXP_LO, EXP_HI]
@@ -209,7 +208,7 @@ inline vf vrecip(vf a) {
 }
 
 // σ(z) and σ'(z) = σ(z)·(1 - σ(z)) as IEEE arithmetic gives them: NaN for NaN; σ exactly 0 below EXP_LO
-// (and at -inf; the true value is below 7e-39 there) and σ' exactly 0 at ±inf and wherever e^-z underflows,
+// (and at -inf; the true value is below 7e-39 there) and σ' exactly 0 at ±inf and wherever e^-z is 0,
 // so that u·σ and u·σ' are NaN for an infinite u where they are ∞·0 in the reference formula (a clamped,
 // tiny σ or σ' would give ∞ instead). σ' is formed as σ·(e^-z·σ), accurate to a few ulps where σ is near 1
 // (σ - σ² there would carry σ's rounding error, which the caller multiplies by z).
@@ -218,15 +217,10 @@ struct Sig {
 };
 
 inline Sig vsigmoid2(vf z) {
-  const vf e = vexp_neg(z);
+  const vf e = vexp_neg(z);  // exactly 0 where it underflows (and at +inf), see EXP_HI
   const vf r = vrecip(splat(1.0f) + e);
   const vf s = z < splat(EXP_LO) ? vf{} : r;  // NaN compares false: kept
-#if ACON_EXP_UNDERFLOWS_TO_ZERO
-  return {s, s * (e * s)};  // e is 0 from z ≈ 104 (and at +inf)
-#else
-  const vf et = z > splat(EXP_HI) ? vf{} : e;  // e^-z, exactly 0 where σ' underflows
-  return {s, s * (et * s)};
-#endif
+  return {s, s * (e * s)};
 }
 
 inline vf vsigmoid(vf z) {

@@ -7,6 +7,10 @@ CPU, and loaded with ``ctypes``: no build step for the user, and no per-call tra
 and bf16 tensors (N, C, ...), contiguous or channels-last (the "ncs" and "nsc" layouts of
 ``acon.fused.layout``), straight from their memory: no views or copies. Other dtypes use the Inductor or
 eager formulas of ``acon.fused.cpu``.
+
+NaN and ±Inf propagate as in those formulas (the convention against the paper form is in
+``acon.fused.cpu``'s docstring): the clamps of the kernels' e^-z keep a NaN argument, σ is exactly 0 at
+-∞ and σ' exactly 0 at ±∞, and lanes past the end of the data never reach the parameter gradients.
 """
 
 from __future__ import annotations

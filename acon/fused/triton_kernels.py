@@ -3,6 +3,7 @@
 x is viewed as (N, C, S) with strides (sn, sc, ss): contiguous NCHW has ss = 1, channels_last has
 sc = 1; Triton specialises the unit stride, so loads are coalesced along whichever axis is contiguous.
 Loads and stores use x's dtype (bf16, fp16, fp32, fp64); arithmetic is fp32 (fp64 for fp64 inputs).
+NaN and ±Inf propagate as in the torch formulas of ``acon.fused.cpu`` (its docstring has the convention).
 
 Backward is one pass over x and dy: each program owns (sample n, a block of channels, a fixed slice of
 S), writes dx for its tile and its partial sums for dp1, dp2 and dβ into an (N, SPLIT, C) fp32 buffer.
