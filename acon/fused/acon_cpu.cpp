@@ -216,17 +216,24 @@ struct Sig {
   vf s, sp;  // σ(z), σ'(z)
 };
 
+// σ = 0 below EXP_LO: AVX's rcpps flushes results below the smallest normal number to 0, and 1/(1 + e^88)
+// is one, so there the clamped argument already gives exactly 0; elsewhere a select sets it.
+inline vf zero_below_lo(vf z, vf s) {
+#if ACON_VB == 8 && defined(__AVX__) && !defined(__AVX512F__)
+  (void)z;
+  return s;
+#else
+  return z < splat(EXP_LO) ? vf{} : s;  // NaN compares false: kept
+#endif
+}
+
 inline Sig vsigmoid2(vf z) {
   const vf e = vexp_neg(z);  // exactly 0 where it underflows (and at +inf), see EXP_HI
-  const vf r = vrecip(splat(1.0f) + e);
-  const vf s = z < splat(EXP_LO) ? vf{} : r;  // NaN compares false: kept
+  const vf s = zero_below_lo(z, vrecip(splat(1.0f) + e));
   return {s, s * (e * s)};
 }
 
-inline vf vsigmoid(vf z) {
-  const vf s = vrecip(splat(1.0f) + vexp_neg(z));
-  return z < splat(EXP_LO) ? vf{} : s;
-}
+inline vf vsigmoid(vf z) { return zero_below_lo(z, vrecip(splat(1.0f) + vexp_neg(z))); }
 
 inline vf fwd_math(vf x, vf d, vf p, vf b) {
   vf u = d * x;
