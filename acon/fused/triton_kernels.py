@@ -85,9 +85,10 @@ def _acon_c_bwd_kernel(
         g = sg + z * sgp
         tl.store(dx_ptr + off, (dy * (d * g + p2[:, None])).to(dx_ptr.dtype.element_ty), mask=m)
         gx = dy * x
-        acc1 += gx * g
-        acc2 += gx * (1.0 - g)
-        accb += dy * u * (u * sgp)  # u·σ'(z) first: u² may overflow where that product is 0
+        # masked lanes (x = dy = 0) add exactly 0: their terms are 0·NaN where β or p1 - p2 is ±inf
+        acc1 += tl.where(m, gx * g, 0.0)
+        acc2 += tl.where(m, gx * (1.0 - g), 0.0)
+        accb += tl.where(m, dy * u * (u * sgp), 0.0)  # u·σ'(z) first: u² may overflow where that is 0
     out = (n * n_split + sp) * C + c
     plane = N * n_split * C
     tl.store(part_ptr + out, tl.sum(acc1, axis=1), mask=cm)
