@@ -130,28 +130,50 @@ def test_fuzz_eager_many(mode):
         check_case(case)
 
 
-def test_fuzz_inductor(mode):
-    """The compiled formulas (what serves when the C++ kernels are off: ACON_FUSED_NO_NATIVE=1); one
-    variant in the default suite since each costs a compile."""
+@pytest.fixture
+def compiled(monkeypatch):
+    """The Inductor-compiled formulas serve every case: Dynamo may recompile each variant for new sizes
+    (a limit of 8 would silently hand later cases to the eager formulas), and a fallback fails the test."""
     if not cpu.compile_supported():
         pytest.skip("no C compiler for torch.compile")
-    mode("compiled")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    monkeypatch.setattr(cpu, "_EAGER_FALLBACK", set())
+    calls = {"n": 0}
+    run = cpu._run_compiled
+
+    def counted_run(*a):
+        calls["n"] += 1
+        return run(*a)
+
+    monkeypatch.setattr(cpu, "_run_compiled", counted_run)
+    cpu.set_mode("compiled")
+    yield calls
+    cpu.set_mode(None)
+    assert not cpu._EAGER_FALLBACK, (
+        f"compiled variants fell back to the eager formulas: {cpu._EAGER_FALLBACK}"
+    )
+
+
+def fuzz_compiled(picked: list, calls: dict) -> None:
+    for case in picked:
+        check_case(case)
+    assert calls["n"] >= 2 * len(picked)  # forward and backward of every case ran compiled
+
+
+def test_fuzz_inductor(compiled):
+    """The compiled formulas (what serves when the C++ kernels are off: ACON_FUSED_NO_NATIVE=1); one
+    variant in the default suite since each costs a compile."""
     picked = [
         c
         for c in cases(200)
         if c.dtype == "fp32" and c.layout != "channels_last" and not c.per_sample and len(c.shape) == 4
     ]
-    for case in picked[:4]:
-        check_case(case)
+    fuzz_compiled(picked[:4], compiled)
 
 
 @pytest.mark.slow
-def test_fuzz_inductor_many(mode):
-    if not cpu.compile_supported():
-        pytest.skip("no C compiler for torch.compile")
-    mode("compiled")
-    for case in cases(300, seed=SEED + 2):
-        check_case(case)
+def test_fuzz_inductor_many(compiled):
+    fuzz_compiled(cases(100, seed=SEED + 2), compiled)
 
 
 # ---- Triton kernels through the interpreter (a subprocess: the interpreter is chosen at import) ------
