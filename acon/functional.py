@@ -32,7 +32,10 @@ def channel_view(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def acon_c_reference(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """ACON-C, (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x, exactly as the authors wrote it."""
+    """ACON-C, (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x, exactly as the authors wrote it.
+
+    The authors' p1·x - p2·x makes the output NaN wherever x is ±∞ (∞ - ∞ or 0·∞); the fused ops form
+    (p1 - p2)·x and give the limit ±∞ there where it exists (``acon.fused.cpu`` states the convention)."""
     dpx = p1 * x - p2 * x
     return dpx * torch.sigmoid(beta * dpx) + p2 * x
 

@@ -2,9 +2,11 @@
 //
 // Math (in fp32 whatever the storage type): d = p1 - p2, u = d·x, z = β·u, s = σ(z),
 //   y = u·s + p2·x
-//   t = u·s·(1 - s), g = s + β·t = ∂(u·s)/∂u
-//   dx = dy·(d·g + p2);  with gx = dy·x: dp1 = Σ gx·g = Σ gx·s + β·Σ gx·t, dp2 = Σ gx - dp1, dβ = d·Σ gx·t,
-//   since β and d are constant along each summed row; so only Σ gx·s, Σ gx·t and Σ gx are accumulated.
+//   t = u·σ'(z) = u·s·(1 - s), g = s + β·t = ∂(u·s)/∂u
+//   dx = dy·(d·g + p2);  with gx = dy·x: dp1 = Σ gx·g, dp2 = Σ gx - dp1, dβ = d·Σ gx·t,
+//   since d is constant along each summed row; so only Σ gx·g, Σ gx·t and Σ gx are accumulated.
+//   (Σ gx·g is not split into Σ gx·s + β·Σ gx·t: gx·t can overflow, or be 0 where β is ±inf, where gx·g
+//   does not, as in the reference formula.)
 //
 // Layouts (x viewed as 3-D, dense):
 //   "ncs": rows of S contiguous values, one row per (n, c). Work is cut into chunks of one vector (VB
@@ -15,14 +17,15 @@
 //          C + VB that repeat the channels, so a chunk crossing a row boundary needs one plain load.
 // Reductions are per row (ncs; VB finished rows at a time) or per (n, block of s) (nsc) in a fixed order,
 // so results do not depend on thread timing. Portable GCC/Clang vector extensions sized to the ISA (AVX-512, AVX2, SSE or NEON).
-// No fast-math: NaN and Inf propagate as in the reference formula.
+// No fast-math: NaN and ±Inf propagate as IEEE arithmetic of these formulas gives them (see vexp_neg and
+// vsigmoid; acon.fused.native's docstring states the convention against the reference formula).
 
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
-#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
 
@@ -103,15 +106,59 @@ struct BF16 {  // bfloat16 stored as uint16; round to nearest even on store, NaN
   }
 };
 
-// e^-z, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), z clamped to [-88, 87.3].
+// lo > z ? lo : z and hi < z ? hi : z, which keep a NaN z (it fails the comparison): one max/min instruction
+// on x86, whose max/min return their second operand when either is NaN.
+template <class V, class F>
+inline vf via(vf a, vf b, F f) {
+  V x, y;
+  std::memcpy(&x, &a, sizeof x);
+  std::memcpy(&y, &b, sizeof y);
+  x = f(x, y);
+  std::memcpy(&a, &x, sizeof x);
+  return a;
+}
+inline vf max_keep_nan(vf lo, vf z) {
+#if ACON_VB == 16 && defined(__AVX512F__)
+  return via<__m512>(lo, z, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); });
+#elif ACON_VB == 8 && defined(__AVX__)
+  return via<__m256>(lo, z, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); });
+#elif ACON_VB == 4 && defined(__SSE__)
+  return via<__m128>(lo, z, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); });
+#else
+  return lo > z ? lo : z;
+#endif
+}
+inline vf min_keep_nan(vf hi, vf z) {
+#if ACON_VB == 16 && defined(__AVX512F__)
+  return via<__m512>(hi, z, [](__m512 a, __m512 b) { return _mm512_min_ps(a, b); });
+#elif ACON_VB == 8 && defined(__AVX__)
+  return via<__m256>(hi, z, [](__m256 a, __m256 b) { return _mm256_min_ps(a, b); });
+#elif ACON_VB == 4 && defined(__SSE__)
+  return via<__m128>(hi, z, [](__m128 a, __m128 b) { return _mm_min_ps(a, b); });
+#else
+  return hi < z ? hi : z;
+#endif
+}
+
+// Bounds of vexp_neg's argument: below EXP_LO e^-z would overflow. Above EXP_HI it is exactly 0: with
+// AVX-512's scalef e^-z underflows through the subnormals to 0 (from z ≈ 104); where 2^n is built in the
+// exponent bits, n = -127 gives the bit pattern of 0, so e^-z is 0 from z ≈ 87.7 (true value < 1e-38), and
+// EXP_HI keeps n >= -127 (n = -128 would give the pattern of -inf).
+#if ACON_VB == 16 && defined(__AVX512F__)
+constexpr float EXP_LO = -88.0f, EXP_HI = 110.0f;
+#else
+constexpr float EXP_LO = -88.0f, EXP_HI = 88.3f;
+#endif
+
+// e^-z, Cephes-style range reduction and degree-6 polynomial (about 1 ulp), z clamped to [EXP_LO, EXP_HI]
+// so that a NaN z stays NaN (e^-NaN is NaN, never a bound's value).
 // n = round(-z·log2 e) comes from adding 1.5·2^23, which leaves n in the low mantissa bits (no float/int
 // conversion); r = -z - n·ln 2 then lies in [-ln2/2, ln2/2], and e^r = 1 + r·(1 + r·P(r)). The code works
 // with q = -r = z + n·ln 2 (P's odd coefficients negated), so -z is never formed. 2^n is applied with
 // AVX-512's scalef, else built in the exponent bits.
 inline vf vexp_neg(vf z) {
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23
-  z = z > splat(-88.0f) ? z : splat(-88.0f);
-  z = z < splat(87.3365478515625f) ? z : splat(87.3365478515625f);
+  z = min_keep_nan(splat(EXP_HI), max_keep_nan(splat(EXP_LO), z));
   const vf k = z * splat(-1.44269504088896341f) + magic;
   const vf nf = k - magic;
   const vf q = z + nf * splat(0.693359375f) + nf * splat(-2.12194440e-4f);
@@ -160,7 +207,33 @@ inline vf vrecip(vf a) {
 #endif
 }
 
-inline vf vsigmoid(vf z) { return vrecip(splat(1.0f) + vexp_neg(z)); }
+// σ(z) and σ'(z) = σ(z)·(1 - σ(z)) as IEEE arithmetic gives them: NaN for NaN; σ exactly 0 below EXP_LO
+// (and at -inf; the true value is below 7e-39 there) and σ' exactly 0 at ±inf and wherever e^-z is 0,
+// so that u·σ and u·σ' are NaN for an infinite u where they are ∞·0 in the reference formula (a clamped,
+// tiny σ or σ' would give ∞ instead). σ' is formed as σ·(e^-z·σ), accurate to a few ulps where σ is near 1
+// (σ - σ² there would carry σ's rounding error, which the caller multiplies by z).
+struct Sig {
+  vf s, sp;  // σ(z), σ'(z)
+};
+
+// σ = 0 below EXP_LO: AVX's rcpps flushes results below the smallest normal number to 0, and 1/(1 + e^88)
+// is one, so there the clamped argument already gives exactly 0; elsewhere a select sets it.
+inline vf zero_below_lo(vf z, vf s) {
+#if ACON_VB == 8 && defined(__AVX__) && !defined(__AVX512F__)
+  (void)z;
+  return s;
+#else
+  return z < splat(EXP_LO) ? vf{} : s;  // NaN compares false: kept
+#endif
+}
+
+inline Sig vsigmoid2(vf z) {
+  const vf e = vexp_neg(z);  // exactly 0 where it underflows (and at +inf), see EXP_HI
+  const vf s = zero_below_lo(z, vrecip(splat(1.0f) + e));
+  return {s, s * (e * s)};
+}
+
+inline vf vsigmoid(vf z) { return zero_below_lo(z, vrecip(splat(1.0f) + vexp_neg(z))); }
 
 inline vf fwd_math(vf x, vf d, vf p, vf b) {
   vf u = d * x;
@@ -168,19 +241,19 @@ inline vf fwd_math(vf x, vf d, vf p, vf b) {
 }
 
 // Backward of one chunk. With gx = dy·x the per-element gradient terms of p1 and β are
-// dy·x·g = gx·s + β·gx·t and dy·u·t = d·gx·t, where β and d are constant along a row (or per channel
-// for "nsc"); so only Σ gx·s, Σ gx·t and Σ gx are accumulated, and `finish` applies β and d per row.
+// dy·x·g = gx·g and dy·u·t = d·gx·t, where d is constant along a row (or per channel for "nsc"); so
+// only Σ gx·g, Σ gx·t and Σ gx are accumulated, and `finish` applies d per row.
 struct Grads {
-  vf dx, gs, gt, gx;  // dx, and the terms of Σ gx·s, Σ gx·t and Σ gx
+  vf dx, gs, gt, gx;  // dx, and the terms of Σ gx·g, Σ gx·t and Σ gx
 };
 
 inline Grads bwd_math(vf dy, vf x, vf d, vf p, vf b) {
-  vf u = d * x;
-  vf s = vsigmoid(b * u);
-  vf t = u * (s - s * s);
-  vf g = s + b * t;
-  vf gx = dy * x;
-  return {dy * (d * g + p), gx * s, gx * t, gx};
+  const vf u = d * x;
+  const Sig sg = vsigmoid2(b * u);
+  const vf t = u * sg.sp;
+  const vf g = sg.s + b * t;
+  const vf gx = dy * x;
+  return {dy * (d * g + p), gx * g, gx * t, gx};
 }
 
 // Sums of the rows of a block, VB rows at a time: each finished row parks its three accumulator vectors
@@ -348,8 +421,12 @@ void bwd_nsc_block(const typename IO::T* dy, const typename IO::T* x, typename I
   Aligned acc(3 * W);
   float *a1 = acc.v, *a2 = a1 + W, *ab = a2 + W;
   auto step = [&](int64_t i, int64_t n, int64_t c0) {
-    const Grads g = bwd_math(IO::load(dy + i, n), IO::load(x + i, n), d.at(c0), p.at(c0), b.at(c0));
+    Grads g = bwd_math(IO::load(dy + i, n), IO::load(x + i, n), d.at(c0), p.at(c0), b.at(c0));
     IO::store(dx + i, g.dx, n);
+    if (n < VB) {  // lanes past the data hold x = dy = 0, whose terms are NaN for an infinite parameter
+      const vi m = LANE < (int32_t)n;
+      g.gs = m ? g.gs : vf{}, g.gt = m ? g.gt : vf{}, g.gx = m ? g.gx : vf{};
+    }
     F32::store(a1 + c0, F32::load(a1 + c0, VB) + g.gs, VB);
     F32::store(a2 + c0, F32::load(a2 + c0, VB) + g.gt, VB);
     F32::store(ab + c0, F32::load(ab + c0, VB) + g.gx, VB);
@@ -380,19 +457,18 @@ inline std::vector<float> difference(const float* p1, const float* p2, int64_t C
 }
 
 // Final gradients from partial sums laid out (N, K, C) (K = 1 row per (n, c) for "ncs", K blocks per
-// sample for "nsc"), summed in a fixed order over (n, k): with β of (n, c) and d of c,
-// g1 = Σ (ss + β·st) (Σ dy·x·g), g2 = Σ sx - g1 and gb = d·Σ st, over k and also n unless β is per sample.
+// sample for "nsc"), summed in a fixed order over (n, k): with d of c,
+// g1 = Σ ss (Σ dy·x·g), g2 = Σ sx - g1 and gb = d·Σ st, over k and also n unless β is per sample.
 inline void finish(const float* __restrict__ ss, const float* __restrict__ st, const float* __restrict__ sx,
-                   const float* d, const float* b, float* __restrict__ g1, float* __restrict__ g2,
+                   const float* d, float* __restrict__ g1, float* __restrict__ g2,
                    float* __restrict__ gb, int64_t N, int64_t K, int64_t C, bool per_sample) {
   for (int64_t c = 0; c < C; ++c) g1[c] = g2[c] = 0.0f;
   for (int64_t j = 0; j < (per_sample ? N : 1) * C; ++j) gb[j] = 0.0f;
   for (int64_t n = 0; n < N; ++n) {
-    const float* bn = b + (per_sample ? n * C : 0);
     float* gbn = gb + (per_sample ? n * C : 0);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t q = (n * K + k) * C;
-      for (int64_t c = 0; c < C; ++c) g1[c] += ss[q + c] + bn[c] * st[q + c], g2[c] += sx[q + c], gbn[c] += st[q + c];
+      for (int64_t c = 0; c < C; ++c) g1[c] += ss[q + c], g2[c] += sx[q + c], gbn[c] += st[q + c];
     }
   }
   for (int64_t c = 0; c < C; ++c) g2[c] -= g1[c];
@@ -429,7 +505,7 @@ void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2,
     const int64_t r0 = R * k / blocks, o = r0 * S;
     rows_long<IO, true>((const T*)dy + o, (const T*)x + o, (T*)dx + o, ss, st, sx, P, r0, R * (k + 1) / blocks, S);
   }
-  finish(ss, st, sx, d.data(), b, g1, g2, gb, N, 1, C, per_sample != 0);
+  finish(ss, st, sx, d.data(), g1, g2, gb, N, 1, C, per_sample != 0);
 }
 
 template <class IO>
@@ -470,7 +546,7 @@ void bwd_nsc(const void* dy, const void* x, void* dx, float* g1, float* g2, floa
     bwd_nsc_block<IO>((const T*)dy + off, (const T*)x + off, (T*)dx + off, ss + q * C, st + q * C, sx + q * C,
                       dr, pr, br, C, a, e);
   }
-  finish(ss, st, sx, d.data(), b, g1, g2, gb, N, blocks, C, per_sample != 0);
+  finish(ss, st, sx, d.data(), g1, g2, gb, N, blocks, C, per_sample != 0);
 }
 
 // ---- "ncs" with rows shorter than a vector (S < VB) ------------------------------------------------
@@ -543,3 +619,4 @@ ACON_EXPORT(nsc_f32, nsc, F32)
 ACON_EXPORT(nsc_bf16, nsc, BF16)
 
 extern "C" int acon_abi_version() { return 3; }
+extern "C" int acon_vector_width() { return int(VB); }  // floats per vector chunk: 16, 8 or 4

@@ -12,6 +12,18 @@ fp64 inputs). Three executions exist, selected by ``mode()``:
   inside one call).
 
 ``scripts/bench_activation.py`` measures all three; the default is the first one that works here.
+
+NaN and ±Inf (every fused path: the C++ kernels at each vector width, the Triton kernels, the Inductor and
+eager formulas). The fused ops evaluate (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x and its gradients in IEEE
+arithmetic, with σ(+∞) = 1, σ(-∞) = 0 and σ'(±∞) = 0 exactly. A NaN or ±Inf in x, p1, p2 or β therefore
+gives NaN and ±Inf in the output and in dx, dp1, dp2 and dβ exactly where the paper form
+(``acon.functional.acon_c_reference``) gives them, with one convention where x itself is ±∞: there the
+paper form's p1·x - p2·x is ∞ - ∞ or 0·∞, so its output is NaN, while the fused output is this form's
+value: ±∞ (the limit, p1·x) where β(p1 - p2)·x > 0 and p2 is non-zero with the sign of p1 - p2, NaN
+otherwise (so x = +∞ with β(p1 - p2) < 0 gives (±∞)·0 = NaN, as the paper form does, although the
+function tends to p2·x there). Every gradient at such an x is NaN in both. Finite inputs whose terms
+overflow fp32 (|x| around 1e19 and beyond) can give ±Inf or NaN where the exact value is finite, as the
+paper form in fp32 does. ``tests/test_fused_fuzz.py`` checks all of this on every path.
 """
 
 from __future__ import annotations
@@ -32,7 +44,8 @@ from acon.fused.layout import NCS
 def forward_math(
     x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, ct: torch.dtype
 ) -> torch.Tensor:
-    """y = (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x computed in ``ct``, returned in x's dtype."""
+    """y = (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x computed in ``ct``, returned in x's dtype (NaN and ±Inf: see
+    the module docstring)."""
     xf = x.to(ct)
     u = (p1 - p2) * xf
     return (u * torch.sigmoid(beta * u) + p2 * xf).to(x.dtype)
@@ -52,7 +65,8 @@ def backward_math(
     With d = p1 - p2, u = d·x, z = β·u, s = σ(z): g = s·(1 + z·(1 - s)) = ∂(u·s)/∂u and
     dy/dx = d·g + p2, dy/dp1 = x·g, dy/dp2 = x·(1 - g), dy/dβ = u²·s·(1 - s). Reducing over S only keeps
     every output in one loop nest (outer N·C, inner S), which Inductor fuses into a single pass; the
-    caller sums the small (N, C) results over N (2x faster than reducing over (N, S) here).
+    caller sums the small (N, C) results over N (2x faster than reducing over (N, S) here). The dβ term is
+    formed as (dy·u)·(u·σ'(z)): u² alone can overflow where the term is 0 (the paper form never forms u²).
     """
     xf, dyf = x.to(ct), dy.to(ct)
     d = p1 - p2
@@ -65,7 +79,7 @@ def backward_math(
     gx = dyf * xf
     sum_p1 = (gx * g).sum(sdim)
     sum_p2 = (gx * (1 - g)).sum(sdim)
-    sum_beta = (dyf * u * u * sp).sum(sdim)
+    sum_beta = (dyf * u * (u * sp)).sum(sdim)  # u·sp first: u² may overflow where u·σ'(z) is 0
     return dx, sum_p1, sum_p2, sum_beta
 
 

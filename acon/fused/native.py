@@ -7,6 +7,10 @@ CPU, and loaded with ``ctypes``: no build step for the user, and no per-call tra
 and bf16 tensors (N, C, ...), contiguous or channels-last (the "ncs" and "nsc" layouts of
 ``acon.fused.layout``), straight from their memory: no views or copies. Other dtypes use the Inductor or
 eager formulas of ``acon.fused.cpu``.
+
+NaN and ±Inf propagate as in those formulas (the convention against the paper form is in
+``acon.fused.cpu``'s docstring): the clamps of the kernels' e^-z keep a NaN argument, σ is exactly 0 at
+-∞ and σ' exactly 0 at ±∞, and lanes past the end of the data never reach the parameter gradients.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             getattr(lib, f"acon_fwd_{layout}_{dt}").argtypes = [ptr] * 5 + [i64, i64, i64, i32, i64, i32]
             getattr(lib, f"acon_bwd_{layout}_{dt}").argtypes = [ptr] * 9 + [i64, i64, i64, i32, i64, i32]
     lib.acon_abi_version.restype = i32
+    lib.acon_vector_width.restype = i32
 
 
 def build(force: bool = False) -> Path:
@@ -144,6 +149,12 @@ def library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the C++ kernels are built and loaded (builds them on the first call)."""
     return library() is not None
+
+
+def vector_width() -> int | None:
+    """Floats per vector chunk of the loaded kernels (16: AVX-512, 8: AVX/AVX2, 4: SSE/NEON), or ``None``."""
+    lib = library()
+    return None if lib is None else int(lib.acon_vector_width())
 
 
 def supports(x: torch.Tensor) -> bool:

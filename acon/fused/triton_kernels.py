@@ -3,6 +3,7 @@
 x is viewed as (N, C, S) with strides (sn, sc, ss): contiguous NCHW has ss = 1, channels_last has
 sc = 1; Triton specialises the unit stride, so loads are coalesced along whichever axis is contiguous.
 Loads and stores use x's dtype (bf16, fp16, fp32, fp64); arithmetic is fp32 (fp64 for fp64 inputs).
+NaN and ±Inf propagate as in the torch formulas of ``acon.fused.cpu`` (its docstring has the convention).
 
 Backward is one pass over x and dy: each program owns (sample n, a block of channels, a fixed slice of
 S), writes dx for its tile and its partial sums for dp1, dp2 and dβ into an (N, SPLIT, C) fp32 buffer.
@@ -87,9 +88,10 @@ def _acon_c_bwd_kernel(
         g = sg + z * sgp
         tl.store(dx_ptr + off, (dy * (d * g + p2[:, None])).to(dx_ptr.dtype.element_ty), mask=m)
         gx = dy * x
-        acc1 += gx * g
-        acc2 += gx * (1.0 - g)
-        accb += dy * u * u * sgp
+        # masked lanes (x = dy = 0) add exactly 0: their terms are 0·NaN where β or p1 - p2 is ±inf
+        acc1 += tl.where(m, gx * g, 0.0)
+        acc2 += tl.where(m, gx * (1.0 - g), 0.0)
+        accb += tl.where(m, dy * u * (u * sgp), 0.0)  # u·σ'(z) first: u² may overflow where that is 0
     out = (n * n_split + sp) * C + c
     plane = N * n_split * C
     tl.store(part_ptr + out, tl.sum(acc1, axis=1), mask=cm)
