@@ -236,12 +236,14 @@ class TrainerSchema:
     hist_every: int = key(200, POSITIVE_INT)
     ckpt_every_steps: int = key(500, POSITIVE_INT)
     val_every_epochs: int = key(1, POSITIVE_INT)
+    val_every_steps: int | None = key(None, POSITIVE_INT)
     eval_batch_size: int = key(256, POSITIVE_INT)
     keep_step_checkpoints: int = key(0, NON_NEGATIVE_INT)
     nan_policy: str = key("stop", OneOf(("stop", "skip")))
     max_steps: int | None = key(None, POSITIVE_INT)
     progress: bool = key(True)
     dist_timeout_s: float = key(600.0, POSITIVE)
+    data_timeout_s: float | None = key(300.0, POSITIVE)
 
 
 @dataclass

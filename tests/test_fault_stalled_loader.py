@@ -1,0 +1,147 @@
+"""A stuck input pipeline on real processes: a DataLoader worker stopped with SIGSTOP (as a read from a hung
+file system looks). Stop signals still end the run within seconds, and trainer.data_timeout_s ends it on
+its own; both save last.pt first and exit 75, and the same command resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+from test_fault_checkpoints import descendants, reap, start, wait_for
+from test_fault_preemption import worker_pids
+
+from acon.checkpoint import load_checkpoint
+from acon.preempt import REQUEUE_EXIT_CODE
+
+RUN = "r"
+
+
+def cmd(root: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ("train.py",)) -> list[str]:
+    """60 steps of a tiny run with 2 loader workers, saving after every step (progress is visible)."""
+    return [
+        sys.executable,
+        *launcher,
+        *tiny_overrides(root, out),
+        "model=shufflenetv2_x0_5_small",
+        "activation=relu",
+        "data.num_workers=2",
+        "recipe.iterations=60",
+        "trainer.ckpt_every_steps=1",
+        "trainer.threads=1",
+        f"run_name={RUN}",
+        *extra,
+    ]
+
+
+def state_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def stop_one_worker(proc, run_dir: Path, workers_of=None) -> int:
+    """Once training saved a step with both loader workers up, SIGSTOP one worker; returns its pid."""
+    workers_of = workers_of or (lambda: descendants(proc.pid))
+    assert wait_for(lambda: (run_dir / "last.pt").exists() and len(workers_of()) >= 2, proc), (
+        proc.communicate()[1][-3000:]
+    )
+    pid = workers_of()[0]
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def stuck(run_dir: Path, proc, quiet_s: float = 3.0, timeout: float = 60) -> bool:
+    """True once last.pt has not changed for ``quiet_s`` (the loop waits for the stopped worker)."""
+    end, last = time.monotonic() + timeout, None
+    while time.monotonic() < end and proc.poll() is None:
+        mtime = (run_dir / "last.pt").stat().st_mtime_ns
+        if mtime != last:
+            last, since = mtime, time.monotonic()
+        elif time.monotonic() - since > quiet_s:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_group_sigterm_while_a_worker_is_stopped_saves_and_exits_75(tiny_imagenet, tmp_path):
+    """Before: the loop waited for the stopped worker's batch forever, SIGTERM or not."""
+    run_dir = tmp_path / RUN
+    proc = start(cmd(tiny_imagenet, tmp_path, "trainer.data_timeout_s=600"), env={"SLURM_JOB_ID": ""})
+    try:
+        stop_one_worker(proc, run_dir)
+        assert stuck(run_dir, proc), "the run did not wait for the stopped worker"
+        step = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        reap(proc)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    assert took < 15, took
+    assert "received SIGTERM: checkpoint saved, exiting with status 75 (rerun the same command" in err
+    assert "Traceback" not in err, err[-3000:]
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["progress"]["step"] == step and 0 < step < 60  # nothing lost, nothing invented
+    log = (run_dir / "train.log").read_text()
+    assert "received SIGTERM: checkpoint saved, exiting with status 75" in log  # the stop reason is kept
+
+
+def test_data_timeout_names_the_stuck_worker_exits_75_and_the_rerun_resumes(tiny_imagenet, tmp_path):
+    run_dir = tmp_path / RUN
+    args = cmd(tiny_imagenet, tmp_path, "trainer.data_timeout_s=2")
+    proc = start(args, env={"SLURM_JOB_ID": ""})
+    try:
+        pid = stop_one_worker(proc, run_dir)
+        _, err = proc.communicate(timeout=60)  # before: waits forever
+    finally:
+        reap(proc)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "data_timeout_s" in ln]
+    assert len(lines) == 1, err[-3000:]
+    assert f"pid {pid}, T (stopped)" in lines[0] and "exiting with status 75" in lines[0], lines
+    assert "Traceback" not in err, err[-3000:]
+    step = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
+    assert 0 < step < 60
+    assert lines[0].split("acon: ", 1)[1] in (run_dir / "train.log").read_text()
+
+    proc = start(args, env={"SLURM_JOB_ID": ""})  # the same command, the file system healthy again
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "complete" and results["steps"] == 60
+
+
+@pytest.mark.slow
+def test_one_stalled_rank_stops_every_rank_in_step(tiny_imagenet, tmp_path):
+    """torchrun, 2 ranks: a worker of rank 1 stopped; both ranks save and exit together, no rank is left
+    in a collective (before: rank 0 waited in the gradient all-reduce, rank 1 for its batch)."""
+    run_dir = tmp_path / RUN
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py")
+    proc = start(
+        cmd(tiny_imagenet, tmp_path, "trainer.data_timeout_s=3", "recipe.iterations=200", launcher=launcher),
+        env={"SLURM_JOB_ID": ""},
+    )
+
+    def rank1_workers() -> list[int]:
+        rank1 = worker_pids(proc.pid).get(1)
+        return descendants(rank1) if rank1 else []
+
+    try:
+        pid = stop_one_worker(proc, run_dir, rank1_workers)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        reap(proc)
+    assert proc.returncode != 0, err[-3000:]
+    assert err.count("exiting with status 75") == 1, err[-3000:]
+    line = next(ln for ln in err.splitlines() if "data_timeout_s" in ln)
+    assert f"rank 1: DataLoader worker" in line and f"pid {pid}, T (stopped)" in line, line
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["world_size"] == 2 and 0 < state["progress"]["step"] < 200
