@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 from test_fault_checkpoints import descendants, reap, start, wait_for
-from test_fault_preemption import worker_pids
 
 from acon.checkpoint import load_checkpoint
 from acon.preempt import REQUEUE_EXIT_CODE
@@ -39,8 +38,25 @@ def cmd(root: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ("train.
     ]
 
 
-def state_of(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+def parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def rank_of_pids(agent: int) -> dict[int, int]:
+    """{pid: RANK} of every train.py process under a torchrun agent (ranks and their loader workers)."""
+    out = {}
+    for pid in descendants(agent):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for kv in env:
+            if kv.startswith(b"RANK="):
+                out[pid] = int(kv[5:])
+    return out
 
 
 def stop_one_worker(proc, run_dir: Path, workers_of=None) -> int:
@@ -131,8 +147,10 @@ def test_one_stalled_rank_stops_every_rank_in_step(tiny_imagenet, tmp_path):
     )
 
     def rank1_workers() -> list[int]:
-        rank1 = worker_pids(proc.pid).get(1)
-        return descendants(rank1) if rank1 else []
+        """The loader workers of rank 1: the children of the rank-1 process (they carry RANK=1 too)."""
+        ranked = [pid for pid, rank in rank_of_pids(proc.pid).items() if rank == 1]
+        main = [pid for pid in ranked if parent(pid) not in ranked]
+        return [pid for pid in ranked if main and parent(pid) == main[0]]
 
     try:
         pid = stop_one_worker(proc, run_dir, rank1_workers)
@@ -142,6 +160,6 @@ def test_one_stalled_rank_stops_every_rank_in_step(tiny_imagenet, tmp_path):
     assert proc.returncode != 0, err[-3000:]
     assert err.count("exiting with status 75") == 1, err[-3000:]
     line = next(ln for ln in err.splitlines() if "data_timeout_s" in ln)
-    assert f"rank 1: DataLoader worker" in line and f"pid {pid}, T (stopped)" in line, line
+    assert "rank 1: DataLoader worker" in line and f"pid {pid}, T (stopped)" in line, line
     state = load_checkpoint(run_dir / "last.pt")
     assert state["world_size"] == 2 and 0 < state["progress"]["step"] < 200
