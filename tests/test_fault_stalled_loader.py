@@ -86,7 +86,7 @@ def stuck(run_dir: Path, proc, quiet_s: float = 3.0, timeout: float = 60) -> boo
 def test_group_sigterm_while_a_worker_is_stopped_saves_and_exits_75(tiny_imagenet, tmp_path):
     """Before: the loop waited for the stopped worker's batch forever, SIGTERM or not."""
     run_dir = tmp_path / RUN
-    proc = start(cmd(tiny_imagenet, tmp_path, "trainer.data_timeout_s=600"), env={"SLURM_JOB_ID": ""})
+    proc = start(cmd(tiny_imagenet, tmp_path), env={"SLURM_JOB_ID": ""})  # the default timeout: minutes
     try:
         stop_one_worker(proc, run_dir)
         assert stuck(run_dir, proc), "the run did not wait for the stopped worker"
