@@ -1,7 +1,8 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]` (see configs/train.yaml).
 
 Exit status: 0 done, 2 bad config/data/checkpoint (one ``error:`` line), 3 non-finite loss under
-``trainer.nan_policy=stop``, 75 preempted (SIGTERM/SIGUSR1) after saving a checkpoint, 130 interrupted
+``trainer.nan_policy=stop``, 75 preempted (SIGTERM/SIGUSR1) or a stalled input pipeline
+(``trainer.data_timeout_s``) after saving a checkpoint (75 asks for a requeue), 130 interrupted
 (SIGINT, Ctrl-C) after saving a checkpoint; rerun the same command to resume.
 """
 
