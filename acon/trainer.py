@@ -397,7 +397,9 @@ class Trainer:
                     return None
         except (FloatingPointError, BadImageError) as e:
             if self.info.is_main and not isinstance(e, FloatingPointError):  # settle logged its own
-                console.to_log_files(f"error: {e}")
+                from acon.cli import one_line
+
+                console.to_log_files(f"error: {one_line(str(e))}")
             raise
         except EarlyStop as stop:  # saved; the abandoned batch wait may hold stuck workers: exit now
             early = stop

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, compose
 from recording import run_recording, small_shufflenet
+from test_fault_data import messy_imagenet  # noqa: F401  (the folder with broken files)
 
 import acon.trainer
 from acon.checkpoint import load_checkpoint
@@ -230,3 +231,21 @@ def test_sigterm_line_says_rerun_outside_slurm_and_requeued_under_slurm(monkeypa
         requeue_and_exit("received SIGTERM", True, "SIGTERM")
     assert "exiting with status 75 (requeued SLURM job 42)" in capsys.readouterr().err
     assert (tmp_path / "asked").read_text().split() == ["requeue", "42"]
+
+
+def test_bad_image_budget_stop_is_written_to_the_log_file(messy_imagenet, tmp_path):  # noqa: F811
+    """The budget's error line reaches train.log, not only the console (before: console only)."""
+    from acon.data.bad_images import BadImageError
+
+    log = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(log)
+    try:
+        with pytest.warns(UserWarning, match="skipping bad image"), pytest.raises(BadImageError):
+            run_recording(small(messy_imagenet, tmp_path, "data.bad_image_policy=skip"))
+    finally:
+        logging.getLogger().removeHandler(log)
+        log.close()
+    assert (
+        "error: 2 bad images in the train split, more than the default"
+        in (tmp_path / "train.log").read_text()
+    )
