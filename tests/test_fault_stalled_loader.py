@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
 from test_fault_checkpoints import descendants, reap, start, wait_for
 
@@ -163,3 +164,48 @@ def test_one_stalled_rank_stops_every_rank_in_step(tiny_imagenet, tmp_path):
     assert "rank 1: DataLoader worker" in line and f"pid {pid}, T (stopped)" in line, line
     state = load_checkpoint(run_dir / "last.pt")
     assert state["world_size"] == 2 and 0 < state["progress"]["step"] < 200
+
+
+class _HangsOnARead(torch.utils.data.Dataset):
+    """Item 1 blocks in a read of a named pipe no one writes to (a read from a hung mount looks alike)."""
+
+    def __init__(self, fifo: str) -> None:
+        self.fifo = fifo
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        if i == 1:
+            fd = os.open(self.fifo, os.O_RDWR)  # opens at once; the read below never returns
+            os.read(fd, 1)
+        return torch.tensor(float(i))
+
+
+def test_the_timeout_names_the_worker_and_the_file_it_is_stuck_reading(tmp_path):
+    """In-process, a real loader with 2 workers: the wait ends after the timeout, naming the worker that
+    owes the batch, its state and the file it is reading; the other worker is not blamed."""
+    from acon.data.watchdog import BatchWait, stall_report
+    from acon.preempt import PreemptionFlag, worker_ignores_stop_signals
+
+    fifo = tmp_path / "hung.JPEG"
+    os.mkfifo(fifo)
+    loader = torch.utils.data.DataLoader(
+        _HangsOnARead(str(fifo)), batch_size=1, num_workers=2, worker_init_fn=worker_ignores_stop_signals
+    )
+    batches = iter(loader)
+    pids = [w.pid for w in batches._workers]
+    waiter = BatchWait(PreemptionFlag(), timeout_s=1.0).install()
+    try:
+        assert waiter.next(batches) is not None  # item 0, from worker 0
+        t0 = time.monotonic()
+        assert waiter.next(batches) is None and waiter.ended == "timeout"  # item 1: worker 1 hangs
+        assert time.monotonic() - t0 < 10
+        report = stall_report(loader, batches)
+    finally:
+        waiter.restore()
+        with open(fifo, "wb") as unblock:  # let the worker finish, so the loader shuts down cleanly
+            unblock.write(b"x")
+        del batches
+    assert report.startswith(f"DataLoader worker 1 (pid {pids[1]}, S (sleeping)"), report
+    assert f"reading {fifo}" in report, report

@@ -124,7 +124,7 @@ def _proc_state(pid: int) -> str:
 
 
 def _open_files(pid: int) -> list[str]:
-    """Regular data files ``pid`` holds open (libraries, devices, pipes and shared memory left out)."""
+    """Regular files ``pid`` holds open (libraries, devices, pipes and shared memory left out)."""
     files = []
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
@@ -170,9 +170,9 @@ def _children(pid: int) -> list[int]:
 
 def stall_report(loader, iterator) -> str:
     """Which loader worker the wait is stuck on, e.g. ``worker 1 (pid 4242, T (stopped), reading …)``."""
-    parts = []
+    parts, inherited = [], set(_open_files(os.getpid()))  # logs and outputs the worker got at fork
     for wid, pid in _owing_workers(loader, iterator):
-        files = _open_files(pid)
+        files = [f for f in _open_files(pid) if f not in inherited]
         reading = f", reading {', '.join(files[:3])}" if files else ", no data file open"
         who = f"worker {wid} " if wid is not None else "process "
         parts.append(f"{who}(pid {pid}, {_proc_state(pid)}{reading})")
