@@ -4,8 +4,9 @@ Exit status: 0 done, 2 bad config/data/checkpoint, or a run dir that another liv
 ``error:`` line naming the dir and the holder's host, pid and start time), 3 non-finite loss under
 ``trainer.nan_policy=stop``, 4 a write the filesystem refused (disk full, quota, read-only, permission:
 one ``error:`` line naming the file and the space needed vs free; last.pt is the previous complete
-checkpoint), 75 preempted (SIGTERM/SIGUSR1) after saving a checkpoint, 130 interrupted (SIGINT,
-Ctrl-C) after saving a checkpoint; rerun the same command to resume.
+checkpoint), 75 preempted (SIGTERM/SIGUSR1) or a stalled input pipeline (``trainer.data_timeout_s``)
+after saving a checkpoint (75 asks for a requeue), 130 interrupted (SIGINT, Ctrl-C) after saving a
+checkpoint; rerun the same command to resume.
 """
 
 import sys

@@ -238,6 +238,7 @@ class TrainerSchema:
     hist_every: int = key(200, POSITIVE_INT)
     ckpt_every_steps: int = key(500, POSITIVE_INT)
     val_every_epochs: int = key(1, POSITIVE_INT)
+    val_every_steps: int | None = key(None, POSITIVE_INT)
     eval_batch_size: int = key(256, POSITIVE_INT)
     keep_step_checkpoints: int = key(0, NON_NEGATIVE_INT)
     nan_policy: str = key("stop", OneOf(("stop", "skip")))
@@ -245,6 +246,7 @@ class TrainerSchema:
     progress: bool = key(True)
     dist_timeout_s: float = key(600.0, POSITIVE)
     tensorboard_errors: str = key("raise", OneOf(("raise", "warn")))  # a refused TensorBoard write
+    data_timeout_s: float | None = key(300.0, POSITIVE)
 
 
 @dataclass

@@ -24,6 +24,27 @@ def show_progress_bar(wanted: bool) -> bool:
     return wanted and sys.stderr.isatty() and "SLURM_JOB_ID" not in os.environ
 
 
+def to_log_files(message: str, level: int = logging.WARNING) -> None:
+    """Write ``message`` to the log files only (the run's train.log), for a line already on the console."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in {*logging.getLogger().handlers, *log.handlers}:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
+def epochs_done(epoch: int, batch_in_epoch: int, batches_per_epoch: int) -> int | float:
+    """The run's position in epochs, the one numbering of every line, record and summary: ``1`` after the
+    first epoch, ``0.3636`` 36 % into it (fractions rounded to 4 digits)."""
+    if not batch_in_epoch:
+        return epoch
+    return round(epoch + batch_in_epoch / max(batches_per_epoch, 1), 4)
+
+
+def epoch_text(epochs: int | float) -> str:
+    """An epoch position in words: ``3`` or ``0.36``."""
+    return str(int(epochs)) if float(epochs).is_integer() else f"{epochs:.2f}"
+
+
 def hms(seconds: float) -> str:
     """``h:mm:ss``."""
     s = int(max(seconds, 0))
@@ -169,9 +190,9 @@ def epoch_line(
     error), the best primary metric so far (%), lr, images/s, elapsed, ETA."""
     eta = clock.eta(record["step"])
     metric = "top1_err" if task is None else task.primary_metric
-    best_txt = f"best {best[metric]:.2f}% (epoch {best['epoch']})" if best else "best -"
+    best_txt = f"best {best[metric]:.2f}% (epoch {epoch_text(best['epoch'])})" if best else "best -"
     return (
-        f"epoch {record['epoch']}/{total_epochs}  step {record['step']}/{clock.total_steps}  "
+        f"epoch {epoch_text(record['epoch'])}/{total_epochs}  step {record['step']}/{clock.total_steps}  "
         f"train loss {record['train_loss']:.4f}  {_val_text(record, task)}  {best_txt}  lr {record['lr']:.4g}  "
         f"{images_per_s:.0f} img/s  elapsed {hms(clock.elapsed())}  "
         f"ETA {hms(eta) if not math.isnan(eta) else '-'}"
@@ -188,12 +209,14 @@ def summary_lines(results: dict, run_dir: Path) -> list[str]:
         what = f"final top-1 error {results['top1_err']:.2f}%{top5}"
     else:
         what = f"final {metric} {results[metric]:.2f}%"
+    best = results.get("best_checkpoint", str(run_dir / "best.pt"))
     return [
         f"{'done' if status == 'complete' else status}: {what}, best "
-        f"{results[f'best_{metric}']:.2f}% at epoch {results['best_epoch']}, wall time {hms(results['wall_time_s'])}",
+        f"{results[f'best_{metric}']:.2f}% at epoch {epoch_text(results['best_epoch'])}, "
+        f"wall time {hms(results['wall_time_s'])}",
         f"  run dir:     {run_dir}",
         f"  results:     {run_dir / 'results.json'}",
-        f"  best:        {run_dir / 'best.pt'}",
+        f"  best:        {best or 'none written (no validation at an epoch end before the stop)'}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
     ]
 

@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from acon.distributed import all_reduce_sum
@@ -78,6 +79,101 @@ def optimizer_step(ctx: StepContext, loss: torch.Tensor, step: int) -> None:
 
 TOP5_MIN_CLASSES = 6
 """Fewer classes than this: top-5 error is 0 by construction and is not reported."""
+
+
+class HostFlags:
+    """Sums host-side numbers across ranks (stop requests, stalled loaders, bad images) before a step.
+
+    Every rank calls :meth:`sum` once per step, after its wait for a batch and before the forward pass,
+    so a rank that stops (signal, stalled loader) is never left alone in a gradient collective. The sum
+    runs on a CPU (gloo) group: no device synchronisation. Without DDP it is the identity.
+    """
+
+    def __init__(self) -> None:
+        self.on = dist.is_initialized() and dist.get_world_size() > 1
+        self.group = None
+        if self.on and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # a collective: every rank builds it in fit
+
+    def sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over ranks."""
+        if not self.on:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return t.tolist()
+
+
+class StepGuard:
+    """Device-side bookkeeping of the steps between two reads, so a step never waits for the device.
+
+    Each step adds its loss to a device sum and a flag for a non-finite loss (the same on every rank: the
+    flags are all-reduced on the device, which does not block the host). :meth:`read` fetches all of it
+    in one transfer at the points that synchronise anyway (logging intervals, saves, validation): the
+    first bad step is named exactly, and it is read before anything is saved or validated.
+
+    Under ``skip`` (:meth:`masked`) the update of a bad step is undone on the device: every parameter,
+    optimiser state, EMA and GradScaler tensor is put back with ``torch.where`` on the step's flag; state
+    the step created (e.g. the first momentum buffer) is zeroed, which is what a fresh one starts from.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._zeros()
+
+    def _zeros(self) -> None:
+        z = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_sum, self.loss_count, self.bad_count = z.clone(), z.clone(), z.clone()
+        self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=self.device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """Account one step's loss; returns its 0-d bool flag (True: non-finite on some rank)."""
+        loss = loss.detach().double()
+        bad = ~torch.isfinite(loss)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = bad.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = flag.bool()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), float(step), self.first_bad)
+        self.bad_count += bad
+        self.loss_sum += torch.where(bad, 0.0, loss)
+        self.loss_count += ~bad
+        return bad
+
+    def read(self) -> tuple[int | None, int, float, int]:
+        """(first bad step or None, bad steps, loss sum, good steps) since the last read; one transfer."""
+        first, bad, total, count = torch.stack(
+            [self.first_bad, self.bad_count, self.loss_sum, self.loss_count]
+        ).tolist()
+        self._zeros()
+        return (None if first < 0 else int(first)), int(bad), total, int(count)
+
+    @staticmethod
+    def masked(ctx: StepContext, bad: torch.Tensor, update) -> None:
+        """Run ``update()``; then restore every state tensor it changed where ``bad`` is set."""
+        before = {id(t): (t, t.detach().clone()) for t in _state_tensors(ctx)}
+        update()
+        with torch.no_grad():
+            for t in _state_tensors(ctx):
+                if id(t) in before and before[id(t)][0] is t:
+                    t.copy_(torch.where(bad, before[id(t)][1], t))
+                else:  # created by this step
+                    t.masked_fill_(bad, 0)
+
+
+def _state_tensors(ctx: StepContext) -> list[torch.Tensor]:
+    """The tensors an optimisation step updates: parameters, optimiser state, EMA, GradScaler state."""
+    out = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+    for state in ctx.optimizer.state.values():
+        out += [v for v in state.values() if torch.is_tensor(v)]
+    if ctx.ema is not None:
+        module = getattr(ctx.ema, "module", ctx.ema)
+        out += [t for t in module.state_dict(keep_vars=True).values() if t.is_floating_point()]
+    for name in ("_scale", "_growth_tracker"):
+        t = getattr(ctx.scaler, name, None)
+        if torch.is_tensor(t):
+            out.append(t)
+    return out
 
 
 @torch.no_grad()

@@ -1,7 +1,10 @@
 """Stop signals become a checkpoint at the next step boundary; DataLoader workers leave them to the trainer.
 
 SIGTERM/SIGUSR1 (what SLURM, ``scancel``, ``timeout`` and torchrun send before a stop) end in a checkpoint,
-``scontrol requeue`` under SLURM and exit 75; SIGINT (Ctrl-C) in a checkpoint and exit 130. The signal
+``scontrol requeue`` under SLURM and exit 75; SIGINT (Ctrl-C) in a checkpoint and exit 130. A stalled input
+pipeline (``trainer.data_timeout_s``) also ends in a checkpoint and exit 75: a requeue may well find the
+file system healthy again. A signal that arrives while the loop waits for a batch ends the wait at once
+(``PreemptionFlag.interrupt``, ``acon.data.watchdog``). The signal
 usually reaches the whole process group, so the DataLoader workers ignore these signals
 (:func:`worker_ignores_stop_signals`) and are shut down by their loader, or by torch's watchdog when
 the main process is gone.
@@ -10,6 +13,7 @@ the main process is gone.
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (its exit handler is registered first)
 import os
@@ -76,6 +80,7 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.interrupt = False  # set while the loop waits for a batch: a stop signal ends that wait
         self._previous = {}
 
     def install(self) -> PreemptionFlag:
@@ -89,6 +94,11 @@ class PreemptionFlag:
         if name == "SIGINT" and self.received == "SIGINT":
             raise KeyboardInterrupt
         self.received = self.received or name
+        if self.interrupt:
+            from acon.data.watchdog import WaitEnded
+
+            self.interrupt = False
+            raise WaitEnded(self.received)
 
     def restore(self) -> None:
         """Put the previous handlers back."""
@@ -100,25 +110,53 @@ class PreemptionFlag:
         return self.received is not None
 
 
-def requeue_and_exit(reason: str, is_main: bool, received: str | None = None) -> None:
-    """After the checkpoint is saved: exit 130 for SIGINT; otherwise ask SLURM to requeue (rank 0), exit 75."""
+def under_slurm_requeue() -> bool:
+    """True when this job is a SLURM job that asks to be requeued on a stop (``ACON_SLURM_REQUEUE``)."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and os.environ.get("ACON_SLURM_REQUEUE", "1") == "1"
+
+
+def stop_line(message: str) -> None:
+    """One line on stderr and in the run's log files (train.log), where every stop reason is kept."""
+    from acon.console import to_log_files
+
+    print(message, file=sys.stderr, flush=True)
+    to_log_files(message)
+
+
+def _exit(status: int, now: bool) -> None:
+    """``sys.exit``; with ``now``, leave at once without interpreter teardown, which would join loader
+    workers that may be stuck (5 s each and again after SIGTERM); they die with this process
+    (``PR_SET_PDEATHSIG``, see :func:`worker_ignores_stop_signals`)."""
+    if now:
+        logging.shutdown()  # flush the run's train.log
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def requeue_and_exit(reason: str, is_main: bool, received: str | None = None, now: bool = False) -> None:
+    """After the checkpoint is saved: exit 130 for SIGINT; otherwise ask SLURM to requeue (rank 0), exit 75.
+
+    Outside SLURM the line says to rerun the same command (torchrun --max-restarts reruns it too).
+    ``now``: exit without interpreter teardown (see :func:`_exit`).
+    """
     if received == "SIGINT":
-        print(
-            f"acon: {reason}: checkpoint saved, exiting with status {INTERRUPT_EXIT_CODE} "
-            "(rerun the same command to resume)",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(INTERRUPT_EXIT_CODE)
+        if is_main:
+            stop_line(
+                f"acon: {reason}: checkpoint saved, exiting with status {INTERRUPT_EXIT_CODE} "
+                "(rerun the same command to resume)"
+            )
+        _exit(INTERRUPT_EXIT_CODE, now)
     job = os.environ.get("SLURM_JOB_ID")
-    if is_main and job and os.environ.get("ACON_SLURM_REQUEUE", "1") == "1":
+    requeued = False
+    if is_main and under_slurm_requeue():
         try:
             subprocess.run(["scontrol", "requeue", job], check=False, timeout=30)
+            requeued = True
         except (OSError, subprocess.SubprocessError) as e:
             print(f"acon: could not requeue SLURM job {job}: {e}", file=sys.stderr)
-    print(
-        f"acon: {reason}: checkpoint saved, exiting with status {REQUEUE_EXIT_CODE} (requeue)",
-        file=sys.stderr,
-        flush=True,
-    )
-    sys.exit(REQUEUE_EXIT_CODE)
+    what = f"requeued SLURM job {job}" if requeued else "rerun the same command to resume"
+    if is_main:
+        stop_line(f"acon: {reason}: checkpoint saved, exiting with status {REQUEUE_EXIT_CODE} ({what})")
+    _exit(REQUEUE_EXIT_CODE, now)

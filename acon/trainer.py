@@ -13,8 +13,10 @@ from acon import checkpoint as ckpt
 from acon import console, distributed, fallbacks
 from acon.builders import run_identity
 from acon.data import build_datasets  # noqa: F401  (classification's loaders build through this name)
-from acon.data.bad_images import SkipLog
-from acon.engine import StepContext, forward_loss, optimizer_step  # noqa: F401  (forward_loss: as above)
+from acon.data.bad_images import BadImageError, SkipLog
+from acon.data.watchdog import BatchWait, stall_report
+from acon.engine import HostFlags, StepContext, StepGuard, forward_loss, optimizer_step  # noqa: F401
+from acon.errors import ConfigError
 from acon.logging import Progress, RunLogger
 from acon.optim import (
     build_criterion,
@@ -34,6 +36,14 @@ from acon.syncbn import convert_sync_batchnorm
 from acon.tasks import task_of
 from acon.tasks.base import best_entry, is_better, unprefixed
 from acon.validate import check_train_config
+
+
+class EarlyStop(Exception):  # noqa: N818  (a stop, not an error)
+    """The run stops before its end, after saving last.pt: ``reason`` and the signal that asked for it."""
+
+    def __init__(self, reason: str, received: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.received = reason, received
 
 
 class Trainer:
@@ -199,25 +209,66 @@ class Trainer:
         return metrics
 
     def validation_due(self) -> bool:
-        """Every ``trainer.val_every_epochs`` epochs, and always at the end of training."""
-        return (
-            self.state.step >= self.total_steps
-            or self.state.epoch % int(self.cfg.trainer.val_every_epochs) == 0
+        """At the end of training; every ``trainer.val_every_steps`` steps when set (iteration recipes),
+        else at every ``trainer.val_every_epochs``-th epoch end."""
+        s, t = self.state, self.cfg.trainer
+        if s.step >= self.total_steps:
+            return True
+        if t.get("val_every_steps"):
+            return s.step % int(t.val_every_steps) == 0
+        return s.batch_in_epoch == 0 and s.epoch % int(t.val_every_epochs) == 0
+
+    def record_due(self) -> bool:
+        """Whether the run records a metrics line here: epoch ends, validation points, the end."""
+        s, every = self.state, self.cfg.trainer.get("val_every_steps")
+        return s.step > 0 and (
+            s.batch_in_epoch == 0 or s.step >= self.total_steps or bool(every and s.step % int(every) == 0)
         )
 
-    def end_of_epoch(self, logger: RunLogger, train_loss: float, lr: float, elapsed: float) -> None:
-        """Record the epoch, validate when due, and save last.pt (and best.pt on a new best of the task's
-        primary metric: top-1 error, mIoU, AP)."""
+    def epochs_done(self) -> int | float:
+        """The run's position in epochs (fractional mid-epoch): every line and record uses it."""
+        s = self.state
+        return console.epochs_done(s.epoch, s.batch_in_epoch, self.batches_per_epoch)
+
+    def settle(self) -> None:
+        """Read the device-side step accounting (one synchronisation): the loss sums, the skipped steps,
+        and the first non-finite step, which ends the run under ``nan_policy=stop`` before anything is
+        saved or validated (last.pt stays the last good checkpoint)."""
+        s = self.state
+        first_bad, bad, loss_sum, count = self.guard.read()
+        s.epoch_loss_sum, s.epoch_loss_count = s.epoch_loss_sum + loss_sum, s.epoch_loss_count + count
+        if first_bad is not None and self.cfg.trainer.nan_policy == "stop":
+            bpe = self.batches_per_epoch
+            where = console.epoch_text(console.epochs_done(first_bad // bpe, first_bad % bpe, bpe))
+            message = (
+                f"non-finite training loss at step {first_bad} (epoch {where}); the last good checkpoint"
+                f" is {self.run_dir / 'last.pt'} (trainer.nan_policy=stop)"
+            )
+            if self.info.is_main:
+                console.to_log_files(f"error: {message}")
+            raise FloatingPointError(message)
+        s.nonfinite_steps_skipped += bad
+
+    def end_of_epoch(self, logger: RunLogger, elapsed: float) -> None:
+        """Record the run at an epoch end or a ``val_every_steps`` point (epochs fractional mid-epoch):
+        validate when due, and save last.pt (best.pt too on a new best of the task's primary metric:
+        top-1 error, mIoU, AP). Before a validation last.pt is saved first, so a preemption during a long
+        validation loses no steps (the rerun validates there again)."""
         s, task = self.state, self.task
+        self.settle()
+        validate = self.validation_due()
+        if validate:
+            self.save()
         record = {
-            "epoch": s.epoch,
+            "epoch": self.epochs_done(),
             "step": s.step,
-            "train_loss": train_loss,
-            "lr": lr,
+            "train_loss": s.epoch_loss_sum / max(s.epoch_loss_count, 1),
+            "lr": self.ctx.optimizer.param_groups[0]["lr"],
             "epoch_time_s": elapsed,
         }
+        s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
         is_best = False
-        if self.validation_due():
+        if validate:
             val = self.validate()
             s.bad_images_skipped += val.pop("bad_images_skipped")  # summed over ranks by evaluate
             self.record_skips("val", val.pop("bad_image_files"))
@@ -226,7 +277,7 @@ class Trainer:
             pm = task.primary_metric
             is_best = is_better(task, val[pm], None if s.best is None else s.best[pm])
             if is_best:
-                s.best = best_entry(task, val, s.epoch, s.step)
+                s.best = best_entry(task, val, record["epoch"], s.step)
         s.history.append(record)
         logger.epoch_line(record)
         if self.info.is_main:
@@ -234,38 +285,30 @@ class Trainer:
             console.log.info(console.epoch_line(record, epochs, s.best, self.clock, self.bar.rate, task))
         self.save(best=is_best)
 
-    def train_step(self, images, targets, n_bad, stop_requested: bool) -> tuple[torch.Tensor, bool]:
-        """One optimisation step (skipped on a non-finite loss under nan_policy=skip), the bad-image budget
-        of the whole job, and the position; returns the loss and whether any rank was asked to stop."""
-        s, t, c = self.state, self.cfg.trainer, self.ctx
+    def train_step(self, images, targets) -> torch.Tensor:
+        """One optimisation step and the position; returns the loss (on the device, never read here).
+
+        A non-finite loss is flagged on the device (:class:`acon.engine.StepGuard`) and read at the next
+        logging interval, save or validation; under ``nan_policy=skip`` the step's update is undone on the
+        device, under ``stop`` the run ends there naming the step."""
+        s, c = self.state, self.ctx
         loss = self.task.loss(c, images, targets)
-        nonfinite, stop_now, bad_total = distributed.all_reduce_sum(
-            [float(not torch.isfinite(loss)), float(stop_requested), float(n_bad)], self.info.device
-        )
-        nonfinite, stop_now = nonfinite > 0, stop_now > 0  # every rank takes the same branch
-        if bad_total:  # one budget and one list for the whole job, the same on every rank
-            s.bad_images_skipped += int(bad_total)
-            self.record_skips("train", n_bad)
-        if nonfinite:
-            if t.nan_policy == "stop":
-                raise FloatingPointError(
-                    f"non-finite training loss at step {s.step} (epoch {s.epoch}); the last "
-                    f"good checkpoint is {self.run_dir / 'last.pt'} (trainer.nan_policy=stop)"
-                )
-            s.nonfinite_steps_skipped += 1
+        bad = self.guard.observe(loss, s.step)
+        if self.cfg.trainer.nan_policy == "skip":
+            self.guard.masked(c, bad, lambda: optimizer_step(c, loss, s.step))
         else:
             optimizer_step(c, loss, s.step)
-            s.epoch_loss_sum += loss.item()
-            s.epoch_loss_count += 1
         s.step += 1
         s.batch_in_epoch += 1
-        return loss, stop_now
+        return loss
 
     def log_step(self, logger: RunLogger, loss: torch.Tensor, rate: float, images, closing: bool) -> None:
-        """TensorBoard scalars every ``log_every`` steps; activation histograms and Meta-ACON β statistics
-        every ``hist_every`` steps and at the end of every epoch and of the run (``closing``)."""
+        """Every ``log_every`` steps: the device-side accounting is read (a non-finite step is caught
+        here at the latest) and TensorBoard scalars written; activation histograms and Meta-ACON β
+        statistics every ``hist_every`` steps and at the end of every epoch and of the run (``closing``)."""
         s, t = self.state, self.cfg.trainer
         if s.step % int(t.log_every) == 0:
+            self.settle()
             lr = self.ctx.optimizer.param_groups[0]["lr"]
             logger.scalars(s.step, {"train/loss": loss.item(), "train/lr": lr, "train/images_per_s": rate})
         if s.step % int(t.hist_every) == 0 or closing:
@@ -274,59 +317,104 @@ class Trainer:
             if sample is not None:
                 logger.meta_beta_stats(self.model, sample.to(self.info.device), s.step)
 
+    def agree(self, batch, waiter: BatchWait, flag: PreemptionFlag) -> tuple[bool, bool]:
+        """After the wait for a batch, before the step: every rank learns whether any rank was asked to
+        stop or has a stalled loader, and adds the batch's bad images to the job's budget."""
+        n_bad = batch[2] if batch is not None else 0
+        stalled = batch is None and waiter.ended == "timeout"
+        stop, stall, bad_total = self.flags.sum([float(bool(flag)), float(stalled), float(n_bad)])
+        if bad_total:  # one budget and one list for the whole job, the same on every rank
+            self.state.bad_images_skipped += int(bad_total)
+            self.record_skips("train", n_bad)
+        return stop > 0, stall > 0
+
+    def stop_early(self, flag: PreemptionFlag, waiter: BatchWait, batches, stalled: bool) -> EarlyStop:
+        """Save last.pt where the run is (no step is lost); the reason and exit status to leave with."""
+        self.settle()
+        self.save()
+        if not stalled:
+            return EarlyStop(f"received {flag.received or 'a stop signal on another rank'}", flag.received)
+        here = None
+        if waiter.ended == "timeout":
+            here = f"rank {self.info.rank}: {stall_report(self.train_loader, batches)}"
+        reports = [r for r in distributed.all_gather_object(here) if r]
+        limit = self.cfg.trainer.data_timeout_s
+        return EarlyStop(f"no batch within trainer.data_timeout_s={limit:g} s, stuck on {'; '.join(reports)}")
+
     def fit(self) -> dict | None:
         """Train to the end; returns the results dict on rank 0 (None when stopped early)."""
-        cfg, t, s, c = self.cfg, self.cfg.trainer, self.state, self.ctx
+        cfg, t, s = self.cfg, self.cfg.trainer, self.state
         logger = RunLogger(self.run_dir, self.info.is_main, s.step, s.history, t.tensorboard_errors)
         bar = self.bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
         self.clock = console.RunClock(s.step, self.total_steps)
+        self.guard, self.flags = StepGuard(self.info.device), HostFlags()
+        if self.info.enabled and t.data_timeout_s and t.data_timeout_s >= t.dist_timeout_s:
+            raise ConfigError(  # the other ranks wait in the step's flag all-reduce meanwhile
+                f"trainer.data_timeout_s={t.data_timeout_s:g} must be below "
+                f"trainer.dist_timeout_s={t.dist_timeout_s:g} under DDP"
+            )
         if self.info.is_main:
             self.log_banner()
         flag = PreemptionFlag().install()
+        waiter = BatchWait(flag, t.get("data_timeout_s")).install()
         max_steps = int(t.max_steps) if t.max_steps else None
+        epochs, early = -(-self.total_steps // self.batches_per_epoch), None
         try:
+            t_record = time.perf_counter()
+            if self.record_due() and (not s.history or s.history[-1]["step"] != s.step):
+                self.end_of_epoch(logger, 0.0)  # saved before a validation that did not finish
             while s.step < self.total_steps:
-                t_epoch = time.perf_counter()
-                for images, targets, n_bad in self.epoch_batches(s.epoch, s.batch_in_epoch):
-                    loss, stop_now = self.train_step(images, targets, n_bad, bool(flag))
-                    rate = bar.update(int(cfg.recipe.batch_size), epoch=s.epoch)
+                batches = self.epoch_batches(s.epoch, s.batch_in_epoch)
+                while True:
+                    try:
+                        batch = waiter.next(batches)
+                    except StopIteration:
+                        break
+                    stop, stalled = self.agree(batch, waiter, flag)
+                    if stop or stalled:
+                        raise self.stop_early(flag, waiter, batches, stalled)
+                    images, targets, _ = batch
+                    loss = self.train_step(images, targets)
+                    position = f"{self.epochs_done():.2f}/{epochs}"
+                    rate = bar.update(int(cfg.recipe.batch_size), epoch=position)
                     epoch_done = s.batch_in_epoch == self.batches_per_epoch
                     run_done = s.step >= self.total_steps or bool(max_steps and s.step >= max_steps)
                     self.log_step(logger, loss, rate, images, closing=epoch_done or run_done)
-                    if stop_now and not epoch_done:
-                        self.save()
-                        bar.close()
-                        requeue_and_exit(
-                            f"received {flag.received or 'a stop signal on another rank'}",
-                            self.info.is_main,
-                            flag.received,
-                        )
                     if epoch_done or s.step >= self.total_steps:
                         break
-                    if s.step % int(t.ckpt_every_steps) == 0:
+                    if self.record_due():  # a val_every_steps point
+                        self.end_of_epoch(logger, time.perf_counter() - t_record)
+                        t_record = time.perf_counter()
+                    elif s.step % int(t.ckpt_every_steps) == 0:
+                        self.settle()
                         self.save()
                     if max_steps and s.step >= max_steps:
                         break
                 if s.batch_in_epoch == self.batches_per_epoch or s.step >= self.total_steps:
-                    train_loss = s.epoch_loss_sum / max(s.epoch_loss_count, 1)
-                    s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
                     if s.batch_in_epoch == self.batches_per_epoch:
                         s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-                    self.end_of_epoch(
-                        logger, train_loss, c.optimizer.param_groups[0]["lr"], time.perf_counter() - t_epoch
-                    )
-                    if stop_now:
-                        requeue_and_exit(
-                            f"received {flag.received or 'a stop signal'}", self.info.is_main, flag.received
-                        )
+                    self.end_of_epoch(logger, time.perf_counter() - t_record)
+                    t_record = time.perf_counter()
                 if max_steps and s.step >= max_steps and s.step < self.total_steps:
+                    self.settle()
                     self.save()
                     self.stop_at_max_steps(logger)
                     return None
+        except (FloatingPointError, BadImageError) as e:
+            if self.info.is_main and not isinstance(e, FloatingPointError):  # settle logged its own
+                from acon.cli import one_line
+
+                console.to_log_files(f"error: {one_line(str(e))}")
+            raise
+        except EarlyStop as stop:  # saved; the abandoned batch wait may hold stuck workers: exit now
+            early = stop
         finally:
+            waiter.restore()
             flag.restore()
             bar.close()
             logger.close()
+        if early is not None:
+            requeue_and_exit(early.reason, self.info.is_main, early.received, now=True)
         return self.finish(sum(s.wall_segments_s))  # as of the final save: a no-op rerun adds nothing
 
     def log_banner(self) -> None:
@@ -358,7 +446,7 @@ class Trainer:
             s.bad_images_skipped += val.pop("bad_images_skipped")  # summed over ranks by evaluate
             self.record_skips("val", val.pop("bad_image_files"))
             record = {
-                "epoch": round(s.epoch + s.batch_in_epoch / self.batches_per_epoch, 4),
+                "epoch": self.epochs_done(),
                 "step": s.step,
                 "train_loss": s.epoch_loss_sum / max(s.epoch_loss_count, 1),
                 "lr": self.ctx.optimizer.param_groups[0]["lr"],
@@ -382,6 +470,7 @@ class Trainer:
         import models
 
         last = last or self.state.history[-1]
+        best_pt = self.run_dir / "best.pt"
         results = {
             "status": status,
             **self.task.result_fields({**unprefixed(last), "epoch": last["epoch"]}, self.state.best),
@@ -405,6 +494,7 @@ class Trainer:
             "git_commit": git_commit(),
             "identity": run_identity(self.cfg),
             "fallbacks": fallbacks.across_ranks(every_rank),
+            "best_checkpoint": str(best_pt) if self.state.best is not None and best_pt.is_file() else None,
             "origin": self.state.origin,
         }
         write_json(self.run_dir / "results.json", results)

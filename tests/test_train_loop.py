@@ -1,0 +1,251 @@
+"""The training loop's edges: no device reads inside a step, exact non-finite stops between reads, a stop at
+the final step, fractional epochs, validation every N steps, and one epoch numbering in every line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose
+from recording import run_recording, small_shufflenet
+from test_fault_data import messy_imagenet  # noqa: F401  (the folder with broken files)
+
+import acon.trainer
+from acon.checkpoint import load_checkpoint
+from acon.tasks.classification import ClassificationTask
+
+RUN = "r"
+ACON = str(ROOT / "acon")
+
+
+def small(root, out, *extra: str) -> list[str]:
+    """ShuffleNetV2 0.5x (ReLU), 16 px, batch 4 on the tiny folder: 6 steps an epoch."""
+    return small_shufflenet(root, out, f"run_name={RUN}", *extra)
+
+
+def lines_of(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_train_step_never_reads_the_device(tiny_imagenet, tmp_path, monkeypatch):
+    """No .item()/.tolist()/bool()/float() of a tensor and no synchronize from the suite's own code inside
+    a step (torch.cuda.set_sync_debug_mode's check, emulated on the CPU); reads happen at log intervals."""
+    inside, reads = [False], []
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if inside[0] and caller.startswith(ACON):
+                reads.append((name, caller, sys._getframe(1).f_lineno))
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.cuda, "synchronize", counting("synchronize", torch.cuda.synchronize))
+    real_step = acon.trainer.Trainer.train_step
+
+    def step(self, *args, **kwargs):
+        inside[0] = True
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(acon.trainer.Trainer, "train_step", step)
+    results = run_recording(small(tiny_imagenet, tmp_path, "trainer.nan_policy=skip")).results
+    assert results["steps"] == 6 and reads == [], reads  # before: loss.item(), the flags' .tolist()
+    assert lines_of(tmp_path / RUN)[0]["train_loss"] > 0  # the loss sum still arrives
+
+
+def _nan_at(monkeypatch, bad_calls: set[int]) -> None:
+    real = acon.trainer.forward_loss
+    calls = []
+
+    def poisoned(ctx, images, targets):
+        calls.append(len(calls))
+        loss = real(ctx, images, targets)
+        return loss * float("nan") if calls[-1] in bad_calls else loss
+
+    monkeypatch.setattr(acon.trainer, "forward_loss", poisoned)
+
+
+def test_nan_stop_between_reads_names_the_bad_step_and_saves_nothing_after_it(
+    tiny_imagenet, tmp_path, monkeypatch
+):
+    """NaN at step 3, read at step 5 (log_every): the message names step 3, the checkpoint of step 2 is
+    kept, nothing non-finite is saved, and train.log holds the stop reason too."""
+    _nan_at(monkeypatch, {3})
+    log = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(log)
+    try:
+        with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 3 \(epoch 0\.50\)"):
+            run_recording(small(tiny_imagenet, tmp_path, "trainer.log_every=5", "trainer.ckpt_every_steps=2"))
+    finally:
+        logging.getLogger().removeHandler(log)
+        log.close()
+    state = load_checkpoint(tmp_path / RUN / "last.pt")
+    assert state["progress"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert "error: non-finite training loss at step 3" in (tmp_path / "train.log").read_text()
+
+
+def test_nan_skip_undoes_the_update_on_the_device(tiny_imagenet, tmp_path, monkeypatch):
+    """A skipped step changes no weight and no momentum: the run equals one that never saw that batch's
+    update (the bad batch still advances the data and the schedule, as before)."""
+    _nan_at(monkeypatch, {0, 3})
+    run = run_recording(small(tiny_imagenet, tmp_path, "trainer.nan_policy=skip", "trainer.log_every=100"))
+    assert run.results["nonfinite_steps_skipped"] == 2 and run.results["steps"] == 6
+    state = load_checkpoint(tmp_path / RUN / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    momenta = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert momenta and all(torch.isfinite(m).all() for m in momenta)
+
+
+@pytest.mark.parametrize("bad", [True, False])
+def test_masked_update_restores_weights_and_optimizer_state_exactly(bad):
+    """SGD with momentum and weight decay (a zero gradient would still move the weights): a flagged step
+    leaves weights and momentum bit-identical, and a momentum buffer it created reads as a fresh one."""
+    from acon.engine import StepContext, StepGuard
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    ctx = StepContext(model, opt, None, torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
+
+    def update():
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+
+    flag = torch.tensor(bad)
+    StepGuard.masked(ctx, flag, update)  # creates the momentum buffers
+    assert all(bool((opt.state[p]["momentum_buffer"] == 0).all()) == bad for p in model.parameters())
+    update()
+    before = [
+        t.clone()
+        for t in [*model.parameters(), *(opt.state[p]["momentum_buffer"] for p in model.parameters())]
+    ]
+    StepGuard.masked(ctx, flag, update)
+    after = [*model.parameters(), *(opt.state[p]["momentum_buffer"] for p in model.parameters())]
+    assert all(torch.equal(a, b) == bad for a, b in zip(after, before, strict=True))
+
+
+def test_stop_requested_at_the_final_step_still_validates_and_finishes(tiny_imagenet, tmp_path, monkeypatch):
+    """An iteration recipe ending mid-epoch (8 steps, 6 an epoch); SIGTERM during the final step. Before:
+    exit 75, and the rerun wrote status complete with epoch 1's metrics, never validating step 8."""
+    real = acon.trainer.forward_loss
+    calls = []
+
+    def signalled(ctx, images, targets):
+        calls.append(1)
+        if len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(ctx, images, targets)
+
+    monkeypatch.setattr(acon.trainer, "forward_loss", signalled)
+    results = run_recording(small(tiny_imagenet, tmp_path, "recipe.iterations=8")).results
+    assert results["status"] == "complete" and results["steps"] == 8
+    history = lines_of(tmp_path / RUN)
+    assert [(r["epoch"], r["step"]) for r in history] == [(1, 6), (1.3333, 8)]  # before: (1, 6), (1, 8)
+    assert results["top1_err"] == history[-1]["val_top1_err"]
+    assert results["best_epoch"] in (1, 1.3333)
+
+
+def test_max_steps_summary_names_no_unwritten_best_and_one_epoch_numbering(
+    tiny_imagenet, tmp_path, monkeypatch, capsys
+):
+    """Stopped at step 2 of a 6-step epoch: no best.pt exists, so the summary names none; the summary, the
+    progress bar and the records count epochs the same way (0.33 = a third of the first epoch)."""
+    monkeypatch.setattr("acon.console.show_progress_bar", lambda wanted: wanted)
+    ov = [a for a in small(tiny_imagenet, tmp_path, "trainer.max_steps=2") if a != "trainer.progress=false"]
+    run = run_recording(ov)
+    assert run.results is None and not (tmp_path / RUN / "best.pt").exists()
+    results = json.loads((tmp_path / RUN / "results.json").read_text())
+    assert results["best_checkpoint"] is None and results["best_epoch"] == 0.3333
+    text = [m for _, m in run.lines]
+    assert not any("best.pt" in m for m in text), text  # before: "best: <run>/best.pt"
+    assert any("best" in m and "at epoch 0.33," in m for m in text), text
+    assert "epoch=0.33/1" in capsys.readouterr().err  # before: epoch=0 while in the first epoch
+
+
+def test_val_every_steps_validates_mid_epoch_after_saving(tiny_imagenet, tmp_path, monkeypatch):
+    """Validation every 2 steps of a 6-step epoch; last.pt is at the validated step before each
+    validation starts; a run killed during a validation validates there again on the rerun."""
+    saved_at, real = [], ClassificationTask.evaluate
+
+    def evaluate(self, model, loader, cfg, info):
+        saved_at.append(load_checkpoint(tmp_path / RUN / "last.pt")["progress"]["step"])
+        if len(saved_at) == 2 and not killed:
+            killed.append(1)
+            raise KeyboardInterrupt  # the process dies during the validation at step 4
+        return real(self, model, loader, cfg, info)
+
+    killed: list[int] = []
+    monkeypatch.setattr(ClassificationTask, "evaluate", evaluate)
+    ov = small(tiny_imagenet, tmp_path, "trainer.val_every_steps=2", "trainer.ckpt_every_steps=1000")
+    with pytest.raises(KeyboardInterrupt):
+        run_recording(ov)
+    assert saved_at == [2, 4] and load_checkpoint(tmp_path / RUN / "last.pt")["progress"]["step"] == 4
+    results = run_recording(ov).results
+    assert saved_at == [2, 4, 4, 6] and results["steps"] == 6
+    history = lines_of(tmp_path / RUN)
+    assert [(r["epoch"], r["step"]) for r in history] == [(0.3333, 2), (0.6667, 4), (1, 6)]
+    assert all("val_top1_err" in r for r in history)
+    assert results["best_epoch"] in (0.3333, 0.6667, 1)
+
+
+def test_iteration_recipes_validate_every_n_steps():
+    """The COCO and Cityscapes experiments validate every N steps, not at each of their ~12-200 epochs."""
+    for name, every in (
+        ("detection/fasterrcnn_resnet50_relu", 7500),
+        ("segmentation/deeplabv3_cityscapes_resnet50_relu", 8000),
+    ):
+        cfg = compose([f"experiment={name}", "backbone.checkpoint=null"])
+        assert cfg.trainer.val_every_steps == every, name
+
+
+def test_sigterm_line_says_rerun_outside_slurm_and_requeued_under_slurm(monkeypatch, tmp_path, capsys):
+    from acon.preempt import requeue_and_exit
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        requeue_and_exit("received SIGTERM", True, "SIGTERM")
+    assert stop.value.code == 75
+    assert (
+        "exiting with status 75 (rerun the same command to resume)" in capsys.readouterr().err
+    )  # before: (requeue)
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "asked"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with pytest.raises(SystemExit):
+        requeue_and_exit("received SIGTERM", True, "SIGTERM")
+    assert "exiting with status 75 (requeued SLURM job 42)" in capsys.readouterr().err
+    assert (tmp_path / "asked").read_text().split() == ["requeue", "42"]
+
+
+def test_bad_image_budget_stop_is_written_to_the_log_file(messy_imagenet, tmp_path):  # noqa: F811
+    """The budget's error line reaches train.log, not only the console (before: console only)."""
+    from acon.data.bad_images import BadImageError
+
+    log = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(log)
+    try:
+        with pytest.warns(UserWarning, match="skipping bad image"), pytest.raises(BadImageError):
+            run_recording(small(messy_imagenet, tmp_path, "data.bad_image_policy=skip"))
+    finally:
+        logging.getLogger().removeHandler(log)
+        log.close()
+    assert (
+        "error: 2 bad images in the train split, more than the default"
+        in (tmp_path / "train.log").read_text()
+    )
