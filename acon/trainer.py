@@ -178,7 +178,7 @@ class Trainer:
             self.state.origin = origin
         self.announce(
             f"{'extending' if how == 'extend' else 'resuming from'} {path} at step {self.state.step} "
-            f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch}) of {self.total_steps}"
+            f"(epoch {console.epoch_text(self.epochs_done())}) of {self.total_steps}"
         )
         rngs = state["rng"]
         if self.info.rank < len(rngs) and state.get("world_size") == self.info.world_size:

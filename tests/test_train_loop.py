@@ -194,8 +194,11 @@ def test_val_every_steps_validates_mid_epoch_after_saving(tiny_imagenet, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run_recording(ov)
     assert saved_at == [2, 4] and load_checkpoint(tmp_path / RUN / "last.pt")["progress"]["step"] == 4
-    results = run_recording(ov).results
+    rerun = run_recording(ov)
+    results = rerun.results
     assert saved_at == [2, 4, 4, 6] and results["steps"] == 6
+    resumed = [m for _, m in rerun.lines if "resuming from" in m]
+    assert resumed and "at step 4 (epoch 0.67) of 6" in resumed[0], resumed  # before: (epoch 0, batch 4)
     history = lines_of(tmp_path / RUN)
     assert [(r["epoch"], r["step"]) for r in history] == [(0.3333, 2), (0.6667, 4), (1, 6)]
     assert all("val_top1_err" in r for r in history)
