@@ -12,19 +12,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from acon import checkpoint as ckpt
 from acon import console, distributed, fallbacks
 from acon.builders import run_identity
-from acon.data import build_datasets  # noqa: F401  (classification's loaders build through this name)
 from acon.data.bad_images import SkipLog
-from acon.engine import StepContext, forward_loss, optimizer_step  # noqa: F401  (forward_loss: as above)
+from acon.engine import StepContext, optimizer_step
 from acon.logging import Progress, RunLogger
-from acon.optim import (
-    build_criterion,
-    build_ema,
-    build_mixup,
-    build_optimizer,
-    build_scheduler,
-    log_schedule,
-    total_steps,
-)
+from acon.optim import build_ema, build_optimizer, build_scheduler, log_schedule, total_steps
 from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, run_dir_of, write_json
 from acon.run_state import Progression, configure_determinism, seed_process
@@ -58,13 +49,13 @@ class Trainer:
         self.batches_per_epoch = n_train // int(recipe.batch_size)
         self.total_steps = total_steps(recipe, self.batches_per_epoch)
         optimizer = build_optimizer(self.model, recipe)
-        mixup = build_mixup(recipe, int(cfg.data.num_classes))
+        mixup = self.task.build_mixup(cfg)
         self.ctx = StepContext(
             model=net,
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, recipe, self.total_steps),
             scaler=torch.amp.GradScaler(info.device.type, enabled=tcfg.precision == "fp16"),
-            criterion=build_criterion(recipe, mixup),
+            criterion=self.task.build_criterion(cfg, mixup),
             device=info.device,
             precision=tcfg.precision,
             channels_last=bool(tcfg.channels_last),
@@ -233,7 +224,8 @@ class Trainer:
         """One optimisation step (skipped on a non-finite loss under nan_policy=skip), the bad-image budget
         of the whole job, and the position; returns the loss and whether any rank was asked to stop."""
         s, t, c = self.state, self.cfg.trainer, self.ctx
-        loss = self.task.loss(c, images, targets)
+        empty = self.batch_skipped_by_any_rank(images)
+        loss = torch.zeros((), device=self.info.device) if empty else self.task.loss(c, images, targets)
         nonfinite, stop_now, bad_total = distributed.all_reduce_sum(
             [float(not torch.isfinite(loss)), float(stop_requested), float(n_bad)], self.info.device
         )
@@ -248,13 +240,23 @@ class Trainer:
                     f"good checkpoint is {self.run_dir / 'last.pt'} (trainer.nan_policy=stop)"
                 )
             s.nonfinite_steps_skipped += 1
-        else:
+        elif not empty:  # an empty batch on any rank: no rank steps (its bad images are counted above)
             optimizer_step(c, loss, s.step)
             s.epoch_loss_sum += loss.item()
             s.epoch_loss_count += 1
         s.step += 1
         s.batch_in_epoch += 1
         return loss, stop_now
+
+    def batch_skipped_by_any_rank(self, images) -> bool:
+        """True when this rank's batch (``images is None``: every image bad, ``data.bad_image_policy=skip``)
+        or another rank's is empty; agreed by every rank before any forward pass (no rank then waits in
+        the model's collectives for one that has nothing to run). One collective, only under skip with
+        several ranks."""
+        empty = images is None
+        if self.info.enabled and self.cfg.data.get("bad_image_policy") == "skip":
+            empty = distributed.all_reduce_sum([float(empty)], self.info.device)[0] > 0
+        return empty
 
     def log_step(self, logger: RunLogger, loss: torch.Tensor, rate: float, images, closing: bool) -> None:
         """TensorBoard scalars every ``log_every`` steps; activation histograms and Meta-ACON β statistics
@@ -381,7 +383,7 @@ class Trainer:
             "status": status,
             **self.task.result_fields({**unprefixed(last), "epoch": last["epoch"]}, self.state.best),
             "params": models.count_params(self.model),
-            "flops": models.count_flops(self.model, int(self.cfg.data.img_size)),
+            "flops": models.count_flops(self.model, self.task.flops_input(self.cfg)),
             "wall_time_s": wall,  # every segment of a preempted/resumed run
             "images_per_s": self.state.step * int(self.cfg.recipe.batch_size) / max(wall, 1e-9),
             "world_size": self.info.world_size,
