@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import pytest
 from conftest import compose, tiny_overrides

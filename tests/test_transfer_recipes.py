@@ -189,7 +189,7 @@ def test_segmentation_task_state_comes_from_its_config(seg_cfg):
         want = want + 0.25 * F.cross_entropy(out["aux"], y, label_smoothing=0.1)
         assert torch.allclose(task.loss(ctx, x, y), want)
     with pytest.raises(RuntimeError, match="without a config"):
-        get_task("segmentation").settings
+        _ = get_task("segmentation").settings
 
 
 def test_default_out_indices_from_feature_strides():

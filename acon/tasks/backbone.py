@@ -176,7 +176,9 @@ def load_backbone_checkpoint(body: nn.Module, path: str | Path, cfg: DictConfig)
     body.load_state_dict(weights, strict=False)
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     loaded = len(own) - len(missing)
-    log.info(f"acon: backbone.checkpoint {path} (sha256 {file_sha256(path)}): {loaded} of {len(own)} tensors loaded")
+    log.info(
+        f"acon: backbone.checkpoint {path} (sha256 {file_sha256(path)}): {loaded} of {len(own)} tensors loaded"
+    )
     log.info(f"acon: backbone.checkpoint missing keys ({len(missing)}): {', '.join(missing) or '-'}")
     log.info(f"acon: backbone.checkpoint unexpected keys ({len(unexpected)}): {', '.join(unexpected) or '-'}")
     return missing, unexpected
@@ -335,7 +337,9 @@ def build_backbone(
         if load_checkpoint:
             load_backbone_checkpoint(body, bb["checkpoint"], cfg)
         else:
-            log.info(f"acon: backbone.checkpoint {bb['checkpoint']} not read: the run's checkpoint has every weight")
+            log.info(
+                f"acon: backbone.checkpoint {bb['checkpoint']} not read: the run's checkpoint has every weight"
+            )
     frozen = freeze_stages(body, freeze_at_of(cfg))
     if frozen:
         log.info(f"acon: backbone.freeze_at={freeze_at_of(cfg)}: frozen {', '.join(frozen)}")
