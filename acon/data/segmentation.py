@@ -39,9 +39,7 @@ def voc_pairs(root: Path, split: str, mask_dir: str = "SegmentationClass") -> li
     ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
     if not ids:
         raise ConfigError(f"{listing} lists no images")
-    return [
-        (str(root / "JPEGImages" / f"{i}.jpg"), str(root / mask_dir / f"{i}.png")) for i in ids
-    ]
+    return [(str(root / "JPEGImages" / f"{i}.jpg"), str(root / mask_dir / f"{i}.png")) for i in ids]
 
 
 def cityscapes_pairs(root: Path, split: str) -> list[Pair]:
