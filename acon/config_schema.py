@@ -286,7 +286,7 @@ class BackboneSchema:
     freeze_bn: bool = key(False)  # every BatchNorm (Meta-ACON's β-network ones too) → FrozenBatchNorm2d
     freeze_acon: bool = key(False)  # ACON p1/p2/β (Meta-ACON: its β network) not trained
     out_indices: list[int] | None = key(None)  # null: the task's default feature maps
-    freeze_at: int | None = key(None, NON_NEGATIVE_INT)  # stem + (n-1) stages frozen; null: task's default
+    freeze_at: int | None = key(None, NON_NEGATIVE_INT)  # stem + n-1 stages frozen; null: task's (pretrained)
 
 
 @dataclass

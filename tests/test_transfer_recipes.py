@@ -68,12 +68,30 @@ def trainable_prefixes(model) -> set[str]:
     return {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_detection_freezes_stem_and_first_stage_by_default():
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A backbone.checkpoint override per model (our format, random weights)."""
+    from acon import checkpoint as ckpt
+    from acon.builders import build_model
+
+    folder = tmp_path_factory.mktemp("bb")
+
+    def make(model: str, activation: str = "relu") -> str:
+        cfg = compose([f"model={model}", f"activation={activation}"])
+        path = folder / f"{model}-{activation}.pt"
+        state = build_model(cfg.model, cfg.activation, 10).state_dict()
+        torch.save({"format": ckpt.FORMAT, "model": state}, path)
+        return f"backbone.checkpoint={path}"
+
+    return make
+
+
+def test_detection_freezes_stem_and_first_stage_of_a_pretrained_backbone(pretrained):
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     from acon.tasks.backbone import build_backbone
 
-    cfg = compose(["task=detection", "model=resnet18", "activation=acon_c"])
+    cfg = compose(["task=detection", "model=resnet18", "activation=acon_c", pretrained("resnet18", "acon_c")])
     body = build_backbone(cfg, (1, 2, 3, 4))
     frozen = {n for n, p in body.named_parameters() if not p.requires_grad}
     assert any(n.startswith("conv1") for n in frozen) and any(n.startswith("layer1.") for n in frozen)
@@ -81,16 +99,22 @@ def test_detection_freezes_stem_and_first_stage_by_default():
     assert not any(n.startswith("layer2.") for n in frozen)
     assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer1[0].bn1, FrozenBatchNorm2d)
     assert isinstance(body.layer2[0].bn1, torch.nn.BatchNorm2d)
-    shuffle = build_backbone(compose(["task=detection", "model=shufflenetv2_x0_5"]), (1, 2, 3))
+    shuffle_cfg = compose(["task=detection", "model=shufflenetv2_x0_5", pretrained("shufflenetv2_x0_5")])
+    shuffle = build_backbone(shuffle_cfg, (1, 2, 3))
     frozen = {n.rsplit(".", 2)[0] for n, p in shuffle.named_parameters() if not p.requires_grad}
     assert {"first_conv", "features.0.branch_proj", "features.3.branch_main"} <= frozen
     assert not any(n.startswith("features.4.") for n, p in shuffle.named_parameters() if not p.requires_grad)
 
 
-def test_freeze_at_zero_and_segmentation_default_train_everything():
+def test_freeze_at_zero_segmentation_and_scratch_backbones_train_everything(pretrained):
     from acon.tasks.backbone import build_backbone
 
-    for over in (["task=detection", "backbone.freeze_at=0"], ["task=segmentation"]):
+    bb = pretrained("resnet18")
+    for over in (
+        ["task=detection", "backbone.freeze_at=0", bb],
+        ["task=segmentation", bb],
+        ["task=detection"],
+    ):
         body = build_backbone(compose([*over, "model=resnet18"]), (3, 4))
         assert all(p.requires_grad for p in body.parameters()), over
     body = build_backbone(compose(["task=detection", "model=resnet18", "backbone.freeze_at=3"]), (3, 4))

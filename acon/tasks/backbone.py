@@ -302,14 +302,20 @@ def freeze_stages(body: nn.Module, freeze_at: int) -> list[str]:
 
 
 DEFAULT_FREEZE_AT = {"detection": 2, "segmentation": 0}
-"""Detectron2's ``FREEZE_AT=2`` (torchvision's ``trainable_backbone_layers=3``): stem and first stage frozen
-for detection; torchvision's segmentation reference and DeepLabV3 train every layer."""
+"""With a pretrained backbone: Detectron2's ``FREEZE_AT=2`` (torchvision's ``trainable_backbone_layers=3``),
+stem and first stage frozen, for detection; torchvision's segmentation reference and DeepLabV3 train every
+layer. A randomly initialised backbone trains every layer (torchvision's default without weights)."""
 
 
 def freeze_at_of(cfg: DictConfig) -> int:
-    """``backbone.freeze_at`` when set, else the task's default (``DEFAULT_FREEZE_AT``)."""
+    """``backbone.freeze_at`` when set, else the task's default (``DEFAULT_FREEZE_AT``) for a backbone with
+    a ``backbone.checkpoint``, 0 for one trained from scratch."""
     chosen = OmegaConf.select(cfg, "backbone.freeze_at", default=None)
-    return int(chosen) if chosen is not None else DEFAULT_FREEZE_AT.get(str(cfg.task.name), 0)
+    if chosen is not None:
+        return int(chosen)
+    if not OmegaConf.select(cfg, "backbone.checkpoint", default=None):
+        return 0
+    return DEFAULT_FREEZE_AT.get(str(cfg.task.name), 0)
 
 
 def full_weights_follow(cfg: DictConfig) -> bool:
