@@ -109,7 +109,9 @@ def test_resume_from_other_architecture_lists_keys(tiny_imagenet, tmp_path, monk
     stamp = ckpt.stat().st_mtime_ns
     from acon.tasks.classification import ClassificationTask
 
-    monkeypatch.setattr(ClassificationTask, "build_loaders", lambda *a, **k: pytest.fail("datasets were built"))
+    monkeypatch.setattr(
+        ClassificationTask, "build_loaders", lambda *a, **k: pytest.fail("datasets were built")
+    )
     for resume in ("auto", str(ckpt)):  # the run dir's last.pt, and an explicit path from another run
         run_name = "r" if resume == "auto" else "other"
         with pytest.raises(CheckpointError) as info:
