@@ -170,6 +170,8 @@ class SegmentationDataSchema(DataSchema):
     scale_range: list[float] = key([0.5, 2.0])  # random rescale before the img_size crop
     hflip: bool = key(True)
     val_max_size: int | None = key(None, POSITIVE_INT)  # null: validate on whole images at their size
+    train_mask_dir: str = key("SegmentationClass")  # VOC layout: masks of train_split (train_aug: ...Aug)
+    val_mask_dir: str = key("SegmentationClass")  # VOC layout: masks of val_split
     mean: list[float] = key([0.485, 0.456, 0.406])
     std: list[float] = key([0.229, 0.224, 0.225])
     train_samples: int = key(192, POSITIVE_INT)  # seg_shapes only: images written per split, and their size
@@ -191,6 +193,7 @@ class DetectionDataSchema(DataSchema):
     box_policy: str = key("clip", OneOf(("clip", "raise")))  # boxes outside the image / without area
     empty_policy: str = key("skip", OneOf(("skip", "keep")))  # training images without boxes
     hflip_prob: float = key(0.5, Range(0, 1))
+    aspect_ratio_group_factor: int = key(3, Range(-1, integer=True))  # torchvision's; -1: no grouping
     train_samples: int = key(512, POSITIVE_INT)  # det_shapes only: images per split, size, shapes per image
     val_samples: int = key(128, POSITIVE_INT)
     shapes_size: int = key(64, POSITIVE_INT)
@@ -265,6 +268,7 @@ class SegmentationTaskSchema(TaskSchema):
     aux_loss: bool = key(False)  # an FCN head on the second-last feature map, weighted by aux_weight
     aux_weight: float = key(0.4, NON_NEGATIVE)
     ignore_index: int = key(255, NON_NEGATIVE_INT)  # mask value left out of the loss and the metrics
+    eval_batch_size: int = key(1, POSITIVE_INT)  # whole validation images per rank and batch
 
 
 @dataclass
@@ -276,6 +280,7 @@ class DetectionTaskSchema(TaskSchema):
     anchor_scale: float | None = key(None, POSITIVE)  # anchor size / level stride; null: torchvision's
     detections_per_img: int = key(100, POSITIVE_INT)
     kwargs: dict[str, Any] = key({})  # more keywords for torchvision's RetinaNet / FasterRCNN
+    eval_batch_size: int = key(1, POSITIVE_INT)  # validation images per rank and batch
 
 
 @dataclass
@@ -286,6 +291,7 @@ class BackboneSchema:
     freeze_bn: bool = key(False)  # every BatchNorm (Meta-ACON's β-network ones too) → FrozenBatchNorm2d
     freeze_acon: bool = key(False)  # ACON p1/p2/β (Meta-ACON: its β network) not trained
     out_indices: list[int] | None = key(None)  # null: the task's default feature maps
+    freeze_at: int | None = key(None, NON_NEGATIVE_INT)  # stem + n-1 stages frozen; null: task's (pretrained)
 
 
 @dataclass

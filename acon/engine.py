@@ -190,6 +190,10 @@ def evaluate(
     classes = 0
     bad_files: list[str] = []
     for images, targets, n_bad in loader:
+        skipped += n_bad
+        bad_files.extend(getattr(n_bad, "files", ()))
+        if images is None:  # every image of the batch was skipped
+            continue
         images, targets = to_device(images, ctx), targets.to(device)
         with autocast(device, precision):
             logits = model(images).float()
@@ -201,8 +205,6 @@ def evaluate(
         correct5 += hit.any(dim=1).sum().item()
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         count += targets.numel()
-        skipped += n_bad
-        bad_files.extend(getattr(n_bad, "files", ()))
     model.train(was_training)
     correct1, correct5, loss_sum, count, skipped = all_reduce_sum(
         [correct1, correct5, loss_sum, count, skipped], device

@@ -58,7 +58,10 @@ def model_for_checkpoint(
     state: dict, path: Path, cfg: DictConfig
 ) -> tuple[torch.nn.Module, DictConfig, dict]:
     """The model with the checkpoint's weights, the data config to evaluate it with, and what the model is
-    (``{"model", "activation", "seed", "task"}``, seed empty for an authors' checkpoint)."""
+    (``{"model", "activation", "seed", "task"}``, seed empty for an authors' checkpoint).
+
+    A transfer task's network is built without reading its ``backbone.checkpoint``: the checkpoint holds
+    every weight, so the ImageNet file may have moved or gone."""
     import models
 
     if is_ours(state):
@@ -68,7 +71,7 @@ def model_for_checkpoint(
             data, OmegaConf.from_dotlist([o.split("data.", 1)[1] for o in cli_data_overrides()])
         )
         task = task_of(run_cfg)
-        model = task.build_model(run_cfg)
+        model = task.build_model(run_cfg, load_backbone=False)
         weights = state["model"]
         if cfg.use_ema:
             if not state.get("ema"):
@@ -96,9 +99,9 @@ def evaluate_checkpoint(
     (``val_sets`` caches datasets by config)."""
     state = ckpt.load_checkpoint(path, map_location="cpu")
     model, data, about = model_for_checkpoint(state, path, cfg)
-    task = get_task(about["task"])
     run_cfg = OmegaConf.create(state["config"]) if is_ours(state) else OmegaConf.create({})
     run_cfg.data, run_cfg.trainer = data, cfg.trainer
+    task = task_of(run_cfg) if is_ours(state) else get_task(about["task"], run_cfg)
     model = model.to(info.device)
     val_sets = {} if val_sets is None else val_sets
     loader = task.build_val_loader(run_cfg, int(cfg.batch_size), info, val_sets)

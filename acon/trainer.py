@@ -12,21 +12,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from acon import checkpoint as ckpt
 from acon import console, distributed, fallbacks
 from acon.builders import run_identity
-from acon.data import build_datasets  # noqa: F401  (classification's loaders build through this name)
 from acon.data.bad_images import BadImageError, SkipLog
 from acon.data.watchdog import BatchWait, stall_report
-from acon.engine import HostFlags, StepContext, StepGuard, forward_loss, optimizer_step  # noqa: F401
+from acon.engine import HostFlags, StepContext, StepGuard, optimizer_step
 from acon.errors import ConfigError
 from acon.logging import Progress, RunLogger
-from acon.optim import (
-    build_criterion,
-    build_ema,
-    build_mixup,
-    build_optimizer,
-    build_scheduler,
-    log_schedule,
-    total_steps,
-)
+from acon.optim import build_ema, build_optimizer, build_scheduler, log_schedule, total_steps
 from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.report import git_commit, write_json
 from acon.run_state import Progression, configure_determinism, seed_process
@@ -70,13 +61,13 @@ class Trainer:
         self.batches_per_epoch = n_train // int(recipe.batch_size)
         self.total_steps = total_steps(recipe, self.batches_per_epoch)
         optimizer = build_optimizer(self.model, recipe)
-        mixup = build_mixup(recipe, int(cfg.data.num_classes))
+        mixup = self.task.build_mixup(cfg)
         self.ctx = StepContext(
             model=net,
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, recipe, self.total_steps),
             scaler=torch.amp.GradScaler(info.device.type, enabled=tcfg.precision == "fp16"),
-            criterion=build_criterion(recipe, mixup),
+            criterion=self.task.build_criterion(cfg, mixup),
             device=info.device,
             precision=tcfg.precision,
             channels_last=bool(tcfg.channels_last),
@@ -285,24 +276,30 @@ class Trainer:
             console.log.info(console.epoch_line(record, epochs, s.best, self.clock, self.bar.rate, task))
         self.save(best=is_best)
 
-    def train_step(self, images, targets) -> torch.Tensor:
+    def train_step(self, images, targets, empty: bool = False) -> torch.Tensor | None:
         """One optimisation step and the position; returns the loss (on the device, never read here).
 
         A non-finite loss is flagged on the device (:class:`acon.engine.StepGuard`) and read at the next
         logging interval, save or validation; under ``nan_policy=skip`` the step's update is undone on the
-        device, under ``stop`` the run ends there naming the step."""
+        device, under ``stop`` the run ends there naming the step. ``empty``: some rank's batch had no
+        readable image (``data.bad_image_policy=skip``), agreed by every rank in :meth:`agree`; then no rank
+        runs the model (none waits in its collectives for another) and only the position moves."""
         s, c = self.state, self.ctx
-        loss = self.task.loss(c, images, targets)
-        bad = self.guard.observe(loss, s.step)
-        if self.cfg.trainer.nan_policy == "skip":
-            self.guard.masked(c, bad, lambda: optimizer_step(c, loss, s.step))
-        else:
-            optimizer_step(c, loss, s.step)
+        loss = None
+        if not empty:
+            loss = self.task.loss(c, images, targets)
+            bad = self.guard.observe(loss, s.step)
+            if self.cfg.trainer.nan_policy == "skip":
+                self.guard.masked(c, bad, lambda: optimizer_step(c, loss, s.step))
+            else:
+                optimizer_step(c, loss, s.step)
         s.step += 1
         s.batch_in_epoch += 1
         return loss
 
-    def log_step(self, logger: RunLogger, loss: torch.Tensor, rate: float, images, closing: bool) -> None:
+    def log_step(
+        self, logger: RunLogger, loss: torch.Tensor | None, rate: float, images, closing: bool
+    ) -> None:
         """Every ``log_every`` steps: the device-side accounting is read (a non-finite step is caught
         here at the latest) and TensorBoard scalars written; activation histograms and Meta-ACON β
         statistics every ``hist_every`` steps and at the end of every epoch and of the run (``closing``)."""
@@ -310,23 +307,30 @@ class Trainer:
         if s.step % int(t.log_every) == 0:
             self.settle()
             lr = self.ctx.optimizer.param_groups[0]["lr"]
-            logger.scalars(s.step, {"train/loss": loss.item(), "train/lr": lr, "train/images_per_s": rate})
+            scalars = {"train/lr": lr, "train/images_per_s": rate}
+            if loss is not None:  # None: a step every rank skipped (an all-bad batch)
+                scalars["train/loss"] = loss.item()
+            logger.scalars(s.step, scalars)
         if s.step % int(t.hist_every) == 0 or closing:
             logger.activation_histograms(self.model, s.step)
-            sample = self.task.sample_input(images)
+            sample = self.task.sample_input(images) if images is not None else None
             if sample is not None:
                 logger.meta_beta_stats(self.model, sample.to(self.info.device), s.step)
 
-    def agree(self, batch, waiter: BatchWait, flag: PreemptionFlag) -> tuple[bool, bool]:
+    def agree(self, batch, waiter: BatchWait, flag: PreemptionFlag) -> tuple[bool, bool, bool]:
         """After the wait for a batch, before the step: every rank learns whether any rank was asked to
-        stop or has a stalled loader, and adds the batch's bad images to the job's budget."""
+        stop or has a stalled loader or an empty batch (every image bad), and adds the batch's bad images to
+        the job's budget. One host-side sum per step."""
         n_bad = batch[2] if batch is not None else 0
         stalled = batch is None and waiter.ended == "timeout"
-        stop, stall, bad_total = self.flags.sum([float(bool(flag)), float(stalled), float(n_bad)])
+        empty = batch is not None and batch[0] is None  # every image of this rank's batch was bad (skip)
+        stop, stall, bad_total, any_empty = self.flags.sum(
+            [float(bool(flag)), float(stalled), float(n_bad), float(empty)]
+        )
         if bad_total:  # one budget and one list for the whole job, the same on every rank
             self.state.bad_images_skipped += int(bad_total)
             self.record_skips("train", n_bad)
-        return stop > 0, stall > 0
+        return stop > 0, stall > 0, any_empty > 0
 
     def stop_early(self, flag: PreemptionFlag, waiter: BatchWait, batches, stalled: bool) -> EarlyStop:
         """Save last.pt where the run is (no step is lost); the reason and exit status to leave with."""
@@ -370,11 +374,11 @@ class Trainer:
                         batch = waiter.next(batches)
                     except StopIteration:
                         break
-                    stop, stalled = self.agree(batch, waiter, flag)
+                    stop, stalled, empty = self.agree(batch, waiter, flag)
                     if stop or stalled:
                         raise self.stop_early(flag, waiter, batches, stalled)
                     images, targets, _ = batch
-                    loss = self.train_step(images, targets)
+                    loss = self.train_step(images, targets, empty)
                     position = f"{self.epochs_done():.2f}/{epochs}"
                     rate = bar.update(int(cfg.recipe.batch_size), epoch=position)
                     epoch_done = s.batch_in_epoch == self.batches_per_epoch
@@ -475,7 +479,7 @@ class Trainer:
             "status": status,
             **self.task.result_fields({**unprefixed(last), "epoch": last["epoch"]}, self.state.best),
             "params": models.count_params(self.model),
-            "flops": models.count_flops(self.model, int(self.cfg.data.img_size)),
+            "flops": models.count_flops(self.model, self.task.flops_input(self.cfg)),
             "wall_time_s": wall,  # every segment of a preempted/resumed run
             "images_per_s": self.state.step * int(self.cfg.recipe.batch_size) / max(wall, 1e-9),
             "world_size": self.info.world_size,

@@ -64,12 +64,14 @@ def test_experiment_composes(name):
         backbone,
         act,
     )
+    recipe = "coco_1x_retinanet" if det == "retinanet" else "coco_1x"  # Base-RetinaNet / Base-RCNN-FPN
     assert (cfg.data.name, cfg.recipe.name, cfg.data.img_size, cfg.data.max_size) == (
         "coco",
-        "coco_1x",
+        recipe,
         800,
         1333,
     )
+    assert cfg.recipe.lr == (0.01 if det == "retinanet" else 0.02)
     assert cfg.backbone.freeze_bn and not cfg.backbone.freeze_acon
     assert cfg.run_name == f"coco-{det}-{backbone}-{act}-s1"
 

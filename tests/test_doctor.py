@@ -78,3 +78,35 @@ def test_broken_data_folder_fails(data, tmp_path, capsys):
     assert doctor.main([*overrides(data, tmp_path), "--no-ddp", "--samples", "12"]) == 1
     (line,) = [ln for ln in lines(capsys.readouterr().out, "fail")]
     assert line.startswith(f"fail data train decode: {bad}: cannot decode")
+
+
+def test_missing_coco_root_fails(tmp_path, capsys):
+    args = ["task=detection_coco", "data=coco", f"data.root={tmp_path / 'nonexistent'}"]
+    assert doctor.main([*args, f"out_dir={tmp_path / 'runs'}", "--no-ddp"]) == 1
+    (line,) = [ln for ln in lines(capsys.readouterr().out, "fail") if ln.startswith("fail data")]
+    assert "nonexistent" in line and "missing image folder" in line
+
+
+def test_broken_transfer_datasets_fail(tmp_path, capsys):
+    from acon.data.seg_shapes import prepare_seg_shapes
+    from acon.detection.shapes import prepare_shapes
+
+    coco = prepare_shapes(tmp_path / "coco", train_images=6, val_images=4, size=32)
+    det = ["task=detection_coco", "data=coco", f"data.root={coco}", "data.train_split=train"]
+    det += ["data.val_split=val", "data.num_classes=3", f"out_dir={tmp_path / 'runs'}", "--no-ddp"]
+    assert doctor.main(det) == 0
+    out = capsys.readouterr().out
+    assert "ok   data train: " in out and "ok   data val decode: " in out
+    (coco / "val" / "val_00002.png").write_bytes(b"\x89PNG broken")
+    assert doctor.main([*det, "--samples", "4"]) == 1
+    (line,) = lines(capsys.readouterr().out, "fail")
+    assert line.startswith(f"fail data val decode: {coco / 'val' / 'val_00002.png'}: cannot decode")
+
+    voc = prepare_seg_shapes(tmp_path / "voc", train=6, val=3, size=32)
+    seg = ["task=segmentation", "data=voc", f"data.root={voc}", "data.num_classes=4"]
+    seg += [f"out_dir={tmp_path / 'runs'}", "--no-ddp"]
+    assert doctor.main(seg) == 0
+    (voc / "SegmentationClass" / "val_00001.png").unlink()
+    assert doctor.main(seg) == 1
+    (line,) = lines(capsys.readouterr().out, "fail")
+    assert line.startswith("fail data val: ") and "missing mask file" in line and "val_00001.png" in line

@@ -15,12 +15,12 @@ from acon.validate import ConfigError, check_cli_groups
 @pytest.fixture()
 def no_data_scan(monkeypatch):
     """Make any dataset construction fail loudly: the checks under test must come before it."""
-    import acon.trainer
+    from acon.tasks.classification import ClassificationTask
 
     def boom(*_a, **_k):
         raise AssertionError("datasets were built before the config was rejected")
 
-    monkeypatch.setattr(acon.trainer, "build_datasets", boom)
+    monkeypatch.setattr(ClassificationTask, "build_loaders", boom)
 
 
 def _train(overrides):
@@ -107,9 +107,11 @@ def test_resume_from_other_architecture_lists_keys(tiny_imagenet, tmp_path, monk
     _train(base + ["model=resnet18_small"])
     ckpt = tmp_path / "r" / "last.pt"
     stamp = ckpt.stat().st_mtime_ns
-    import acon.trainer
+    from acon.tasks.classification import ClassificationTask
 
-    monkeypatch.setattr(acon.trainer, "build_datasets", lambda *a, **k: pytest.fail("datasets were built"))
+    monkeypatch.setattr(
+        ClassificationTask, "build_loaders", lambda *a, **k: pytest.fail("datasets were built")
+    )
     for resume in ("auto", str(ckpt)):  # the run dir's last.pt, and an explicit path from another run
         run_name = "r" if resume == "auto" else "other"
         with pytest.raises(CheckpointError) as info:

@@ -10,20 +10,21 @@ from conftest import compose, run_cli, tiny_overrides
 
 import acon.trainer
 from acon.checkpoint import CheckpointError, assert_finite, load_checkpoint
+from acon.tasks.classification import ClassificationTask
 
 RUN = "r"
 
 
 def _nan_at(monkeypatch, bad_calls: set[int]) -> list[int]:
-    """Make forward_loss return NaN on the given (0-based) training calls; returns the call log."""
-    real, calls = acon.trainer.forward_loss, []
+    """Make the task's training loss NaN on the given (0-based) training calls; returns the call log."""
+    real, calls = ClassificationTask.loss, []
 
-    def poisoned(ctx, images, targets):
-        loss = real(ctx, images, targets)
+    def poisoned(self, ctx, images, targets):
+        loss = real(self, ctx, images, targets)
         calls.append(len(calls))
         return loss * float("nan") if calls[-1] in bad_calls else loss
 
-    monkeypatch.setattr(acon.trainer, "forward_loss", poisoned)
+    monkeypatch.setattr(ClassificationTask, "loss", poisoned)
     return calls
 
 

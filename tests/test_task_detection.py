@@ -122,17 +122,12 @@ def test_pycocotools_is_imported_only_to_evaluate():
     run_cli([sys.executable, "-c", code])
 
 
-def test_images_of_other_sizes_are_predicted_one_at_a_time():
-    from acon.tasks.detection import predict
+def test_images_of_other_sizes_are_validated_one_at_a_time(tiny_cfg):
+    from acon.detection.dataset import build_split
 
-    calls = []
-
-    def model(images):
-        calls.append([tuple(i.shape) for i in images])
-        return [{"n": len(images)} for _ in images]
-
-    same = [torch.zeros(3, 8, 8)] * 3
-    assert predict(model, same) == [{"n": 3}] * 3 and calls == [[(3, 8, 8)] * 3]
-    calls.clear()
-    mixed = [torch.zeros(3, 8, 8), torch.zeros(3, 8, 6)]
-    assert predict(model, mixed) == [{"n": 1}] * 2 and calls == [[(3, 8, 8)], [(3, 8, 6)]]
+    cfg = tiny_cfg("task.eval_batch_size=4")
+    task, info = get_task("detection", cfg), DistInfo()
+    dataset = build_split(cfg.data, "val", train=False)
+    assert task._val_loader(dataset, cfg, 4, info).batch_size == 4  # one size: batched
+    dataset.index.records[0].width += 2  # another size in the split: one image a batch
+    assert task._val_loader(dataset, cfg, 4, info).batch_size == 1

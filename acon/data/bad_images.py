@@ -73,15 +73,16 @@ class BadImages(int):
         return (BadImages, (self.files,))
 
 
-def split_batch(batch: list) -> tuple[list, BadImages]:
-    """(the good samples, the skipped ones); raises when nothing in the batch could be read."""
+def split_batch(batch: list, allow_empty: bool = False) -> tuple[list, BadImages]:
+    """(the good samples, the skipped ones). A batch with nothing readable raises, unless ``allow_empty``:
+    then the caller yields ``(None, None, BadImages)`` and the trainer skips that step on every rank."""
     good, skipped = [], []
     for b in batch:
         if b is None or isinstance(b, SkippedImage):
             skipped.append(b.path if b is not None else "<unknown file>")
         else:
             good.append(b)
-    if not good:
+    if not good and not allow_empty:
         names = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         raise BadImageError(f"every image in a batch of {len(batch)} failed to decode: {names}")
     return good, BadImages(skipped)

@@ -117,10 +117,13 @@ def build_train_loader(
     world_size: int,
     seed: int,
     collate_fn=collate_skipping_bad,
+    sampler: ResumableTrainSampler | None = None,
 ) -> DataLoader:
     """A resumable training loader: per-rank batch = global batch / world size, tail dropped.
-    ``collate_fn`` returns (inputs, targets, skipped bad images)."""
-    sampler = ResumableTrainSampler(len(dataset), global_batch, rank, world_size, seed)
+    ``collate_fn`` returns (inputs, targets, skipped bad images); ``sampler`` replaces the default
+    ``ResumableTrainSampler`` (e.g. one grouping images by aspect ratio)."""
+    if sampler is None:
+        sampler = ResumableTrainSampler(len(dataset), global_batch, rank, world_size, seed)
     return DataLoader(
         SeededDataset(dataset),
         batch_size=sampler.per_rank_batch,

@@ -359,7 +359,9 @@ def collate_augment(batch: list) -> tuple[AugBatch, torch.Tensor, int]:
     (variable length) are concatenated into one :class:`EncodedBatch`. Either way a batch is a few
     tensors, so a few file descriptors, whatever its size. Skipped bad images are dropped and counted.
     """
-    good, bad = split_batch(batch)
+    good, bad = split_batch(batch, allow_empty=True)
+    if not good:  # every image was bad (data.bad_image_policy=skip): the step is skipped on every rank
+        return None, None, bad
     first = good[0][0][0]
     params = torch.stack([s[0][1] for s in good])
     targets = torch.tensor([s[1] for s in good], dtype=torch.long)

@@ -121,6 +121,8 @@ class ImageFolderDataset(Dataset):
 def collate_skipping_bad(batch: list):
     """Default collate over the good samples; returns (images, targets, BadImages: the skipped count and
     files)."""
-    good, bad = split_batch(batch)
+    good, bad = split_batch(batch, allow_empty=True)
+    if not good:  # every image was bad (data.bad_image_policy=skip): the step is skipped on every rank
+        return None, None, bad
     images, targets = default_collate(good)
     return images, targets, bad

@@ -267,6 +267,8 @@ class DeviceLoader:
 
     def _prepare(self, batch):
         images, targets, n_bad = batch
+        if images is None:  # every image of the batch was skipped
+            return batch
         targets = targets.to(self.device, non_blocking=True)
         if self.transform is not None:
             images = self.transform(images)

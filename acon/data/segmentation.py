@@ -1,7 +1,9 @@
 """Semantic segmentation data: Pascal VOC and Cityscapes layouts, joint image/mask transforms, padding collate.
 
 - VOC: ``root/JPEGImages/<id>.jpg``, ``root/SegmentationClass/<id>.png`` (palette PNG, 255 = ignore) and
-  ``root/ImageSets/Segmentation/<split>.txt`` (one id a line).
+  ``root/ImageSets/Segmentation/<split>.txt`` (one id a line). DeepLabV3's ``train_aug`` (10,582 images with
+  SBD's extra masks): ``ImageSets/Segmentation/train_aug.txt`` with the masks in ``SegmentationClassAug/``,
+  written from SBD's release by ``scripts/prepare_voc_aug.py`` (``acon.data.voc_aug``).
 - Cityscapes: ``root/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`` with
   ``root/gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png``, or ``..._labelIds.png`` mapped id → trainId.
 
@@ -29,17 +31,15 @@ from acon.errors import ConfigError
 Pair = tuple[str, str]  # (image file, mask file)
 
 
-def voc_pairs(root: Path, split: str) -> list[Pair]:
-    """The (image, mask) files listed in ``ImageSets/Segmentation/<split>.txt``."""
+def voc_pairs(root: Path, split: str, mask_dir: str = "SegmentationClass") -> list[Pair]:
+    """The (image, mask) files listed in ``ImageSets/Segmentation/<split>.txt``, masks in ``mask_dir``."""
     listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not listing.is_file():
         raise ConfigError(f"data.root={str(root)!r} is not a VOC layout: missing {listing}")
     ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
     if not ids:
         raise ConfigError(f"{listing} lists no images")
-    return [
-        (str(root / "JPEGImages" / f"{i}.jpg"), str(root / "SegmentationClass" / f"{i}.png")) for i in ids
-    ]
+    return [(str(root / "JPEGImages" / f"{i}.jpg"), str(root / mask_dir / f"{i}.png")) for i in ids]
 
 
 def cityscapes_pairs(root: Path, split: str) -> list[Pair]:
@@ -175,13 +175,15 @@ class SegmentationDataset(Dataset):
 
 class PadCollate:
     """Stack (image, mask) pairs padded to the batch's largest size (image 0, mask the ignore label);
-    returns (images, masks, BadImages)."""
+    returns (images, masks, BadImages), or (None, None, BadImages) when every sample was skipped."""
 
     def __init__(self, ignore_index: int = 255) -> None:
         self.ignore_index = ignore_index
 
     def __call__(self, batch: list):
-        good, bad = split_batch(batch)
+        good, bad = split_batch(batch, allow_empty=True)
+        if not good:
+            return None, None, bad
         h = max(img.shape[-2] for img, _ in good)
         w = max(img.shape[-1] for img, _ in good)
         images = torch.zeros(len(good), good[0][0].shape[0], h, w, dtype=good[0][0].dtype)

@@ -91,13 +91,20 @@ def _check_box(ann: dict, where: str) -> list[float]:
     return [float(v) for v in box]
 
 
-def clip_box(xywh: list[float], width: int, height: int) -> tuple[list[float], bool]:
-    """(xyxy clipped to the image, whether clipping changed it)."""
-    x, y, w, h = xywh
-    raw = [x, y, x + w, y + h]
-    out = [min(max(raw[0], 0.0), width), min(max(raw[1], 0.0), height)]
-    out += [min(max(raw[2], 0.0), width), min(max(raw[3], 0.0), height)]
-    return out, out != raw
+def clip_boxes(xywh: list[list[float]], sizes: list[tuple[int, int]]) -> tuple[list, list[bool], list[bool]]:
+    """Each xywh box as xyxy clipped to its image ((width, height) in ``sizes``), with torchvision.ops in
+    one pass: (clipped boxes, whether clipping changed each, whether each is left with no area)."""
+    import torch
+    from torchvision.ops import box_convert, remove_small_boxes
+
+    if not xywh:
+        return [], [], []
+    raw = box_convert(torch.tensor(xywh, dtype=torch.float64), "xywh", "xyxy")
+    size = torch.tensor([[w, h, w, h] for w, h in sizes], dtype=torch.float64)
+    out = raw.clamp(min=0).minimum(size)  # clip_boxes_to_image takes one image size; here one per box
+    kept = torch.zeros(len(out), dtype=torch.bool)
+    kept[remove_small_boxes(out, torch.finfo(torch.float64).tiny)] = True
+    return out.tolist(), (out != raw).any(1).tolist(), (~kept).tolist()
 
 
 class CocoIndex:
@@ -147,6 +154,7 @@ class CocoIndex:
 
     def _add_annotations(self, records: dict[int, CocoRecord]) -> None:
         seen: set = set()
+        found: list[tuple[CocoRecord, list[float], int, str]] = []
         for ann in self.data["annotations"]:
             aid = ann.get("id")
             where = f"{self.ann_file}: annotation id {aid}"
@@ -165,11 +173,21 @@ class CocoIndex:
             if ann.get("iscrowd", 0):
                 self.stats.crowd_regions_ignored += 1
                 continue
-            self._add_box(rec, box, self.labels[ann["category_id"]], f"{where} (image {rec.path})")
+            found.append((rec, box, self.labels[ann["category_id"]], f"{where} (image {rec.path})"))
+        boxes = clip_boxes([f[1] for f in found], [(f[0].width, f[0].height) for f in found])
+        for (rec, xywh, label, where), xyxy, clipped, degenerate in zip(found, *boxes, strict=True):
+            self._add_box(rec, xywh, label, where, xyxy, clipped, degenerate)
 
-    def _add_box(self, rec: CocoRecord, xywh: list[float], label: int, where: str) -> None:
-        xyxy, clipped = clip_box(xywh, rec.width, rec.height)
-        degenerate = xyxy[2] <= xyxy[0] or xyxy[3] <= xyxy[1]
+    def _add_box(
+        self,
+        rec: CocoRecord,
+        xywh: list[float],
+        label: int,
+        where: str,
+        xyxy,
+        clipped: bool,
+        degenerate: bool,
+    ) -> None:
         if self.box_policy == "raise" and (clipped or degenerate):
             what = "has no area" if degenerate else f"reaches outside the {rec.width}x{rec.height} image"
             raise ConfigError(f"{where}: bbox {xywh} {what} (data.box_policy=raise; clip drops or clips it)")

@@ -6,7 +6,10 @@ import os
 
 import torch
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.ops import box_area
 from torchvision.transforms.functional import pil_to_tensor
+from torchvision.transforms.v2 import functional as TF
 
 from acon.data.bad_images import DECODE_ERRORS, BadImageError, load_or_skip, split_batch
 from acon.data.folder import BAD_IMAGE_POLICIES, open_image
@@ -15,11 +18,10 @@ from acon.errors import ConfigError
 
 
 def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-    """Mirror an image (C, H, W) and its xyxy boxes left-right."""
-    width = image.shape[-1]
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    return image.flip(-1), {**target, "boxes": boxes}
+    """Mirror an image (C, H, W) and its xyxy boxes left-right (``transforms.v2`` on ``tv_tensors``)."""
+    boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
+    image, boxes = TF.horizontal_flip(image), TF.horizontal_flip(boxes)
+    return image, {**target, "boxes": boxes.as_subclass(torch.Tensor)}
 
 
 class CocoDetectionDataset(Dataset):
@@ -27,7 +29,8 @@ class CocoDetectionDataset(Dataset):
 
     The target has ``boxes`` (float32 N×4, xyxy pixels), ``labels`` (int64, contiguous 1..K),
     ``image_id`` (the COCO id), ``area`` and ``iscrowd``. ``train=True`` mirrors with probability
-    ``hflip_prob`` (drawn from torch's RNG, so a seeded sample is reproducible). Files that cannot be
+    ``hflip_prob`` (drawn from torch's RNG, so a seeded sample is reproducible). ``bgr=True`` gives the
+    channels in BGR order (``data.preprocess=bgr_255``; the detector scales to 0-255). Files that cannot be
     decoded follow ``bad_image_policy`` as for classification (``raise``: the path in the error;
     ``skip``: a warning, and the batch counts it).
     """
@@ -38,13 +41,14 @@ class CocoDetectionDataset(Dataset):
         train: bool = False,
         hflip_prob: float = 0.5,
         bad_image_policy: str = "raise",
+        bgr: bool = False,
     ) -> None:
         if bad_image_policy not in BAD_IMAGE_POLICIES:
             raise ConfigError(
                 f"data.bad_image_policy={bad_image_policy!r} is not one of {BAD_IMAGE_POLICIES}"
             )
         self.index, self.train, self.hflip_prob = index, train, float(hflip_prob)
-        self.bad_image_policy = bad_image_policy
+        self.bad_image_policy, self.bgr = bad_image_policy, bgr
 
     def __len__(self) -> int:
         return len(self.index.records)
@@ -57,7 +61,7 @@ class CocoDetectionDataset(Dataset):
             "boxes": boxes,
             "labels": torch.tensor(rec.labels, dtype=torch.int64),
             "image_id": rec.image_id,
-            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            "area": box_area(boxes),
             "iscrowd": torch.zeros(len(rec.labels), dtype=torch.int64),
         }
 
@@ -76,6 +80,8 @@ class CocoDetectionDataset(Dataset):
                 f"{rec.width}x{rec.height} (image id {rec.image_id})"
             )
         image, target = pil_to_tensor(img).float().div_(255), self.target(i)
+        if self.bgr:
+            image = image.flip(0)
         if self.train and self.hflip_prob > 0 and torch.rand(()).item() < self.hflip_prob:
             image, target = hflip(image, target)
         return image, target
@@ -84,9 +90,12 @@ class CocoDetectionDataset(Dataset):
         return load_or_skip(self.load, i, self.index.records[i].path, self.bad_image_policy)
 
 
-def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict], object]:
-    """(list of images, list of targets, BadImages: the skipped count and files) for one batch."""
-    good, bad = split_batch(batch)
+def collate_detection(batch: list) -> tuple[list[torch.Tensor] | None, list[dict] | None, object]:
+    """(list of images, list of targets, BadImages: the skipped count and files) for one batch; (None,
+    None, BadImages) when every image of the batch was skipped."""
+    good, bad = split_batch(batch, allow_empty=True)
+    if not good:
+        return None, None, bad
     return [g[0] for g in good], [g[1] for g in good], bad
 
 
@@ -129,7 +138,23 @@ def split_index(data_cfg, split: str, train: bool) -> CocoIndex:
 
 
 def build_split(data_cfg, split: str, train: bool) -> CocoDetectionDataset:
-    """The dataset of ``split`` (training: mirrored with ``data.hflip_prob``)."""
+    """The dataset of ``split`` (training: mirrored with ``data.hflip_prob``; BGR under ``bgr_255``)."""
     index = split_index(data_cfg, split, train)
     hflip_prob = float(data_cfg.hflip_prob) if train else 0.0
-    return CocoDetectionDataset(index, train, hflip_prob, str(data_cfg.bad_image_policy))
+    bgr = str(data_cfg.get("preprocess", "rgb_normalized")) == "bgr_255"
+    return CocoDetectionDataset(index, train, hflip_prob, str(data_cfg.bad_image_policy), bgr)
+
+
+def index_of(loader_or_dataset) -> CocoIndex:
+    """The ``CocoIndex`` behind a detection loader or dataset (through the loader and any wrapper)."""
+    ds = getattr(loader_or_dataset, "dataset", loader_or_dataset)
+    while not isinstance(ds, CocoDetectionDataset) and hasattr(ds, "dataset"):
+        ds = ds.dataset
+    if not isinstance(ds, CocoDetectionDataset):
+        raise TypeError(f"{type(loader_or_dataset).__name__} does not read a COCO-format dataset")
+    return ds.index
+
+
+def image_sizes(dataset: CocoDetectionDataset) -> set[tuple[int, int]]:
+    """The distinct (width, height) of the images, from the annotations."""
+    return {(r.width, r.height) for r in dataset.index.records}

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import io
 
-import torch
+from torchvision.ops import box_convert
 
 from acon.distributed import all_gather_object
 
@@ -35,8 +35,7 @@ def to_coco_results(outputs: list[dict], image_ids: list[int], label_to_category
     never trained as a positive; such detections are dropped."""
     results = []
     for out, image_id in zip(outputs, image_ids, strict=True):
-        boxes = out["boxes"].detach().float().cpu()
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        xywh = box_convert(out["boxes"].detach().float().cpu(), "xyxy", "xywh").tolist()
         for box, score, label in zip(xywh, out["scores"].tolist(), out["labels"].tolist(), strict=True):
             if int(label) == 0:
                 continue

@@ -1,4 +1,6 @@
-"""The data: layout of data.root (classes, counts, the flat validation folder), and sample decoding."""
+"""The data: layout of data.root (classes, counts, the flat validation folder), and sample decoding; for
+detection and segmentation data the checks their task runs before training (the COCO index, the VOC or
+Cityscapes pairs) and a decoded sample of each split."""
 
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ def _top_level_images(folder: Path) -> int:
 def check_data(cfg, samples: int = 8) -> Iterator[Check]:
     """data.root's train/val layout, file counts (through the file index) and a few decoded files."""
     d = cfg.data
+    if d.kind == "coco":
+        yield from check_coco(d, samples)
+        return
+    if d.kind in ("voc", "cityscapes"):
+        yield from check_segmentation_pairs(d, samples)
+        return
     if d.kind != "folder":
         yield ok("data", f"data={d.name} ({d.kind}): nothing to read from disk beforehand")
         return
@@ -127,3 +135,48 @@ def _decode_sample(d, split: str, files, samples: int) -> Check:
         reason = list(fallbacks.recorded().values())[-1]
         return warn(name, f"nvJPEG failed its check against the CPU ({reason}); runs decode on the CPU")
     return ok(name, f"{len(picks)} files decoded by nvJPEG, matching the CPU decode")
+
+
+def check_coco(d, samples: int) -> Iterator[Check]:
+    """Each split's COCO index as detection training builds it (annotations checked, image files listed),
+    then ``samples`` decoded images of it."""
+    from acon.detection.dataset import split_index
+
+    if not d.root:
+        yield fail("data", f"data.root is not set for data={d.name}: pass data.root=/path/to/coco")
+        return
+    for split, train in ((d.train_split, True), (d.val_split, False)):
+        try:
+            index = split_index(d, str(split), train)
+        except Exception as e:  # the error line training would stop with
+            yield fail(f"data {split}", str(e))
+            return
+        yield ok(f"data {split}", f"{index.ann_file}: {index.stats.summary()}")
+        yield _decode_sample(d, str(split), [(r.path, None) for r in index.records], samples)
+
+
+def check_segmentation_pairs(d, samples: int) -> Iterator[Check]:
+    """Each split's (image, mask) pairs as segmentation training lists and checks them (both files exist,
+    same size), then ``samples`` decoded images and masks."""
+    from acon.data.segmentation import check_pairs, cityscapes_pairs, voc_pairs
+    from acon.tasks.segmentation import seg_root, voc_mask_dir
+
+    try:
+        root = seg_root(d)
+    except Exception as e:
+        yield fail("data", str(e))
+        return
+    for split in (str(d.train_split), str(d.val_split)):
+        try:
+            if d.kind == "cityscapes":
+                pairs = cityscapes_pairs(root, split)
+            else:
+                pairs = voc_pairs(root, split, voc_mask_dir(d, split))
+            good, problems = check_pairs(pairs, split, str(d.bad_image_policy), d.get("max_bad_images"))
+        except Exception as e:
+            yield fail(f"data {split}", str(e))
+            return
+        skipped = f", {len(problems)} skipped (data.bad_image_policy=skip)" if problems else ""
+        yield ok(f"data {split}", f"{len(good):,} image/mask pairs under {root}{skipped}")
+        files = [(path, None) for pair in good for path in pair]
+        yield _decode_sample(d, split, files, 2 * samples)

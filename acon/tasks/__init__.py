@@ -26,16 +26,18 @@ def task_names() -> list[str]:
     return list(TASKS)
 
 
-def get_task(name: str) -> Task:
-    """The task called ``name`` (a new instance)."""
+def get_task(name: str, cfg: DictConfig | None = None) -> Task:
+    """The task called ``name`` (a new instance), its state built from the run config ``cfg`` (None: only
+    its names and the words of its metrics)."""
     if name not in TASKS:
         raise ValueError(f"task.name={name!r} is not one of: {', '.join(TASKS)}")
     module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)(cfg)
 
 
 def task_of(cfg: DictConfig | dict) -> Task:
-    """The task of a run config (configs written before the ``task`` group are classification)."""
+    """The task of a run config, built from it (configs written before the ``task`` group are
+    classification)."""
     node = cfg.get("task") if hasattr(cfg, "get") else None
     name = node.get("name") if node is not None and hasattr(node, "get") else None
-    return get_task(str(name or DEFAULT_TASK))
+    return get_task(str(name or DEFAULT_TASK), cfg if isinstance(cfg, DictConfig) else None)

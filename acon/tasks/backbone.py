@@ -4,8 +4,11 @@
 and whose ``feature_info.channels()`` / ``.reduction()`` describe them (timm's convention): our
 registered families (ShuffleNetV2, ResNet, ...), or ``model=timm`` models that have ``features_only``.
 Then, as the ``backbone`` group asks: ``backbone.checkpoint`` (our best.pt/last.pt, or an authors' file,
-converted) with its missing and unexpected keys listed; ``backbone.freeze_bn`` (every BatchNorm, Meta-ACON's
-β-network ones included, becomes torchvision's ``FrozenBatchNorm2d``); ``backbone.freeze_acon``.
+converted) with its missing and unexpected keys listed, read only when no full checkpoint follows (eval.py,
+a resume); ``backbone.freeze_at`` (the stem and the first ``freeze_at - 1`` stages stop training, their
+BatchNorms frozen: Detectron2's ``FREEZE_AT``, torchvision's ``trainable_backbone_layers``);
+``backbone.freeze_bn`` (every BatchNorm, Meta-ACON's β-network ones included, becomes torchvision's
+``FrozenBatchNorm2d``); ``backbone.freeze_acon``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,36 @@ log = logging.getLogger("acon")
 
 def _kwargs(model_cfg: DictConfig) -> dict:
     return OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
+
+
+def feature_strides(cfg: DictConfig) -> list[int]:
+    """The stride of every feature map the ``model`` group's network offers (built on the meta device)."""
+    from acon.builders import EXTERNAL_ARCHS
+
+    with torch.device("meta"):
+        if cfg.model.arch in EXTERNAL_ARCHS:
+            import timm
+
+            probe = timm.create_model(str(cfg.model.timm_name), pretrained=False, features_only=True)
+            return [int(r) for r in probe.feature_info.reduction()]
+        import models
+
+        probe = models.create_model(cfg.model.arch, small_input=bool(cfg.model.small_input))
+    return [int(spec["reduction"]) for spec in probe.feature_info]
+
+
+def default_out_indices(cfg: DictConfig, count: int) -> tuple[int, ...]:
+    """The feature maps of the ``count`` deepest distinct strides after the stem (index 0), each the first
+    map at its stride: ResNet (strides 2-32) gives (1, 2, 3, 4) for 4 and (3, 4) for 2; ShuffleNetV2
+    (2, 8, 16, 32, 32: its 1x1 ``conv_last`` repeats stride 32) gives (1, 2, 3) for 4 or 3, (2, 3) for 2."""
+    try:
+        strides = feature_strides(cfg)
+    except (RuntimeError, ValueError, TypeError, AttributeError):
+        return tuple(range(-count, 0))
+    first: dict[int, int] = {}
+    for i, stride in enumerate(strides[1:], start=1):
+        first.setdefault(stride, i)
+    return tuple(sorted(first.values())[-count:])
 
 
 def out_indices_of(cfg: DictConfig, default: Sequence[int]) -> tuple[int, ...]:
@@ -125,6 +158,17 @@ def warn_stem_mismatch(state: dict, path: Path, cfg: DictConfig) -> None:
     )
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (the record of which backbone a run started from)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_backbone_checkpoint(body: nn.Module, path: str | Path, cfg: DictConfig) -> tuple[list, list]:
     """Load the matching weights of ``path`` into ``body``; log and return (missing, unexpected) keys.
 
@@ -148,7 +192,9 @@ def load_backbone_checkpoint(body: nn.Module, path: str | Path, cfg: DictConfig)
     body.load_state_dict(weights, strict=False)
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     loaded = len(own) - len(missing)
-    log.info(f"acon: backbone.checkpoint {path}: {loaded} of {len(own)} tensors loaded")
+    log.info(
+        f"acon: backbone.checkpoint {path} (sha256 {file_sha256(path)}): {loaded} of {len(own)} tensors loaded"
+    )
     log.info(f"acon: backbone.checkpoint missing keys ({len(missing)}): {', '.join(missing) or '-'}")
     log.info(f"acon: backbone.checkpoint unexpected keys ({len(unexpected)}): {', '.join(unexpected) or '-'}")
     return missing, unexpected
@@ -231,15 +277,94 @@ def apply_output_stride(body: nn.Module, output_stride: int | None) -> None:
     body.feature_info = FeatureInfo(new_specs, body.feature_info.out_indices)
 
 
+def modules_through(body: nn.Module, target: str) -> list[str]:
+    """The names of the modules that run up to and including ``target`` (registration order, which is the
+    order of the forward pass in our families and timm's): whole children before it, then recursively."""
+    names: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> bool:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full == target:
+                names.append(full)
+                return True
+            if target.startswith(full + "."):
+                return walk(child, full + ".")
+            names.append(full)
+        return False
+
+    if not walk(body, ""):
+        raise ValueError(f"{type(body).__name__} has no module {target!r}")
+    return names
+
+
+def freeze_stages(body: nn.Module, freeze_at: int) -> list[str]:
+    """Stop training the stem (``freeze_at`` >= 1) and the first ``freeze_at - 1`` stages: their parameters
+    (ACON's p1/p2/β and Meta-ACON's β network included) and BatchNorm statistics, by ``timm.utils.freeze``.
+    Returns the frozen modules' names."""
+    from timm.utils import freeze
+
+    if freeze_at <= 0:
+        return []
+    specs = getattr(body, "feature_specs", None)
+    modules = [s.module for s in specs] if specs else list(body.feature_info.module_name())
+    if freeze_at > len(modules):
+        raise ConfigError(
+            f"backbone.freeze_at={freeze_at}: {type(body).__name__} has a stem and {len(modules) - 1} stages"
+        )
+    names = modules_through(body, modules[freeze_at - 1])
+    freeze(body, names)
+    return names
+
+
+DEFAULT_FREEZE_AT = {"detection": 2, "segmentation": 0}
+"""With a pretrained backbone: Detectron2's ``FREEZE_AT=2`` (torchvision's ``trainable_backbone_layers=3``),
+stem and first stage frozen, for detection; torchvision's segmentation reference and DeepLabV3 train every
+layer. A randomly initialised backbone trains every layer (torchvision's default without weights)."""
+
+
+def freeze_at_of(cfg: DictConfig) -> int:
+    """``backbone.freeze_at`` when set, else the task's default (``DEFAULT_FREEZE_AT``) for a backbone with
+    a ``backbone.checkpoint``, 0 for one trained from scratch."""
+    chosen = OmegaConf.select(cfg, "backbone.freeze_at", default=None)
+    if chosen is not None:
+        return int(chosen)
+    if not OmegaConf.select(cfg, "backbone.checkpoint", default=None):
+        return 0
+    return DEFAULT_FREEZE_AT.get(str(cfg.task.name), 0)
+
+
+def full_weights_follow(cfg: DictConfig) -> bool:
+    """True when this run resumes (or fine-tunes) a checkpoint: its weights replace the backbone's."""
+    from acon.report import run_dir_of
+    from acon.rundir import resume_path
+
+    return resume_path(cfg, run_dir_of(cfg)) is not None
+
+
 def build_backbone(
-    cfg: DictConfig, default_out_indices: Sequence[int], output_stride: int | None = None
+    cfg: DictConfig,
+    default_out_indices: Sequence[int],
+    output_stride: int | None = None,
+    load_checkpoint: bool | None = None,
 ) -> nn.Module:
     """The feature backbone of a transfer task (``build_feature_body``), with ``backbone.*`` applied in
-    order: checkpoint, then frozen BatchNorms, then frozen ACON parameters."""
+    order: checkpoint (``load_checkpoint``: None reads it unless the run resumes a checkpoint, False
+    never), then frozen stages, frozen BatchNorms, frozen ACON parameters."""
     body = build_feature_body(cfg, out_indices_of(cfg, default_out_indices), output_stride)
     bb = cfg.get("backbone") or {}
     if bb.get("checkpoint"):
-        load_backbone_checkpoint(body, bb["checkpoint"], cfg)
+        if load_checkpoint is None:
+            load_checkpoint = not full_weights_follow(cfg)
+        if load_checkpoint:
+            load_backbone_checkpoint(body, bb["checkpoint"], cfg)
+        else:
+            log.info(
+                f"acon: backbone.checkpoint {bb['checkpoint']} not read: the run's checkpoint has every weight"
+            )
+    frozen = freeze_stages(body, freeze_at_of(cfg))
+    if frozen:
+        log.info(f"acon: backbone.freeze_at={freeze_at_of(cfg)}: frozen {', '.join(frozen)}")
     if bb.get("freeze_bn"):
         freeze_batchnorm(body)
     if bb.get("freeze_acon"):
@@ -247,10 +372,19 @@ def build_backbone(
     return body
 
 
+def backbone_identity(cfg: DictConfig) -> dict:
+    """The ``backbone`` options a resumed run must share: the checkpoint by file name only (its folder is
+    where it happens to lie; after the first save the run's own checkpoints hold every weight)."""
+    bb = OmegaConf.to_container(cfg.backbone, resolve=True) if cfg.get("backbone") else {}
+    if bb.get("checkpoint"):
+        bb["checkpoint"] = Path(str(bb["checkpoint"])).name
+    return bb
+
+
 def check_backbone_config(cfg: DictConfig) -> None:
-    """``backbone.checkpoint`` exists (before any data is read)."""
+    """``backbone.checkpoint`` exists (before any data is read), unless a resumed checkpoint replaces it."""
     path = OmegaConf.select(cfg, "backbone.checkpoint", default=None)
-    if path and not Path(str(path)).expanduser().is_file():
+    if path and not Path(str(path)).expanduser().is_file() and not full_weights_follow(cfg):
         raise ConfigError(
             f"backbone.checkpoint={path!r} does not exist: pass our best.pt/last.pt or a converted file"
         )

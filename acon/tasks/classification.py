@@ -14,6 +14,10 @@ class ClassificationTask:
     primary_metric = "top1_err"
     higher_is_better = False
     scalar_metrics = ("top1_err", "top5_err", "loss")
+    recipe_keys = None  # every recipe key: mixup, cutmix and label smoothing included
+
+    def __init__(self, cfg: DictConfig | None = None) -> None:
+        self.cfg = cfg
 
     def check_config(self, cfg: DictConfig) -> None:
         """Nothing beyond the shared checks."""
@@ -24,8 +28,7 @@ class ClassificationTask:
 
     def build_loaders(self, cfg: DictConfig, info) -> tuple:
         """(train loader, val loader, training-set size) for the configured data pipeline."""
-        from acon import trainer  # its build_datasets: where the fault tests intercept dataset building
-        from acon.data import build_eval_loader, build_train_loader
+        from acon.data import build_datasets, build_eval_loader, build_train_loader
         from acon.data.build import build_pipeline_loaders
 
         batch, eval_batch, seed = int(cfg.recipe.batch_size), int(cfg.trainer.eval_batch_size), int(cfg.seed)
@@ -40,7 +43,7 @@ class ClassificationTask:
                 info.device,
                 channels_last=bool(cfg.trainer.channels_last),
             )
-        train_set, val_set = trainer.build_datasets(cfg.data)
+        train_set, val_set = build_datasets(cfg.data)
         train = build_train_loader(train_set, cfg.data, batch, info.rank, info.world_size, seed)
         val = build_eval_loader(val_set, cfg.data, eval_batch, info.rank, info.world_size)
         return train, val, len(train_set)
@@ -54,17 +57,33 @@ class ClassificationTask:
             cache[key] = build_val_dataset(cfg.data)
         return build_eval_loader(cache[key], cfg.data, batch_size, info.rank, info.world_size)
 
-    def build_model(self, cfg: DictConfig) -> nn.Module:
+    def build_model(self, cfg: DictConfig, load_backbone: bool | None = None) -> nn.Module:
         """The classifier of the ``model`` and ``activation`` groups with ``data.num_classes`` outputs."""
         from acon.builders import build_model
 
         return build_model(cfg.model, cfg.activation, int(cfg.data.num_classes))
 
+    def build_mixup(self, cfg: DictConfig):
+        """timm's Mixup/CutMix over ``data.num_classes`` when the recipe asks for it, else None."""
+        from acon.optim import build_mixup
+
+        return build_mixup(cfg.recipe, int(cfg.data.num_classes))
+
+    def build_criterion(self, cfg: DictConfig, mixup) -> nn.Module:
+        """Cross-entropy (soft targets under mixup, label smoothing as the recipe says)."""
+        from acon.optim import build_criterion
+
+        return build_criterion(cfg.recipe, mixup)
+
+    def flops_input(self, cfg: DictConfig) -> int:
+        """The square ``data.img_size`` crop."""
+        return int(cfg.data.img_size)
+
     def loss(self, ctx, inputs, targets) -> torch.Tensor:
         """Mixup (if on), forward under autocast and the recipe's criterion, in fp32."""
-        from acon import trainer  # its forward_loss: where the fault tests inject a non-finite loss
+        from acon.engine import forward_loss
 
-        return trainer.forward_loss(ctx, inputs, targets)
+        return forward_loss(ctx, inputs, targets)
 
     def evaluate(self, model: nn.Module, loader, cfg: DictConfig, info) -> dict:
         """Top-1/top-5 error and loss over every sample, summed across ranks."""
@@ -76,8 +95,8 @@ class ClassificationTask:
         return metrics
 
     def sample_input(self, inputs) -> torch.Tensor | None:
-        """The first 8 images."""
-        return inputs[:8]
+        """The first 8 images (None for a batch whose every image was skipped)."""
+        return None if inputs is None else inputs[:8]
 
     def metrics_text(self, metrics: dict) -> str:
         """``top-1 X% top-5 Y%`` (the epoch line's words)."""

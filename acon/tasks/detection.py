@@ -14,10 +14,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from acon.errors import ConfigError
-from acon.tasks.base import transfer_result_fields
+from acon.tasks.base import check_recipe_keys, recipe_keys, transfer_result_fields, uniform_batch_size
 
 DET_DATA_KINDS = ("coco", "det_shapes")
+FEATURE_MAPS = {"retinanet": 3, "fasterrcnn": 4}
+"""Backbone maps each detector takes: strides 8-32 (RetinaNet: P3-P5) or 4-32 (Faster R-CNN: P2-P5)."""
 log = logging.getLogger("acon")
 
 
@@ -39,26 +42,19 @@ class Detector(nn.Module):
         return self.net(images, targets)
 
 
-def default_out_indices(cfg: DictConfig) -> tuple[int, ...]:
-    """Feature maps at strides 8-32 (RetinaNet: P3-P5) or 4-32 (Faster R-CNN: P2-P5); ShuffleNetV2's
-    stage outputs 1-3 (strides 8, 16, 32; its index 4 repeats stride 32)."""
-    if str(cfg.model.get("arch", "")).startswith("shufflenetv2"):
-        return (1, 2, 3)
-    return (2, 3, 4) if cfg.task.detector == "retinanet" else (1, 2, 3, 4)
+def image_normalisation(preprocess: str) -> dict:
+    """The detector's ``image_mean`` / ``image_std`` for images in [0, 1]: ImageNet's for
+    ``rgb_normalized``; for ``bgr_255`` (the authors' released backbones, BGR images from the dataset)
+    the 0-255 scale with nothing subtracted."""
+    if preprocess == "bgr_255":
+        return {"image_mean": [0.0, 0.0, 0.0], "image_std": [1 / 255.0] * 3}
+    return {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
 
 
 def _to_device(images: list, targets: list, device: torch.device) -> tuple[list, list]:
     images = [i.to(device, non_blocking=True) for i in images]
     targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
     return images, targets
-
-
-def predict(model: nn.Module, images: list) -> list[dict]:
-    """Detections for ``images``: one call when they share a size, else one image at a time, so that
-    padding to a common size never changes a result (the metrics do not depend on the batch size)."""
-    if all(i.shape == images[0].shape for i in images):
-        return model(images)
-    return [out for i in images for out in model([i])]
 
 
 class DetectionTask:
@@ -69,8 +65,13 @@ class DetectionTask:
     higher_is_better = True
     scalar_metrics = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
+    def __init__(self, cfg: DictConfig | None = None) -> None:
+        self.eval_batch_size = int(cfg.task.get("eval_batch_size") or 1) if cfg is not None else 1
+        self.recipe_keys = recipe_keys()  # no label smoothing, mixup or cutmix in torchvision's detectors
+
     def check_config(self, cfg: DictConfig) -> None:
-        """The data kind, a data.root for COCO, and the backbone checkpoint, before anything is read."""
+        """The data kind, a data.root for COCO, recipe keys the detectors use, and the backbone
+        checkpoint, before anything is read."""
         from acon.tasks.backbone import check_backbone_config
 
         if cfg.data.kind not in DET_DATA_KINDS:
@@ -80,51 +81,69 @@ class DetectionTask:
             )
         if cfg.data.kind == "coco" and not cfg.data.get("root"):
             raise ConfigError("data.root is not set for data=coco: pass data.root=/path/to/coco")
+        check_recipe_keys(cfg, self.name, self.recipe_keys)
         check_backbone_config(cfg)
 
     def identity(self, cfg: DictConfig) -> dict:
-        """The detector settings and the backbone options."""
-        return {
-            "task": OmegaConf.to_container(cfg.task, resolve=True),
-            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-        }
+        """The detector settings and the backbone options (its checkpoint by name)."""
+        from acon.tasks.backbone import backbone_identity
+
+        task = OmegaConf.to_container(cfg.task, resolve=True)
+        task.pop("eval_batch_size", None)  # how validation is batched, not what is trained
+        return {"task": task, "backbone": backbone_identity(cfg)}
 
     def build_loaders(self, cfg: DictConfig, info) -> tuple:
-        """(train loader, val loader, training-set size) over the checked COCO splits."""
-        from acon.data import build_eval_loader, build_train_loader
-        from acon.detection.dataset import build_split, collate_detection
+        """(train loader, val loader, training-set size) over the checked COCO splits; training batches
+        group images by aspect ratio (``data.aspect_ratio_group_factor``, torchvision's reference)."""
+        from acon.data import build_train_loader
+        from acon.detection.dataset import build_split, collate_detection, index_of
+        from acon.detection.sampler import GroupedTrainSampler, aspect_ratio_groups
 
         data = cfg.data
         train_set = build_split(data, str(data.train_split), train=True)
         val_set = build_split(data, str(data.val_split), train=False)
         if info.is_main:
             for split, ds in ((data.train_split, train_set), (data.val_split, val_set)):
-                log.info(f"acon: {ds.index.ann_file}: {ds.index.stats.summary()} ({split})")
+                log.info(f"acon: {index_of(ds).ann_file}: {index_of(ds).stats.summary()} ({split})")
         batch, seed = int(cfg.recipe.batch_size), int(cfg.seed)
-        kw = dict(rank=info.rank, world_size=info.world_size, collate_fn=collate_detection)
-        train = build_train_loader(train_set, data, batch, seed=seed, **kw)
-        val = build_eval_loader(val_set, data, int(cfg.trainer.eval_batch_size), **kw)
-        return train, val, len(train_set)
+        factor, sampler = int(data.get("aspect_ratio_group_factor", -1)), None
+        if factor >= 0:
+            groups = aspect_ratio_groups([r.width / r.height for r in index_of(train_set).records], factor)
+            sampler = GroupedTrainSampler(groups, batch, info.rank, info.world_size, seed)
+        train = build_train_loader(
+            train_set, data, batch, info.rank, info.world_size, seed, collate_detection, sampler=sampler
+        )
+        return train, self._val_loader(val_set, cfg, self.eval_batch_size, info), len(train_set)
+
+    def _val_loader(self, dataset, cfg: DictConfig, batch_size: int, info):
+        """Exact-once validation batches of at most ``batch_size`` images, 1 unless all share a size."""
+        from acon.data import build_eval_loader
+        from acon.detection.dataset import collate_detection, image_sizes
+
+        batch = uniform_batch_size(image_sizes(dataset), batch_size)
+        return build_eval_loader(
+            dataset, cfg.data, batch, info.rank, info.world_size, collate_fn=collate_detection
+        )
 
     def build_val_loader(self, cfg: DictConfig, batch_size: int, info, cache: dict):
-        """The validation split of ``cfg.data`` alone (datasets cached by their resolved data config)."""
-        from acon.data import build_eval_loader
-        from acon.detection.dataset import build_split, collate_detection
+        """The validation split of ``cfg.data`` alone (datasets cached by their resolved data config), at
+        most ``task.eval_batch_size`` images a batch."""
+        from acon.detection.dataset import build_split
 
         key = "detection:" + OmegaConf.to_yaml(cfg.data, resolve=True)
         if key not in cache:
             cache[key] = build_split(cfg.data, str(cfg.data.val_split), train=False)
-        return build_eval_loader(
-            cache[key], cfg.data, batch_size, info.rank, info.world_size, collate_fn=collate_detection
-        )
+        return self._val_loader(cache[key], cfg, min(int(batch_size), self.eval_batch_size), info)
 
-    def build_model(self, cfg: DictConfig) -> nn.Module:
-        """``task.detector`` with an FPN on the backbone of the ``model``/``activation``/``backbone`` groups."""
+    def build_model(self, cfg: DictConfig, load_backbone: bool | None = None) -> nn.Module:
+        """``task.detector`` with an FPN on the backbone of the ``model``/``activation``/``backbone`` groups,
+        normalising images as ``data.preprocess`` says."""
         from acon.detection.detectors import build_detector
-        from acon.tasks.backbone import build_backbone
+        from acon.tasks.backbone import build_backbone, default_out_indices
 
         t = cfg.task
-        body = build_backbone(cfg, default_out_indices(cfg))
+        out_indices = default_out_indices(cfg, FEATURE_MAPS[str(t.detector)])
+        body = build_backbone(cfg, out_indices, load_checkpoint=load_backbone)
         extra = OmegaConf.to_container(t.kwargs, resolve=True) if t.get("kwargs") else {}
         net = build_detector(
             str(t.detector),
@@ -135,9 +154,22 @@ class DetectionTask:
             fpn_channels=int(t.fpn_channels),
             anchor_scale=t.anchor_scale,
             detections_per_img=int(t.detections_per_img),
+            **image_normalisation(str(cfg.data.get("preprocess", "rgb_normalized"))),
             **extra,
         )
         return Detector(net)
+
+    def build_mixup(self, cfg: DictConfig) -> None:
+        """None: boxes are not mixed."""
+        return None
+
+    def build_criterion(self, cfg: DictConfig, mixup) -> None:
+        """None: the detector computes its own losses."""
+        return None
+
+    def flops_input(self, cfg: DictConfig) -> int:
+        """A square of the short side the detector resizes to (backbone and FPN only)."""
+        return int(cfg.data.img_size)
 
     def loss(self, ctx, inputs, targets) -> torch.Tensor:
         """The detector's summed losses (classification, box regression; RPN for Faster R-CNN), fp32."""
@@ -150,24 +182,28 @@ class DetectionTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, cfg: DictConfig, info) -> dict:
-        """COCO box metrics of the detections on every validation image, gathered from every rank."""
+        """COCO box metrics of the detections on every validation image, gathered from every rank (the
+        loader's batches hold images of one size: padding never changes a result)."""
+        from acon.detection.dataset import index_of
         from acon.detection.metrics import gathered_box_metrics, to_coco_results
         from acon.distributed import all_reduce_sum
         from acon.engine import autocast
 
-        index = loader.dataset.index
+        index = index_of(loader)
         was_training = model.training
         model.eval()
         results, image_ids, skipped, bad_files = [], [], 0, []
         for images, targets, n_bad in loader:
+            skipped += int(n_bad)
+            bad_files.extend(getattr(n_bad, "files", ()))
+            if images is None:  # every image of the batch was skipped
+                continue
             images, _ = _to_device(images, [], info.device)
             with autocast(info.device, cfg.trainer.precision):
-                outputs = predict(model, images)
+                outputs = model(images)
             ids = [t["image_id"] for t in targets]
             results += to_coco_results(outputs, ids, index.label_to_category)
             image_ids += ids
-            skipped += int(n_bad)
-            bad_files.extend(getattr(n_bad, "files", ()))
         model.train(was_training)
         count, skipped = all_reduce_sum([len(image_ids), skipped], info.device)
         if count == 0:
@@ -190,6 +226,8 @@ class DetectionTask:
 
     def sample_input(self, inputs) -> torch.Tensor | None:
         """Up to 4 images of the batch's first size, as an NCHW batch (for the β probes)."""
+        if not inputs:
+            return None
         first = [i for i in inputs if i.shape == inputs[0].shape][:4]
         return torch.stack(first) if first else None
 

@@ -8,30 +8,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from acon.tasks.backbone import build_backbone
+from acon.tasks.backbone import build_backbone, default_out_indices
 
-DEFAULT_OUT_INDICES = (-2, -1)  # aux head on the second-last map, main head on the last one
-
-
-def default_out_indices(cfg: DictConfig) -> tuple[int, int]:
-    """The last two feature maps of distinct strides: a last map at the same stride as the one before it
-    (ShuffleNetV2's 1x1 ``conv_last``) adds no spatial detail and is left out. External models: (-2, -1)."""
-    from acon.builders import EXTERNAL_ARCHS
-
-    if cfg.model.arch in EXTERNAL_ARCHS:
-        return DEFAULT_OUT_INDICES
-    import models
-
-    with torch.device("meta"):
-        probe = models.create_model(cfg.model.arch, small_input=bool(cfg.model.small_input))
-    info = getattr(probe, "feature_info", None)
-    if not isinstance(info, list) or len(info) < 3:
-        return DEFAULT_OUT_INDICES
-    strides = [spec["reduction"] for spec in info]
-    last = len(strides) - 1
-    if strides[last] == strides[last - 1]:
-        last -= 1
-    return (last - 1, last)
+SEG_FEATURE_MAPS = 2  # aux head on the second-last distinct-stride map, main head on the last one
 
 
 class FeatureDict(nn.Module):
@@ -49,14 +28,16 @@ class FeatureDict(nn.Module):
         return out
 
 
-def build_segmentation_model(cfg: DictConfig) -> nn.Module:
+def build_segmentation_model(cfg: DictConfig, load_backbone: bool | None = None) -> nn.Module:
     """``task.head`` (fcn | deeplabv3) on the ``model`` + ``activation`` backbone at ``task.output_stride``,
     with an FCN auxiliary head when ``task.aux_loss``; outputs ``{"out": logits at input size, ...}``."""
     from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
     from torchvision.models.segmentation.fcn import FCN, FCNHead
 
     t, num_classes = cfg.task, int(cfg.data.num_classes)
-    body = build_backbone(cfg, default_out_indices(cfg), t.output_stride)
+    body = build_backbone(
+        cfg, default_out_indices(cfg, SEG_FEATURE_MAPS), t.output_stride, load_checkpoint=load_backbone
+    )
     channels = body.feature_info.channels()
     if t.aux_loss and len(channels) < 2:
         raise ValueError(

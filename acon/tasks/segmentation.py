@@ -3,6 +3,7 @@ accuracy over the whole validation set (confusion matrix summed across ranks, ig
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from acon.errors import ConfigError
-from acon.tasks.base import transfer_result_fields
+from acon.tasks.base import check_recipe_keys, recipe_keys, transfer_result_fields, uniform_batch_size
 
 SEG_DATA_KINDS = ("voc", "cityscapes", "seg_shapes")
 
@@ -44,7 +45,10 @@ def build_seg_dataset(data: DictConfig, split: str, train: bool, ignore_index: i
     )
 
     root = seg_root(data)
-    pairs = cityscapes_pairs(root, split) if data.kind == "cityscapes" else voc_pairs(root, split)
+    if data.kind == "cityscapes":
+        pairs = cityscapes_pairs(root, split)
+    else:
+        pairs = voc_pairs(root, split, voc_mask_dir(data, split))
     pairs, _ = check_pairs(pairs, split, str(data.bad_image_policy), data.get("max_bad_images"))
     label_map = None
     if data.kind == "cityscapes" and not pairs[0][1].endswith("_labelTrainIds.png"):
@@ -61,12 +65,51 @@ def build_seg_dataset(data: DictConfig, split: str, train: bool, ignore_index: i
     )
 
 
+def voc_mask_dir(data: DictConfig, split: str) -> str:
+    """The mask folder of a VOC-layout split: ``data.train_mask_dir`` for the training split (SBD's
+    ``SegmentationClassAug`` for ``train_aug``), ``data.val_mask_dir`` for the validation one."""
+    if split == str(data.train_split):
+        return str(data.get("train_mask_dir") or "SegmentationClass")
+    return str(data.get("val_mask_dir") or "SegmentationClass")
+
+
 def val_batch_size(dataset, requested: int) -> int:
-    """``requested`` when every validation image has one size, else 1: whole images of several sizes are
-    not padded together, so the metrics never depend on the batch size or the batch's neighbours."""
+    """``requested`` (``task.eval_batch_size``) when every validation image has one size, else 1."""
     from acon.data.segmentation import image_sizes
 
-    return requested if len(image_sizes(dataset.pairs)) == 1 else 1
+    return uniform_batch_size(image_sizes(dataset.pairs), requested)
+
+
+@dataclass(frozen=True)
+class SegSettings:
+    """What the loss and the metrics read from the run's config, taken once when the task is built."""
+
+    num_classes: int
+    ignore_index: int
+    aux_weight: float  # 0 without task.aux_loss
+    label_smoothing: float
+    eval_batch_size: int
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> SegSettings:
+        """The settings of a run config (``task``, ``data`` and ``recipe`` groups)."""
+        t = cfg.task
+        return cls(
+            num_classes=int(cfg.data.num_classes),
+            ignore_index=int(t.ignore_index),
+            aux_weight=float(t.aux_weight) if t.aux_loss else 0.0,
+            label_smoothing=float(cfg.recipe.get("label_smoothing", 0.0)),
+            eval_batch_size=int(t.get("eval_batch_size") or 1),
+        )
+
+
+def all_reduce_tensors(*tensors: torch.Tensor) -> None:
+    """Sum tensors across ranks in place, in their own dtype (int64 counts stay exact)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
 
 
 class SegmentationTask:
@@ -77,14 +120,16 @@ class SegmentationTask:
     higher_is_better = True
     scalar_metrics = ("mIoU", "pixel_acc", "loss")
 
-    def __init__(self) -> None:
-        self.ignore_index, self.aux_weight, self.label_smoothing = 255, 0.0, 0.0
+    def __init__(self, cfg: DictConfig | None = None) -> None:
+        self._settings = SegSettings.from_cfg(cfg) if cfg is not None else None
+        self.recipe_keys = recipe_keys("label_smoothing")  # mixup/cutmix would mix whole-image labels
 
-    def setup(self, cfg: DictConfig) -> None:
-        """Keep what the loss needs from the run's config."""
-        self.ignore_index = int(cfg.task.ignore_index)
-        self.aux_weight = float(cfg.task.aux_weight) if cfg.task.aux_loss else 0.0
-        self.label_smoothing = float(cfg.recipe.get("label_smoothing", 0.0))
+    @property
+    def settings(self) -> SegSettings:
+        """The run's settings (the task must have been built from a config: ``task_of(cfg)``)."""
+        if self._settings is None:
+            raise RuntimeError("SegmentationTask was built without a config: use acon.tasks.task_of(cfg)")
+        return self._settings
 
     def check_config(self, cfg: DictConfig) -> None:
         """Segmentation data, no mixup/cutmix, an ignore label outside the classes, existing paths."""
@@ -99,9 +144,7 @@ class SegmentationTask:
             raise ConfigError(
                 f"data.pipeline={cfg.data.pipeline!r}: task=segmentation reads data.pipeline=reference"
             )
-        for key in ("mixup", "cutmix"):
-            if float(cfg.recipe.get(key) or 0.0) > 0:
-                raise ConfigError(f"recipe.{key}={cfg.recipe[key]} mixes labels; task=segmentation needs 0")
+        check_recipe_keys(cfg, self.name, self.recipe_keys)
         if 0 <= int(cfg.task.ignore_index) < int(cfg.data.num_classes):
             raise ConfigError(
                 f"task.ignore_index={cfg.task.ignore_index} is a class (data.num_classes={cfg.data.num_classes})"
@@ -111,55 +154,68 @@ class SegmentationTask:
             seg_root(cfg.data)
 
     def identity(self, cfg: DictConfig) -> dict:
-        """The head and backbone settings: a resumed run must share them."""
-        return {
-            "task": OmegaConf.to_container(cfg.task, resolve=True),
-            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-        }
+        """The head and backbone settings (the backbone checkpoint by name): a resumed run must share them."""
+        from acon.tasks.backbone import backbone_identity
+
+        task = OmegaConf.to_container(cfg.task, resolve=True)
+        task.pop("eval_batch_size", None)  # how validation is batched, not what is trained
+        return {"task": task, "backbone": backbone_identity(cfg)}
 
     def build_loaders(self, cfg: DictConfig, info) -> tuple:
         """Resumable train loader of random crops; exact-once val loader of whole images (padded)."""
         from acon.data import build_eval_loader, build_train_loader
         from acon.data.segmentation import PadCollate
 
-        self.setup(cfg)
-        data, ig = cfg.data, self.ignore_index
+        data, ig = cfg.data, self.settings.ignore_index
         train_set = build_seg_dataset(data, str(data.train_split), True, ig)
         val_set = build_seg_dataset(data, str(data.val_split), False, ig)
         batch, seed, collate = int(cfg.recipe.batch_size), int(cfg.seed), PadCollate(ig)
         train = build_train_loader(
             train_set, data, batch, info.rank, info.world_size, seed, collate_fn=collate
         )
-        eval_batch = val_batch_size(val_set, int(cfg.trainer.eval_batch_size))
+        eval_batch = val_batch_size(val_set, self.settings.eval_batch_size)
         val = build_eval_loader(val_set, data, eval_batch, info.rank, info.world_size, collate_fn=collate)
         return train, val, len(train_set)
 
     def build_val_loader(self, cfg: DictConfig, batch_size: int, info, cache: dict):
-        """The validation split of ``cfg.data`` alone."""
+        """The validation split of ``cfg.data`` alone, at most ``task.eval_batch_size`` whole images a batch."""
         from acon.data import build_eval_loader
         from acon.data.segmentation import PadCollate
 
-        self.setup(cfg)
+        ig = self.settings.ignore_index
         key = OmegaConf.to_yaml(cfg.data, resolve=True)
         if key not in cache:
-            cache[key] = build_seg_dataset(cfg.data, str(cfg.data.val_split), False, self.ignore_index)
-        collate, batch = PadCollate(self.ignore_index), val_batch_size(cache[key], batch_size)
+            cache[key] = build_seg_dataset(cfg.data, str(cfg.data.val_split), False, ig)
+        requested = min(int(batch_size), self.settings.eval_batch_size)
+        collate, batch = PadCollate(ig), val_batch_size(cache[key], requested)
         return build_eval_loader(cache[key], cfg.data, batch, info.rank, info.world_size, collate_fn=collate)
 
-    def build_model(self, cfg: DictConfig) -> nn.Module:
+    def build_model(self, cfg: DictConfig, load_backbone: bool | None = None) -> nn.Module:
         """``task.head`` on the backbone (see ``acon.tasks.seg_model``)."""
         from acon.tasks.seg_model import build_segmentation_model
 
-        self.setup(cfg)
-        return build_segmentation_model(cfg)
+        return build_segmentation_model(cfg, load_backbone)
+
+    def build_mixup(self, cfg: DictConfig) -> None:
+        """None: masks are not mixed."""
+        return None
+
+    def build_criterion(self, cfg: DictConfig, mixup) -> None:
+        """None: :meth:`loss` computes the per-pixel cross-entropy."""
+        return None
+
+    def flops_input(self, cfg: DictConfig) -> int:
+        """The training crop, ``data.img_size``."""
+        return int(cfg.data.img_size)
 
     def _pixel_loss(self, logits: torch.Tensor, masks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        st = self.settings
         return F.cross_entropy(
             logits.float(),
             masks,
-            ignore_index=self.ignore_index,
+            ignore_index=st.ignore_index,
             reduction=reduction,
-            label_smoothing=self.label_smoothing,
+            label_smoothing=st.label_smoothing,
         )
 
     def loss(self, ctx, inputs, targets) -> torch.Tensor:
@@ -170,45 +226,46 @@ class SegmentationTask:
         with autocast(ctx.device, ctx.precision):
             out = ctx.model(images)
         loss = self._pixel_loss(out["out"], masks)
-        if self.aux_weight and "aux" in out:
-            loss = loss + self.aux_weight * self._pixel_loss(out["aux"], masks)
+        if self.settings.aux_weight and "aux" in out:
+            loss = loss + self.settings.aux_weight * self._pixel_loss(out["aux"], masks)
         return loss
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, cfg: DictConfig, info) -> dict:
-        """mIoU, pixel accuracy and mean pixel loss over every image on every rank."""
-        from acon.distributed import all_reduce_sum
+        """mIoU, pixel accuracy and mean pixel loss over every image on every rank (the confusion matrix
+        summed across ranks as int64); batches whose every image was skipped count only as skipped."""
         from acon.engine import StepContext, autocast, to_device
         from acon.tasks.seg_metrics import confusion_matrix, segmentation_scores
 
-        self.setup(cfg)
-        t, k = cfg.trainer, int(cfg.data.num_classes)
+        st, t = self.settings, cfg.trainer
+        k = st.num_classes
         ctx = StepContext(model, None, None, None, None, info.device, t.precision, bool(t.channels_last))
         was_training = model.training
         model.eval()
-        conf = torch.zeros(k, k, dtype=torch.int64)
-        loss_sum = pixels = count = skipped = 0.0
+        conf = torch.zeros(k, k, dtype=torch.int64, device=info.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, pixels, images, skipped
         bad_files: list[str] = []
         for images, masks, n_bad in loader:
+            sums[3] += int(n_bad)
+            bad_files.extend(getattr(n_bad, "files", ()))
+            if images is None:
+                continue
             images, masks = to_device(images, ctx), masks.to(info.device)
             with autocast(info.device, t.precision):
                 logits = model(images)["out"].float()
-            loss_sum += self._pixel_loss(logits, masks, "sum").item()
-            pixels += (masks != self.ignore_index).sum().item()
-            conf += confusion_matrix(logits.argmax(1), masks, k, self.ignore_index).cpu()
-            count += masks.shape[0]
-            skipped += n_bad
-            bad_files.extend(getattr(n_bad, "files", ()))
+            sums[0] += self._pixel_loss(logits, masks, "sum")
+            sums[1] += (masks != st.ignore_index).sum()
+            sums[2] += masks.shape[0]
+            conf += confusion_matrix(logits.argmax(1), masks, k, st.ignore_index)
         model.train(was_training)
-        totals = all_reduce_sum([loss_sum, pixels, count, skipped, *conf.flatten().tolist()], info.device)
-        loss_sum, pixels, count, skipped = totals[:4]
+        all_reduce_tensors(conf, sums)
+        loss_sum, pixels, count, skipped = sums.tolist()
         if count == 0:
             raise RuntimeError("evaluation saw no samples")
-        conf = torch.tensor(totals[4:], dtype=torch.float64).round().long().reshape(k, k)
         from acon.data.seg_classes import class_names
 
         return {
-            **segmentation_scores(conf, class_names(str(cfg.data.kind), k)),
+            **segmentation_scores(conf.cpu(), class_names(str(cfg.data.kind), k)),
             "loss": loss_sum / max(pixels, 1.0),
             "count": int(count),
             "bad_images_skipped": int(skipped),
@@ -216,8 +273,8 @@ class SegmentationTask:
         }
 
     def sample_input(self, inputs) -> torch.Tensor | None:
-        """The first 8 crops."""
-        return inputs[:8]
+        """The first 8 crops (None for a batch whose every image was skipped)."""
+        return None if inputs is None else inputs[:8]
 
     def metrics_text(self, metrics: dict) -> str:
         """``mIoU X% pixel acc Y%``."""
