@@ -132,7 +132,9 @@ def test_resume_none_in_a_locked_dir_is_refused_before_data_and_moves_nothing(
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
     holder = hold(run_dir)
-    monkeypatch.setattr(acon.trainer, "build_datasets", lambda *a, **k: pytest.fail("datasets were built"))
+    from acon.tasks.classification import ClassificationTask
+
+    monkeypatch.setattr(ClassificationTask, "build_loaders", lambda *a, **k: pytest.fail("datasets were built"))
     for extra in ([], ["resume=none"]):
         with pytest.raises(RunDirBusy, match=f"run dir {run_dir} is in use by another run") as info:
             acon.trainer.train(compose(small(tiny_imagenet, tmp_path, *extra)))

@@ -66,15 +66,15 @@ def test_a_train_step_never_reads_the_device(tiny_imagenet, tmp_path, monkeypatc
 
 
 def _nan_at(monkeypatch, bad_calls: set[int]) -> None:
-    real = acon.trainer.forward_loss
+    real = ClassificationTask.loss
     calls = []
 
-    def poisoned(ctx, images, targets):
+    def poisoned(self, ctx, images, targets):
         calls.append(len(calls))
-        loss = real(ctx, images, targets)
+        loss = real(self, ctx, images, targets)
         return loss * float("nan") if calls[-1] in bad_calls else loss
 
-    monkeypatch.setattr(acon.trainer, "forward_loss", poisoned)
+    monkeypatch.setattr(ClassificationTask, "loss", poisoned)
 
 
 def test_nan_stop_between_reads_names_the_bad_step_and_saves_nothing_after_it(
@@ -141,16 +141,16 @@ def test_masked_update_restores_weights_and_optimizer_state_exactly(bad):
 def test_stop_requested_at_the_final_step_still_validates_and_finishes(tiny_imagenet, tmp_path, monkeypatch):
     """An iteration recipe ending mid-epoch (8 steps, 6 an epoch); SIGTERM during the final step. Before:
     exit 75, and the rerun wrote status complete with epoch 1's metrics, never validating step 8."""
-    real = acon.trainer.forward_loss
+    real = ClassificationTask.loss
     calls = []
 
-    def signalled(ctx, images, targets):
+    def signalled(self, ctx, images, targets):
         calls.append(1)
         if len(calls) == 8:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(ctx, images, targets)
+        return real(self, ctx, images, targets)
 
-    monkeypatch.setattr(acon.trainer, "forward_loss", signalled)
+    monkeypatch.setattr(ClassificationTask, "loss", signalled)
     results = run_recording(small(tiny_imagenet, tmp_path, "recipe.iterations=8")).results
     assert results["status"] == "complete" and results["steps"] == 8
     history = lines_of(tmp_path / RUN)
