@@ -110,3 +110,20 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300, check:
             f"{args} exited {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
         )
     return proc
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count calls into the C++ ACON kernels, so a silent fallback to another path fails the test."""
+    from acon.fused import native
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        fn = getattr(native, name)
+
+        def wrapper(*a, _fn=fn, _name=name, **k):
+            calls[_name] += 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(native, name, wrapper)
+    return calls

@@ -53,21 +53,6 @@ WIDTH_FLAGS = {"native": "", "avx2": "-mno-avx512f", "sse": "-mno-avx"}
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Calls into the C++ kernels, so a silent fallback to another path fails the test."""
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        fn = getattr(native, name)
-
-        def wrapper(*a, _fn=fn, _name=name, **k):
-            calls[_name] += 1
-            return _fn(*a, **k)
-
-        monkeypatch.setattr(native, name, wrapper)
-    return calls
-
-
 @contextlib.contextmanager
 def native_build(width: str):
     """The C++ kernels built at ``width`` (cached like any build, keyed by the flags) serve the fused op."""

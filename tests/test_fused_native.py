@@ -45,21 +45,6 @@ def native_mode():
     cpu.set_mode(None)
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Count calls into the C++ kernels, so a silent fallback to another path fails the test."""
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        fn = getattr(native, name)
-
-        def wrapper(*a, _fn=fn, _name=name, **k):
-            calls[_name] += 1
-            return _fn(*a, **k)
-
-        monkeypatch.setattr(native, name, wrapper)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("per_sample", [False, True])

@@ -85,6 +85,23 @@ LABEL_RECIPE_KEYS = ("mixup", "cutmix", "label_smoothing")
 """Recipe keys about class labels of whole images: what the trainer's shared loop does not apply itself."""
 
 
+class DenseTask:
+    """What the transfer tasks share: no mixup and no recipe criterion (the task computes its own losses),
+    FLOPs counted at ``data.img_size`` (the training crop, or the short side a detector resizes to)."""
+
+    def build_mixup(self, cfg: DictConfig) -> None:
+        """None: masks and boxes are not mixed."""
+        return None
+
+    def build_criterion(self, cfg: DictConfig, mixup) -> None:
+        """None: :meth:`loss` computes the task's own losses."""
+        return None
+
+    def flops_input(self, cfg: DictConfig) -> int:
+        """A square of ``data.img_size``."""
+        return int(cfg.data.img_size)
+
+
 def recipe_keys(*label_keys: str) -> frozenset[str]:
     """The recipe keys a task honours: every key of the recipe schema (optimiser, schedule, length, EMA,
     clipping: the shared loop applies them) except the label keys, plus ``label_keys``."""

@@ -16,7 +16,13 @@ from torch import nn
 
 from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from acon.errors import ConfigError
-from acon.tasks.base import check_recipe_keys, recipe_keys, transfer_result_fields, uniform_batch_size
+from acon.tasks.base import (
+    DenseTask,
+    check_recipe_keys,
+    recipe_keys,
+    transfer_result_fields,
+    uniform_batch_size,
+)
 
 DET_DATA_KINDS = ("coco", "det_shapes")
 FEATURE_MAPS = {"retinanet": 3, "fasterrcnn": 4}
@@ -57,7 +63,7 @@ def _to_device(images: list, targets: list, device: torch.device) -> tuple[list,
     return images, targets
 
 
-class DetectionTask:
+class DetectionTask(DenseTask):
     """Detection behind the shared trainer; best.pt on the highest COCO box AP."""
 
     name = "detection"
@@ -158,18 +164,6 @@ class DetectionTask:
             **extra,
         )
         return Detector(net)
-
-    def build_mixup(self, cfg: DictConfig) -> None:
-        """None: boxes are not mixed."""
-        return None
-
-    def build_criterion(self, cfg: DictConfig, mixup) -> None:
-        """None: the detector computes its own losses."""
-        return None
-
-    def flops_input(self, cfg: DictConfig) -> int:
-        """A square of the short side the detector resizes to (backbone and FPN only)."""
-        return int(cfg.data.img_size)
 
     def loss(self, ctx, inputs, targets) -> torch.Tensor:
         """The detector's summed losses (classification, box regression; RPN for Faster R-CNN), fp32."""

@@ -12,7 +12,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from acon.errors import ConfigError
-from acon.tasks.base import check_recipe_keys, recipe_keys, transfer_result_fields, uniform_batch_size
+from acon.tasks.base import (
+    DenseTask,
+    check_recipe_keys,
+    recipe_keys,
+    transfer_result_fields,
+    uniform_batch_size,
+)
 
 SEG_DATA_KINDS = ("voc", "cityscapes", "seg_shapes")
 
@@ -112,7 +118,7 @@ def all_reduce_tensors(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t)
 
 
-class SegmentationTask:
+class SegmentationTask(DenseTask):
     """Per-pixel classification; best.pt on the highest mIoU."""
 
     name = "segmentation"
@@ -195,18 +201,6 @@ class SegmentationTask:
         from acon.tasks.seg_model import build_segmentation_model
 
         return build_segmentation_model(cfg, load_backbone)
-
-    def build_mixup(self, cfg: DictConfig) -> None:
-        """None: masks are not mixed."""
-        return None
-
-    def build_criterion(self, cfg: DictConfig, mixup) -> None:
-        """None: :meth:`loss` computes the per-pixel cross-entropy."""
-        return None
-
-    def flops_input(self, cfg: DictConfig) -> int:
-        """The training crop, ``data.img_size``."""
-        return int(cfg.data.img_size)
 
     def _pixel_loss(self, logits: torch.Tensor, masks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         st = self.settings
