@@ -3,41 +3,34 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from acon import checkpoint as ckpt
-from acon import console, distributed, fallbacks
+from acon import console, distributed
 from acon.builders import run_identity
 from acon.data.bad_images import BadImageError, SkipLog
-from acon.data.watchdog import BatchWait, stall_report
+from acon.data.watchdog import BatchWait
 from acon.engine import HostFlags, StepContext, StepGuard, optimizer_step
 from acon.errors import ConfigError
 from acon.logging import Progress, RunLogger
-from acon.optim import build_ema, build_optimizer, build_scheduler, log_schedule, total_steps
+from acon.optim import build_ema, build_optimizer, build_scheduler, total_steps
 from acon.preempt import PreemptionFlag, requeue_and_exit
-from acon.report import git_commit, write_json
+from acon.resume import ResumeState
+from acon.run_end import RunEnd
 from acon.run_state import Progression, configure_determinism, seed_process
-from acon.rundir import REFUSALS, RunDir, check_extended_length, raise_on_every_rank
+from acon.rundir import REFUSALS, RunDir, raise_on_every_rank
+from acon.stopping import EarlyStop, StopChecks
 from acon.storage import WriteFailed
 from acon.syncbn import convert_sync_batchnorm
 from acon.tasks import task_of
-from acon.tasks.base import best_entry, is_better, unprefixed
+from acon.tasks.base import best_entry, is_better
 from acon.validate import check_train_config
 
 
-class EarlyStop(Exception):  # noqa: N818  (a stop, not an error)
-    """The run stops before its end, after saving last.pt: ``reason`` and the signal that asked for it."""
-
-    def __init__(self, reason: str, received: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason, self.received = reason, received
-
-
-class Trainer:
+class Trainer(ResumeState, StopChecks, RunEnd):
     """Holds one run's objects; :meth:`fit` runs it to completion, preemption or ``max_steps``."""
 
     def __init__(self, cfg: DictConfig, info: distributed.DistInfo, run: RunDir | None = None) -> None:
@@ -136,47 +129,6 @@ class Trainer:
             except WriteFailed as e:
                 failure = e
         raise_on_every_rank(failure)  # also the barrier after the save
-
-    def maybe_resume(self) -> Path | None:
-        """Load the checkpoint the run dir chose (resume=auto: run_dir/last.pt, or resume=PATH), if any,
-        the way it says (:meth:`RunDir.resume_kind`: continue, extend or finetune).
-
-        Its model, activation and recipe were already checked against this run when the run dir opened.
-        """
-        path = self.rundir.resume_from
-        if path is None:
-            return None
-        state = ckpt.load_checkpoint(path, map_location=self.info.device)
-        ckpt.load_model_state(self.model, state["model"], str(path))
-        c, how = self.ctx, self.rundir.resume_kind(state)
-        origin = {"resume_mode": how, "checkpoint": str(path), "step": state["progress"]["step"]}
-        if how == "finetune":  # its weights only: fresh optimiser, schedule, EMA, position and RNG
-            if c.ema is not None:
-                c.ema.set(self.model)
-            self.state.origin = origin
-            self.announce(f"fine-tuning the weights of {path} (its step {origin['step']}) from step 0")
-            seed_process(int(self.cfg.seed) * 1000 + self.info.rank)
-            return path
-        c.optimizer.load_state_dict(state["optimizer"])
-        if how == "continue":  # extend keeps the schedule built for the new length
-            c.scheduler.load_state_dict(state["scheduler"])
-        c.scaler.load_state_dict(state["scaler"])
-        if c.ema is not None and state.get("ema") is not None:
-            c.ema.load_state_dict(state["ema"])
-        self.state = Progression(**state["progress"])
-        if how == "extend":
-            check_extended_length(self.total_steps, self.state.step, path)
-            self.state.origin = origin
-        self.announce(
-            f"{'extending' if how == 'extend' else 'resuming from'} {path} at step {self.state.step} "
-            f"(epoch {console.epoch_text(self.epochs_done())}) of {self.total_steps}"
-        )
-        rngs = state["rng"]
-        if self.info.rank < len(rngs) and state.get("world_size") == self.info.world_size:
-            ckpt.restore_rng(rngs[self.info.rank])
-        else:
-            seed_process(int(self.cfg.seed) * 1000 + self.info.rank + 7919 * self.state.step)
-        return path
 
     def record_skips(self, split: str, files) -> None:
         """Add the bad files every rank skipped (a collective) to the run's list; raise past the budget."""
@@ -317,34 +269,6 @@ class Trainer:
             if sample is not None:
                 logger.meta_beta_stats(self.model, sample.to(self.info.device), s.step)
 
-    def agree(self, batch, waiter: BatchWait, flag: PreemptionFlag) -> tuple[bool, bool, bool]:
-        """After the wait for a batch, before the step: every rank learns whether any rank was asked to
-        stop or has a stalled loader or an empty batch (every image bad), and adds the batch's bad images to
-        the job's budget. One host-side sum per step."""
-        n_bad = batch[2] if batch is not None else 0
-        stalled = batch is None and waiter.ended == "timeout"
-        empty = batch is not None and batch[0] is None  # every image of this rank's batch was bad (skip)
-        stop, stall, bad_total, any_empty = self.flags.sum(
-            [float(bool(flag)), float(stalled), float(n_bad), float(empty)]
-        )
-        if bad_total:  # one budget and one list for the whole job, the same on every rank
-            self.state.bad_images_skipped += int(bad_total)
-            self.record_skips("train", n_bad)
-        return stop > 0, stall > 0, any_empty > 0
-
-    def stop_early(self, flag: PreemptionFlag, waiter: BatchWait, batches, stalled: bool) -> EarlyStop:
-        """Save last.pt where the run is (no step is lost); the reason and exit status to leave with."""
-        self.settle()
-        self.save()
-        if not stalled:
-            return EarlyStop(f"received {flag.received or 'a stop signal on another rank'}", flag.received)
-        here = None
-        if waiter.ended == "timeout":
-            here = f"rank {self.info.rank}: {stall_report(self.train_loader, batches)}"
-        reports = [r for r in distributed.all_gather_object(here) if r]
-        limit = self.cfg.trainer.data_timeout_s
-        return EarlyStop(f"no batch within trainer.data_timeout_s={limit:g} s, stuck on {'; '.join(reports)}")
-
     def fit(self) -> dict | None:
         """Train to the end; returns the results dict on rank 0 (None when stopped early)."""
         cfg, t, s = self.cfg, self.cfg.trainer, self.state
@@ -420,90 +344,6 @@ class Trainer:
         if early is not None:
             requeue_and_exit(early.reason, self.info.is_main, early.received, now=True)
         return self.finish(sum(s.wall_segments_s))  # as of the final save: a no-op rerun adds nothing
-
-    def log_banner(self) -> None:
-        """The start banner (rank 0): model, activation, size, data, devices, batch, steps, run dir."""
-        facts = console.run_facts(
-            self.cfg,
-            self.model,
-            self.info,
-            self.train_loader,
-            self.val_loader,
-            self.total_steps,
-            self.run_dir,
-        )
-        if self.resumed_from is not None:
-            facts.resumed_step, facts.resumed_from = self.state.step, self.resumed_from
-        console.log_banner(facts)
-        log_schedule(self.cfg.recipe, self.total_steps, self.batches_per_epoch)  # its line, its warnings
-
-    def stop_at_max_steps(self, logger: RunLogger) -> None:
-        """Validate once where ``trainer.max_steps`` stopped the run: a metrics.jsonl line, results.json.
-
-        Runs after the checkpoint is saved and is not part of its history (a resume drops the line).
-        """
-        s, task = self.state, self.task
-        last = s.history[-1] if s.history else {}
-        record = last if last.get("step") == s.step and f"val_{task.primary_metric}" in last else None
-        if record is None:  # not already validated at the end of an epoch at this step
-            val = self.validate()
-            s.bad_images_skipped += val.pop("bad_images_skipped")  # summed over ranks by evaluate
-            self.record_skips("val", val.pop("bad_image_files"))
-            record = {
-                "epoch": self.epochs_done(),
-                "step": s.step,
-                "train_loss": s.epoch_loss_sum / max(s.epoch_loss_count, 1),
-                "lr": self.ctx.optimizer.param_groups[0]["lr"],
-                "stopped_at_max_steps": True,
-                **{f"val_{k}": v for k, v in val.items()},
-            }
-            logger.epoch_line(record)
-            logger.scalars(s.step, {f"val/{k}": val[k] for k in task.scalar_metrics})
-        self.finish(sum(s.wall_segments_s), status="stopped at max_steps", last=record)
-        self.announce(
-            f"stopped at trainer.max_steps={self.cfg.trainer.max_steps} (step {s.step} of {self.total_steps}),"
-            f" validated once: {task.metrics_text(unprefixed(record))}; results in {self.run_dir}"
-        )
-
-    def finish(self, wall: float, status: str = "complete", last: dict | None = None) -> dict | None:
-        """Write results.json on rank 0: the task's final and best metrics, params, FLOPs, time and
-        throughput over every segment of the run, commit, and every rank's fallbacks."""
-        every_rank = distributed.all_gather_object(fallbacks.recorded())  # a collective: all ranks call it
-        if not self.info.is_main:
-            return None
-        import models
-
-        last = last or self.state.history[-1]
-        best_pt = self.run_dir / "best.pt"
-        results = {
-            "status": status,
-            **self.task.result_fields({**unprefixed(last), "epoch": last["epoch"]}, self.state.best),
-            "params": models.count_params(self.model),
-            "flops": models.count_flops(self.model, self.task.flops_input(self.cfg)),
-            "wall_time_s": wall,  # every segment of a preempted/resumed run
-            "images_per_s": self.state.step * int(self.cfg.recipe.batch_size) / max(wall, 1e-9),
-            "world_size": self.info.world_size,
-            "steps": self.state.step,
-            "epochs": self.state.epoch,
-            "bad_images_skipped": self.state.bad_images_skipped,
-            "bad_image_files": self.state.bad_image_files,
-            "nonfinite_steps_skipped": self.state.nonfinite_steps_skipped,
-            "model": self.cfg.model.name,
-            "activation": self.cfg.activation.name,
-            "recipe": self.cfg.recipe.name,
-            "data": self.cfg.data.name,
-            "task": self.task.name,
-            "primary_metric": self.task.primary_metric,
-            "seed": int(self.cfg.seed),
-            "git_commit": git_commit(),
-            "identity": run_identity(self.cfg),
-            "fallbacks": fallbacks.across_ranks(every_rank),
-            "best_checkpoint": str(best_pt) if self.state.best is not None and best_pt.is_file() else None,
-            "origin": self.state.origin,
-        }
-        write_json(self.run_dir / "results.json", results)
-        console.log_summary(results, self.run_dir)
-        return results
 
 
 def train(cfg: DictConfig) -> dict | None:
