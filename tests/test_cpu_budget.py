@@ -156,3 +156,16 @@ def test_a_wrong_value_is_one_line():
     proc = run_cli([sys.executable, "train.py", "trainer.threads=two"], check=False)
     assert proc.returncode == 2
     assert "error: trainer.threads='two' is not allowed: must be an integer > 0 or auto" in proc.stderr
+
+
+def test_doctor_warns_on_a_busy_machine():
+    from acon.doctor.system import check_cpu_load, check_devices
+
+    two = Cores(2, 2, None)
+    busy = check_cpu_load((3.2, 2.9, 1.0), two)
+    assert busy.status == "warn" and busy.line().startswith(
+        "warn CPU load: load average 3.2 (1 min), 2.9 (5 min)"
+    )
+    assert "2 usable cores" in busy.detail and "the machine is busy" in busy.detail
+    assert check_cpu_load((0.4, 0.3, 0.2), two).status == "ok"
+    assert any(c.name == "CPU load" for c in check_devices())  # part of python -m acon.doctor
