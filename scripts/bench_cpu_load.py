@@ -20,6 +20,7 @@ import argparse
 import atexit
 import os
 import platform
+import resource
 import signal
 import subprocess
 import sys
@@ -70,15 +71,18 @@ def _on_signal(signum, frame) -> None:
     sys.exit(128 + signum)
 
 
-def run_once(overrides: list[str], env: dict, epochs: int | None, timeout: float, out: Path) -> float | None:
-    """Wall seconds of one ``train.py`` run (None past ``timeout``)."""
+def run_once(
+    overrides: list[str], env: dict, epochs: int | None, timeout: float, out: Path
+) -> tuple[float | None, float]:
+    """Wall seconds of one ``train.py`` run (None past ``timeout``) and the CPU seconds of the run and its
+    loader workers (OpenMP threads spinning while they wait show up here)."""
     args = [sys.executable, "train.py", f"out_dir={out}", "trainer.progress=false", *overrides]
     if epochs:
         args.append(f"recipe.epochs={epochs}")
     full_env = {**os.environ, **env}
     for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME"):
         full_env.pop(k, None)  # the run's own choices, as a user's shell gives them
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(
         args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -91,12 +95,18 @@ def run_once(overrides: list[str], env: dict, epochs: int | None, timeout: float
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-        return None
+        return None, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise SystemExit(f"error: train.py {' '.join(overrides)} exited {proc.returncode}:\n{stdout[-3000:]}")
     cpu_line = next((ln.strip() for ln in stdout.splitlines() if ln.strip().startswith("cpu: ")), "")
     print(f"    {cpu_line}", flush=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _children_cpu() - cpu0
+
+
+def _children_cpu() -> float:
+    """User + system seconds of the reaped children (the busy processes are reaped only after a run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def machine() -> str:
@@ -152,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()
     times: dict[tuple[str, str], float | None] = {}
+    cpu: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory(prefix="bench_cpu_load_") as tmp:
         for name in names:
             overrides, env = table[name]
@@ -161,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                     start_load(args.load)
                 try:
                     out = Path(tmp) / f"{name}-{cond}"
-                    times[name, cond] = run_once(overrides, env, args.epochs, args.timeout, out)
+                    times[name, cond], cpu[name, cond] = run_once(
+                        overrides, env, args.epochs, args.timeout, out
+                    )
                 finally:
                     end_load()
-                print(f"    {fmt(times[name, cond], args.timeout)} s", flush=True)
+                print(
+                    f"    {fmt(times[name, cond], args.timeout)} s ({cpu[name, cond]:.1f} CPU s)", flush=True
+                )
     load_after = os.getloadavg()
     epochs = args.epochs or 14
     lines = [
@@ -177,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- run: `python train.py trainer.progress=false` ({epochs} epochs), wall time from launch to exit;"
         f' loaded: {args.load} x `python -c "{BUSY}"` running for the whole run',
         "",
-        "| variant | overrides | idle (s) | loaded (s) | loaded / idle | idle / default idle |",
-        "|---|---|---:|---:|---:|---:|",
+        "| variant | overrides | idle (s) | loaded (s) | loaded / idle | idle / default idle "
+        "| CPU s idle / loaded |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     base = times.get(("default", "idle"))
     for name in names:
@@ -187,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         idle, loaded = times[name, "idle"], times[name, "loaded"]
         lines.append(
             f"| {name} | `{what}` | {fmt(idle, args.timeout)} | {fmt(loaded, args.timeout)} | "
-            f"{ratio(loaded, idle)} | {ratio(idle, base)} |"
+            f"{ratio(loaded, idle)} | {ratio(idle, base)} | {cpu[name, 'idle']:.1f} / {cpu[name, 'loaded']:.1f} |"
         )
     if ("default", "loaded") in times:
         d_idle, d_loaded = times["default", "idle"], times["default", "loaded"]

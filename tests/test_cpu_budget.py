@@ -169,3 +169,16 @@ def test_doctor_warns_on_a_busy_machine():
     assert "2 usable cores" in busy.detail and "the machine is busy" in busy.detail
     assert check_cpu_load((0.4, 0.3, 0.2), two).status == "ok"
     assert any(c.name == "CPU load" for c in check_devices())  # part of python -m acon.doctor
+
+
+def test_bench_cpu_load_ends_its_busy_processes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cpu_load", ROOT / "scripts" / "bench_cpu_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.start_load(2)
+    procs = list(bench._busy)
+    assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    bench.end_load()
+    assert not bench._busy and all(p.poll() is not None for p in procs)
