@@ -214,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if ("previous", "idle") in times:
             p_idle = times["previous", "idle"]
-            ok = d_idle is not None and p_idle is not None and d_idle <= p_idle * 1.05
+            # a stopped previous run (None) took longer than the timeout, so longer than a finished default
+            ok = d_idle is not None and (p_idle is None or d_idle <= p_idle * 1.05)
             lines.append(
                 f"Target, default idle no slower than previous idle (5 % noise allowed): "
-                f"{'met' if ok else 'NOT met'} ({ratio(d_idle, p_idle)})."
+                f"{'met' if ok else 'NOT met'} ({ratio(d_idle, p_idle) if p_idle else 'previous stopped'})."
             )
     text = "\n".join(lines) + "\n"
     print("\n" + text)
