@@ -3,10 +3,17 @@
 Checkpoints are loaded weights-only: a file that would run code when unpickled is refused (exit 2).
 """
 
-import hydra
-from omegaconf import DictConfig
+import os
 
-import acon.config_schema  # noqa: F401  (registers the typed schemas before Hydra composes)
+# Before torch loads OpenMP: a thread that waits for work sleeps instead of spinning against other
+# processes on the cores (a value already in the environment wins; see acon/cpu_budget.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("KMP_BLOCKTIME", "0")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import acon.config_schema  # noqa: E402, F401  (registers the typed schemas before Hydra composes)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

@@ -9,12 +9,19 @@ after saving a checkpoint (75 asks for a requeue), 130 interrupted (SIGINT, Ctrl
 checkpoint; rerun the same command to resume.
 """
 
-import sys
+import os
 
-import hydra
-from omegaconf import DictConfig
+# Before torch loads OpenMP: a thread that waits for work sleeps instead of spinning against other
+# processes on the cores (a value already in the environment wins; see acon/cpu_budget.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("KMP_BLOCKTIME", "0")
 
-import acon.config_schema  # noqa: F401  (registers the typed schemas before Hydra composes)
+import sys  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import acon.config_schema  # noqa: E402, F401  (registers the typed schemas before Hydra composes)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

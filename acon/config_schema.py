@@ -83,7 +83,22 @@ NON_NEGATIVE = Range(0)
 PROBABILITY = Range(0, 1, high_open=True)  # [0, 1)
 
 
-def key(default: Any = MISSING, allowed: Range | OneOf | None = None) -> Any:
+@dataclass(frozen=True)
+class AutoOr:
+    """``auto`` or a value ``rule`` allows (``trainer.threads``, ``data.num_workers``)."""
+
+    rule: Range
+
+    def accepts(self, value: Any) -> bool:
+        """True for ``auto`` and for what ``rule`` accepts."""
+        return value == "auto" or self.rule.accepts(value)
+
+    def describe(self) -> str:
+        """``an integer >= 0 or auto``."""
+        return f"{self.rule.describe()} or auto"
+
+
+def key(default: Any = MISSING, allowed: Range | OneOf | AutoOr | None = None) -> Any:
     """A schema field with its default and its ``allowed`` rule (read by ``acon.validate``)."""
     meta = {"allowed": allowed} if allowed else {}
     if isinstance(default, list | dict):
@@ -134,7 +149,7 @@ class DataSchema:
     max_bad_images: int | None = key(None, NON_NEGATIVE_INT)  # null: 0.1 % of the split, at least 1
     index_cache: bool = key(True)  # keep each split's file list (acon/data/index.py)
     index_cache_dir: str | None = key(None)
-    num_workers: int = key(0, NON_NEGATIVE_INT)
+    num_workers: Any = key("auto", AutoOr(NON_NEGATIVE_INT))  # auto: acon/cpu_budget.py
     pin_memory: bool = key(True)
     persistent_workers: bool = key(False)
     prefetch_factor: int = key(2, POSITIVE_INT)
@@ -236,7 +251,7 @@ class TrainerSchema:
     channels_last: bool = key(False)
     compile: bool = key(False)
     sync_bn: bool = key(False)
-    threads: int | None = key(None, POSITIVE_INT)
+    threads: Any = key("auto", AutoOr(POSITIVE_INT))  # auto: acon/cpu_budget.py; null: torch's default
     log_every: int = key(20, POSITIVE_INT)
     hist_every: int = key(200, POSITIVE_INT)
     ckpt_every_steps: int = key(500, POSITIVE_INT)

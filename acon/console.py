@@ -102,6 +102,7 @@ class RunFacts:
     resumed_step: int | None = None
     resumed_from: Path | None = None
     extra: dict = field(default_factory=dict)
+    cpu: str | None = None  # CPU threads and loader workers, and why (acon.cpu_budget.CpuPlan.line)
 
 
 def run_facts(
@@ -109,8 +110,10 @@ def run_facts(
 ) -> RunFacts:
     """The banner's facts for a trainer's objects."""
     import models
+    from acon import cpu_budget
 
     impl = activation_impl(model, info.device)
+    plan = cpu_budget.applied()
     act = cfg.activation.name + (f" [{impl}]" if impl else "")
     return RunFacts(
         model=f"{cfg.model.name} ({cfg.model.arch})",
@@ -126,6 +129,7 @@ def run_facts(
         global_batch=int(cfg.recipe.batch_size),
         total_steps=total_steps,
         run_dir=run_dir,
+        cpu=plan.line() if plan is not None else None,
     )
 
 
@@ -142,6 +146,8 @@ def banner_lines(facts: RunFacts, schedule: str | None = None) -> list[str]:
         f"  {facts.world_size} process(es) on {facts.device}, {facts.precision}, global batch "
         f"{facts.global_batch}, {facts.total_steps:,} steps",
     ]
+    if facts.cpu:
+        lines.append(f"  {facts.cpu}")
     if schedule:
         lines.append(f"  schedule: {schedule}")
     lines.append(f"  run dir: {facts.run_dir}")

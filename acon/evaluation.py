@@ -9,9 +9,76 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from acon import checkpoint as ckpt
-from acon import console, distributed
+from acon import console, cpu_budget, distributed
 from acon.report import write_json
 from acon.tasks import get_task, task_of
+
+REPLAY_BYTES = 1 << 30  # decoded validation batches kept for the next checkpoints, per data config
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a batch (nested tuples, lists and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+class SharedEvalData:
+    """What the checkpoints of one eval.py call share: the datasets (file index, decoders) and, per data
+    config, the decoded validation batches, replayed to every later checkpoint while they fit in
+    ``budget`` bytes, so a sweep folder reads and decodes its validation set, and starts loader workers,
+    once per call instead of once per checkpoint. The validation transforms are deterministic: a replayed
+    batch is the batch the loader would give again."""
+
+    def __init__(self, budget: int = REPLAY_BYTES, datasets: dict | None = None) -> None:
+        self.budget, self.datasets = budget, {} if datasets is None else datasets
+        self.batches: dict = {}  # key -> list of batches | None (too large: read again each time)
+
+    def loader(self, task, run_cfg: DictConfig, batch_size: int, info: distributed.DistInfo):
+        """The task's validation loader for ``run_cfg.data`` (workers start only when it is iterated), as a
+        loader that replays the batches of an earlier checkpoint with the same data config."""
+        key = (
+            task.name,
+            OmegaConf.to_yaml(run_cfg.data, resolve=True),
+            batch_size,
+            info.rank,
+            info.world_size,
+        )
+        return ReplayLoader(task.build_val_loader(run_cfg, batch_size, info, self.datasets), self, key)
+
+
+class ReplayLoader:
+    """Iterates ``loader`` once, keeping its batches in ``shared`` (up to its budget); later iterations
+    with the same key replay them. Other attributes (``dataset``…) are the loader's."""
+
+    def __init__(self, loader, shared: SharedEvalData, key: tuple) -> None:
+        self.loader, self.shared, self.key = loader, shared, key
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        kept = self.shared.batches.get(self.key, [])
+        if self.key in self.shared.batches:
+            yield from kept if kept is not None else self.loader
+            return
+        size = 0
+        for batch in self.loader:
+            if kept is not None:
+                size += _nbytes(batch)
+                if size <= self.shared.budget:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        self.shared.batches[self.key] = kept  # only after a complete pass
 
 
 def cli_data_overrides() -> list[str]:
@@ -93,18 +160,20 @@ def model_for_checkpoint(
 
 
 def evaluate_checkpoint(
-    path: Path, cfg: DictConfig, info: distributed.DistInfo, val_sets: dict | None = None
+    path: Path, cfg: DictConfig, info: distributed.DistInfo, shared: SharedEvalData | dict | None = None
 ) -> dict:
     """The task's metrics (top-1/top-5 error, mIoU, AP) of one checkpoint on its validation set
-    (``val_sets`` caches datasets by config)."""
+    (``shared``: what the checkpoints of one call share, see :class:`SharedEvalData`)."""
     state = ckpt.load_checkpoint(path, map_location="cpu")
     model, data, about = model_for_checkpoint(state, path, cfg)
+    if "num_workers" in cfg.data:  # this call's loader workers, not those of the machine that trained
+        data.num_workers = cfg.data.num_workers
     run_cfg = OmegaConf.create(state["config"]) if is_ours(state) else OmegaConf.create({})
     run_cfg.data, run_cfg.trainer = data, cfg.trainer
     task = task_of(run_cfg) if is_ours(state) else get_task(about["task"], run_cfg)
     model = model.to(info.device)
-    val_sets = {} if val_sets is None else val_sets
-    loader = task.build_val_loader(run_cfg, int(cfg.batch_size), info, val_sets)
+    shared = shared if isinstance(shared, SharedEvalData) else SharedEvalData(datasets=shared)
+    loader = shared.loader(task, run_cfg, int(cfg.batch_size), info)
     metrics = task.evaluate(model, loader, run_cfg, info)
     return {"checkpoint": str(path), **about, **metrics}
 
@@ -130,10 +199,13 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     """Evaluate ``cfg.checkpoint`` (a file or a folder); rank 0 prints and writes the rows."""
     target = Path(cfg.checkpoint).expanduser()
     paths = checkpoints_in(target)
+    plan = cpu_budget.configure(cfg)
     info = distributed.setup(cfg.trainer.device, float(cfg.trainer.dist_timeout_s))
-    val_sets: dict = {}
+    if info.is_main:
+        console.log.info(f"acon: {len(paths)} checkpoint(s); {plan.line()}")
+    shared = SharedEvalData()
     try:
-        rows = [evaluate_checkpoint(p, cfg, info, val_sets) for p in paths]
+        rows = [evaluate_checkpoint(p, cfg, info, shared) for p in paths]
     finally:
         distributed.teardown()
     if info.is_main:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from acon import cpu_budget
+
 
 @dataclass
 class Progression:
@@ -30,9 +32,9 @@ class Progression:
 
 
 def configure_determinism(cfg: DictConfig) -> None:
-    """Threads and deterministic algorithms, as the trainer config asks."""
-    if cfg.trainer.threads:
-        torch.set_num_threads(int(cfg.trainer.threads))
+    """CPU threads and loader workers (``auto`` resolved to numbers in ``cfg``, see ``acon.cpu_budget``)
+    and deterministic algorithms, as the config asks."""
+    cpu_budget.configure(cfg)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from acon.cpu_budget import resolve_workers
 from acon.data.digits import prepare_digits
 from acon.data.folder import ImageFolderDataset, collate_skipping_bad, find_classes
 from acon.data.samplers import ExactShardSampler, ResumableTrainSampler, SeededDataset
@@ -101,7 +102,7 @@ def build_val_dataset(cfg: DictConfig) -> Dataset:
 
 
 def _loader_kwargs(cfg: DictConfig) -> dict:
-    workers = int(cfg.num_workers)
+    workers = resolve_workers(cfg)
     kw = {"num_workers": workers, "pin_memory": bool(cfg.pin_memory) and torch.cuda.is_available()}
     if workers > 0:
         kw.update(persistent_workers=bool(cfg.persistent_workers), prefetch_factor=int(cfg.prefetch_factor))
@@ -204,7 +205,7 @@ def build_pipeline_loaders(
     tp = build_train_pipeline(name, train_root, split=cfg.train_split, seed=seed, **args["train"], **common)
     vp = build_val_pipeline(name, val_root, split=cfg.val_split, **args["val"], **common)
     kw = dict(
-        num_workers=int(cfg.num_workers),
+        num_workers=resolve_workers(cfg),
         persistent_workers=bool(cfg.persistent_workers),
         prefetch_factor=int(cfg.prefetch_factor),
     )

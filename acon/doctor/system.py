@@ -57,6 +57,7 @@ def check_devices() -> Iterator[Check]:
     """CPU count and every visible GPU with its memory."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     yield ok("CPUs", f"{os.cpu_count()} ({usable} usable by this process)")
+    yield check_cpu_load()
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not n:
         yield warn("GPUs", "none visible: training runs on the CPU (trainer.device=auto)")
@@ -65,6 +66,24 @@ def check_devices() -> Iterator[Check]:
         yield ok(
             f"GPU {i}", f"{p.name}, {p.total_memory / GiB:.1f} GiB, compute capability {p.major}.{p.minor}"
         )
+
+
+def check_cpu_load(load: tuple[float, float, float] | None = None, cores=None) -> Check:
+    """The load average against the cores this process may use: warn when other work keeps at least half
+    of them busy (every CPU run is slower; ``trainer.threads=auto`` keeps it from collapsing)."""
+    from acon import cpu_budget
+
+    cores = cores or cpu_budget.usable_cores()
+    load1, load5, _ = load or os.getloadavg()
+    plan = cpu_budget.resolve("auto", "auto", torch.cuda.is_available(), cores)
+    detail = f"load average {load1:.1f} (1 min), {load5:.1f} (5 min) on {cores.text()}"
+    if load1 < max(1.0, cores.usable / 2):
+        return ok("CPU load", f"{detail}; auto: {plan.threads} thread(s) + {plan.workers} loader worker(s)")
+    return warn(
+        "CPU load",
+        f"{detail}: the machine is busy, CPU runs will take longer than on an idle machine; keep "
+        f"trainer.threads=auto ({plan.threads} thread(s) + {plan.workers} loader worker(s) here) or 1, not more",
+    )
 
 
 def fused_path(x: torch.Tensor) -> str:
