@@ -3,6 +3,7 @@ is seeded and made deterministic."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ def configure_determinism(cfg: DictConfig) -> None:
     and deterministic algorithms, as the config asks."""
     cpu_budget.configure(cfg)
     if cfg.deterministic:
+        # cuBLAS refuses deterministic mode without a fixed workspace; it is read when cuBLAS starts, so
+        # before the first matmul (a value the user set wins)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():

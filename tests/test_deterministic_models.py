@@ -3,6 +3,8 @@ as nondeterministic (and raising) on CUDA: checked on a CPU by recording every o
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -115,3 +117,20 @@ def test_cuda_backward_under_deterministic_mode(name, deterministic):
         loss = torch.nn.functional.cross_entropy(model(x).float(), torch.arange(4, device="cuda") % 5)
     loss.backward()
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
+
+
+def test_deterministic_runs_fix_the_cublas_workspace(monkeypatch):
+    """cuBLAS raises in deterministic mode unless CUBLAS_WORKSPACE_CONFIG is set before it starts: the
+    trainer's determinism setup sets it (a value already in the environment wins)."""
+    from omegaconf import OmegaConf
+
+    from acon.run_state import configure_determinism
+
+    cfg = OmegaConf.create({"deterministic": True, "trainer": {"threads": 1, "device": "cpu"}, "data": {"num_workers": 0}})
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)
+    configure_determinism(cfg)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    configure_determinism(cfg)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
