@@ -126,7 +126,9 @@ def test_deterministic_runs_fix_the_cublas_workspace(monkeypatch):
 
     from acon.run_state import configure_determinism
 
-    cfg = OmegaConf.create({"deterministic": True, "trainer": {"threads": 1, "device": "cpu"}, "data": {"num_workers": 0}})
+    cfg = OmegaConf.create(
+        {"deterministic": True, "trainer": {"threads": 1, "device": "cpu"}, "data": {"num_workers": 0}}
+    )
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)
     configure_determinism(cfg)
