@@ -41,6 +41,7 @@ def overrides(root, out, batch: int) -> list[str]:
         "data.img_size=32",
         "data.bad_image_policy=skip",
         "data.max_bad_images=1",
+        "data.num_workers=0",  # the skip warnings are raised in this process, where pytest sees them
         f"recipe.batch_size={batch}",
         f"recipe.base_batch_size={batch}",
         "recipe.epochs=1",

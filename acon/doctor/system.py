@@ -239,7 +239,9 @@ def check_disk_and_resume(cfg) -> Iterator[Check]:
 
 def open_files_needed(data_cfg, per_rank_batch: int) -> tuple[int, str]:
     """Open files one rank's training loader needs at most, and how that was counted, in words."""
-    workers, pipeline = int(data_cfg.get("num_workers", 0)), str(data_cfg.get("pipeline", "reference"))
+    from acon.cpu_budget import resolve_workers
+
+    workers, pipeline = resolve_workers(data_cfg), str(data_cfg.get("pipeline", "reference"))
     prefetch = int(data_cfg.get("prefetch_factor", 2)) if workers else 0
     in_flight = workers * prefetch + 2  # queued by the workers, plus the one in use and the one prepared
     per_batch = TENSORS_PER_BATCH.get(pipeline, 4)
