@@ -51,7 +51,8 @@ def _eval(checkpoint, tmp_path, name: str) -> list[dict]:
 
 
 def _metrics(row: dict) -> tuple:
-    return row["top1_err"], row.get("top5_err"), row["count"], round(row["loss"], 9)  # no top-5 below 6 classes
+    top5 = row.get("top5_err")  # not reported below 6 classes
+    return row["top1_err"], top5, row["count"], round(row["loss"], 9)
 
 
 def test_sweep_builds_its_data_once_and_matches_each_checkpoint_alone(sweep, tmp_path, counted):

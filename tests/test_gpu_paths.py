@@ -91,7 +91,13 @@ def test_doctor_checks_ulimit_n_against_the_loader(monkeypatch, tmp_path, soft, 
     from tests.conftest import compose
 
     cfg = compose(
-        ["data=imagenet", "data.pipeline=gpu", "data.num_workers=8", "recipe.batch_size=256", f"out_dir={tmp_path}"]
+        [
+            "data=imagenet",
+            "data.pipeline=gpu",
+            "data.num_workers=8",
+            "recipe.batch_size=256",
+            f"out_dir={tmp_path}",
+        ]
     )
     monkeypatch.setattr(system.resource, "getrlimit", lambda what: (soft, 1 << 20))
     monkeypatch.delenv("WORLD_SIZE", raising=False)

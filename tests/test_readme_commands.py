@@ -292,7 +292,9 @@ def test_command_resolves(cmd):
         )
     for flag in [a.split("=")[0] for a in args if a.startswith("--")]:
         declared = f'"{flag}"' in source or f"'{flag}'" in source  # argparse
-        declared = declared or re.search(rf"^\s*{re.escape(flag)}(=\*)?\)", source, re.M) is not None  # sh case
+        declared = (
+            declared or re.search(rf"^\s*{re.escape(flag)}(=\*)?\)", source, re.M) is not None
+        )  # sh case
         assert declared, f"{cmd}: {program} has no option {flag}"
     if program.endswith(".sh"):
         assert os.access(script, os.X_OK), f"{program} is not executable"

@@ -134,7 +134,9 @@ def test_resume_none_in_a_locked_dir_is_refused_before_data_and_moves_nothing(
     holder = hold(run_dir)
     from acon.tasks.classification import ClassificationTask
 
-    monkeypatch.setattr(ClassificationTask, "build_loaders", lambda *a, **k: pytest.fail("datasets were built"))
+    monkeypatch.setattr(
+        ClassificationTask, "build_loaders", lambda *a, **k: pytest.fail("datasets were built")
+    )
     for extra in ([], ["resume=none"]):
         with pytest.raises(RunDirBusy, match=f"run dir {run_dir} is in use by another run") as info:
             acon.trainer.train(compose(small(tiny_imagenet, tmp_path, *extra)))
