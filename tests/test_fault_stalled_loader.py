@@ -23,7 +23,9 @@ RUN = "r"
 
 
 def cmd(root: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ("train.py",)) -> list[str]:
-    """60 steps of a tiny run with 2 loader workers, saving after every step (progress is visible)."""
+    """60 steps of a tiny run with 2 loader workers, saving after every step (progress is visible). Batch 1:
+    24 steps an epoch, so the worker stopped after the first save is a training worker, far from the
+    epoch's end (the validation loader has workers of its own, which the batch wait does not cover)."""
     return [
         sys.executable,
         *launcher,
@@ -31,6 +33,8 @@ def cmd(root: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ("train.
         "model=shufflenetv2_x0_5_small",
         "activation=relu",
         "data.num_workers=2",
+        "recipe.batch_size=1",
+        "recipe.base_batch_size=1",
         "recipe.iterations=60",
         "trainer.ckpt_every_steps=1",
         "trainer.threads=1",

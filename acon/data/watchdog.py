@@ -149,6 +149,13 @@ def _owing_workers(loader, iterator) -> list[tuple[int | None, int]]:
     it = iterator if hasattr(iterator, "_workers") else getattr(inner, "_iterator", None)
     workers = getattr(it, "_workers", None)
     if workers:
+        # a worker that cannot run (stopped, in uninterruptible disk sleep, gone) is the stuck one, whatever
+        # the loader's bookkeeping of which batch is due says (its prefetch may already be delivered)
+        blocked = [
+            (i, w.pid) for i, w in enumerate(workers) if _proc_state(w.pid)[:1] in ("T", "t", "D", "g")
+        ]
+        if blocked:
+            return blocked
         info = getattr(it, "_task_info", {}).get(getattr(it, "_rcvd_idx", -1))
         if info:
             return [(info[0], workers[info[0]].pid)]
