@@ -40,14 +40,18 @@ def step_resume(args: argparse.Namespace) -> bool:
     out = Path(args.out or tempfile.mkdtemp(prefix="acon-gpu-check-resume-"))
     device = ["trainer=gpu"] if args.device == "cuda" else ["trainer.device=cpu"]
     base = [*device, "trainer.progress=false", f"out_dir={out}", "run_name=resume", "recipe.batch_size=32"]
-    t0 = time.perf_counter()
-    first = train(_compose([*base, "trainer.max_steps=3"]))
-    t1 = time.perf_counter()
-    second = train(_compose([*base, "trainer.max_steps=5", "resume=auto"]))
-    t2 = time.perf_counter()
+    import json
+
     from acon.checkpoint import load_checkpoint
 
-    ok = first is not None and second is not None and second.get("steps") == 5
+    t0 = time.perf_counter()
+    train(_compose([*base, "trainer.max_steps=3"]))  # a max_steps stop returns None; results.json has it
+    first = json.loads((out / "resume" / "results.json").read_text())
+    t1 = time.perf_counter()
+    train(_compose([*base, "trainer.max_steps=5", "resume=auto"]))
+    second = json.loads((out / "resume" / "results.json").read_text())
+    t2 = time.perf_counter()
+    ok = first.get("steps") == 3 and second.get("steps") == 5
     progress = load_checkpoint(out / "resume" / "last.pt", mmap=True)["progress"]
     resumed = len(progress.get("wall_segments_s", [])) == 2  # two segments: the run went on from step 3
     print(f"| resume on {args.device} | first run to step 3: {t1 - t0:.1f} s | resumed at step 3 to 5: "
