@@ -44,10 +44,7 @@ class RunEnd:
             s.bad_images_skipped += val.pop("bad_images_skipped")  # summed over ranks by evaluate
             self.record_skips("val", val.pop("bad_image_files"))
             record = {
-                "epoch": self.epochs_done(),
-                "step": s.step,
-                "train_loss": s.epoch_loss_sum / max(s.epoch_loss_count, 1),
-                "lr": self.ctx.optimizer.param_groups[0]["lr"],
+                **self.position_record(),
                 "stopped_at_max_steps": True,
                 **{f"val_{k}": v for k, v in val.items()},
             }

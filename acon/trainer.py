@@ -168,6 +168,16 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             s.batch_in_epoch == 0 or s.step >= self.total_steps or bool(every and s.step % int(every) == 0)
         )
 
+    def position_record(self) -> dict:
+        """The start of a metrics.jsonl record: epochs done, step, mean train loss since the last record, lr."""
+        s = self.state
+        return {
+            "epoch": self.epochs_done(),
+            "step": s.step,
+            "train_loss": s.epoch_loss_sum / max(s.epoch_loss_count, 1),
+            "lr": self.ctx.optimizer.param_groups[0]["lr"],
+        }
+
     def epochs_done(self) -> int | float:
         """The run's position in epochs (fractional mid-epoch): every line and record uses it."""
         s = self.state
@@ -202,13 +212,7 @@ class Trainer(ResumeState, StopChecks, RunEnd):
         validate = self.validation_due()
         if validate:
             self.save()
-        record = {
-            "epoch": self.epochs_done(),
-            "step": s.step,
-            "train_loss": s.epoch_loss_sum / max(s.epoch_loss_count, 1),
-            "lr": self.ctx.optimizer.param_groups[0]["lr"],
-            "epoch_time_s": elapsed,
-        }
+        record = {**self.position_record(), "epoch_time_s": elapsed}
         s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
         is_best = False
         if validate:
