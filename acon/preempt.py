@@ -56,6 +56,25 @@ def worker_ignores_stop_signals(_worker_id: int = 0) -> None:
     for sig in _signals(STOP_SIGNALS):
         signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
+    sys.excepthook = _quiet_when_the_consumer_hangs_up(sys.excepthook)
+
+
+def _quiet_when_the_consumer_hangs_up(hook):
+    """A worker's ``sys.excepthook`` that drops connection errors and passes everything else on.
+
+    A worker hands the main process each batch's shared-memory file descriptors over a connection served
+    by multiprocessing's fd-sharing thread, which reports errors through ``sys.excepthook``. A stop signal
+    ends the main process's wait for a batch at once, possibly mid-handshake; the worker then saw a reset
+    connection and printed a ``ConnectionResetError`` traceback beside the one stop line. The main
+    process no longer wants that batch, so nothing is lost by not printing it.
+    """
+
+    def excepthook(kind, value, traceback):
+        if issubclass(kind, (ConnectionError, EOFError)):
+            return
+        hook(kind, value, traceback)
+
+    return excepthook
 
 
 def _die_with_parent() -> None:

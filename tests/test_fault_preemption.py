@@ -249,3 +249,16 @@ def test_process_exits_with_live_workers_that_ignore_stop_signals():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_worker_excepthook_drops_only_a_hung_up_consumer():
+    """A loader worker whose fd handshake the stopping main process cut short prints nothing; any other
+    error still reaches the previous hook (the group-signal test catches the traceback in a real run)."""
+    from acon.preempt import _quiet_when_the_consumer_hangs_up
+
+    seen = []
+    hook = _quiet_when_the_consumer_hangs_up(lambda kind, value, tb: seen.append(kind))
+    hook(ConnectionResetError, ConnectionResetError(104, "reset"), None)
+    hook(EOFError, EOFError(), None)
+    hook(ValueError, ValueError("real"), None)
+    assert seen == [ValueError]
