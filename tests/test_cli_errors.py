@@ -142,10 +142,7 @@ def test_eval_unknown_key_and_positional_checkpoint(tmp_path):
         (["chekpoint=x"], "unknown key 'chekpoint' in chekpoint=x: did you mean checkpoint"),
         ([f"checkpoint={tmp_path}", "data.imgsize=3"], "did you mean data.img_size?"),
     ]
-    for args, expected in cases:
-        with pytest.raises(ConfigError) as info:
-            check_command(args, "eval", check_eval_config)
-        assert expected in str(info.value), (args, str(info.value))
+    assert_eval_refused(cases)
 
 
 def test_cuda_trainer_without_cuda_is_refused_before_the_run(tmp_path, monkeypatch):
@@ -194,10 +191,7 @@ def test_eval_commands(tmp_path):
         ([f"checkpoint={ckpt}", "trainer.precision=fp8"], "trainer.precision='fp8' is not one of"),
         ([f"checkpoint={ckpt}", "use_ema=perhaps"], "use_ema=perhaps is not allowed: must be true or false"),
     ]
-    for args, expected in cases:
-        with pytest.raises(ConfigError) as info:
-            check_command(args, "eval", check_eval_config)
-        assert expected in str(info.value), (args, str(info.value))
+    assert_eval_refused(cases)
 
 
 def test_config_errors_come_before_resume_checks(tiny_imagenet, tmp_path):
@@ -313,3 +307,11 @@ def test_traps_are_one_line_as_real_commands(tiny_imagenet, tmp_path):
 def test_full_error_shows_the_traceback():
     proc = run_cli([sys.executable, "train.py", "recipe.lr=abc"], env={"HYDRA_FULL_ERROR": "1"}, check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "recipe.lr" in proc.stderr
+
+
+def assert_eval_refused(cases: list[tuple[list[str], str]]) -> None:
+    """Each eval.py command line is refused before Hydra runs, with a message containing its text."""
+    for args, expected in cases:
+        with pytest.raises(ConfigError) as info:
+            check_command(args, "eval", check_eval_config)
+        assert expected in str(info.value), (args, str(info.value))

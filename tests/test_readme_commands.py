@@ -40,7 +40,7 @@ RULES: list[tuple[str, str, str]] = [
     (r"hydra/launcher=slurm", "skip", "submits to SLURM (sbatch); tests/test_slurm_launcher.py covers it"),
     (r"^torchrun ", "skip", "several GPUs or nodes; tests/test_distributed.py runs gloo ranks on CPU"),
     (r"^scripts/gpu_check\.sh --cpu$", "run", "the GPU check's CPU-side parts"),
-    (r"^scripts/gpu_check\.sh$", "skip", "needs a CUDA GPU (about 10 min on one)"),
+    (r"^scripts/gpu_check\.sh$", "skip", "needs a CUDA GPU (at most 8 min on one)"),
     (
         r"^scripts/proxy_sweep\.sh",
         "skip",
