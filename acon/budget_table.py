@@ -67,5 +67,7 @@ def budget_markdown(
     notes = [f"[{n}] {src}" for src, n in sources.items()]
     subset = any(c.data != PAPER_DATA for c in cells)
     if subset:
-        notes.append("References are ImageNet-1k numbers: runs on other data (a class subset) show none.")
+        notes.append(
+            "The references are ImageNet-1k numbers: rows on other data (e.g. a class subset) have none."
+        )
     return "\n".join(lines) + "\n" + ("\n" + "\n\n".join(notes) + "\n" if notes else "")

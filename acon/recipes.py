@@ -38,11 +38,18 @@ def flat_recipe(recipe: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def differing_keys(recipes: list[dict]) -> list[str]:
-    """The dotted recipe keys whose values are not the same in all ``recipes`` (absent counts as a value)."""
+    """The dotted recipe keys whose values are not the same in all ``recipes`` (absent is the same as null:
+    a key added to the schema with a null default leaves earlier runs' recipes unchanged)."""
     flat = [flat_recipe(r) for r in recipes]
     keys = sorted(set().union(*flat)) if flat else []
-    missing = object()
-    return [k for k in keys if len({json.dumps(f.get(k, missing), default=str) for f in flat}) > 1]
+    return [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flat}) > 1]
+
+
+def recipe_key(recipe: dict) -> str:
+    """The recipe as one comparable string: its non-null keys, sorted."""
+    return json.dumps(
+        {k: v for k, v in flat_recipe(recipe).items() if v is not None}, sort_keys=True, default=str
+    )
 
 
 def describe(recipe: dict, keys: list[str]) -> str:
@@ -56,7 +63,7 @@ def group_by_cell(runs: list[R]) -> dict[CellKey, list[list[R]]]:
     cells: dict[CellKey, dict[str, list[R]]] = {}
     for run in runs:
         by_recipe = cells.setdefault((run.data, run.model, run.activation), {})
-        by_recipe.setdefault(json.dumps(run.recipe, sort_keys=True, default=str), []).append(run)
+        by_recipe.setdefault(recipe_key(run.recipe), []).append(run)
     return {cell: list(by_recipe.values()) for cell, by_recipe in cells.items()}
 
 

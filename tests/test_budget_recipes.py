@@ -219,3 +219,11 @@ def test_epoch_resolution_logs_each_change(caplog):
         "training input size 192x192 px from epoch 13",
     ]
     assert er.shared.value == 192
+
+
+def test_the_banner_lists_each_epochs_size():
+    from acon.data.resolution import describe
+
+    assert describe(ResolutionSchedule(160, 192, 23, 27), 32) == "160 px epochs 1-25, 192 px epochs 26-32"
+    assert describe(ResolutionSchedule(16, 32, 0, 2, 8), 3) == "16 px epoch 1, 24 px epoch 2, 32 px epoch 3"
+    assert describe(ResolutionSchedule(160, 192, 11, 13), None).startswith("160 px to epoch 12, 192 px from")

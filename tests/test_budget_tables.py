@@ -75,3 +75,15 @@ def test_budget_view_refuses_paper_recipe_runs(tmp_path, capsys):
     _run(tmp_path / "runs" / "paper", "resnet50", "relu", 0, 24.1, PAPER)
     assert make_table.main([str(tmp_path / "runs"), "--view", "budget", "--no-hparams"]) == 2
     assert "the budget view needs runs of budget recipes" in capsys.readouterr().err
+
+
+def test_runs_from_before_the_new_null_recipe_keys_average_with_newer_ones(tmp_path):
+    """A recipe written before ``resolution``/``warmup_epochs`` existed is the same recipe as one with them
+    null: both seeds land in one cell."""
+    from acon.tables import build_cells, collect
+
+    old = {k: v for k, v in PAPER.items() if k != "resolution"}
+    _run(tmp_path / "s0", "resnet50", "relu", 0, 24.2, old)
+    _run(tmp_path / "s1", "resnet50", "relu", 1, 24.4, {**PAPER, "warmup_epochs": None})
+    (cell,) = build_cells(collect([tmp_path])[0])
+    assert cell.seeds == [0, 1] and cell.paper == 24.0

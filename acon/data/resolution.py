@@ -210,7 +210,24 @@ def attach(task: Any, cfg: Any, train_loader: Any) -> None:
     task.resolution = EpochResolution(schedule, shared)
     crop, resize = eval_sizes(cfg.recipe)
     log.info(
-        f"progressive resizing: {schedule.min_res} px to epoch {schedule.start_ramp + 1}, "
-        f"{schedule.max_res} px from epoch {schedule.end_ramp + 1} (multiples of {schedule.round_to}), "
-        f"set in the {where} stage; evaluation at {crop} px (short side {resize}, centre crop)"
+        f"progressive resizing (set in the {where} stage): {describe(schedule, cfg.recipe.get('epochs'))}; "
+        f"evaluation at {crop} px (short side {resize}, centre crop)"
+    )
+
+
+def describe(schedule: ResolutionSchedule, epochs: int | None) -> str:
+    """``160 px epochs 1-12, 192 px epochs 13-16`` (1-based), or the rule when the length is in steps."""
+    if not epochs:
+        return (
+            f"{schedule.min_res} px to epoch {schedule.start_ramp + 1}, {schedule.max_res} px from epoch "
+            f"{schedule.end_ramp + 1}, multiples of {schedule.round_to} in between"
+        )
+    spans: list[list[int]] = []  # [size, first epoch, last epoch]
+    for e, size in enumerate(schedule.sizes(int(epochs)), start=1):
+        if spans and spans[-1][0] == size:
+            spans[-1][2] = e
+        else:
+            spans.append([size, e, e])
+    return ", ".join(
+        f"{s} px epoch{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}" for s, a, b in spans
     )
