@@ -157,24 +157,21 @@ def _shards(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize(
-    "pipeline", ["fast", *(pytest.param(p, marks=pytest.mark.slow) for p in ("reference", "gpu", "shards"))]
-)
-def test_pipelines_follow_the_epoch_size_with_the_same_workers(tiny_imagenet, tmp_path, pipeline):
-    """Two persistent workers: each epoch's batches come at that epoch's size from the same processes."""
+def _epoch_shapes(root: Path, out: Path, pipeline: str, device: str) -> tuple[list[set], int, set]:
+    """Each of 3 epochs' batch sizes from two persistent workers, the number of distinct worker-pid sets
+    over the epochs, and the validation batches' size."""
     from acon.tasks.classification import ClassificationTask
 
-    root = _shards(tiny_imagenet, tmp_path / "shards") if pipeline == "shards" else tiny_imagenet
     cfg = compose(
         [
-            *_budget(root, tmp_path / "o"),
+            *_budget(root, out),
             f"data.pipeline={pipeline}",
             "data.num_workers=2",
             "data.persistent_workers=true",
             "data.prefetch_factor=1",
         ]
     )
-    info = type("Info", (), {"rank": 0, "world_size": 1, "device": torch.device("cpu")})()
+    info = type("Info", (), {"rank": 0, "world_size": 1, "device": torch.device(device)})()
     task = ClassificationTask(cfg)
     train_loader, val_loader, _ = task.build_loaders(cfg, info)
     inner = getattr(train_loader, "loader", train_loader)
@@ -185,10 +182,31 @@ def test_pipelines_follow_the_epoch_size_with_the_same_workers(tiny_imagenet, tm
             inner.sampler.set_position(epoch, 0)
         else:
             inner.dataset.set_position(epoch, 0)
-        got.append({tuple(images.shape[-2:]) for images, _, _ in train_loader})
+        got.append({(tuple(images.shape[-2:]), images.device.type) for images, _, _ in train_loader})
         pids.add(tuple(sorted(w.pid for w in inner._iterator._workers)))
-    assert got == [{(16, 16)}, {(24, 24)}, {(32, 32)}] and len(pids) == 1
-    assert {tuple(images.shape[-2:]) for images, _, _ in val_loader} == {(40, 40)}
+    return got, len(pids), {tuple(images.shape[-2:]) for images, _, _ in val_loader}
+
+
+@pytest.mark.parametrize(
+    "pipeline", ["fast", *(pytest.param(p, marks=pytest.mark.slow) for p in ("reference", "gpu", "shards"))]
+)
+def test_pipelines_follow_the_epoch_size_with_the_same_workers(tiny_imagenet, tmp_path, pipeline):
+    """Two persistent workers: each epoch's batches come at that epoch's size from the same processes."""
+    root = _shards(tiny_imagenet, tmp_path / "shards") if pipeline == "shards" else tiny_imagenet
+    got, worker_sets, val = _epoch_shapes(root, tmp_path / "o", pipeline, "cpu")
+    assert got == [{((16, 16), "cpu")}, {((24, 24), "cpu")}, {((32, 32), "cpu")}] and worker_sets == 1
+    assert val == {(40, 40)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pipeline", ["gpu", "shards_gpu"])
+def test_cuda_batch_stage_follows_the_epoch_size(tiny_imagenet, tmp_path, pipeline):
+    """On a GPU the crop-resize runs in the device stage (nvJPEG decode): it follows the epoch's size too."""
+    root = _shards(tiny_imagenet, tmp_path / "shards") if pipeline == "shards_gpu" else tiny_imagenet
+    got, worker_sets, val = _epoch_shapes(root, tmp_path / "o", pipeline, "cuda")
+    assert got == [{((16, 16), "cuda")}, {((24, 24), "cuda")}, {((32, 32), "cuda")}] and worker_sets == 1
+    assert val == {(40, 40)}
 
 
 def test_a_loader_without_a_resizing_step_is_refused():
