@@ -35,17 +35,26 @@ def two_of_three(tmp_path):
     return path
 
 
-def _data(root, out, *extra):
-    return compose([*tiny_overrides(root, out), *extra]).data
+@pytest.fixture(scope="module")
+def folder_data(tiny_imagenet, tmp_path_factory):
+    """The data group of the tiny folder, composed once for the module."""
+    return compose(tiny_overrides(tiny_imagenet, tmp_path_factory.mktemp("out"))).data
 
 
-def test_folder_data_reads_only_the_subset(tiny_imagenet, tmp_path, two_of_three):
-    data = _data(tiny_imagenet, tmp_path, f"data.class_subset={two_of_three}", "data.num_classes=2")
+def _data(base, **keys):
+    data = base.copy()
+    for k, v in keys.items():
+        data[k] = v
+    return data
+
+
+def test_folder_data_reads_only_the_subset(folder_data, two_of_three):
+    data = _data(folder_data, class_subset=str(two_of_three), num_classes=2)
     train, val = build_datasets(data)
     assert train.classes == val.classes == ["n00000000", "n00000002"]
     assert len(train) == 16 and len(val) == 6 and set(train.targets) == {0, 1}
     assert {p.split("/")[-2] for p, _ in train.samples} == {"n00000000", "n00000002"}
-    assert data_label(data) == "folder[two]" and data_label(_data(tiny_imagenet, tmp_path)) == "folder"
+    assert data_label(data) == "folder[two]" and data_label(folder_data) == "folder"
 
 
 def test_fast_pipeline_reads_only_the_subset(tiny_imagenet, tmp_path, two_of_three):
@@ -67,20 +76,20 @@ def test_fast_pipeline_reads_only_the_subset(tiny_imagenet, tmp_path, two_of_thr
         ("# nothing\n", "lists no class"),
     ],
 )
-def test_bad_subset_files_name_the_file_and_line(tiny_imagenet, tmp_path, text, match):
+def test_bad_subset_files_name_the_file_and_line(folder_data, tmp_path, text, match):
     path = tmp_path / "two.txt"
     path.write_text(text)
-    data = _data(tiny_imagenet, tmp_path, f"data.class_subset={path}", "data.num_classes=2")
+    data = _data(folder_data, class_subset=str(path), num_classes=2)
     with pytest.raises(ConfigError, match=match) as e:
         build_datasets(data)
     assert "data.class_subset=" in str(e.value)
 
 
-def test_unknown_subset_and_wrong_class_count_name_the_key(tiny_imagenet, tmp_path, two_of_three):
+def test_unknown_subset_and_wrong_class_count_name_the_key(folder_data, two_of_three):
     with pytest.raises(ConfigError, match=r"data.class_subset='imagenet99' is neither a shipped list"):
-        build_datasets(_data(tiny_imagenet, tmp_path, "data.class_subset=imagenet99"))
+        build_datasets(_data(folder_data, class_subset="imagenet99"))
     with pytest.raises(ConfigError, match=r"has 2 classes but data.num_classes=3"):
-        build_datasets(_data(tiny_imagenet, tmp_path, f"data.class_subset={two_of_three}"))
+        build_datasets(_data(folder_data, class_subset=str(two_of_three)))
 
 
 def test_shards_are_written_per_subset_and_checked(tiny_imagenet, tmp_path, two_of_three):
@@ -99,3 +108,18 @@ def test_shards_are_written_per_subset_and_checked(tiny_imagenet, tmp_path, two_
     check_shard_subset(tmp_path / "sub", str(two_of_three))
     with pytest.raises(ConfigError, match="hold 3 classes, not only the subset's 2; write subset shards"):
         check_shard_subset(tmp_path / "full", str(two_of_three))
+
+
+@pytest.mark.slow
+def test_doctor_checks_the_subsets_folders(tiny_imagenet, tmp_path, two_of_three, capsys):
+    from acon import doctor
+
+    args = ["data=folder", f"data.root={tiny_imagenet}", f"out_dir={tmp_path / 'runs'}"]
+    doctor.main([*args, f"data.class_subset={two_of_three}", "data.num_classes=2", "--no-ddp"])
+    out = capsys.readouterr().out
+    assert "ok   data classes: 2 class folders in train and val" in out
+    assert "ok   data train: 16 files in 2 classes" in out
+    two_of_three.write_text("n00000000\nn00000009\n")
+    assert doctor.main([*args, f"data.class_subset={two_of_three}", "data.num_classes=2", "--no-ddp"]) == 1
+    fails = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fail data classes")]
+    assert len(fails) == 1 and "data.class_subset=" in fails[0] and "['n00000009']" in fails[0]
