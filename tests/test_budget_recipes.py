@@ -146,6 +146,12 @@ def test_budget_run_sizes_per_step_eval_size_and_exact_resume_mid_ramp(tiny_imag
     a = torch.load(tmp_path / "whole/r/last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut/r/last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    from acon.evaluation import run_eval
+
+    sizes.seen.clear()  # eval.py evaluates a budget checkpoint at its recipe's evaluation size
+    ov = [f"checkpoint={tmp_path / 'cut/r/last.pt'}", "trainer.device=cpu", "data.num_workers=0"]
+    (row,) = run_eval(compose([*ov, f"out={tmp_path / 'e.json'}"], "eval"))
+    assert sizes.evals() == {40} and row["top1_err"] == resumed["top1_err"]
 
 
 def _shards(src: Path, dst: Path) -> Path:
