@@ -104,7 +104,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, total_
             return PolyLRScheduler(optimizer, power=float(recipe.get("poly_power") or 0.9), **common)
         if recipe.schedule == "step":
             return step_scheduler(optimizer, recipe, common)
-        if recipe.schedule == "triangular":  # FFCV's: up to the peak at the warm-up's end, then down to min_lr
+        if recipe.schedule == "triangular":  # FFCV's: the peak at the warm-up's end, then down to min_lr
             common.update(t_initial=max(1, total_steps - warm), warmup_prefix=True)
             return PolyLRScheduler(optimizer, power=1.0, **common)
     raise ValueError(f"recipe.schedule={recipe.schedule!r} is not one of {SCHEDULES}")

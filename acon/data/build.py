@@ -43,10 +43,14 @@ def check_class_sets(
     ``class_subset`` (``data.class_subset``), the subset's classes, each present in train/ and val/."""
     train, val = find_classes(train_dir), find_classes(val_dir)
     if class_subset:
-        train, val = select_classes(train, class_subset, train_dir), select_classes(val, class_subset, val_dir)
+        train, val = (
+            select_classes(train, class_subset, train_dir),
+            select_classes(val, class_subset, val_dir),
+        )
         if len(train) != num_classes:
             raise ConfigError(
-                f"data.class_subset={class_subset!r} has {len(train)} classes but data.num_classes={num_classes}"
+                f"data.class_subset={class_subset!r} has {len(train)} classes but data.num_classes={num_classes}; "
+                f"set data.num_classes={len(train)} (data=imagenet100 sets both)"
             )
     if train != val:
         only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
