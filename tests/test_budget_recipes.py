@@ -4,6 +4,7 @@ exact resume in the middle of the ramp; the recipes compose as FFCV's files say.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -251,3 +252,37 @@ def test_the_banner_lists_each_epochs_size():
     assert describe(ResolutionSchedule(160, 192, 23, 27), 32) == "160 px epochs 1-25, 192 px epochs 26-32"
     assert describe(ResolutionSchedule(16, 32, 0, 2, 8), 3) == "16 px epoch 1, 24 px epoch 2, 32 px epoch 3"
     assert describe(ResolutionSchedule(160, 192, 11, 13), None).startswith("160 px to epoch 12, 192 px from")
+
+
+@pytest.mark.slow
+def test_two_rank_budget_run_on_fast_workers_resumes_mid_ramp(tiny_imagenet, tmp_path):
+    """torchrun with 2 ranks, 2 persistent loader workers each: stopped in the ramp, resumed, same result."""
+    from conftest import run_cli
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    shrink = [o for o in _budget(tiny_imagenet, tmp_path) if not o.startswith(("model=", "activation="))]
+    common = [
+        "experiment=budget/resnet18",
+        *shrink,
+        "model=shufflenetv2_x0_5_small",
+        "trainer=default",
+        "trainer.device=cpu",
+        "data.pipeline=fast",
+        "data.num_workers=2",
+        "deterministic=false",
+    ]
+    whole = [*torchrun, "train.py", *common, f"out_dir={tmp_path / 'whole'}"]
+    run_cli(whole, timeout=600)
+    cut = [*torchrun, "train.py", *common, f"out_dir={tmp_path / 'cut'}"]
+    first = run_cli([*cut, "trainer.max_steps=4"], timeout=600)
+    second = run_cli(cut, timeout=600)
+    log = (tmp_path / "cut" / "r" / "train.log").read_text()
+    assert (
+        "progressive resizing (set in the workers stage): 16 px epoch 1, 24 px epoch 2, 32 px epoch 3" in log
+    )
+    assert "training input size 24x24 px from epoch 2" in first.stdout + first.stderr
+    assert "training input size 16x16" not in second.stdout + second.stderr  # resumed at 24 px
+    assert "training input size 24x24 px from epoch 2" in second.stdout + second.stderr
+    a = json.loads((tmp_path / "whole" / "r" / "results.json").read_text())
+    b = json.loads((tmp_path / "cut" / "r" / "results.json").read_text())
+    assert a["steps"] == b["steps"] == 9 and a["world_size"] == 2
