@@ -235,6 +235,20 @@ def test_resolution_errors_name_the_key(tiny_imagenet, tmp_path):
         schedule_of(cfg.recipe)
 
 
+def test_warmup_in_epochs_needs_a_length_in_epochs():
+    from omegaconf import OmegaConf
+
+    from acon.errors import ConfigError
+    from acon.optim import warmup_steps
+
+    r = compose(["recipe=budget_16"]).recipe
+    assert warmup_steps(r, 160) == 20  # 2 of 16 epochs
+    OmegaConf.update(r, "epochs", None)
+    OmegaConf.update(r, "iterations", 1000)
+    with pytest.raises(ConfigError, match=r"recipe.warmup_epochs=2.0 needs recipe.epochs"):
+        warmup_steps(r, 1000)
+
+
 def test_epoch_resolution_logs_each_change(caplog):
     er = EpochResolution(ResolutionSchedule(160, 192, 11, 13), SharedSize(0))
     with caplog.at_level("INFO", logger="acon.data.resolution"):

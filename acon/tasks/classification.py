@@ -28,8 +28,9 @@ class ClassificationTask:
 
     def build_loaders(self, cfg: DictConfig, info) -> tuple:
         """(train loader, val loader, training-set size) for the configured data pipeline."""
-        from acon.data.resolution import attach, budget_data
+        from acon.data.resolution import attach, budget_data, schedule_of
 
+        schedule_of(cfg.recipe)  # a bad recipe.resolution fails before any folder is listed
         loaders = self._build_loaders(cfg, budget_data(cfg.data, cfg.recipe), info)
         attach(self, cfg, loaders[0])  # recipe.resolution: the train loader follows the epoch's size
         return loaders
