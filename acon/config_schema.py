@@ -164,6 +164,7 @@ class FolderDataSchema(DataSchema):
     val_split: str = key("val")
     train_transform: dict[str, Any] = key()
     val_transform: dict[str, Any] = key()
+    class_subset: str | None = key(None)  # imagenet100 (acon/data/imagenet100.txt) or a file of wnids
 
 
 @dataclass
@@ -216,6 +217,19 @@ class DetectionDataSchema(DataSchema):
 
 
 @dataclass
+class ResolutionSchema:
+    """``recipe.resolution``: progressive resizing per epoch and the evaluation size (acon/data/resolution.py)."""
+
+    min_res: int = key(160, POSITIVE_INT)  # training size up to start_ramp
+    max_res: int = key(192, POSITIVE_INT)  # training size from end_ramp on
+    start_ramp: int = key(allowed=NON_NEGATIVE_INT)  # epochs (0-based)
+    end_ramp: int = key(allowed=NON_NEGATIVE_INT)
+    round_to: int = key(32, POSITIVE_INT)  # ramp sizes rounded to a multiple of this
+    eval_res: int = key(256, POSITIVE_INT)  # evaluation centre crop
+    eval_crop_ratio: float = key(224 / 256, Range(0, 1, low_open=True))  # crop side / resized short side
+
+
+@dataclass
 class RecipeSchema:
     """``recipe``: optimiser, schedule, length and regularisation."""
 
@@ -235,6 +249,8 @@ class RecipeSchema:
     lr_gamma: float = key(0.1, POSITIVE)  # schedule=step: the factor at each of lr_steps
     warmup_steps: int = key(0, NON_NEGATIVE_INT)
     warmup_lr: float = key(0.0, NON_NEGATIVE)
+    warmup_epochs: float | None = key(None, POSITIVE)  # with recipe.epochs: replaces warmup_steps
+    resolution: ResolutionSchema | None = None  # progressive resizing (budget recipes); null: data.img_size
     min_lr: float = key(0.0, NON_NEGATIVE)
     ema_decay: float | None = key(None, Range(0, 1, low_open=True, high_open=True))
     mixup: float = key(0.0, NON_NEGATIVE)

@@ -41,9 +41,11 @@ class SharedEvalData:
     def loader(self, task, run_cfg: DictConfig, batch_size: int, info: distributed.DistInfo):
         """The task's validation loader for ``run_cfg.data`` (workers start only when it is iterated), as a
         loader that replays the batches of an earlier checkpoint with the same data config."""
+        from acon.data.resolution import budget_data
+
         key = (
             task.name,
-            OmegaConf.to_yaml(run_cfg.data, resolve=True),
+            OmegaConf.to_yaml(budget_data(run_cfg.data, run_cfg.get("recipe")), resolve=True),  # eval size
             batch_size,
             info.rank,
             info.world_size,

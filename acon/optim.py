@@ -16,7 +16,7 @@ from torch import nn
 
 from acon.params import param_groups
 
-SCHEDULES = ("linear", "cosine", "poly", "step")
+SCHEDULES = ("linear", "cosine", "poly", "step", "triangular")
 log = logging.getLogger(__name__)
 
 
@@ -64,17 +64,34 @@ def _quiet_single_step_warning():
             lg.removeFilter(quiet)
 
 
+def warmup_steps(recipe: DictConfig, total_steps: int) -> int:
+    """Warm-up length in steps: ``recipe.warmup_epochs`` of the run's epochs when set, else ``warmup_steps``."""
+    epochs = recipe.get("warmup_epochs")
+    if not epochs:
+        return int(recipe.warmup_steps)
+    if not recipe.epochs:
+        from acon.errors import ConfigError
+
+        raise ConfigError(
+            f"recipe.warmup_epochs={epochs} needs recipe.epochs (the run is {recipe.iterations} iterations): "
+            "set recipe.warmup_steps instead"
+        )
+    return max(1, round(float(epochs) * total_steps / int(recipe.epochs)))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, total_steps: int) -> Scheduler:
     """A timm scheduler stepped per iteration: linear decay to min_lr, cosine, poly (DeepLab's
-    (1 - t/T)^power), or step (Detectron's: × ``lr_gamma`` at each of ``lr_steps``), with optional warm-up.
+    (1 - t/T)^power), step (Detectron's: × ``lr_gamma`` at each of ``lr_steps``), with optional warm-up, or
+    triangular (FFCV's: linear warm-up to the peak, then linear decay from the peak to min_lr at the end).
 
     The trainer sets step k's lr (k = 1..total_steps) *before* the optimiser step, as the authors'
     train.py does (LambdaLR stepped before each update): linear gives step 1 lr·(1 - 1/T), the last 0.
     """
+    warm = warmup_steps(recipe, total_steps)
     common = dict(
         t_initial=total_steps,
         lr_min=float(recipe.min_lr),
-        warmup_t=int(recipe.warmup_steps),
+        warmup_t=warm,
         warmup_lr_init=float(recipe.warmup_lr),
         t_in_epochs=False,
     )
@@ -87,6 +104,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: DictConfig, total_
             return PolyLRScheduler(optimizer, power=float(recipe.get("poly_power") or 0.9), **common)
         if recipe.schedule == "step":
             return step_scheduler(optimizer, recipe, common)
+        if recipe.schedule == "triangular":  # FFCV's: the peak at the warm-up's end, then down to min_lr
+            common.update(t_initial=max(1, total_steps - warm), warmup_prefix=True)
+            return PolyLRScheduler(optimizer, power=1.0, **common)
     raise ValueError(f"recipe.schedule={recipe.schedule!r} is not one of {SCHEDULES}")
 
 
@@ -123,7 +143,7 @@ def step_lrs(recipe: DictConfig, total_steps: int, steps: list[int]) -> list[flo
 
 def schedule_warnings(recipe: DictConfig, total_steps: int) -> list[str]:
     """Schedules that cannot do what the recipe means (a warm-up that never ends)."""
-    warm = int(recipe.warmup_steps)
+    warm = warmup_steps(recipe, total_steps)
     if warm and warm >= total_steps:
         return [
             f"recipe.warmup_steps={warm} is not shorter than the run ({total_steps} steps): the lr rises "
@@ -141,7 +161,7 @@ def describe_schedule(recipe: DictConfig, total_steps: int, batches_per_epoch: i
     if recipe.iterations:
         text += f" ({recipe.iterations} iterations at base batch {recipe.base_batch_size})"
     text += f", lr {scaled_lr(recipe):g} ({recipe.lr} × {batch}/{recipe.base_batch_size})"
-    warm = int(recipe.warmup_steps)
+    warm = warmup_steps(recipe, total_steps)
     if warm:
         text += f", warm-up {warm} steps from lr {float(recipe.warmup_lr):g} to {scaled_lr(recipe):g}"
     first, last = step_lrs(recipe, total_steps, [1, total_steps])

@@ -63,6 +63,7 @@ class RunEnd:
         if not self.info.is_main:
             return None
         import models
+        from acon.data.subsets import data_label
 
         last = last or self.state.history[-1]
         best_pt = self.run_dir / "best.pt"
@@ -82,7 +83,7 @@ class RunEnd:
             "model": self.cfg.model.name,
             "activation": self.cfg.activation.name,
             "recipe": self.cfg.recipe.name,
-            "data": self.cfg.data.name,
+            "data": data_label(self.cfg.data),  # name[subset] under data.class_subset
             "task": self.task.name,
             "primary_metric": self.task.primary_metric,
             "seed": int(self.cfg.seed),

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from acon.recipes import group_by_cell, mixed_recipes_message
+from acon.recipes import group_by_cell, is_budget_recipe, mixed_families_message, mixed_recipes_message
 from acon.runlock import LOCK_NAME, describe, running_holder
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
@@ -113,12 +113,13 @@ class Cell:
 
 
 def load_paper_results(path: str | Path = PAPER_CSV) -> dict[tuple[str, str], float]:
-    """The paper's published top-1 errors: {(model, activation): error %}; unpublished cells are absent."""
+    """The paper's published top-1 errors: {(model, activation): error %}; unpublished cells are absent.
+    Rows naming a ``recipe`` are other references (FFCV's budget numbers: ``acon.budget_table``)."""
     out = {}
     with open(path, newline="") as f:
         for i, row in enumerate(csv.DictReader(f), start=2):
             try:
-                if row["top1_err"].strip():
+                if row["top1_err"].strip() and not (row.get("recipe") or "").strip():
                     out[(row["model"].strip(), row["activation"].strip())] = float(row["top1_err"])
             except (KeyError, ValueError) as e:
                 raise TableError(f"{path}:{i}: bad row {row} ({e})") from None
@@ -213,6 +214,9 @@ def collect(roots: list[str | Path]) -> tuple[list[Run], list[Incomplete]]:
 def build_cells(runs: list[Run], paper: dict[tuple[str, str], float] | None = None) -> list[Cell]:
     """Group runs by (data, model, activation); raise :class:`TableError` on mixed recipes or seeds twice."""
     paper = load_paper_results() if paper is None else paper
+    mixed = mixed_families_message(runs)
+    if mixed:
+        raise TableError(mixed)
     cells = []
     for (data, model, act), by_recipe in group_by_cell(runs).items():
         if len(by_recipe) > 1:
@@ -237,7 +241,9 @@ def build_cells(runs: list[Run], paper: dict[tuple[str, str], float] | None = No
                 [r.top1_err for r in members],
                 [r.seed for r in members],
                 [r.path for r in members],
-                paper=paper.get((model, act)) if data == PAPER_DATA and metrics == ["top1_err"] else None,
+                paper=paper.get((model, act))
+                if data == PAPER_DATA and metrics == ["top1_err"] and not is_budget_recipe(members[0].recipe)
+                else None,
                 metric=metrics[0],
             )
         )

@@ -80,6 +80,9 @@ class Trainer(ResumeState, StopChecks, RunEnd):
     def epoch_batches(self, epoch: int, batches_done: int):
         """The training batches of ``epoch`` after the first ``batches_done`` (resumable mid-epoch)."""
         loader = getattr(self.train_loader, "loader", self.train_loader)
+        resolution = getattr(self.task, "resolution", None)  # recipe.resolution: a function of the epoch
+        if resolution is not None:
+            resolution.set_epoch(epoch)
         if hasattr(loader.sampler, "set_position"):
             loader.sampler.set_position(epoch, batches_done)
         else:  # streaming shards: each worker starts at its first unconsumed batch

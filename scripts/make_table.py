@@ -4,6 +4,7 @@ python scripts/make_table.py runs/sweep [more run or sweep dirs ...] --out table
   → tables/table.md, table.csv, table.tex, and tables/hparams/<run>/ (tensorboard --logdir tables/hparams)
 python scripts/make_table.py runs/... --view tfnet   → also tables/table_tfnet.md (the TFNet table's form)
 python scripts/make_table.py runs/... --view se      → also tables/table_se.md (SE vs Meta-ACON over ReLU)
+python scripts/make_table.py runs/... --view budget  → also tables/table_budget.md (budget recipes vs FFCV)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from acon.budget_table import budget_markdown, load_reference_results  # noqa: E402
 from acon.table_views import se_markdown, tfnet_markdown  # noqa: E402
 from acon.tables import (  # noqa: E402
     PAPER_CSV,
@@ -27,7 +29,7 @@ from acon.tables import (  # noqa: E402
     write_hparams,
 )
 
-VIEWS = ("activations", "tfnet", "se")
+VIEWS = ("activations", "tfnet", "se", "budget")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=VIEWS,
         default="activations",
         help="activations: the per-activation table (always written); tfnet: also the TFNet table "
-        "(table_tfnet.md); se: also SE vs Meta-ACON relative gains over ReLU (table_se.md)",
+        "(table_tfnet.md); se: also SE vs Meta-ACON relative gains over ReLU (table_se.md); budget: also "
+        "budget-recipe runs vs FFCV's published numbers (table_budget.md)",
     )
     args = ap.parse_args(argv)
     try:
@@ -51,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         if not runs and not incomplete:
             raise TableError(f"no run dirs (results.json, config.yaml or last.pt) under {args.dirs}")
         cells = build_cells(runs, load_paper_results(args.paper))
-        view = {"tfnet": lambda: tfnet_markdown(cells, runs), "se": lambda: se_markdown(cells)}.get(args.view)
+        view = {
+            "tfnet": lambda: tfnet_markdown(cells, runs),
+            "se": lambda: se_markdown(cells),
+            "budget": lambda: budget_markdown(cells, runs, load_reference_results(args.paper)),
+        }.get(args.view)
         view_md = view() if view else None
     except (TableError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from acon.data.folder import find_classes, open_image, scan_samples  # noqa: E402
 from acon.data.shards import ShardWriter, reencode_jpeg  # noqa: E402
+from acon.data.subsets import select_classes  # noqa: E402
 
 STORES = ("auto", "original", "reencode")
 _PNG_MAGIC = b"\x89PNG"
@@ -75,12 +76,15 @@ def prepare(
     workers: int = 1,
     limit: int = 0,
     store: str = "auto",
+    class_subset: str | None = None,
 ) -> dict:
     """Shard one split (``store``: see the module docstring); returns its ``_info.json`` entry (with
     ``failed``, the files left out, and ``store``)."""
     original = store_mode(store, split) == "original"
     src = Path(src)
     classes = find_classes(src)
+    if class_subset:  # only these classes, labelled 0..K-1 in sorted order (as data.class_subset reads them)
+        classes = select_classes(classes, class_subset, src)
     samples, _ = scan_samples(src, classes)
     if shuffle:
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -138,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--limit", type=int, default=0, help="only the first N samples (for trials)")
+    ap.add_argument(
+        "--class-subset",
+        default=None,
+        help="only these classes: imagenet100 (the CMC list) or a file of WordNet ids (data.class_subset)",
+    )
     a = ap.parse_args(argv)
     entry = prepare(
         a.src,
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         a.workers,
         a.limit,
         a.store,
+        a.class_subset,
     )
     print(
         f"{a.split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards under {a.dst}"

@@ -14,6 +14,7 @@ from acon.cpu_budget import resolve_workers
 from acon.data.digits import prepare_digits
 from acon.data.folder import ImageFolderDataset, collate_skipping_bad, find_classes
 from acon.data.samplers import ExactShardSampler, ResumableTrainSampler, SeededDataset
+from acon.data.subsets import select_classes
 from acon.data.synthetic import SyntheticDataset
 from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from acon.errors import ConfigError
@@ -35,9 +36,22 @@ def resolve_root(cfg: DictConfig, splits: tuple[str, ...] | None = None) -> Path
     return root
 
 
-def check_class_sets(train_dir: Path, val_dir: Path, num_classes: int) -> list[str]:
-    """The class list, after checking that train/ and val/ agree and match ``num_classes``."""
+def check_class_sets(
+    train_dir: Path, val_dir: Path, num_classes: int, class_subset: str | None = None
+) -> list[str]:
+    """The class list, after checking that train/ and val/ agree and match ``num_classes``; with
+    ``class_subset`` (``data.class_subset``), the subset's classes, each present in train/ and val/."""
     train, val = find_classes(train_dir), find_classes(val_dir)
+    if class_subset:
+        train, val = (
+            select_classes(train, class_subset, train_dir),
+            select_classes(val, class_subset, val_dir),
+        )
+        if len(train) != num_classes:
+            raise ConfigError(
+                f"data.class_subset={class_subset!r} has {len(train)} classes but data.num_classes={num_classes}; "
+                f"set data.num_classes={len(train)} (data=imagenet100 sets both)"
+            )
     if train != val:
         only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
         raise ConfigError(
@@ -48,6 +62,20 @@ def check_class_sets(train_dir: Path, val_dir: Path, num_classes: int) -> list[s
     if len(train) != num_classes:
         raise ConfigError(f"{train_dir} has {len(train)} class folders but data.num_classes={num_classes}")
     return train
+
+
+def check_shard_subset(root: Path, class_subset: str) -> None:
+    """Shards are written per class set: those at ``root`` must hold exactly the subset's classes."""
+    from acon.data.shards import INFO_NAME, load_info
+
+    held = list(load_info(root).get("classes", []))
+    wanted = select_classes(held, class_subset, root / INFO_NAME)
+    if held != wanted:
+        raise ConfigError(
+            f"data.class_subset={class_subset!r}: the shards at {root} hold {len(held)} classes, not only the "
+            f"subset's {len(wanted)}; write subset shards with scripts/prepare_fast_imagenet.py "
+            f"--class-subset {class_subset}"
+        )
 
 
 def index_options(cfg: DictConfig) -> dict:
@@ -63,7 +91,9 @@ def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
         make = lambda n: SyntheticDataset(n, cfg.num_classes, cfg.img_size)  # noqa: E731
         return make(cfg.train_samples), make(cfg.val_samples)
     root = resolve_root(cfg)
-    classes = check_class_sets(root / cfg.train_split, root / cfg.val_split, cfg.num_classes)
+    classes = check_class_sets(
+        root / cfg.train_split, root / cfg.val_split, cfg.num_classes, cfg.get("class_subset")
+    )
     kw = dict(classes=classes, bad_image_policy=cfg.bad_image_policy, **index_options(cfg))
     train = ImageFolderDataset(root / cfg.train_split, instantiate(cfg.train_transform), **kw)
     val = ImageFolderDataset(root / cfg.val_split, instantiate(cfg.val_transform), **kw)
@@ -89,6 +119,8 @@ def build_val_dataset(cfg: DictConfig) -> Dataset:
         return SyntheticDataset(cfg.val_samples, cfg.num_classes, cfg.img_size)
     val_dir = resolve_root(cfg, (cfg.val_split,)) / cfg.val_split
     classes = find_classes(val_dir)
+    if cfg.get("class_subset"):
+        classes = select_classes(classes, cfg.class_subset, val_dir)
     if len(classes) != cfg.num_classes:
         raise ConfigError(
             f"{val_dir} has {len(classes)} class folders but data.num_classes={cfg.num_classes}"
@@ -185,9 +217,13 @@ def build_pipeline_loaders(
     name = cfg.pipeline
     shards = name.startswith("shards")
     root = Path(cfg.root).expanduser() if shards else resolve_root(cfg)
-    classes = (
-        None if shards else check_class_sets(root / cfg.train_split, root / cfg.val_split, cfg.num_classes)
-    )
+    subset = cfg.get("class_subset")
+    if shards:
+        classes = None
+        if subset:
+            check_shard_subset(root, subset)
+    else:
+        classes = check_class_sets(root / cfg.train_split, root / cfg.val_split, cfg.num_classes, subset)
     args = _transform_args(cfg)
     common = dict(
         img_size=int(cfg.img_size),

@@ -71,6 +71,15 @@ def _check_layout(d, root: Path, samples: int) -> Iterator[Check]:
         )
         return
     classes = {s: find_classes(p) for s, p in splits.items()}
+    if d.get("class_subset"):  # only the subset's folders: each must exist in train/ and val/
+        from acon.data.subsets import select_classes
+        from acon.errors import ConfigError
+
+        try:
+            classes = {s: select_classes(c, d.class_subset, splits[s]) for s, c in classes.items()}
+        except ConfigError as e:
+            yield fail("data classes", str(e))
+            return
     n = int(d.num_classes)
     if len(classes["train"]) != n:
         yield fail(

@@ -28,13 +28,22 @@ class ClassificationTask:
 
     def build_loaders(self, cfg: DictConfig, info) -> tuple:
         """(train loader, val loader, training-set size) for the configured data pipeline."""
+        from acon.data.resolution import attach, budget_data, schedule_of
+
+        schedule_of(cfg.recipe)  # a bad recipe.resolution fails before any folder is listed
+        loaders = self._build_loaders(cfg, budget_data(cfg.data, cfg.recipe), info)
+        attach(self, cfg, loaders[0])  # recipe.resolution: the train loader follows the epoch's size
+        return loaders
+
+    def _build_loaders(self, cfg: DictConfig, data: DictConfig, info) -> tuple:
+        """The loaders of ``data`` (the data group, sizes of the recipe applied)."""
         from acon.data import build_datasets, build_eval_loader, build_train_loader
         from acon.data.build import build_pipeline_loaders
 
         batch, eval_batch, seed = int(cfg.recipe.batch_size), int(cfg.trainer.eval_batch_size), int(cfg.seed)
-        if cfg.data.get("pipeline", "reference") != "reference":
+        if data.get("pipeline", "reference") != "reference":
             return build_pipeline_loaders(
-                cfg.data,
+                data,
                 batch,
                 eval_batch,
                 info.rank,
@@ -43,19 +52,21 @@ class ClassificationTask:
                 info.device,
                 channels_last=bool(cfg.trainer.channels_last),
             )
-        train_set, val_set = build_datasets(cfg.data)
-        train = build_train_loader(train_set, cfg.data, batch, info.rank, info.world_size, seed)
-        val = build_eval_loader(val_set, cfg.data, eval_batch, info.rank, info.world_size)
+        train_set, val_set = build_datasets(data)
+        train = build_train_loader(train_set, data, batch, info.rank, info.world_size, seed)
+        val = build_eval_loader(val_set, data, eval_batch, info.rank, info.world_size)
         return train, val, len(train_set)
 
     def build_val_loader(self, cfg: DictConfig, batch_size: int, info, cache: dict):
         """The validation folder of ``cfg.data`` (datasets cached by their resolved data config)."""
         from acon.data import build_eval_loader, build_val_dataset
+        from acon.data.resolution import budget_data
 
-        key = OmegaConf.to_yaml(cfg.data, resolve=True)
+        data = budget_data(cfg.data, cfg.get("recipe"))  # recipe.resolution: its evaluation size
+        key = OmegaConf.to_yaml(data, resolve=True)
         if key not in cache:
-            cache[key] = build_val_dataset(cfg.data)
-        return build_eval_loader(cache[key], cfg.data, batch_size, info.rank, info.world_size)
+            cache[key] = build_val_dataset(data)
+        return build_eval_loader(cache[key], data, batch_size, info.rank, info.world_size)
 
     def build_model(self, cfg: DictConfig, load_backbone: bool | None = None) -> nn.Module:
         """The classifier of the ``model`` and ``activation`` groups with ``data.num_classes`` outputs."""
