@@ -259,3 +259,18 @@ def test_proxy_table_in_docs_lists_every_added_activation():
     table = (CONFIGS.parent / "docs" / "proxy" / "table.csv").read_text()
     with_delta = {r["activation"] for r in csv.DictReader(io.StringIO(table)) if r["delta_relu"]}
     assert with_delta == {"swish", "acon_c", "meta_acon", *ADDED}
+
+
+@pytest.mark.parametrize("name", ["prelu", "frelu"])
+def test_transfer_backbone_dilates_and_freezes_the_added_activation(name):
+    """A detection/segmentation body at output stride 8 (FReLU's funnel is dilated with the stage), and
+    backbone.freeze_acon freezes the activation's own parameters (PReLU slopes, the FReLU funnel)."""
+    from acon.tasks.backbone import build_backbone
+
+    cfg = compose(["model=resnet18", f"activation={name}", "backbone.freeze_acon=true"])
+    body = build_backbone(cfg, (1, 2, 3, 4), 8)
+    feats = body(torch.randn(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [16, 8, 8, 8]
+    own = [p for m in body.modules() if isinstance(m, nn.PReLU | FReLU) for p in m.parameters()]
+    assert own and not any(p.requires_grad for p in own)
+    assert any(p.requires_grad for p in body.parameters())
