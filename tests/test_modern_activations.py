@@ -261,7 +261,7 @@ def test_proxy_table_in_docs_lists_every_added_activation():
     assert with_delta == {"swish", "acon_c", "meta_acon", *ADDED}
 
 
-@pytest.mark.parametrize("name", ["prelu", "frelu"])
+@pytest.mark.parametrize("name", ["frelu", pytest.param("prelu", marks=pytest.mark.slow)])
 def test_transfer_backbone_dilates_and_freezes_the_added_activation(name):
     """A detection/segmentation body at output stride 8 (FReLU's funnel is dilated with the stage), and
     backbone.freeze_acon freezes the activation's own parameters (PReLU slopes, the FReLU funnel)."""
