@@ -23,7 +23,7 @@ from acon.tables import ADDED_ACTIVATIONS, PAPER_ACTIVATIONS, Run, build_cells, 
 from models.golden import EXACT, FRELU_EXACT, LIGHT_EXACT, PARAMETER_FREE_ADDED
 
 ADDED = ("gelu", "mish", "hard_swish", "prelu", "silu", "celu", "frelu")
-# name -> (module type, reference function of x for the parameter-free ones / at init)
+# name -> the function the module computes (PReLU: at its initial slope 0.25)
 REFERENCE = {
     "gelu": F.gelu,
     "mish": F.mish,
