@@ -3,7 +3,7 @@
 from acon.activations import AconA, AconB, AconC, BatchNorm2dB1, MetaAconC, ReLU, Swish
 from acon.convert import convert_activations
 from acon.factory import ACTIVATIONS, create_activation, resolve_activation
-from acon.frelu import AconFReLU
+from acon.frelu import AconFReLU, FReLU
 from acon.params import activation_parameters, is_weight_decayed, param_groups
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "AconC",
     "AconFReLU",
     "BatchNorm2dB1",
+    "FReLU",
     "MetaAconC",
     "ReLU",
     "Swish",

@@ -29,7 +29,8 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from acon.activations import AconB, AconC, MetaAconC, Swish
-from acon.factory import ActivationSpec, create_activation
+from acon.factory import ActivationSpec, activation_label, create_activation
+from acon.frelu import AconFReLU, FReLU
 
 RELU_MATCH_BETA = 1.0e4
 """β given to ACON-C/ACON-B/Swish that stand in for ReLU or LeakyReLU under ``init="match"``."""
@@ -243,7 +244,7 @@ def _convert_in_place(model, modules: dict[str, CallSite], activation, init: str
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
-    leaves: set[type] = {AconC, MetaAconC, AconB, Swish}
+    leaves: set[type] = {AconC, MetaAconC, AconB, Swish, FReLU, AconFReLU}
     try:
         from timm.models import get_notrace_functions, get_notrace_modules
 
@@ -356,7 +357,7 @@ def convert_activations(
         )
     report = ConversionReport(
         type(model).__name__,
-        _activation_name(activation),
+        activation_label(activation),
         {k: n for k, n in counts.items() if k in kinds},
         {k: n for k, n in counts.items() if k not in kinds},
     )
@@ -375,11 +376,6 @@ def convert_activations(
             f"convert_activations: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: "
             f"{err}); these call sites could not be reached: {'; '.join(sites)}"
         ) from err
-
-
-def _activation_name(activation: ActivationSpec) -> str:
-    target = getattr(activation, "func", activation)
-    return getattr(target, "__name__", None) or str(activation)
 
 
 def _reported(model: nn.Module, report: ConversionReport) -> nn.Module:

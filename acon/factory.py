@@ -6,10 +6,20 @@ import functools
 import inspect
 from collections.abc import Callable
 
+from timm.layers import create_act_layer
 from torch import nn
 
 from acon.activations import AconA, AconB, AconC, MetaAconC, ReLU, Swish
-from acon.frelu import AconFReLU
+from acon.frelu import AconFReLU, FReLU
+
+
+def channel_prelu(channels: int, init: float = 0.25) -> nn.PReLU:
+    """PReLU with one learnable slope per channel (timm's ``nn.PReLU`` with ``num_parameters=channels``)."""
+    return create_act_layer("prelu", num_parameters=channels, init=init)
+
+
+TIMM_ACTIVATIONS = ("gelu", "mish", "hard_swish", "silu", "celu")
+"""Parameter-free activations built by ``timm.layers.create_act_layer`` under these names."""
 
 ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "relu": ReLU,
@@ -19,6 +29,9 @@ ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "acon_c": AconC,
     "meta_acon": MetaAconC,
     "acon_frelu": AconFReLU,
+    **{name: functools.partial(create_act_layer, name) for name in TIMM_ACTIVATIONS},
+    "prelu": channel_prelu,
+    "frelu": FReLU,
 }
 
 ActivationSpec = str | type | functools.partial | Callable[..., nn.Module]
@@ -48,6 +61,26 @@ def resolve_activation(spec: ActivationSpec) -> Callable[..., nn.Module]:
     if callable(spec):
         return spec
     raise TypeError(f"activation must be a name, class or partial, got {type(spec).__name__}")
+
+
+def activation_label(spec: ActivationSpec) -> str:
+    """A readable name for ``spec``: the class it builds (``GELU`` for timm's ``create_act_layer("gelu")``)."""
+    if isinstance(spec, str):
+        return spec
+    target = getattr(spec, "func", spec)
+    if target is channel_prelu:
+        return "PReLU"
+    if target is create_act_layer:
+        name = spec.args[0] if spec.args else spec.keywords.get("name")
+        return _label_of_timm(name)
+    return getattr(target, "__name__", None) or str(spec)
+
+
+def _label_of_timm(name: object) -> str:
+    from timm.layers import get_act_layer
+
+    layer = get_act_layer(name)
+    return getattr(layer, "__name__", str(name))
 
 
 def create_activation(spec: ActivationSpec, channels: int, **kwargs) -> nn.Module:

@@ -22,13 +22,23 @@ from acon.runlock import LOCK_NAME, describe, running_holder
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 PAPER_DATA = "imagenet"  # the paper's numbers only apply to runs on this dataset
-ACTIVATIONS = ("relu", "swish", "acon_c", "meta_acon", "acon_frelu")
+PAPER_ACTIVATIONS = ("relu", "swish", "acon_c", "meta_acon", "acon_frelu")
+ADDED_ACTIVATIONS = ("silu", "gelu", "mish", "hard_swish", "celu", "prelu", "frelu")
+"""Activations the paper's tables do not have, shown after the paper's (docs/modern-activations.md)."""
+ACTIVATIONS = PAPER_ACTIVATIONS + ADDED_ACTIVATIONS
 ACTIVATION_LABELS = {
     "relu": "ReLU",
     "swish": "Swish",
     "acon_c": "ACON-C",
     "meta_acon": "Meta-ACON",
     "acon_frelu": "ACON-FReLU",
+    "silu": "SiLU",
+    "gelu": "GELU",
+    "mish": "Mish",
+    "hard_swish": "Hard-Swish",
+    "celu": "CELU",
+    "prelu": "PReLU",
+    "frelu": "FReLU",
 }
 MARKERS = ("results.json", "config.yaml", "last.pt")
 SKIP_DIRS = ("hparams", "tb")  # .hydra and other hidden dirs are skipped too

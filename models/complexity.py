@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from acon import AconB, AconC, AconFReLU, MetaAconC, Swish
+from acon import AconB, AconC, FReLU, MetaAconC, Swish
 
-LEARNABLE_ACTIVATIONS = (Swish, AconB, AconC, MetaAconC, AconFReLU)
+LEARNABLE_ACTIVATIONS = (Swish, AconB, AconC, MetaAconC, FReLU, nn.PReLU)
+"""Activation modules with parameters (``FReLU`` covers ACON-FReLU, its subclass)."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -75,5 +76,5 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chan
 
 
 def activation_sites(model: nn.Module) -> dict[str, nn.Module]:
-    """Every learnable activation module (Swish/ACON-A, ACON-B, ACON-C, Meta-ACON, ACON-FReLU) by name."""
+    """Every learnable activation module (Swish/ACON-A, ACON-B, ACON-C, Meta-ACON, (ACON-)FReLU, PReLU) by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LEARNABLE_ACTIVATIONS)}

@@ -173,6 +173,17 @@ EXACT: dict[str, dict[str, Counts]] = {
 }
 
 
+# Activations beyond the paper's (configs/activation, docs/modern-activations.md), default variant, 224x224:
+# GELU, Mish, Hard-Swish, SiLU and CELU have no parameters (ReLU's counts); per-channel PReLU adds C per site
+# (Swish's params); FReLU adds a 3x3 depthwise conv with bias (10C) and a BatchNorm (2C) per site, and the
+# conv's 9·C·H·W MACs. FReLU's exact (params, MACs, BatchNorm affine params), default variant only.
+PARAMETER_FREE_ADDED = ("gelu", "mish", "hard_swish", "silu", "celu")
+FRELU_EXACT: dict[str, tuple[int, int, int]] = {
+    "shufflenetv2_x0_5": (1406096, 47871136, 13840),
+    "resnet18": (11740392, 1827620864, 17280),
+    "resnet50": (25628904, 3870391808, 60672),
+}
+
 # --- The TFNet table's families (TFNet, MobileNetV2, and MobileNetV1 0.25 of the abstract) ------------------
 # These have one variant, so the published convention is computed from the default model directly:
 # params without BatchNorm affine parameters and without the biases of convolutions that a BatchNorm follows

@@ -87,6 +87,9 @@ def converged_limits(lines: list[tuple[str, list[dict[int, float]]]]) -> tuple[i
     return first, lo - pad, hi + pad
 
 
+CYCLE = 10  # matplotlib's default colour cycle C0..C9
+
+
 def _draw(ax, lines, first_epoch: int | None = None) -> bool:
     """The mean line and min..max band of every line on ``ax`` (from ``first_epoch``); True if banded."""
     banded = False
@@ -96,7 +99,8 @@ def _draw(ax, lines, first_epoch: int | None = None) -> bool:
             epochs = [e for e in epochs if e >= first_epoch]
         vals = [[c[e] for c in curves] for e in epochs]
         mean = [sum(v) / len(v) for v in vals]
-        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=label, color=f"C{i}")
+        style = "-" if i < CYCLE else "--"  # past the 10 colours of the cycle: the same colours, dashed
+        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=label, color=f"C{i % CYCLE}", linestyle=style)
         if len(curves) > 1:
             lo, hi = [min(v) for v in vals], [max(v) for v in vals]
             ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2)

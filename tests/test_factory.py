@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from timm.layers import get_act_layer
 from torch import nn
 
 from acon import (
@@ -14,6 +15,7 @@ from acon import (
     AconB,
     AconC,
     AconFReLU,
+    FReLU,
     MetaAconC,
     ReLU,
     Swish,
@@ -29,6 +31,9 @@ EXPECTED = {
     "acon_c": AconC,
     "meta_acon": MetaAconC,
     "acon_frelu": AconFReLU,
+    # beyond the paper: timm's modules (prelu per channel) and FReLU
+    **{n: get_act_layer(n) for n in ("gelu", "mish", "hard_swish", "silu", "celu", "prelu")},
+    "frelu": FReLU,
 }
 
 

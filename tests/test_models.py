@@ -98,7 +98,7 @@ def test_unknown_kwarg_is_named():
     [
         ({"variant": "v2"}, "variant"),
         ({"act_placement": "some"}, "act_placement"),
-        ({"activation": "gelu"}, "gelu"),
+        ({"activation": "gleu"}, "unknown activation 'gleu'; valid names: .*gelu"),  # a mistyped name
     ],
 )
 def test_bad_option_values(kw, match):

@@ -39,6 +39,27 @@ def test_update_docs_is_explicit(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown option --updatedocs")
 
 
+def test_activations_option_chooses_the_grid_and_names_a_mistyped_config(tmp_path):
+    proc = run_cli(
+        [
+            "bash",
+            "scripts/proxy_sweep.sh",
+            "--out",
+            str(tmp_path),
+            "--activations",
+            "relu,gelu,frelu",
+            "--dry-run",
+        ]
+    )
+    assert "activation=relu,gelu,frelu seed=0,1" in proc.stdout
+    assert "plot_beta" not in proc.stdout and "beta figures skipped" in proc.stdout
+    full = run_cli(["bash", "scripts/proxy_sweep.sh", "--activations=relu,acon_c,meta_acon", "--dry-run"])
+    assert "activation=relu,acon_c,meta_acon " in full.stdout and "plot_beta.py" in full.stdout
+    bad = run_cli(["bash", "scripts/proxy_sweep.sh", "--activations", "relu,gleu", "--dry-run"], check=False)
+    assert bad.returncode == 2 and "no activation config gleu" in bad.stderr and " gelu " in bad.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_shrunk_sweep_leaves_tracked_files_alone(tmp_path):
     """The real script, 2 runs of 3 iterations: table and figures appear in the sweep folder, docs/ unchanged."""
