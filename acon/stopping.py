@@ -1,10 +1,16 @@
 """How a run stops before its end: every rank agrees, once per step, on stop signals, stalled loaders and
-empty batches; a stop saves last.pt first and leaves with the reason and the signal (exit 75 or 130)."""
+empty batches; a stop saves last.pt first and leaves with the reason and the signal (exit 75 or 130).
+
+A validation pass waits for its batches the same way (``trainer.data_timeout_s``, stop signals). A pass
+ended early leaves at once without saving: last.pt was saved at this very step just before the
+validation began (``Trainer.end_of_epoch``), so nothing is lost, and the rerun validates there again. A
+second save would only rewrite the same step (minutes for a large model, while the job is being stopped).
+"""
 
 from __future__ import annotations
 
 from acon import distributed
-from acon.data.watchdog import BatchWait, stall_report
+from acon.data.watchdog import BatchWait, WaitedLoader, stall_report
 from acon.preempt import PreemptionFlag
 
 
@@ -41,9 +47,34 @@ class StopChecks:
         self.save()
         if not stalled:
             return EarlyStop(f"received {flag.received or 'a stop signal on another rank'}", flag.received)
-        here = None
-        if waiter.ended == "timeout":
-            here = f"rank {self.info.rank}: {stall_report(self.train_loader, batches)}"
+        return EarlyStop(self.stall_reason(waiter.ended == "timeout", self.train_loader, batches, ""))
+
+    def stall_reason(self, here_stalled: bool, loader, iterator, what: str) -> str:
+        """Why a stalled input pipeline stops the run, naming the stuck loader worker of every stalled
+        rank (a collective)."""
+        here = f"rank {self.info.rank}: {stall_report(loader, iterator)}" if here_stalled else None
         reports = [r for r in distributed.all_gather_object(here) if r]
         limit = self.cfg.trainer.data_timeout_s
-        return EarlyStop(f"no batch within trainer.data_timeout_s={limit:g} s, stuck on {'; '.join(reports)}")
+        return f"no {what}batch within trainer.data_timeout_s={limit:g} s, stuck on {'; '.join(reports)}"
+
+    def evaluate_or_stop(self, model, loader: WaitedLoader, flag: PreemptionFlag) -> dict:
+        """``task.evaluate`` over ``loader``; raises :class:`EarlyStop` on every rank when a stop signal or a
+        stalled loader ended some rank's pass (its metrics are incomplete: they are dropped; nothing is
+        saved, see the module doc). Every rank's pass ends, early or not, before the task's own
+        collectives, which therefore still match; one host-side sum per pass then agrees on the stop."""
+        metrics = None
+        try:
+            metrics = self.task.evaluate(model, loader, self.cfg, self.info)
+        except RuntimeError:  # a pass ended before its first batch "saw no samples": stop below
+            if loader.ended is None:
+                raise
+        stalled = loader.ended == "timeout"
+        stop, stall = self.flags.sum([float(loader.ended is not None and not stalled), float(stalled)])
+        if not (stop or stall):
+            return metrics
+        where = f"at step {self.state.step}; last.pt holds that step and the rerun validates there"
+        if stall:
+            reason = self.stall_reason(stalled, loader.loader, loader.iterator, "validation ")
+            raise EarlyStop(f"{reason} ({where})")
+        received = flag.received or "a stop signal on another rank"
+        raise EarlyStop(f"received {received} during the validation {where}", flag.received)

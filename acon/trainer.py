@@ -12,7 +12,7 @@ from acon import checkpoint as ckpt
 from acon import console, distributed
 from acon.builders import run_identity
 from acon.data.bad_images import BadImageError, SkipLog
-from acon.data.watchdog import BatchWait
+from acon.data.watchdog import BatchWait, WaitedLoader
 from acon.engine import HostFlags, StepContext, StepGuard, optimizer_step
 from acon.errors import ConfigError
 from acon.logging import Progress, RunLogger
@@ -142,12 +142,15 @@ class Trainer(ResumeState, StopChecks, RunEnd):
 
     # ---------------------------------------------------------------- loop
     def validate(self) -> dict:
-        """Evaluate on the validation set (every image once across ranks); EMA weights too if kept."""
+        """Evaluate on the validation set (every image once across ranks); EMA weights too if kept. Its
+        batches come through the training loop's wait: a stop signal or ``trainer.data_timeout_s`` ends it
+        (:meth:`evaluate_or_stop`)."""
         c, task = self.ctx, self.task
         self.sync_bn_buffers()
-        metrics = task.evaluate(self.model, self.val_loader, self.cfg, self.info)
+        val = WaitedLoader(self.val_loader, self.waiter)
+        metrics = self.evaluate_or_stop(self.model, val, self.flag)
         if c.ema is not None:
-            ema = task.evaluate(c.ema.module, self.val_loader, self.cfg, self.info)
+            ema = self.evaluate_or_stop(c.ema.module, val, self.flag)
             metrics.update({f"ema_{k}": ema[k] for k in task.scalar_metrics})
         return metrics
 
@@ -287,8 +290,8 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             )
         if self.info.is_main:
             self.log_banner()
-        flag = PreemptionFlag().install()
-        waiter = BatchWait(flag, t.get("data_timeout_s")).install()
+        flag = self.flag = PreemptionFlag().install()
+        waiter = self.waiter = BatchWait(flag, t.get("data_timeout_s")).install()
         max_steps = int(t.max_steps) if t.max_steps else None
         epochs, early = -(-self.total_steps // self.batches_per_epoch), None
         try:

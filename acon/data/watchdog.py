@@ -12,6 +12,9 @@ CUDA streams stay where they were), but the wait can be ended:
 
 Ending the wait abandons the loader's iterator; the run stops right after (the batch it waited for was
 never used, so the saved position is exact).
+
+Validation batches come through the same wait (:class:`WaitedLoader`): an ended wait ends the pass early,
+as if the loader had run out, and the trainer then stops (see ``acon.stopping``).
 """
 
 from __future__ import annotations
@@ -109,6 +112,35 @@ class BatchWait:
             raise WaitEnded("timeout")
         if callable(self._previous):
             self._previous(signum, frame)
+
+
+class WaitedLoader:
+    """``loader`` iterated through ``wait`` (a :class:`BatchWait`): a stop signal or the timeout ends the
+    pass early, as if the loader had run out. ``ended`` says why (None after a complete pass);
+    ``iterator`` is the pass's iterator (for :func:`stall_report`). Other attributes are the loader's."""
+
+    def __init__(self, loader, wait: BatchWait) -> None:
+        self.loader, self.wait = loader, wait
+        self.ended: str | None = None
+        self.iterator = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.ended, self.iterator = None, iter(self.loader)
+        while True:
+            try:
+                batch = self.wait.next(self.iterator)
+            except StopIteration:
+                return
+            if batch is None:
+                self.ended = self.wait.ended
+                return
+            yield batch
 
 
 # ------------------------------------------------------------------ what is stuck
