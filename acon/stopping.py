@@ -12,6 +12,8 @@ from __future__ import annotations
 from acon import distributed
 from acon.data.watchdog import BatchWait, WaitedLoader, stall_report
 from acon.preempt import PreemptionFlag
+from acon.rundir import raise_on_every_rank
+from acon.storage import WriteFailed
 
 
 class EarlyStop(Exception):  # noqa: N818  (a stop, not an error)
@@ -29,17 +31,25 @@ class StopChecks:
     def agree(self, batch, waiter: BatchWait, flag: PreemptionFlag) -> tuple[bool, bool, bool]:
         """After the wait for a batch, before the step: every rank learns whether any rank was asked to
         stop or has a stalled loader or an empty batch (every image bad), and adds the batch's bad images to
-        the job's budget. One host-side sum per step."""
+        the job's budget; a run-dir write refused on rank 0 ends every rank here (exit 4). One host-side
+        sum per step."""
         n_bad = batch[2] if batch is not None else 0
         stalled = batch is None and waiter.ended == "timeout"
         empty = batch is not None and batch[0] is None  # every image of this rank's batch was bad (skip)
-        stop, stall, bad_total, any_empty = self.flags.sum(
-            [float(bool(flag)), float(stalled), float(n_bad), float(empty)]
+        refused = self.held_write_failure()
+        stop, stall, bad_total, any_empty, any_refused = self.flags.sum(
+            [float(bool(flag)), float(stalled), float(n_bad), float(empty), float(refused is not None)]
         )
+        if any_refused:  # rank 0's metrics/TensorBoard write was refused: every rank ends with exit 4
+            raise_on_every_rank(refused)
         if bad_total:  # one budget and one list for the whole job, the same on every rank
             self.state.bad_images_skipped += int(bad_total)
             self.record_skips("train", n_bad)
         return stop > 0, stall > 0, any_empty > 0
+
+    def held_write_failure(self) -> WriteFailed | None:
+        """Rank 0's refused run-dir write held under DDP (:class:`acon.storage.HeldRefusals`), if any."""
+        return getattr(getattr(self, "logger", None), "failure", None)
 
     def stop_early(self, flag: PreemptionFlag, waiter: BatchWait, batches, stalled: bool) -> EarlyStop:
         """Save last.pt where the run is (no step is lost); the reason and exit status to leave with."""

@@ -23,7 +23,7 @@ from acon.run_end import RunEnd
 from acon.run_state import Progression, configure_determinism, seed_process
 from acon.rundir import REFUSALS, RunDir, raise_on_every_rank
 from acon.stopping import EarlyStop, StopChecks
-from acon.storage import WriteFailed
+from acon.storage import HeldRefusals, WriteFailed
 from acon.syncbn import convert_sync_batchnorm
 from acon.tasks import task_of
 from acon.tasks.base import best_entry, is_better
@@ -123,6 +123,8 @@ class Trainer(ResumeState, StopChecks, RunEnd):
         rng_all = distributed.all_gather_object(ckpt.capture_rng())
         failure = None
         if self.info.is_main:
+            failure = self.held_write_failure()  # a refused metrics write: no checkpoint, every rank ends
+        if self.info.is_main and failure is None:
             ckpt.assert_finite(self.model)
             try:
                 self.rundir.write_checkpoints(self.checkpoint_state(rng_all), self.state.step, best)
@@ -279,7 +281,10 @@ class Trainer(ResumeState, StopChecks, RunEnd):
     def fit(self) -> dict | None:
         """Train to the end; returns the results dict on rank 0 (None when stopped early)."""
         cfg, t, s = self.cfg, self.cfg.trainer, self.state
-        logger = RunLogger(self.run_dir, self.info.is_main, s.step, s.history, t.tensorboard_errors)
+        logger = self.logger = HeldRefusals(  # under DDP every rank ends on rank 0's refused write
+            lambda: RunLogger(self.run_dir, self.info.is_main, s.step, s.history, t.tensorboard_errors),
+            hold=self.info.enabled,
+        )
         bar = self.bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
         self.clock = console.RunClock(s.step, self.total_steps)
         self.guard, self.flags = StepGuard(self.info.device), HostFlags()
