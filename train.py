@@ -54,7 +54,9 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     from acon.cli import preflight
-    from acon.validate import check_train_command
+    from acon.rundir import check_before_hydra, hydra_argv
+    from acon.runlock import RunDirBusy
 
-    preflight("train", check_train_command)
+    preflight("train", check_before_hydra, errors=(RunDirBusy,))  # a busy run dir: before Hydra writes
+    sys.argv = hydra_argv(sys.argv)
     main()

@@ -202,3 +202,10 @@ def running_holder(run_dir: str | os.PathLike) -> dict | None:
         return (holder or {}) if held else None
     alive = alive_on_this_host(holder)
     return holder if holder and alive is not False else None
+
+
+def refuse_if_busy(run_dir: str | os.PathLike) -> None:
+    """Raise :class:`RunDirBusy` when a live run holds ``run_dir``; never takes or changes the lock."""
+    holder = running_holder(run_dir)
+    if holder is not None:
+        raise RunLock(run_dir).busy(holder)
