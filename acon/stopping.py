@@ -3,8 +3,10 @@ empty batches; a stop saves last.pt first and leaves with the reason and the sig
 
 A validation pass waits for its batches the same way (``trainer.data_timeout_s``, stop signals). A pass
 ended early leaves at once without saving: last.pt was saved at this very step just before the
-validation began (``Trainer.end_of_epoch``), so nothing is lost, and the rerun validates there again. A
-second save would only rewrite the same step (minutes for a large model, while the job is being stopped).
+validation began (``Trainer.end_of_epoch``, and the ``max_steps`` stop), so nothing is lost, and the
+rerun validates there again (an epoch end or a ``val_every_steps`` point; after a ``max_steps`` stop the
+rerun without it resumes and finishes the schedule). A second save would only rewrite the same step
+(minutes for a large model, while the job is being stopped).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class StopChecks:
         stop, stall = self.flags.sum([float(loader.ended is not None and not stalled), float(stalled)])
         if not (stop or stall):
             return metrics
-        where = f"at step {self.state.step}; last.pt holds that step and the rerun validates there"
+        where = f"at step {self.state.step}; last.pt holds that step"
         if stall:
             reason = self.stall_reason(stalled, loader.loader, loader.iterator, "validation ")
             raise EarlyStop(f"{reason} ({where})")

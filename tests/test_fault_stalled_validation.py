@@ -115,8 +115,8 @@ def test_group_sigterm_during_a_stuck_validation_exits_75_keeps_last_pt(val_imag
         reap(proc)
     assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
     assert (
-        f"received SIGTERM during the validation at step {STEPS}; last.pt holds that step and the rerun "
-        "validates there: checkpoint saved, exiting with status 75"
+        f"received SIGTERM during the validation at step {STEPS}; last.pt holds that step: checkpoint saved, "
+        "exiting with status 75"
     ) in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert (run_dir / "last.pt").read_bytes() == saved
@@ -151,3 +151,25 @@ def test_a_validation_pass_through_the_wait_ends_early_on_the_timeout(tmp_path):
         val.iterator = None
     flag.received = "SIGTERM"
     assert list(val) == [] and val.ended == "SIGTERM"
+
+
+@pytest.mark.slow
+def test_ddp_a_validation_stalled_on_one_rank_stops_every_rank(val_image, tiny_imagenet, tmp_path):
+    """torchrun, 2 gloo ranks: the hung image is in one rank's validation shard; the other rank's pass
+    ends and waits in the task's collectives, the stalled one's after trainer.data_timeout_s; both then
+    stop at the same step with one line naming the stuck rank, and last.pt is the pre-validation save."""
+    run_dir = tmp_path / RUN
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0"]
+    args = cmd(tiny_imagenet, tmp_path, "trainer.data_timeout_s=3", "recipe.batch_size=8")
+    proc = start([args[0], *launcher, *args[1:]], env=hung(val_image))
+    try:
+        _, err = proc.communicate(timeout=180)  # before: the stalled rank waited forever
+    finally:
+        reap(proc)
+    assert proc.returncode != 0, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "no validation batch within" in ln]
+    assert len(lines) == 1 and "exiting with status 75" in lines[0], err[-3000:]
+    assert f"reading {val_image}" in lines[0] and "rank " in lines[0], lines
+    assert "RuntimeError" not in err and "closed by peer" not in err, err[-3000:]  # no rank crashed
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["world_size"] == 2 and state["progress"]["step"] == 3  # 24 images, global batch 8
