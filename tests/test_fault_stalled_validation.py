@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT
 from test_fault_checkpoints import descendants, reap, start, wait_for
+from test_rundir_disk import train_cmd
 
 from acon.checkpoint import load_checkpoint
 from acon.preempt import REQUEUE_EXIT_CODE
@@ -36,18 +36,8 @@ def val_image(tiny_imagenet) -> Path:
 
 
 def cmd(root: Path, out: Path, *extra: str) -> list[str]:
-    """One epoch of a tiny run with one loader worker; validation after its last step."""
-    return [
-        sys.executable,
-        "train.py",
-        *tiny_overrides(root, out),
-        "model=shufflenetv2_x0_5_small",
-        "activation=relu",
-        "data.num_workers=1",
-        "trainer.threads=1",
-        f"run_name={RUN}",
-        *extra,
-    ]
+    """One epoch of a tiny run (6 steps) with one loader worker; validation after its last step."""
+    return train_cmd(root, out, "data.num_workers=1", "recipe.epochs=1", *extra)
 
 
 def reading(proc, path: Path) -> bool:
