@@ -86,9 +86,13 @@ def test_training_step_runs_no_op_that_raises_on_cuda_and_matches_the_native_ops
 
 @pytest.mark.parametrize("size", [(1, 1), (5, 7), (17, 3), (64, 48)])
 def test_bilinear_weights_are_torchs_interpolation(size, deterministic):
-    x = torch.randn(2, 3, 9, 12, dtype=torch.float64)
+    x = torch.randn(2, 3, 9, 12, dtype=torch.float64, requires_grad=True)
     expected = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(resize_bilinear(x, size), expected)
+    aten = AtenNames()
+    with aten:
+        ours = resize_bilinear(x, size)
+    assert "upsample_bilinear2d" not in aten.names  # the matmul form
+    torch.testing.assert_close(ours, expected)
     assert torch.allclose(
         bilinear_weights(size[0], 9, None, torch.float64).sum(1), torch.ones(size[0], dtype=torch.float64)
     )
@@ -110,6 +114,16 @@ def test_the_state_dict_is_torchvisions():
     ours = tiny("deeplabv3")
     theirs = DeepLabV3(TwoMaps(), DeepLabHead(8, 4), FCNHead(6, 4))
     assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+def test_flops_are_the_same_under_deterministic_mode(deterministic):
+    """The FLOP count results.json reports does not change with deterministic=true (no backward there:
+    the native upsampling)."""
+    from models.complexity import count_flops
+
+    flops = count_flops(tiny("deeplabv3"), (64, 48))
+    torch.use_deterministic_algorithms(False)
+    assert count_flops(tiny("deeplabv3"), (64, 48)) == flops
 
 
 @pytest.mark.gpu

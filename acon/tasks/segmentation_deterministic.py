@@ -9,7 +9,9 @@ does the same, so a run asked to be deterministic is deterministic rather than w
 - the final upsampling of the logits to the input size is bilinear interpolation written as two matmuls
   with the interpolation weights (``align_corners=False``, torch's own formula), whose backward is a
   matmul; it is chosen only while deterministic algorithms are on (the weights cost memory of size
-  output × input per side, and the matmuls more time than the native kernel);
+  output × input per side, and the matmuls more time than the native kernel), and only where a
+  backward follows (training steps: the forward alone is deterministic, so validation and the FLOP
+  count in results.json keep the native op);
 - DeepLabV3's image pooling branch (ASPP) pools with a mean over H and W and broadcasts its 1×1 result
   back (bilinear from 1×1 is that constant), always: the same numbers, faster, no parameters changed;
 - the pixel loss treats the pixels as the rows of one batch (the classification loss, deterministic on
@@ -50,8 +52,9 @@ def bilinear_weights(n_out: int, n_in: int, device, dtype) -> torch.Tensor:
 
 def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)``; as two matmuls while
-    deterministic algorithms are on (a deterministic backward on CUDA)."""
-    if not deterministic():
+    deterministic algorithms are on and a backward will run (only the backward lacks a deterministic CUDA
+    kernel: validation, and the FLOP count, keep the native op)."""
+    if not (deterministic() and torch.is_grad_enabled() and x.requires_grad):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     h, w = int(size[0]), int(size[1])
     rows = bilinear_weights(h, x.shape[-2], x.device, x.dtype)
