@@ -54,8 +54,7 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     from acon.cli import preflight
-    from acon.rundir import check_before_hydra, hydra_argv
-    from acon.runlock import RunDirBusy
+    from acon.runlock import RunDirBusy, check_before_hydra, hydra_argv
 
     preflight("train", check_before_hydra, errors=(RunDirBusy,))  # a busy run dir: before Hydra writes
     sys.argv = hydra_argv(sys.argv)

@@ -149,36 +149,6 @@ def raise_on_every_rank(refusal: BaseException | None) -> None:
         raise echo
 
 
-def check_before_hydra(cfg: DictConfig) -> None:
-    """train.py's checks of one composed job before Hydra starts (:func:`acon.validate.check_train_command`),
-    and the run dir's lock: Hydra writes ``.hydra/`` and opens the job log (``train.log``) in the run dir
-    before :meth:`RunDir.open` takes the lock, so a single run (rank 0, or without DDP) whose run dir a
-    live run holds is refused here, read-only, with the lock's own :class:`RunDirBusy`: the live run's dir
-    stays exactly as it was. Sweeps and a ``hydra.run.dir`` given on the command line are left to the lock
-    itself (the window between this check and the lock is the interpreter's start)."""
-    from acon.runlock import refuse_if_busy
-    from acon.validate import check_train_command
-
-    check_train_command(cfg)
-    args = sys.argv[1:]
-    if os.environ.get("RANK", "0") not in ("", "0"):
-        return
-    if any(a in ("-m", "--multirun") or a.lstrip("+~").startswith("hydra.run.dir") for a in args):
-        return
-    refuse_if_busy(Path(cfg.out_dir) / cfg.run_name)
-
-
-def hydra_argv(argv: list[str]) -> list[str]:
-    """The command line for Hydra: DDP ranks other than 0 leave ``.hydra/`` to rank 0
-    (``hydra.output_subdir=null``; they log no lines to the job log), so a job that rank 0 refuses for a
-    busy run dir changes nothing there."""
-    if os.environ.get("RANK", "0") in ("", "0"):
-        return argv
-    if any(a.lstrip("+~").startswith("hydra.output_subdir") for a in argv[1:]):
-        return argv
-    return [*argv, "hydra.output_subdir=null"]
-
-
 def checkpoint_bytes(model_state_bytes: int, recipe: DictConfig) -> int:
     """About the size of one checkpoint: the weights, SGD's momentum and the EMA copy when kept."""
     copies = 1 + (float(recipe.get("momentum") or 0) > 0) + bool(recipe.get("ema_decay"))

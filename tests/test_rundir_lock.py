@@ -261,7 +261,7 @@ def test_a_refused_second_process_changes_nothing_in_the_live_run_dir(tiny_image
 def test_train_py_checks_the_lock_before_hydra_writes(tiny_imagenet, tmp_path, hold, monkeypatch):
     """The check train.py runs before Hydra starts refuses a single run whose dir a live process holds,
     read-only; a sweep is left to the lock; DDP ranks other than 0 leave .hydra/ to rank 0."""
-    from acon.rundir import check_before_hydra, hydra_argv
+    from acon.runlock import check_before_hydra, hydra_argv
 
     cfg = compose(small(tiny_imagenet, tmp_path))
     holder = hold(tmp_path / RUN)
