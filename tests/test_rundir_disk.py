@@ -287,13 +287,18 @@ def test_ddp_full_disk_stops_every_rank_with_one_line(tiny_imagenet, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "pattern, what",
-    [("metrics.jsonl", "metrics.jsonl"), ("events.out.tfevents*", "events.out.tfevents")],
-    ids=["metrics", "tensorboard"],
+    [
+        ("metrics.jsonl", "metrics.jsonl"),
+        ("events.out.tfevents*", "events.out.tfevents"),
+        (".results.json.tmp*", "results.json"),
+    ],
+    ids=["metrics", "tensorboard", "results"],
 )
 def test_ddp_refused_log_write_on_rank0_ends_every_rank_with_exit_4(tiny_imagenet, tmp_path, pattern, what):
-    """torchrun, 2 gloo ranks: a metrics.jsonl or TensorBoard write refused on rank 0 (the only rank that
-    writes them) ends both ranks promptly with exit 4 and rank 0's one line; the others learn of it at
-    the next step's flag sum or save, not through a dead rank (before: rank 1 crashed in a collective)."""
+    """torchrun, 2 gloo ranks: a metrics.jsonl, TensorBoard or results.json write refused on rank 0 (the
+    only rank that writes them) ends both ranks promptly with exit 4 and rank 0's one line; the others
+    learn of it at the next step's flag sum, save or the run's end, not through a dead rank (before:
+    rank 1 crashed in a collective, or ended 0 beside rank 0's 4)."""
     refuse = f"{pattern}=ENOSPC@1" if pattern == "metrics.jsonl" else f"{pattern}=ENOSPC"
     env = {"PYTHONPATH": str(ROOT / "tests" / "inject"), "ACON_REFUSE_WRITES": refuse}
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0"]
