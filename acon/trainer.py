@@ -353,7 +353,8 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             flag.restore()
             bar.close()
             logger.close()
-        if early is not None:
+        if early is not None:  # release the lock first: the rerun takes the dir without a "took over" line
+            self.rundir.close()
             requeue_and_exit(early.reason, self.info.is_main, early.received, now=True)
         return self.finish(sum(s.wall_segments_s))  # as of the final save: a no-op rerun adds nothing
 

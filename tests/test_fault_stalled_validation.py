@@ -60,6 +60,7 @@ def finish(args: list[str], run_dir: Path) -> None:
     finally:
         reap(proc)
     assert proc.returncode == 0, err[-3000:]
+    assert "took over" not in err, err[-3000:]  # the stopped run released the lock before its exit
     assert f"resumed from step {STEPS} ({run_dir / 'last.pt'})" in out + err, (out + err)[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "complete" and results["steps"] == STEPS
