@@ -6,7 +6,9 @@ ended early leaves at once without saving: last.pt was saved at this very step j
 validation began (``Trainer.end_of_epoch``, and the ``max_steps`` stop), so nothing is lost, and the
 rerun validates there again (an epoch end or a ``val_every_steps`` point; after a ``max_steps`` stop the
 rerun without it resumes and finishes the schedule). A second save would only rewrite the same step
-(minutes for a large model, while the job is being stopped).
+(minutes for a large model, while the job is being stopped). A stop signal already pending when a
+validation begins ends it before its first batch, except the run's last validation (its end or the
+``max_steps`` stop), which then finishes so the run completes; a signal arriving during it ends it.
 """
 
 from __future__ import annotations

@@ -146,10 +146,12 @@ class Trainer(ResumeState, StopChecks, RunEnd):
     def validate(self) -> dict:
         """Evaluate on the validation set (every image once across ranks); EMA weights too if kept. Its
         batches come through the training loop's wait: a stop signal or ``trainer.data_timeout_s`` ends it
-        (:meth:`evaluate_or_stop`)."""
-        c, task = self.ctx, self.task
+        (:meth:`evaluate_or_stop`); a stop already pending at the run's last validation (its end, or
+        ``trainer.max_steps``) lets that one finish, so the run completes."""
+        c, task, s, t = self.ctx, self.task, self.state, self.cfg.trainer
         self.sync_bn_buffers()
-        val = WaitedLoader(self.val_loader, self.waiter)
+        last = s.step >= self.total_steps or bool(t.max_steps and s.step >= int(t.max_steps))
+        val = WaitedLoader(self.val_loader, self.waiter, finish_pending=last)
         metrics = self.evaluate_or_stop(self.model, val, self.flag)
         if c.ema is not None:
             ema = self.evaluate_or_stop(c.ema.module, val, self.flag)

@@ -117,7 +117,7 @@ def test_group_sigterm_during_a_stuck_validation_exits_75_keeps_last_pt(val_imag
 def test_a_validation_pass_through_the_wait_ends_early_on_the_timeout(tmp_path):
     """In-process, a real loader with 2 workers whose item 1 hangs in a read: the pass through
     :class:`WaitedLoader` ends after the timeout as if the loader had run out, saying why; a stop signal
-    that already arrived ends the next pass before its first batch."""
+    that already arrived ends the next pass before its first batch, except the run's last validation."""
     from test_fault_stalled_loader import _HangsOnARead
 
     from acon.data.watchdog import BatchWait, WaitedLoader
@@ -140,8 +140,10 @@ def test_a_validation_pass_through_the_wait_ends_early_on_the_timeout(tmp_path):
         with open(fifo, "wb") as unblock:
             unblock.write(b"x")
         val.iterator = None
-    flag.received = "SIGTERM"
+    flag._handle(signal.SIGTERM, None)  # a stop signal outside any wait: pending
     assert list(val) == [] and val.ended == "SIGTERM"
+    last = WaitedLoader([1, 2, 3], BatchWait(flag, None), finish_pending=True)  # the run's last validation
+    assert list(last) == [1, 2, 3] and last.ended is None
 
 
 @pytest.mark.slow

@@ -66,10 +66,11 @@ class BatchWait:
                 self._cond.notify_all()
             signal.signal(TIMEOUT_SIGNAL, self._previous)
 
-    def next(self, iterator):
+    def next(self, iterator, pending_stops: bool = True):
         """The next batch; StopIteration at the end of the epoch; None when a stop signal or the timeout
-        ended the wait (``self.ended`` says which)."""
-        if self.flag:
+        ended the wait (``self.ended`` says which). ``pending_stops=False``: a stop signal received before
+        this call does not end it (the caller decides)."""
+        if pending_stops and self.flag:
             self.ended = self.flag.received
             return None
         start = time.monotonic()
@@ -117,10 +118,11 @@ class BatchWait:
 class WaitedLoader:
     """``loader`` iterated through ``wait`` (a :class:`BatchWait`): a stop signal or the timeout ends the
     pass early, as if the loader had run out. ``ended`` says why (None after a complete pass);
-    ``iterator`` is the pass's iterator (for :func:`stall_report`). Other attributes are the loader's."""
+    ``iterator`` is the pass's iterator (for :func:`stall_report`). Other attributes are the loader's.
+    ``finish_pending``: a stop signal received before the pass began does not end it (only a new one)."""
 
-    def __init__(self, loader, wait: BatchWait) -> None:
-        self.loader, self.wait = loader, wait
+    def __init__(self, loader, wait: BatchWait, finish_pending: bool = False) -> None:
+        self.loader, self.wait, self.finish_pending = loader, wait, finish_pending
         self.ended: str | None = None
         self.iterator = None
 
@@ -132,9 +134,14 @@ class WaitedLoader:
 
     def __iter__(self):
         self.ended, self.iterator = None, iter(self.loader)
+        flag = self.wait.flag
+        seen = flag.count if self.finish_pending else 0
         while True:
+            if flag.count > seen:
+                self.ended = flag.received
+                return
             try:
-                batch = self.wait.next(self.iterator)
+                batch = self.wait.next(self.iterator, pending_stops=False)
             except StopIteration:
                 return
             if batch is None:
