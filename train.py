@@ -54,7 +54,8 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     from acon.cli import preflight
-    from acon.validate import check_train_command
+    from acon.runlock import RunDirBusy, check_before_hydra, hydra_argv
 
-    preflight("train", check_train_command)
+    preflight("train", check_before_hydra, errors=(RunDirBusy,))  # a busy run dir: before Hydra writes
+    sys.argv = hydra_argv(sys.argv)
     main()

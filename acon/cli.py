@@ -168,9 +168,15 @@ def check_command(argv: list[str], config_name: str, check: Callable[[DictConfig
         GlobalHydra.instance().clear()
 
 
-def preflight(config_name: str, check: Callable[[DictConfig], None], argv: list[str] | None = None) -> None:
-    """``check_command`` on ``sys.argv``: exit 2 with one ``error:`` line on a bad command line."""
-    with one_line_errors():
+def preflight(
+    config_name: str,
+    check: Callable[[DictConfig], None],
+    argv: list[str] | None = None,
+    errors: tuple[type[BaseException], ...] = (),
+) -> None:
+    """``check_command`` on ``sys.argv``: exit 2 with one ``error:`` line on a bad command line (or one
+    of ``errors`` that ``check`` raises)."""
+    with one_line_errors(*errors):
         check_command(sys.argv[1:] if argv is None else argv, config_name, check)
 
 

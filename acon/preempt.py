@@ -99,6 +99,7 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.count = 0  # stop signals received so far (a wait can tell a new one from a pending one)
         self.interrupt = False  # set while the loop waits for a batch: a stop signal ends that wait
         self._previous = {}
 
@@ -113,6 +114,7 @@ class PreemptionFlag:
         if name == "SIGINT" and self.received == "SIGINT":
             raise KeyboardInterrupt
         self.received = self.received or name
+        self.count += 1
         if self.interrupt:
             from acon.data.watchdog import WaitEnded
 

@@ -4,6 +4,8 @@
 let the default model follow the data: the stride-1 stem for inputs of at most ``SMALL_INPUT_MAX`` px,
 the paper's stem above. ``${acon.conversion_tag:${.targets},${.init}}`` names a timm/torchvision
 conversion that differs from the default (``+relu6``, ``+match``) so two conversions get two run dirs.
+``${acon.detector_tag:${oc.select:task.detector,null}}`` does the same for a detector other than Faster
+R-CNN (``-retinanet``), so the two detectors on one backbone get two run dirs.
 """
 
 from __future__ import annotations
@@ -33,12 +35,18 @@ def conversion_tag(targets, init) -> str:
     return tag + ("" if init in (None, "default") else f"+{init}")
 
 
+def detector_tag(detector) -> str:
+    """``""`` outside detection and for Faster R-CNN (its run dirs keep their names), else ``-<detector>``."""
+    return "" if detector in (None, "", "fasterrcnn") else f"-{detector}"
+
+
 def register() -> None:
     """Register the resolvers once (idempotent)."""
     for name, fn in (
         ("acon.small_input", small_input),
         ("acon.for_size", for_size),
         ("acon.conversion_tag", conversion_tag),
+        ("acon.detector_tag", detector_tag),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

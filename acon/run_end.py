@@ -8,6 +8,8 @@ from acon.builders import run_identity
 from acon.logging import RunLogger
 from acon.optim import log_schedule
 from acon.report import git_commit, write_json
+from acon.rundir import raise_on_every_rank
+from acon.storage import WriteFailed
 from acon.tasks.base import unprefixed
 
 
@@ -60,8 +62,17 @@ class RunEnd:
         """Write results.json on rank 0: the task's final and best metrics, params, FLOPs, time and
         throughput over every segment of the run, commit, and every rank's fallbacks."""
         every_rank = distributed.all_gather_object(fallbacks.recorded())  # a collective: all ranks call it
-        if not self.info.is_main:
-            return None
+        results, failure = None, None
+        if self.info.is_main:
+            try:
+                results = self.write_results(wall, status, last, every_rank)
+            except WriteFailed as e:
+                failure = e
+        raise_on_every_rank(failure or self.held_write_failure())  # every rank ends with a refused write
+        return results
+
+    def write_results(self, wall: float, status: str, last: dict | None, every_rank: list) -> dict:
+        """Rank 0's results.json (see :meth:`finish`)."""
         import models
         from acon.data.subsets import data_label
 

@@ -21,8 +21,12 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from acon.storage import refused_writes
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 LOCK_NAME = "acon.lock"
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -202,3 +206,39 @@ def running_holder(run_dir: str | os.PathLike) -> dict | None:
         return (holder or {}) if held else None
     alive = alive_on_this_host(holder)
     return holder if holder and alive is not False else None
+
+
+def refuse_if_busy(run_dir: str | os.PathLike) -> None:
+    """Raise :class:`RunDirBusy` when a live run holds ``run_dir``; never takes or changes the lock."""
+    holder = running_holder(run_dir)
+    if holder is not None:
+        raise RunLock(run_dir).busy(holder)
+
+
+def check_before_hydra(cfg: DictConfig) -> None:
+    """train.py's checks of one composed job before Hydra starts (:func:`acon.validate.check_train_command`),
+    and the run dir's lock: Hydra writes ``.hydra/`` and opens the job log (``train.log``) in the run dir
+    before :meth:`acon.rundir.RunDir.open` takes the lock, so a single run (rank 0, or without DDP) whose run dir a
+    live run holds is refused here, read-only, with the lock's own :class:`RunDirBusy`: the live run's dir
+    stays exactly as it was. Sweeps and a ``hydra.run.dir`` given on the command line are left to the lock
+    itself (the window between this check and the lock is the interpreter's start)."""
+    from acon.validate import check_train_command
+
+    check_train_command(cfg)
+    args = sys.argv[1:]
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return
+    if any(a in ("-m", "--multirun") or a.lstrip("+~").startswith("hydra.run.dir") for a in args):
+        return
+    refuse_if_busy(Path(cfg.out_dir) / cfg.run_name)
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """The command line for Hydra: DDP ranks other than 0 leave ``.hydra/`` to rank 0
+    (``hydra.output_subdir=null``; they log no lines to the job log), so a job that rank 0 refuses for a
+    busy run dir changes nothing there."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        return argv
+    if any(a.lstrip("+~").startswith("hydra.output_subdir") for a in argv[1:]):
+        return argv
+    return [*argv, "hydra.output_subdir=null"]

@@ -146,3 +146,36 @@ def space_shortfall(run_dir: str | os.PathLike, checkpoint_bytes: int, kept: int
         f"({kept} checkpoints of about {human(checkpoint_bytes)} + {human(MARGIN_BYTES)} margin); "
         f"it stops with exit status {WRITE_EXIT_CODE} when the disk fills"
     )
+
+
+class HeldRefusals:
+    """Rank 0's run-dir writer (``acon.logging.RunLogger``) under DDP: a refused write is held, not
+    raised, and the writes after it are skipped, so rank 0 does not leave the job alone while the other
+    ranks wait for it in the next collective. Every rank learns of it at the next point where they agree
+    anyway (the per-step flag sum, a checkpoint save, the end of the run) and ends with the one
+    ``error:`` line of rank 0 and exit status :data:`WRITE_EXIT_CODE`. Without DDP writes raise at once."""
+
+    def __init__(self, make, hold: bool) -> None:
+        """``make()`` builds the writer (its own first writes may be refused too)."""
+        self.hold, self.failure, self.target = hold, None, None
+        self.target = self._guarded(make)()
+
+    def _guarded(self, method):
+        def call(*args, **kwargs):
+            if self.failure is not None:
+                return None
+            try:
+                return method(*args, **kwargs)
+            except WriteFailed as e:
+                if not self.hold:
+                    raise
+                self.failure = e
+                return None
+
+        return call
+
+    def __getattr__(self, name: str):
+        if self.target is None:  # building the writer was refused: nothing more is written
+            return lambda *args, **kwargs: None
+        attr = getattr(self.target, name)
+        return self._guarded(attr) if callable(attr) else attr

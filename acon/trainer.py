@@ -12,7 +12,7 @@ from acon import checkpoint as ckpt
 from acon import console, distributed
 from acon.builders import run_identity
 from acon.data.bad_images import BadImageError, SkipLog
-from acon.data.watchdog import BatchWait
+from acon.data.watchdog import BatchWait, WaitedLoader
 from acon.engine import HostFlags, StepContext, StepGuard, optimizer_step
 from acon.errors import ConfigError
 from acon.logging import Progress, RunLogger
@@ -23,7 +23,7 @@ from acon.run_end import RunEnd
 from acon.run_state import Progression, configure_determinism, seed_process
 from acon.rundir import REFUSALS, RunDir, raise_on_every_rank
 from acon.stopping import EarlyStop, StopChecks
-from acon.storage import WriteFailed
+from acon.storage import HeldRefusals, WriteFailed
 from acon.syncbn import convert_sync_batchnorm
 from acon.tasks import task_of
 from acon.tasks.base import best_entry, is_better
@@ -126,6 +126,8 @@ class Trainer(ResumeState, StopChecks, RunEnd):
         rng_all = distributed.all_gather_object(ckpt.capture_rng())
         failure = None
         if self.info.is_main:
+            failure = self.held_write_failure()  # a refused metrics write: no checkpoint, every rank ends
+        if self.info.is_main and failure is None:
             ckpt.assert_finite(self.model)
             try:
                 self.rundir.write_checkpoints(self.checkpoint_state(rng_all), self.state.step, best)
@@ -145,12 +147,17 @@ class Trainer(ResumeState, StopChecks, RunEnd):
 
     # ---------------------------------------------------------------- loop
     def validate(self) -> dict:
-        """Evaluate on the validation set (every image once across ranks); EMA weights too if kept."""
-        c, task = self.ctx, self.task
+        """Evaluate on the validation set (every image once across ranks); EMA weights too if kept. Its
+        batches come through the training loop's wait: a stop signal or ``trainer.data_timeout_s`` ends it
+        (:meth:`evaluate_or_stop`); a stop already pending at the run's last validation (its end, or
+        ``trainer.max_steps``) lets that one finish, so the run completes."""
+        c, task, s, t = self.ctx, self.task, self.state, self.cfg.trainer
         self.sync_bn_buffers()
-        metrics = task.evaluate(self.model, self.val_loader, self.cfg, self.info)
+        last = s.step >= self.total_steps or bool(t.max_steps and s.step >= int(t.max_steps))
+        val = WaitedLoader(self.val_loader, self.waiter, finish_pending=last)
+        metrics = self.evaluate_or_stop(self.model, val, self.flag)
         if c.ema is not None:
-            ema = task.evaluate(c.ema.module, self.val_loader, self.cfg, self.info)
+            ema = self.evaluate_or_stop(c.ema.module, val, self.flag)
             metrics.update({f"ema_{k}": ema[k] for k in task.scalar_metrics})
         return metrics
 
@@ -279,7 +286,10 @@ class Trainer(ResumeState, StopChecks, RunEnd):
     def fit(self) -> dict | None:
         """Train to the end; returns the results dict on rank 0 (None when stopped early)."""
         cfg, t, s = self.cfg, self.cfg.trainer, self.state
-        logger = RunLogger(self.run_dir, self.info.is_main, s.step, s.history, t.tensorboard_errors)
+        logger = self.logger = HeldRefusals(  # under DDP every rank ends on rank 0's refused write
+            lambda: RunLogger(self.run_dir, self.info.is_main, s.step, s.history, t.tensorboard_errors),
+            hold=self.info.enabled,
+        )
         bar = self.bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
         self.clock = console.RunClock(s.step, self.total_steps)
         self.guard, self.flags = StepGuard(self.info.device), HostFlags()
@@ -290,8 +300,8 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             )
         if self.info.is_main:
             self.log_banner()
-        flag = PreemptionFlag().install()
-        waiter = BatchWait(flag, t.get("data_timeout_s")).install()
+        flag = self.flag = PreemptionFlag().install()
+        waiter = self.waiter = BatchWait(flag, t.get("data_timeout_s")).install()
         max_steps = int(t.max_steps) if t.max_steps else None
         epochs, early = -(-self.total_steps // self.batches_per_epoch), None
         try:
@@ -348,7 +358,8 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             flag.restore()
             bar.close()
             logger.close()
-        if early is not None:
+        if early is not None:  # release the lock first: the rerun takes the dir without a "took over" line
+            self.rundir.close()
             requeue_and_exit(early.reason, self.info.is_main, early.received, now=True)
         return self.finish(sum(s.wall_segments_s))  # as of the final save: a no-op rerun adds nothing
 

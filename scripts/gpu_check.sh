@@ -102,7 +102,8 @@ else
   run_step pipeline "${limits[2]}" bash -c "ulimit -n 1024 && $steps pipeline --device cuda --open-files 1024 \
     --workers 8 --batch 256 --out $work"
   run_step deterministic "${limits[3]}" bash -c "$steps deterministic --device cuda; a=\$?; \
-    python -m pytest -q -m gpu -p no:cacheprovider tests/test_deterministic_models.py; exit \$((a | \$?))"
+    python -m pytest -q -m gpu -p no:cacheprovider tests/test_deterministic_models.py \
+    tests/test_segmentation_deterministic.py; exit \$((a | \$?))"
   run_step doctor "${limits[4]}" python -m acon.doctor out_dir="$work/runs"
   run_step activation "${limits[5]}" bash -c "python scripts/bench_activation.py --device cuda --dtype bf16 \
     --repeats 20 --quick && python scripts/bench_activation.py --device cuda --dtype bf16 --repeats 20 \

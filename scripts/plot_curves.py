@@ -34,8 +34,9 @@ def metric_axis(metric: str) -> str:
     return METRIC_AXIS.get(metric, f"validation {metric}")
 
 
-def read_curve(run_dir: Path, metric: str = "top1_err") -> dict[int, float]:
-    """{epoch: validation ``metric``} from a run's metrics.jsonl (``val_<metric>`` of each validated epoch)."""
+def read_curve(run_dir: Path, metric: str = "top1_err") -> dict[float, float]:
+    """{epoch: validation ``metric``} from a run's metrics.jsonl (``val_<metric>`` of each validation: at
+    epoch ends, and at fractional epochs for ``trainer.val_every_steps`` points and a ``max_steps`` stop)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise TableError(f"{path} does not exist (needed for the curves)")
@@ -45,7 +46,7 @@ def read_curve(run_dir: Path, metric: str = "top1_err") -> dict[int, float]:
             try:
                 rec = json.loads(line)
                 if key in rec or "epoch" not in rec:  # trainer.val_every_epochs skips some
-                    curve[int(rec["epoch"])] = float(rec[key])
+                    curve[float(rec["epoch"])] = float(rec[key])
             except (json.JSONDecodeError, KeyError, ValueError) as e:
                 raise TableError(f"{path}:{i}: bad record ({e})") from None
     if not curve:
@@ -76,7 +77,7 @@ def backbone_lines(cells: dict[str, list[list[Run]]]) -> list[tuple[str, list[Ru
 ZOOM_MIN_EPOCHS = 4  # fewer validated epochs: one panel (nothing to zoom into)
 
 
-def converged_limits(lines: list[tuple[str, list[dict[int, float]]]]) -> tuple[int, float, float]:
+def converged_limits(lines: list[tuple[str, list[dict[float, float]]]]) -> tuple[float, float, float]:
     """(first epoch, y low, y high) of the converged part: the last half of the validated epochs, every
     line's seeds included, with a 10 % margin."""
     epochs = sorted(set().union(*(c for _, curves in lines for c in curves)))
@@ -90,7 +91,7 @@ def converged_limits(lines: list[tuple[str, list[dict[int, float]]]]) -> tuple[i
 CYCLE = 10  # matplotlib's default colour cycle C0..C9
 
 
-def _draw(ax, lines, first_epoch: int | None = None) -> bool:
+def _draw(ax, lines, first_epoch: float | None = None) -> bool:
     """The mean line and min..max band of every line on ``ax`` (from ``first_epoch``); True if banded."""
     banded = False
     for i, (label, curves) in enumerate(lines):
@@ -109,7 +110,7 @@ def _draw(ax, lines, first_epoch: int | None = None) -> bool:
 
 
 def draw_curves(
-    lines: list[tuple[str, list[dict[int, float]]]], title: str, log_y: bool = False, metric: str = "top1_err"
+    lines: list[tuple[str, list[dict[float, float]]]], title: str, log_y: bool = False, metric: str = "top1_err"
 ):
     """A matplotlib figure: per line the mean curve over seeds and a shaded min..max band; the whole run on
     the left, the converged last half of the epochs (y-range fitted to it) on the right, the legend below
@@ -121,8 +122,8 @@ def draw_curves(
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
-    n_epochs = len(set().union(*(c for _, curves in lines for c in curves)))
-    zoom = n_epochs >= ZOOM_MIN_EPOCHS
+    points = set().union(*(c for _, curves in lines for c in curves))
+    zoom = len(points) >= ZOOM_MIN_EPOCHS
     fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(10.5 if zoom else 6.4, 4.2), squeeze=False)
     axes = list(axes[0])
     banded = _draw(axes[0], lines)
@@ -131,9 +132,9 @@ def draw_curves(
         first, lo, hi = converged_limits(lines)
         _draw(axes[1], lines, first)
         axes[1].set_ylim(lo, hi)
-        axes[1].set_title(f"converged part (epoch {first} on, y-range fitted)")
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[1].set_title(f"converged part (epoch {first:g} on, y-range fitted)")
+    for ax in axes:  # fractional epochs: val_every_steps points
+        ax.xaxis.set_major_locator(MaxNLocator(integer=all(float(e).is_integer() for e in points)))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     if log_y:

@@ -144,3 +144,23 @@ def test_beta_layers_panels_are_lines_with_bands_and_an_outside_legend(tmp_path)
         assert texts == ["ACON-C (acon_c-s0)", "Meta-ACON (meta_acon-s0)"]
     finally:
         plt.close(fig)
+
+
+def test_val_every_steps_points_are_kept_apart(tmp_path):
+    """An iteration recipe validated every quarter epoch (metrics.jsonl epochs 0.25, 0.5, …) and a
+    max_steps stop: every point is its own x (before: int(epoch) kept one point per whole epoch)."""
+    import matplotlib.pyplot as plt
+    import plot_curves
+
+    run = tmp_path / "r"
+    run.mkdir()
+    epochs = [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.1]
+    records = [{"epoch": e, "step": int(40 * e), "val_top1_err": 90.0 - 10 * e} for e in epochs]
+    records[-1]["stopped_at_max_steps"] = True
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curve = plot_curves.read_curve(run)
+    assert curve == {e: 90.0 - 10 * e for e in epochs}
+    fig = plot_curves.draw_curves([("ReLU (n=1)", [curve])], "t")
+    xs = list(fig.axes[0].lines[0].get_xdata())
+    plt.close(fig)
+    assert xs == epochs

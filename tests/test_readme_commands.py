@@ -1,7 +1,8 @@
 """Every fenced command of README.md and docs/*.md resolves, and the ones a CPU can run do run.
 
 Each ```bash block is split into commands (continuation lines joined, comments dropped, ``&&`` split).
-Every command is classified by the first rule of ``RULES`` whose pattern it matches; a command that no
+Every command is classified by the first rule of ``RULES`` (tests/readme_command_rules.py) whose pattern
+it matches; a command that no
 rule matches fails the test, so a new command in the docs needs a decision here:
 
 * ``run``: runs on this CPU, shrunk (``trainer.max_steps=2``, a temp ``out_dir``; paths under ``runs/``,
@@ -28,62 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from readme_command_rules import KINDS, PLACEHOLDER, PRODUCERS, RULES, SHRINK, SHRINK_TO_EPOCH
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-
-# (pattern searched in the command, kind, reason). The first match decides.
-RULES: list[tuple[str, str, str]] = [
-    (r"pip install -r requirements\.txt", "ci", ".ci/run installs the requirements before anything else"),
-    (r"^python -m pytest -q$", "ci", ".ci/run runs the default test suite"),
-    (r"^tensorboard ", "skip", "starts a web server that does not exit; the runs write the tb/ it reads"),
-    (r"hydra/launcher=slurm", "skip", "submits to SLURM (sbatch); tests/test_slurm_launcher.py covers it"),
-    (r"^torchrun ", "skip", "several GPUs or nodes; tests/test_distributed.py runs gloo ranks on CPU"),
-    (r"^scripts/gpu_check\.sh --cpu$", "run", "the GPU check's CPU-side parts"),
-    (r"^scripts/gpu_check\.sh$", "skip", "needs a CUDA GPU (at most 8 min on one)"),
-    (
-        r"^scripts/proxy_sweep\.sh",
-        "skip",
-        "8 full runs (~5 min); its steps are the README's proxy block, run here",
-    ),
-    (
-        r"scripts/prepare_imagenet\.py /data/kaggle/",
-        "run",
-        "sorts a Kaggle-layout val folder built in a temp dir",
-    ),
-    (
-        r"scripts/(bench_\w+|prepare_fast_imagenet|convert_official_checkpoint|run_timm_tests)\.py",
-        "help",
-        "a benchmark or a tool for ImageNet or the authors' files: minutes of work or absent data",
-    ),
-    (r"trainer=gpu|data\.pipeline=(gpu|shards_gpu)", "skip", "needs a CUDA GPU"),
-    (r"\.pth\.tar|meta_x1_5\.pt", "skip", "the authors' released checkpoint (a download)"),
-    (r"/data/|\$\w+_ROOT", "skip", "needs the data set (ImageNet, VOC, Cityscapes or COCO) on disk"),
-    (r"<\w+>", "skip", "names a run dir of a sweep by placeholder"),
-    (
-        r"runs/(short|my_sweep)\b",
-        "skip",
-        "needs an earlier run of the user's own; tests/test_resume_modes.py and "
-        "tests/test_eval_workflows.py run these modes",
-    ),
-    (
-        r"runs/(resnet|shufflenetv2|tfnet|se|mobilenet|coco_det|seg_cityscapes)\b",
-        "skip",
-        "needs the runs of an ImageNet (or COCO, Cityscapes) sweep",
-    ),
-    (r"^python (train|eval)\.py", "run", "a CPU run on the embedded data"),
-    (
-        r"^python scripts/(make_table|plot_curves|plot_beta|model_table)\.py",
-        "run",
-        "tables and figures of the runs made before it in the same block",
-    ),
-]
-KINDS = ("run", "help", "skip", "ci")
-SHRINK = ["trainer.max_steps=2", "trainer.progress=false", "trainer.threads=1"]
-# When a later command of the block reads the run (eval.py on best.pt, tables, figures): one whole epoch,
-# so the run completes and writes best.pt.
-SHRINK_TO_EPOCH = ["recipe.epochs=1", "recipe.iterations=null", "trainer.progress=false", "trainer.threads=1"]
-PLACEHOLDER = re.compile(r"<\w+>|\$\{?(\w+)\}?")
 
 
 @dataclass(frozen=True)
@@ -474,13 +423,6 @@ def _kaggle_layout(tmp: Path) -> None:
         Image.new("RGB", (20, 16), (i * 40, 50, 90)).save(root / "ILSVRC/Data/CLS-LOC/val" / f"{stem}.JPEG")
         rows.append(f"{stem},{('n01440764', 'n01443537')[i % 2]} 1 2 3 4")
     (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
-
-
-# Runs an eval.py command of a block reads when no command before it in the block wrote them.
-PRODUCERS = {
-    "runs/digits-shufflenetv2_x0_5_small-acon_c-s0/best.pt": ("python", "train.py"),
-    "runs/det_shapes-shufflenetv2_x0_5-acon_c-s0/best.pt": ("python", "train.py", "task=detection"),
-}
 
 
 def _missing_inputs(cmd: Command, tmp: Path) -> list[tuple[str, ...]]:

@@ -282,3 +282,53 @@ def test_ddp_full_disk_stops_every_rank_with_one_line(tiny_imagenet, tmp_path):
     assert len(errors) == 1 and "no space left on device (ENOSPC)" in errors[0], proc.stderr[-3000:]
     assert proc.stderr.count("exitcode  : 4 ") == 2, proc.stderr[-3000:]  # both ranks, torchrun's report
     assert load_checkpoint(tmp_path / "r" / "last.pt")["progress"]["step"] == 3  # 3 steps an epoch at 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "pattern, what",
+    [
+        ("metrics.jsonl", "metrics.jsonl"),
+        ("events.out.tfevents*", "events.out.tfevents"),
+        (".results.json.tmp*", "results.json"),
+    ],
+    ids=["metrics", "tensorboard", "results"],
+)
+def test_ddp_refused_log_write_on_rank0_ends_every_rank_with_exit_4(tiny_imagenet, tmp_path, pattern, what):
+    """torchrun, 2 gloo ranks: a metrics.jsonl, TensorBoard or results.json write refused on rank 0 (the
+    only rank that writes them) ends both ranks promptly with exit 4 and rank 0's one line; the others
+    learn of it at the next step's flag sum, save or the run's end, not through a dead rank (before:
+    rank 1 crashed in a collective, or ended 0 beside rank 0's 4)."""
+    refuse = f"{pattern}=ENOSPC@1" if pattern == "metrics.jsonl" else f"{pattern}=ENOSPC"
+    env = {"PYTHONPATH": str(ROOT / "tests" / "inject"), "ACON_REFUSE_WRITES": refuse}
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0"]
+    args = train_cmd(
+        tiny_imagenet, tmp_path, "recipe.batch_size=8", "data.num_workers=0", "trainer.log_every=1"
+    )
+    t0 = time.monotonic()
+    proc = run([args[0], *launcher, *args[1:]], env, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and time.monotonic() - t0 < 200, proc.stderr[-3000:]
+    assert len(errors) == 1 and what in errors[0] and "no space left on device (ENOSPC)" in errors[0], (
+        proc.stderr[-3000:]
+    )
+    assert proc.stderr.count("exitcode  : 4 ") == 2, proc.stderr[-3000:]  # both ranks, torchrun's report
+    assert "RuntimeError" not in proc.stderr and "closed by peer" not in proc.stderr, proc.stderr[-3000:]
+    if pattern == "metrics.jsonl":  # refused after the first epoch's validation: no checkpoint at step 3
+        assert load_checkpoint(tmp_path / "r" / "last.pt")["progress"]["step"] < 6
+
+
+def test_held_refusals_raise_at_once_alone_and_are_held_under_ddp(tmp_path, refuse_writes):
+    """Without DDP a refused write raises where it happens; held (DDP), it is kept for the next agreement
+    and the writes after it are skipped."""
+    from acon.storage import HeldRefusals
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    refuse_writes("metrics.jsonl", "ENOSPC", let_through=1)
+    alone = HeldRefusals(lambda: RunLogger(tmp_path / "a", True), hold=False)
+    with pytest.raises(WriteFailed, match="metrics.jsonl"):
+        alone.epoch_line({"epoch": 1})
+    refuse_writes("metrics.jsonl", "ENOSPC", let_through=0)
+    held = HeldRefusals(lambda: RunLogger(tmp_path / "b", True), hold=True)  # its first write is refused
+    assert isinstance(held.failure, WriteFailed) and "metrics.jsonl" in str(held.failure)
+    assert held.epoch_line({"epoch": 1}) is None and held.failure is not None

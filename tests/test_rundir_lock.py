@@ -232,3 +232,46 @@ def test_torchrun_restart_after_kill9_of_rank0_takes_the_lock_over(tiny_imagenet
     assert f"took over {run_dir}" in err and f"pid {rank0}," in err
     assert history(run_dir) == [1, 2, 3, 4]
     assert json.loads((run_dir / "results.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_refused_second_process_changes_nothing_in_the_live_run_dir(tiny_imagenet, tmp_path):
+    """Two real train.py processes, the same command: the refused second one leaves the first's .hydra/
+    files and train.log byte for byte as they were (before: Hydra rewrote .hydra/ and the job log took
+    lines before train() reached the lock)."""
+    run_dir = tmp_path / RUN
+    cmd = [sys.executable, "train.py", *small(tiny_imagenet, tmp_path, "recipe.epochs=50")]
+    first = start(cmd)
+    try:
+        assert wait_for(lambda: running_holder(run_dir) is not None, first, poll=0.05)
+        assert wait_for(lambda: (run_dir / "train.log").stat().st_size > 0, first, poll=0.05)
+        first.send_signal(signal.SIGSTOP)  # nothing changes in its dir meanwhile
+        kept = sorted((run_dir / ".hydra").iterdir()) + [run_dir / "train.log"]
+        before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept}
+        time.sleep(0.05)  # a rewrite with the same bytes would still move the mtime
+        second = subprocess.run(
+            [*cmd, "trainer.log_every=7"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert second.returncode == 2 and f"run dir {run_dir} is in use by another run" in second.stderr
+        assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == before
+    finally:
+        reap(first)
+
+
+def test_train_py_checks_the_lock_before_hydra_writes(tiny_imagenet, tmp_path, hold, monkeypatch):
+    """The check train.py runs before Hydra starts refuses a single run whose dir a live process holds,
+    read-only; a sweep is left to the lock; DDP ranks other than 0 leave .hydra/ to rank 0."""
+    from acon.runlock import check_before_hydra, hydra_argv
+
+    cfg = compose(small(tiny_imagenet, tmp_path))
+    holder = hold(tmp_path / RUN)
+    monkeypatch.setattr(sys, "argv", ["train.py", f"run_name={RUN}"])
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RunDirBusy, match=f"pid {holder.pid}"):
+        check_before_hydra(cfg)
+    assert sorted(p.name for p in (tmp_path / RUN).iterdir()) == [LOCK_NAME]
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"run_name={RUN}"])
+    check_before_hydra(cfg)
+    assert hydra_argv(["train.py", "a=1"]) == ["train.py", "a=1"]
+    monkeypatch.setenv("RANK", "1")
+    assert hydra_argv(["train.py", "a=1"]) == ["train.py", "a=1", "hydra.output_subdir=null"]

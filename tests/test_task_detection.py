@@ -131,3 +131,15 @@ def test_images_of_other_sizes_are_validated_one_at_a_time(tiny_cfg):
     assert task._val_loader(dataset, cfg, 4, info).batch_size == 4  # one size: batched
     dataset.index.records[0].width += 2  # another size in the split: one image a batch
     assert task._val_loader(dataset, cfg, 4, info).batch_size == 1
+
+
+def test_retinanet_gets_its_own_default_run_name():
+    """Before: task.detector=retinanet trained into Faster R-CNN's run dir (and was refused there)."""
+    faster = compose(["task=detection"]).run_name
+    retina = compose(["task=detection", "task.detector=retinanet"]).run_name
+    assert faster == "det_shapes-shufflenetv2_x0_5-acon_c-s0"  # unchanged: existing run dirs resume
+    assert retina == "det_shapes-shufflenetv2_x0_5-acon_c-retinanet-s0"
+    coco = compose(["task=detection_coco", "data=coco", "model=resnet50", "seed=1"]).run_name
+    assert coco == "coco-resnet50-acon_c-retinanet-s1"
+    assert compose(["task=segmentation"]).run_name == "seg_shapes-shufflenetv2_x0_5_small-acon_c-s0"
+    assert compose([]).run_name == "digits-shufflenetv2_x0_5_small-acon_c-s0"

@@ -12,6 +12,9 @@ CUDA streams stay where they were), but the wait can be ended:
 
 Ending the wait abandons the loader's iterator; the run stops right after (the batch it waited for was
 never used, so the saved position is exact).
+
+Validation batches come through the same wait (:class:`WaitedLoader`): an ended wait ends the pass early,
+as if the loader had run out, and the trainer then stops (see ``acon.stopping``).
 """
 
 from __future__ import annotations
@@ -63,10 +66,11 @@ class BatchWait:
                 self._cond.notify_all()
             signal.signal(TIMEOUT_SIGNAL, self._previous)
 
-    def next(self, iterator):
+    def next(self, iterator, pending_stops: bool = True):
         """The next batch; StopIteration at the end of the epoch; None when a stop signal or the timeout
-        ended the wait (``self.ended`` says which)."""
-        if self.flag:
+        ended the wait (``self.ended`` says which). ``pending_stops=False``: a stop signal received before
+        this call does not end it (the caller decides)."""
+        if pending_stops and self.flag:
             self.ended = self.flag.received
             return None
         start = time.monotonic()
@@ -109,6 +113,41 @@ class BatchWait:
             raise WaitEnded("timeout")
         if callable(self._previous):
             self._previous(signum, frame)
+
+
+class WaitedLoader:
+    """``loader`` iterated through ``wait`` (a :class:`BatchWait`): a stop signal or the timeout ends the
+    pass early, as if the loader had run out. ``ended`` says why (None after a complete pass);
+    ``iterator`` is the pass's iterator (for :func:`stall_report`). Other attributes are the loader's.
+    ``finish_pending``: a stop signal received before the pass began does not end it (only a new one)."""
+
+    def __init__(self, loader, wait: BatchWait, finish_pending: bool = False) -> None:
+        self.loader, self.wait, self.finish_pending = loader, wait, finish_pending
+        self.ended: str | None = None
+        self.iterator = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.ended, self.iterator = None, iter(self.loader)
+        flag = self.wait.flag
+        seen = flag.count if self.finish_pending else 0
+        while True:
+            if flag.count > seen:
+                self.ended = flag.received
+                return
+            try:
+                batch = self.wait.next(self.iterator, pending_stops=False)
+            except StopIteration:
+                return
+            if batch is None:
+                self.ended = self.wait.ended
+                return
+            yield batch
 
 
 # ------------------------------------------------------------------ what is stuck

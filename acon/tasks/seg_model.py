@@ -31,8 +31,10 @@ class FeatureDict(nn.Module):
 def build_segmentation_model(cfg: DictConfig, load_backbone: bool | None = None) -> nn.Module:
     """``task.head`` (fcn | deeplabv3) on the ``model`` + ``activation`` backbone at ``task.output_stride``,
     with an FCN auxiliary head when ``task.aux_loss``; outputs ``{"out": logits at input size, ...}``."""
-    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
-    from torchvision.models.segmentation.fcn import FCN, FCNHead
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+    from torchvision.models.segmentation.fcn import FCNHead
+
+    from acon.tasks.segmentation_deterministic import segmentation_model
 
     t, num_classes = cfg.task, int(cfg.data.num_classes)
     body = build_backbone(
@@ -49,5 +51,4 @@ def build_segmentation_model(cfg: DictConfig, load_backbone: bool | None = None)
         else FCNHead(channels[-1], num_classes)
     )
     aux = FCNHead(channels[-2], num_classes) if t.aux_loss else None
-    model_cls = DeepLabV3 if t.head == "deeplabv3" else FCN
-    return model_cls(FeatureDict(body, bool(t.aux_loss)), head, aux)
+    return segmentation_model(t.head, FeatureDict(body, bool(t.aux_loss)), head, aux)  # deterministic-ready

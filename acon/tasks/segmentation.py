@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn import functional as F
 
 from acon.errors import ConfigError
 from acon.tasks.base import (
@@ -203,14 +202,10 @@ class SegmentationTask(DenseTask):
         return build_segmentation_model(cfg, load_backbone)
 
     def _pixel_loss(self, logits: torch.Tensor, masks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        from acon.tasks.segmentation_deterministic import pixel_cross_entropy
+
         st = self.settings
-        return F.cross_entropy(
-            logits.float(),
-            masks,
-            ignore_index=st.ignore_index,
-            reduction=reduction,
-            label_smoothing=st.label_smoothing,
-        )
+        return pixel_cross_entropy(logits.float(), masks, st.ignore_index, reduction, st.label_smoothing)
 
     def loss(self, ctx, inputs, targets) -> torch.Tensor:
         """Per-pixel cross-entropy on the main head (plus ``task.aux_weight`` × the auxiliary one)."""
