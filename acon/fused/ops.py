@@ -22,7 +22,16 @@ import torch
 from torch import Tensor
 
 from acon.fused import cpu, native, selfcheck
-from acon.fused.layout import as_3d, compute_dtype, layout_of, like, param_views, same_layout
+from acon.fused.layout import (
+    as_3d,
+    compute_dtype,
+    layout_of,
+    like,
+    param_grads,
+    param_views,
+    same_layout,
+    typed_like,
+)
 
 
 @functools.cache
@@ -104,19 +113,7 @@ def acon_c_backward_op(
         dx, s1, s2, sb = triton_kernels.backward(dy, x, p1, p2, beta)
     else:
         dx, s1, s2, sb = _torch_backward(dy, x, p1, p2, beta)
-    return (dx, *_param_grads(s1, s2, sb, p1, p2, beta))
-
-
-def _param_grads(s1: Tensor, s2: Tensor, sb: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):
-    """Per-channel sums (C values) and β sums (N·C, or C values) as gradients shaped and typed like p1, p2, β."""
-    if sb.numel() != beta.numel():
-        sb = sb.sum(0, keepdim=True)
-    return tuple(_typed_like(g.reshape(p.shape), p) for g, p in ((s1, p1), (s2, p2), (sb, beta)))
-
-
-def _typed_like(g: Tensor, p: Tensor) -> Tensor:
-    """``g`` in ``p``'s dtype (itself when it already is)."""
-    return g if g.dtype == p.dtype else g.to(p.dtype)
+    return (dx, *param_grads(s1, s2, sb, p1, p2, beta))
 
 
 @acon_c_backward_op.register_fake
@@ -152,7 +149,7 @@ class NativeAconC(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, p1, p2, beta = ctx.saved_tensors
         dx, g1, g2, gb = native.backward(same_layout(dy, x), x, p1, p2, beta)
-        return dx, _typed_like(g1, p1), _typed_like(g2, p2), _typed_like(gb, beta)
+        return dx, typed_like(g1, p1), typed_like(g2, p2), typed_like(gb, beta)
 
 
 def native_serves(x: Tensor) -> bool:
