@@ -1,8 +1,9 @@
 """ACON-C as two ``torch.library`` custom ops with autograd: ``acon::acon_c`` and ``acon::acon_c_backward``.
 
 Autograd saves only x and the per-channel p1, p2 and the per-channel or per-sample β; backward
-recomputes the sigmoid. Being custom ops, they stay opaque (one node each) under ``torch.compile`` of a
-whole model and work with autocast, DDP and channels_last. Device kernels:
+recomputes the sigmoid. They work with autocast, DDP and channels_last. Traced code would see them as
+opaque nodes, so ``acon.fused.acon_c`` (what the modules call) gives ``torch.compile`` the plain formula
+instead (``acon.fused.traced_acon_c``), which Inductor fuses and recomputes. Device kernels:
 
 - CUDA: Triton (``acon.fused.triton_kernels``) when Triton imports, else the torch formulas; the first
   call per device, dtype and memory format checks the kernels against the reference form
@@ -138,7 +139,7 @@ torch.library.register_autograd("acon::acon_c", _backward, setup_context=_setup_
 class NativeAconC(torch.autograd.Function):
     """``acon::acon_c`` straight on the C++ CPU kernels, for eager mode: the same saved tensors and
     results without the custom-op dispatch (about 0.15-0.25 ms less per forward+backward). Traced code
-    keeps the opaque custom op."""
+    gets the plain formula instead (``acon.fused.traced_acon_c``)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
