@@ -12,9 +12,15 @@ def layout_of(x: torch.Tensor) -> str | None:
     """``"ncs"`` if ``x`` is contiguous, ``"nsc"`` if channels-last dense, else ``None``."""
     if x.is_contiguous():
         return NCS
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is not None:  # one call, no permuted view (same test as below for these ranks)
+        return NSC if x.is_contiguous(memory_format=fmt) else None
     if x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
         return NSC
     return None
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
