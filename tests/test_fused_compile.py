@@ -129,3 +129,19 @@ def test_compiled_model_inductor_matches_eager():
     eager(x).square().sum().backward()
     torch.compile(traced)(x).square().sum().backward()
     assert_grads_close(eager, traced)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_compiled_model_matches_eager_triton(channels_last):
+    """On CUDA: Inductor's code for the traced formula against the eager Triton op, values and gradients."""
+    eager = _net(channels_last).cuda()
+    traced = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 9, 9, device="cuda")
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    y_eager, y = eager(x), torch.compile(traced)(x)
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
+    y_eager.square().sum().backward()
+    y.square().sum().backward()
+    assert_grads_close(eager, traced)
