@@ -7,7 +7,8 @@ in one pass. CUDA runs Triton kernels (``acon.fused.triton_kernels``); CPU runs 
 ``acon.fused.cpu``, or the same formulas eagerly when no C compiler is found. Under ``torch.compile`` the
 same formula is traced as plain torch ops instead (:func:`traced_acon_c`): an opaque op would keep Inductor
 from fusing it with the BatchNorm before it and from recomputing it in backward, which costs a saved
-tensor per layer (compiled ShuffleNetV2: 1.23x ReLU's saved memory through the op, 1.03x traced).
+tensor per layer (compiled ShuffleNetV2 1.0x: 1.36x compiled ReLU's saved activations through the op,
+1.00x traced; ``scripts/bench_compile_memory.py``).
 """
 
 from __future__ import annotations
