@@ -10,6 +10,7 @@ reported as a percentage of a plain copy's (forward moves 2 tensors, backward 3)
     python scripts/bench_activation.py --quick              # two shapes, fewer repeats
     python scripts/bench_activation.py --shapes 7,7         # only the 7x7 shapes
     python scripts/bench_activation.py --device cuda --dtype bf16 --out benchmarks/act.md
+    python scripts/bench_activation.py --stat min            # fastest round: robust to preemption on a busy CPU
 
     # every CPU row at AVX2 width on an AVX-512 machine (C++ kernels, ATen's SiLU, Inductor)
     ACON_KERNEL_CFLAGS=-mno-avx512f ATEN_CPU_CAPABILITY=avx2 \
@@ -47,6 +48,7 @@ SHAPES = {
 QUICK = ("shufflenetv2 s2 [64,116,28,28]", "resnet50 s3 [32,256,14,14]")
 MODE_LABEL = {"native": "C++ kernels", "compiled": "Inductor", "eager": "eager formulas"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATS = {"median": statistics.median, "min": min}
 
 
 def candidates(c: int, device: str) -> dict[str, tuple[nn.Module, str | None]]:
@@ -159,13 +161,14 @@ def bench_shape(shape, args) -> list[tuple]:
             times[name].append(sec)
             faults[name].append(flt)
     fused_cpu.set_mode(None)
-    base = statistics.median(times["SiLU"])
+    stat = STATS[args.stat]
+    base = stat(times["SiLU"])
     nbytes = x.numel() * x.element_size()
     out = []
     for name, (m, mode) in rows.items():
         fused_cpu.set_mode(mode)
-        med = statistics.median(times[name])
-        flt = statistics.median(faults[name])
+        med = stat(times[name])
+        flt = stat(faults[name])
         out.append((name, med * 1e3, med / base, saved_bytes(m, x) / nbytes, flt))
     fused_cpu.set_mode(None)
     if device == "cuda":
@@ -183,6 +186,12 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--inner", type=int, default=0, help="calls per timed round (0: 1 on CPU, 20 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="two shapes, 7 repeats")
+    ap.add_argument(
+        "--stat",
+        default="median",
+        choices=tuple(STATS),
+        help="per row: median round, or fastest round (min; a loaded CPU preempts long rows more often)",
+    )
     ap.add_argument("--shapes", nargs="+", metavar="TEXT", help="only shapes whose name contains a TEXT")
     ap.add_argument(
         "--inductor-simdlen", type=int, help="vector width in bits for Inductor's CPU code (e.g. 256: AVX2)"
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> str:
     fmt = "channels_last" if args.channels_last else "contiguous"
     lines = [
         f"# bench_activation: {args.device}, {args.dtype}, {fmt}, {torch.get_num_threads()} CPU threads, "
-        f"median of {args.repeats} interleaved rounds, {malloc_note()}",
+        f"{args.stat} of {args.repeats} interleaved rounds, {malloc_note()}",
         "",
         "| shape | activation / impl | fwd+bwd ms | × SiLU | saved / input | page faults / call |",
         "|---|---|---:|---:|---:|---:|",

@@ -8,6 +8,7 @@ Saved-activation memory is the sum of distinct storages autograd saves during th
     python scripts/bench_train_step.py                          # CPU defaults: batch 8, 112 px
     python scripts/bench_train_step.py --batch 32 --img 224     # the issue's setting
     python scripts/bench_train_step.py --device cuda --amp bf16 --batch 128 --img 224 --out benchmarks/x.md
+    python scripts/bench_train_step.py --compile --variants "ReLU,ACON-C fused,Meta-ACON fused"  # vs compiled ReLU
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def bench_model(name: str, variants: list[str], args) -> list[str]:
         torch.manual_seed(0)
         m = create_model(name, activation=act, num_classes=1000, act_kwargs=kw).to(dev, memory_format=fmt)
         m.train()
+        m = torch.compile(m) if args.compile else m  # every variant, ReLU included: ratios to compiled ReLU
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
         for _ in range(args.warmup):  # includes kernel compiles
             step(m, opt, x, y, amp)
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model (Inductor)")
     add_run_args(ap)
     args = ap.parse_args(argv)
     apply_run_args(args)
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> str:
         ap.error(f"--variants must include 'ReLU' and only names from {list(VARIANTS)}; got {unknown}")
     lines = [
         f"# bench_train_step: {args.device}, amp={args.amp}, batch {args.batch}, {args.img} px, "
-        f"{'channels_last' if args.channels_last else 'contiguous'}, median of {args.steps} interleaved steps, "
+        f"{'channels_last' if args.channels_last else 'contiguous'}{', torch.compile' if args.compile else ''}, median of {args.steps} interleaved steps, "
         f"{malloc_note()}",
         "",
         "| model | activation | step ms | img/s | time × ReLU | saved MiB | saved × ReLU |",

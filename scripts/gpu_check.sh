@@ -9,6 +9,7 @@
 #   5. doctor:        python -m acon.doctor (versions, kernels, data, NCCL all-reduce),
 #   6. activation:    scripts/bench_activation.py, bf16, contiguous and channels_last,
 #   7. train_step:    scripts/bench_train_step.py, ShuffleNetV2 1.0x and ResNet-50, bf16, batch 32, 224 px,
+#                     then ShuffleNetV2 1.0x under torch.compile (vs compiled ReLU),
 #   8. smoke:         scripts/smoke_train.py, ShuffleNetV2 0.5x through train.py per activation, gpu pipeline.
 # Each step runs under its own timeout (they add up to the budget; a step never runs past the overall
 # deadline), one failure or timeout does not stop the others, and each step's output is in its file the
@@ -32,7 +33,7 @@ else
   mode=gpu budget=470 dev=cuda
   out_dir=benchmarks
   out="benchmarks/gpu_${stamp}"
-  limits=(75 75 50 45 45 35 55 80)
+  limits=(70 70 50 45 45 35 100 55)
 fi
 mkdir -p "$out_dir"
 deadline=$((start + budget))
@@ -97,8 +98,8 @@ if [[ $mode == cpu ]]; then
 else
   run_step resume "${limits[0]}" $steps resume --device cuda --out "$work/resume"
   run_step triton "${limits[1]}" bash -c "$steps triton --device cuda; a=\$?; python -m pytest -q -m gpu \
-    -p no:cacheprovider tests/test_fused.py tests/test_gpu_paths.py tests/test_data_fast.py \
-    tests/test_budget_recipes.py; exit \$((a | \$?))"
+    -p no:cacheprovider tests/test_fused.py tests/test_fused_compile.py tests/test_gpu_paths.py \
+    tests/test_data_fast.py tests/test_budget_recipes.py; exit \$((a | \$?))"
   run_step pipeline "${limits[2]}" bash -c "ulimit -n 1024 && $steps pipeline --device cuda --open-files 1024 \
     --workers 8 --batch 256 --out $work"
   run_step deterministic "${limits[3]}" bash -c "$steps deterministic --device cuda; a=\$?; \
@@ -108,8 +109,10 @@ else
   run_step activation "${limits[5]}" bash -c "python scripts/bench_activation.py --device cuda --dtype bf16 \
     --repeats 20 --quick && python scripts/bench_activation.py --device cuda --dtype bf16 --repeats 20 \
     --channels-last --quick"
-  run_step train_step "${limits[6]}" python scripts/bench_train_step.py --device cuda --amp bf16 --batch 32 \
-    --img 224 --steps 10 --warmup 3 --channels-last
+  run_step train_step "${limits[6]}" bash -c "python scripts/bench_train_step.py --device cuda --amp bf16 \
+    --batch 32 --img 224 --steps 10 --warmup 3 --channels-last; a=\$?; python scripts/bench_train_step.py \
+    --device cuda --amp bf16 --batch 32 --img 224 --steps 10 --warmup 3 --channels-last --compile \
+    --models shufflenetv2_x1_0 --variants 'ReLU,ACON-C fused,Meta-ACON fused'; exit \$((a | \$?))"
   run_step smoke "${limits[7]}" python scripts/smoke_train.py --device cuda --steps 100 --batch 64 --img 224 \
     --workers 8 --pipelines gpu --activations relu acon_c meta_acon --out "$work/smoke" --timeout 25
 fi

@@ -26,18 +26,18 @@ def test_unknown_shape_filter_names_the_shapes(bench, capsys):
     assert "resnet50 s4 [32,512,7,7]" in capsys.readouterr().err
 
 
-def test_one_shape_table(bench, monkeypatch, tmp_path):
+@pytest.mark.parametrize("stat", ["median", "min"])
+def test_one_shape_table(bench, monkeypatch, tmp_path, stat):
     monkeypatch.setitem(bench.SHAPES, "tiny [2,4,5,5]", (2, 4, 5, 5))
     threads = torch.get_num_threads()
     out = tmp_path / "act.md"
+    args = ["--shapes", "tiny", "--repeats", "2", "--warmup", "0", "--threads", "1", "--stat", stat]
     try:
-        text = bench.main(
-            ["--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]
-        )
+        text = bench.main([*args, "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert out.read_text() == text
-    assert "1 CPU threads" in text.splitlines()[0]
+    assert "1 CPU threads" in text.splitlines()[0] and f"{stat} of 2 interleaved rounds" in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| tiny")]
     names = [r.split("|")[2].strip() for r in rows]
     assert names[:2] == ["SiLU", "ReLU"] and any(n.startswith("AconC fused") for n in names)

@@ -123,7 +123,7 @@ def test_one_cmyk_or_png_file_leaves_the_rest_in_one_nvjpeg_batch(monkeypatch):
     """nvJPEG (a stand-in that, like it, rejects a list holding a CMYK JPEG or a PNG) gets one call."""
     import torchvision.io
 
-    from acon.data import gpu
+    from acon.data import decode_check, gpu
 
     real, calls = torchvision.io.decode_jpeg, []
 
@@ -136,7 +136,7 @@ def test_one_cmyk_or_png_file_leaves_the_rest_in_one_nvjpeg_batch(monkeypatch):
         return out if isinstance(data, list) else out[0]
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_nvjpeg)
-    monkeypatch.setattr(gpu, "_upload", lambda img, device: img)  # no device here: CPU tensors stand in
+    monkeypatch.setattr(decode_check, "_upload", lambda img, device: img)  # no device here: CPU tensors stand in
     data = [
         _encoded(seed=0),
         _encoded("CMYK"),

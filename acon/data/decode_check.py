@@ -1,26 +1,77 @@
-"""Self-check of the GPU input pipeline's nvJPEG decoding against the CPU: the whole first batch on a CUDA
-device, then one image of every ``CHECK_EVERY``-th batch (a different one each time; one CPU decode, so
-cheap). A decode error or a difference beyond ``MAX_MEAN_ABS_DIFF`` (nvJPEG and libjpeg round their IDCT
-and chroma upsampling differently, by a level or two) gives one warning (:mod:`acon.fallbacks`) and every
-later batch is decoded on the CPU and copied to the device.
-"""
+"""Batched JPEG decoding for the GPU input pipeline (:func:`decode_batch`: nvJPEG on CUDA, libjpeg on the
+CPU) and its self-check against the CPU: the whole first batch on a CUDA device, then one image of every
+``CHECK_EVERY``-th batch (a different one each time; one CPU decode, so cheap). A decode error or a
+difference beyond ``MAX_MEAN_ABS_DIFF`` (nvJPEG and libjpeg round their IDCT and chroma upsampling
+differently, by a level or two) gives one warning (:mod:`acon.fallbacks`) and every later batch is decoded
+on the CPU and copied to the device."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 
 from acon import fallbacks
+from acon.data.fast import jpeg_header
 
 MAX_MEAN_ABS_DIFF = 3.0  # mean |device - CPU| per pixel and channel, in 0..255 levels
 CHECK_EVERY = 200  # after the first batch, one sampled image of every CHECK_EVERY-th batch is checked
 
 
+def nvjpeg_decodable(data: torch.Tensor) -> bool:
+    """Whether nvJPEG takes ``data``: a JPEG with 1 or 3 components (not CMYK, not a PNG named .JPEG)."""
+    header = jpeg_header(data)
+    return header is not None and header[2] in ("L", "RGB")
+
+
+def _upload(img: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return img.to(device, non_blocking=True)
+
+
+def _decode_on_cpu(data: torch.Tensor, index: int) -> torch.Tensor:
+    """One image on the CPU (any format torchvision reads); a grey image, with a warning, if it is corrupt."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as e:  # corrupt file: a grey image, so that the step still runs
+        warnings.warn(f"image {index} of the batch cannot be decoded ({e}); using a grey image", stacklevel=3)
+        return torch.full((3, 8, 8), 128, dtype=torch.uint8)
+
+
+def decode_batch(data: Iterable[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Decode encoded images to uint8 RGB CHW on ``device``: one batched nvJPEG call on CUDA.
+
+    Files nvJPEG cannot take (CMYK JPEGs, PNGs named .JPEG; told from their header) are decoded on the
+    CPU and copied over, the rest of the batch still in one nvJPEG call; a file nothing can decode
+    becomes a grey image, with a warning.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = list(data)
+    out: list[torch.Tensor | None] = [None] * len(data)
+    batched = [i for i, d in enumerate(data) if nvjpeg_decodable(d)] if device.type == "cuda" else []
+    if batched:
+        try:
+            imgs = decode_jpeg([data[i] for i in batched], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # a file whose header looked fine: decode these one by one
+            imgs = [None] * len(batched)
+            for k, i in enumerate(batched):
+                try:
+                    imgs[k] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    pass
+        for i, img in zip(batched, imgs, strict=True):
+            out[i] = img
+    return [
+        img if img is not None else _upload(_decode_on_cpu(d, i), device)
+        for i, (d, img) in enumerate(zip(data, out, strict=True))
+    ]
+
+
 def cpu_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Decode on the CPU (torchvision/libjpeg) and copy to ``device``."""
-    from acon.data.gpu import decode_batch
-
     return [img.to(device, non_blocking=True) for img in decode_batch(data, torch.device("cpu"))]
 
 
@@ -52,8 +103,6 @@ class CheckedDecoder:
         check: bool | None = None,
         every: int = CHECK_EVERY,
     ) -> None:
-        from acon.data.gpu import decode_batch
-
         self.device = device
         self.device_decode = device_decode or decode_batch
         self.check = device.type == "cuda" if check is None else check
@@ -66,8 +115,6 @@ class CheckedDecoder:
         n, self.batches = self.batches, self.batches + 1
         if not self.check or (n > 0 and n % self.every):
             return self.device_decode(data, self.device)
-        from acon.data.gpu import decode_batch
-
         pick = list(range(len(data))) if n == 0 else [(n // self.every - 1) % len(data)]
         host = decode_batch([data[i] for i in pick], torch.device("cpu"))
         try:

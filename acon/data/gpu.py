@@ -15,7 +15,6 @@ normalisation run per image as a few 3x4 matrix products into reused output buff
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from acon.data.cpu_stage import OutputPool, WorkPlanes, jitter_normalize_cpu
-from acon.data.decode_check import CheckedDecoder
+from acon.data.decode_check import CheckedDecoder, decode_batch, nvjpeg_decodable
 from acon.data.fast import (
     GRAY_WEIGHTS,
     IMAGENET_MEAN,
@@ -71,57 +70,6 @@ class EncodedTrainTransform:
         jit = jitter_params(self.color_jitter)
         flip = bool(self.hflip > 0 and torch.rand(1).item() < self.hflip)
         return data, torch.tensor((top, left, h, w, float(flip), *jit), dtype=torch.float32)
-
-
-def nvjpeg_decodable(data: torch.Tensor) -> bool:
-    """Whether nvJPEG takes ``data``: a JPEG with 1 or 3 components (not CMYK, not a PNG named .JPEG)."""
-    header = jpeg_header(data)
-    return header is not None and header[2] in ("L", "RGB")
-
-
-def _upload(img: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return img.to(device, non_blocking=True)
-
-
-def _decode_on_cpu(data: torch.Tensor, index: int) -> torch.Tensor:
-    """One image on the CPU (any format torchvision reads); a grey image, with a warning, if it is corrupt."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as e:  # corrupt file: a grey image, so that the step still runs
-        warnings.warn(f"image {index} of the batch cannot be decoded ({e}); using a grey image", stacklevel=3)
-        return torch.full((3, 8, 8), 128, dtype=torch.uint8)
-
-
-def decode_batch(data: Iterable[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Decode encoded images to uint8 RGB CHW on ``device``: one batched nvJPEG call on CUDA.
-
-    Files nvJPEG cannot take (CMYK JPEGs, PNGs named .JPEG; told from their header) are decoded on the
-    CPU and copied over, the rest of the batch still in one nvJPEG call; a file nothing can decode
-    becomes a grey image, with a warning.
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    data = list(data)
-    out: list[torch.Tensor | None] = [None] * len(data)
-    batched = [i for i, d in enumerate(data) if nvjpeg_decodable(d)] if device.type == "cuda" else []
-    if batched:
-        try:
-            imgs = decode_jpeg([data[i] for i in batched], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # a file whose header looked fine: decode these one by one
-            imgs = [None] * len(batched)
-            for k, i in enumerate(batched):
-                try:
-                    imgs[k] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device)
-                except RuntimeError:
-                    pass
-        for i, img in zip(batched, imgs, strict=True):
-            out[i] = img
-    return [
-        img if img is not None else _upload(_decode_on_cpu(d, i), device)
-        for i, (d, img) in enumerate(zip(data, out, strict=True))
-    ]
 
 
 def crop_resize_batch(images: list[torch.Tensor], boxes: list[list[float]], size: int) -> torch.Tensor:

@@ -4,7 +4,11 @@ One custom autograd op (``acon.fused.ops``) saves only x plus the per-channel p1
 per-sample β of Meta-ACON) and recomputes the sigmoid in backward; backward yields dx, dp1, dp2 and dβ
 in one pass. CUDA runs Triton kernels (``acon.fused.triton_kernels``); CPU runs C++ kernels
 (``acon.fused.native``), or where they cannot be built the Inductor-compiled torch formulas of
-``acon.fused.cpu``, or the same formulas eagerly when no C compiler is found.
+``acon.fused.cpu``, or the same formulas eagerly when no C compiler is found. Under ``torch.compile`` the
+same formula is traced as plain torch ops instead (:func:`traced_acon_c`): an opaque op would keep Inductor
+from fusing it with the BatchNorm before it and from recomputing it in backward, which costs a saved
+tensor per layer (compiled ShuffleNetV2 1.0x: 1.36x compiled ReLU's saved activations through the op,
+1.00x traced; ``scripts/bench_compile_memory.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from acon.fused import cpu
-from acon.fused.layout import dense
+from acon.fused.layout import compute_dtype, dense
 from acon.fused.ops import NativeAconC, acon_c_backward_op, acon_c_op, native_serves, triton_importable
 
 # "auto" on CPU: the C++ kernels are faster than the reference form at every size measured (96 elements:
@@ -63,13 +67,27 @@ def _check_shapes(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: tor
             raise ValueError(f"acon.fused.acon_c: {name} must be {want} for x {tuple(x.shape)}, got {shape}")
 
 
+def traced_acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The fused ops' formula as plain torch ops (computed in fp32, fp64 for fp64 x), for traced code:
+    Inductor fuses it with its neighbours and its min-cut partitioner picks what backward recomputes, where
+    the opaque custom op would force x to be saved. Same values, gradients and NaN/±Inf convention as the
+    fused ops (``acon.fused.cpu``)."""
+    ct = compute_dtype(x.dtype)
+    view = lambda p: p.reshape(p.shape[:2] + (1,) * (x.dim() - 2)).to(ct)  # noqa: E731
+    return cpu.forward_math(x, view(p1), view(p2), view(beta), ct)
+
+
 def acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """Fused ACON-C: (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x, saving only x and the small parameters."""
+    """Fused ACON-C: (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x, saving only x and the small parameters.
+
+    Under ``torch.compile`` this is :func:`traced_acon_c`, visible to Inductor (see there)."""
     _check_shapes(x, p1, p2, beta)
+    if torch.compiler.is_compiling():
+        return traced_acon_c(x, p1, p2, beta)
     x = dense(x)
     if native_serves(x):
         return NativeAconC.apply(x, p1, p2, beta)
     return acon_c_op(x, p1, p2, beta)
 
 
-__all__ = ["AUTO_MIN_NUMEL_CPU", "acon_c", "acon_c_backward_op", "acon_c_op", "available"]
+__all__ = ["AUTO_MIN_NUMEL_CPU", "acon_c", "acon_c_backward_op", "acon_c_op", "available", "traced_acon_c"]

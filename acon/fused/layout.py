@@ -12,9 +12,15 @@ def layout_of(x: torch.Tensor) -> str | None:
     """``"ncs"`` if ``x`` is contiguous, ``"nsc"`` if channels-last dense, else ``None``."""
     if x.is_contiguous():
         return NCS
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is not None:  # one call, no permuted view (same test as below for these ranks)
+        return NSC if x.is_contiguous(memory_format=fmt) else None
     if x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
         return NSC
     return None
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
@@ -64,3 +70,22 @@ def param_views(
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Arithmetic precision: fp64 stays fp64, everything else runs in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def typed_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``g`` in ``p``'s dtype (itself when it already is)."""
+    return g if g.dtype == p.dtype else g.to(p.dtype)
+
+
+def param_grads(
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    sb: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    beta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel sums (C values) and β sums (N·C, or C values) as gradients shaped and typed like p1, p2, β."""
+    if sb.numel() != beta.numel():
+        sb = sb.sum(0, keepdim=True)
+    return tuple(typed_like(g.reshape(p.shape), p) for g, p in ((s1, p1), (s2, p2), (sb, beta)))

@@ -1,8 +1,9 @@
 """ACON-C as two ``torch.library`` custom ops with autograd: ``acon::acon_c`` and ``acon::acon_c_backward``.
 
 Autograd saves only x and the per-channel p1, p2 and the per-channel or per-sample β; backward
-recomputes the sigmoid. Being custom ops, they stay opaque (one node each) under ``torch.compile`` of a
-whole model and work with autocast, DDP and channels_last. Device kernels:
+recomputes the sigmoid. They work with autocast, DDP and channels_last. Traced code would see them as
+opaque nodes, so ``acon.fused.acon_c`` (what the modules call) gives ``torch.compile`` the plain formula
+instead (``acon.fused.traced_acon_c``), which Inductor fuses and recomputes. Device kernels:
 
 - CUDA: Triton (``acon.fused.triton_kernels``) when Triton imports, else the torch formulas; the first
   call per device, dtype and memory format checks the kernels against the reference form
@@ -22,7 +23,16 @@ import torch
 from torch import Tensor
 
 from acon.fused import cpu, native, selfcheck
-from acon.fused.layout import as_3d, compute_dtype, layout_of, like, param_views, same_layout
+from acon.fused.layout import (
+    as_3d,
+    compute_dtype,
+    layout_of,
+    like,
+    param_grads,
+    param_views,
+    same_layout,
+    typed_like,
+)
 
 
 @functools.cache
@@ -104,19 +114,7 @@ def acon_c_backward_op(
         dx, s1, s2, sb = triton_kernels.backward(dy, x, p1, p2, beta)
     else:
         dx, s1, s2, sb = _torch_backward(dy, x, p1, p2, beta)
-    return (dx, *_param_grads(s1, s2, sb, p1, p2, beta))
-
-
-def _param_grads(s1: Tensor, s2: Tensor, sb: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):
-    """Per-channel sums (C values) and β sums (N·C, or C values) as gradients shaped and typed like p1, p2, β."""
-    if sb.numel() != beta.numel():
-        sb = sb.sum(0, keepdim=True)
-    return tuple(_typed_like(g.reshape(p.shape), p) for g, p in ((s1, p1), (s2, p2), (sb, beta)))
-
-
-def _typed_like(g: Tensor, p: Tensor) -> Tensor:
-    """``g`` in ``p``'s dtype (itself when it already is)."""
-    return g if g.dtype == p.dtype else g.to(p.dtype)
+    return (dx, *param_grads(s1, s2, sb, p1, p2, beta))
 
 
 @acon_c_backward_op.register_fake
@@ -141,7 +139,7 @@ torch.library.register_autograd("acon::acon_c", _backward, setup_context=_setup_
 class NativeAconC(torch.autograd.Function):
     """``acon::acon_c`` straight on the C++ CPU kernels, for eager mode: the same saved tensors and
     results without the custom-op dispatch (about 0.15-0.25 ms less per forward+backward). Traced code
-    keeps the opaque custom op."""
+    gets the plain formula instead (``acon.fused.traced_acon_c``)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
@@ -152,7 +150,7 @@ class NativeAconC(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, p1, p2, beta = ctx.saved_tensors
         dx, g1, g2, gb = native.backward(same_layout(dy, x), x, p1, p2, beta)
-        return dx, _typed_like(g1, p1), _typed_like(g2, p2), _typed_like(gb, beta)
+        return dx, typed_like(g1, p1), typed_like(g2, p2), typed_like(gb, beta)
 
 
 def native_serves(x: Tensor) -> bool:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from acon import fallbacks
-from acon.fused.layout import NSC, as_3d, compute_dtype, layout_of, like, param_views
+from acon.fused.layout import NSC, as_3d, compute_dtype, layout_of, like, param_grads, param_views
 
 # tolerances against the fp64 reference on the same (rounded) inputs, as in tests/test_fused.py
 TOLERANCE = {
@@ -88,11 +88,10 @@ def mismatch(got: list[Tensor], want: list[Tensor], dtype: torch.dtype) -> str |
 
 def _triton_run(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, dy: Tensor) -> list[Tensor]:
     from acon.fused import triton_kernels
-    from acon.fused.ops import _param_grads
 
     y = triton_kernels.forward(x, p1, p2, beta)
     dx, s1, s2, sb = triton_kernels.backward(dy, x, p1, p2, beta)
-    return [y, dx, *_param_grads(s1, s2, sb, p1, p2, beta)]
+    return [y, dx, *param_grads(s1, s2, sb, p1, p2, beta)]
 
 
 def triton_ok(x: Tensor) -> bool:

@@ -1,0 +1,33 @@
+"""scripts/bench_compile_memory.py: a compiled ACON-C network keeps what a compiled ReLU network keeps once
+the formula is traced, and more through the opaque op (Inductor's partitioner, no code generation)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_compile_memory.py"
+
+
+@pytest.mark.slow
+def test_traced_formula_saves_what_relu_saves(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_compile_memory", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    out = tmp_path / "mem.md"
+    try:
+        text = bench.main(["--model", "shufflenetv2_x0_5", "--batch", "4", "--img", "32", "--threads", "1",
+                           "--out", str(out)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert out.read_text() == text
+    ratio = {
+        r.split("|")[2].strip(): float(r.split("|")[6]) for r in text.splitlines() if r.startswith("| shuff")
+    }
+    assert ratio["ReLU"] == 1.0
+    assert ratio["ACON-C traced formula"] <= 1.05
+    assert ratio["ACON-C opaque op"] > ratio["ACON-C traced formula"] + 0.1
