@@ -15,6 +15,7 @@ from acon.data.bad_images import BadImageError, SkipLog
 from acon.data.watchdog import BatchWait
 from acon.engine import HostFlags, StepContext, StepGuard, optimizer_step
 from acon.errors import ConfigError
+from acon.fuse_bn import fuse_for_run
 from acon.logging import Progress, RunLogger
 from acon.optim import build_ema, build_optimizer, build_scheduler, total_steps
 from acon.preempt import PreemptionFlag, requeue_and_exit
@@ -43,6 +44,7 @@ class Trainer(ResumeState, StopChecks, RunEnd):
         model = self.task.build_model(cfg)
         if tcfg.sync_bn and info.enabled:
             model = convert_sync_batchnorm(model, info.device)
+        self.announce(fuse_for_run(model, tcfg.get("fuse_bn_act", "auto"), info.device, bool(tcfg.compile)))
         fmt = torch.channels_last if tcfg.channels_last else torch.preserve_format
         self.model = model.to(info.device, memory_format=fmt)
         net = (
