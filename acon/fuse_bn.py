@@ -186,12 +186,16 @@ def fuse_setting(setting: object, device: torch.device, compiled: bool) -> bool:
     return bool(setting)
 
 
-def fuse_for_run(model: nn.Module, setting: object, device: torch.device, compiled: bool) -> str:
-    """Apply ``trainer.fuse_bn_act`` to ``model`` in place; returns the line saying what it did."""
+def fuse_for_run(model: nn.Module, setting: object, device: torch.device, compiled: bool) -> str | None:
+    """Apply ``trainer.fuse_bn_act`` to ``model`` in place; returns the line to log (None: nothing to say,
+    i.e. fusion off, or ``auto`` on a model without such pairs)."""
     if not fuse_setting(setting, device, compiled):
-        return f"fuse_bn_act={setting}: BatchNorm → ACON pairs run unfused"
+        return None
     fuse_bn_acon(model)
-    return f"fuse_bn_act={setting}: fused {count_fused(model)} BatchNorm → ACON-C/Meta-ACON pairs"
+    n = count_fused(model)
+    if n == 0 and setting == "auto":
+        return None
+    return f"trainer.fuse_bn_act={setting}: {n} BatchNorm → ACON-C/Meta-ACON pairs run fused"
 
 
 __all__ = [

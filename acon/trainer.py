@@ -44,7 +44,9 @@ class Trainer(ResumeState, StopChecks, RunEnd):
         model = self.task.build_model(cfg)
         if tcfg.sync_bn and info.enabled:
             model = convert_sync_batchnorm(model, info.device)
-        self.announce(fuse_for_run(model, tcfg.get("fuse_bn_act", "auto"), info.device, bool(tcfg.compile)))
+        self.fusion_note = fuse_for_run(
+            model, tcfg.get("fuse_bn_act", "auto"), info.device, bool(tcfg.compile)
+        )
         fmt = torch.channels_last if tcfg.channels_last else torch.preserve_format
         self.model = model.to(info.device, memory_format=fmt)
         net = (
@@ -289,6 +291,8 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             )
         if self.info.is_main:
             self.log_banner()
+        if self.fusion_note:
+            self.announce(self.fusion_note)
         flag = PreemptionFlag().install()
         waiter = BatchWait(flag, t.get("data_timeout_s")).install()
         max_steps = int(t.max_steps) if t.max_steps else None

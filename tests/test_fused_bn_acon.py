@@ -305,7 +305,7 @@ def test_digits_runs_fused_and_unfused_agree_and_resume_bit_identically(tmp_path
     from acon.builders import build_model
 
     on = run_recording(_digits(tmp_path / "on", "trainer.fuse_bn_act=true", "trainer.max_steps=2"))
-    assert any("fused 37 BatchNorm" in m for _, m in on.lines), on.lines
+    assert any("37 BatchNorm → ACON-C/Meta-ACON pairs run fused" in m for _, m in on.lines), on.lines
     run_recording(_digits(tmp_path / "off", "trainer.fuse_bn_act=false", "trainer.max_steps=2"))
     fused, plain = (_model_state(tmp_path / d / "r" / "last.pt") for d in ("on", "off"))
     cfg = compose([])

@@ -197,7 +197,7 @@ class _BNAconC(torch.autograd.Function):
             dzbar, it = grads[0], iter(grads[1:])
             param_grads = [next(it) if p.requires_grad else None for p in beta_params]
             s = x.numel() // (x.shape[0] * x.shape[1])
-            dz = dz + (dzbar / s).reshape(x.shape[:2] + (1,) * (x.dim() - 2)).to(dz.dtype)
+            dz.add_((dzbar / s).reshape(x.shape[:2] + (1,) * (x.dim() - 2)).to(dz.dtype))  # dz is ours
             dbeta = None
         need = ctx.needs_input_grad
         mask = [need[0], weight is not None and need[1], bias is not None and need[2]]
