@@ -153,7 +153,9 @@ def _pairs(model: nn.Module):
 def fuse_bn_acon(model: nn.Module) -> nn.Module:
     """Fuse every BatchNorm → ACON-C / Meta-ACON pair of ``model`` in place; returns ``model``.
 
-    State-dict keys, parameters and the module tree are unchanged (see the module docstring)."""
+    State-dict keys, parameters and the module tree are unchanged (see the module docstring). Apply it
+    after anything that replaces BatchNorm modules (``convert_sync_batchnorm``, freezing them): a pair
+    keeps the BatchNorm object it was fused with."""
     for bn, act in list(_pairs(model)):
         if _fusable_bn(bn) and _fusable_act(act) and "forward" not in bn.__dict__:
             object.__setattr__(bn, "forward", _passthrough)
