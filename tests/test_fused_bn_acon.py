@@ -342,3 +342,30 @@ def test_cuda_fused_pairs_match_the_two_modules(act, channels_last):
     grads_close(ref, fused, torch.float32)
     for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers(), strict=True):
         assert close(b, a, torch.float32), name
+
+
+def test_fuse_bn_act_setting():
+    """``auto`` fuses eager CPU runs only; ``true``/``false`` do what they say."""
+    from acon.fuse_bn import fuse_for_run, fuse_setting
+
+    cpu_dev, cuda_dev = torch.device("cpu"), torch.device("cuda")
+    assert fuse_setting("auto", cpu_dev, False) and not fuse_setting("auto", cpu_dev, True)
+    assert not fuse_setting("auto", cuda_dev, False) and fuse_setting(True, cuda_dev, False)
+    assert not fuse_setting(False, cpu_dev, False)
+    model = pair(AconC, dtype=torch.float32)
+    assert fuse_for_run(model, False, cpu_dev, False) is None and count_fused(model) == 0
+    assert "1 BatchNorm" in fuse_for_run(model, "auto", cpu_dev, False) and count_fused(model) == 1
+    assert fuse_for_run(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), "auto", cpu_dev, False) is None
+
+
+@pytest.mark.slow
+def test_compiled_fused_model_runs_the_pairs_unfused(eager_fp64):
+    """Under torch.compile a fused pair traces as its two modules: same values and gradients."""
+    ref = pair(AconC, dtype=torch.float32)
+    fused = fuse_bn_acon(copy.deepcopy(ref))
+    compiled = torch.compile(fused)
+    x = torch.randn(2, 3, 6, 6)
+    ya, yb = ref(x), compiled(x)
+    ya.sum().backward(), yb.sum().backward()
+    assert close(yb, ya, torch.float32)
+    grads_close(ref, fused, torch.float32)
