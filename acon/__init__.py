@@ -4,9 +4,12 @@ from acon.activations import AconA, AconB, AconC, BatchNorm2dB1, MetaAconC, ReLU
 from acon.convert import convert_activations
 from acon.factory import ACTIVATIONS, create_activation, resolve_activation
 from acon.frelu import AconFReLU, FReLU
+from acon.fuse_bn import fuse_bn_acon, unfuse_bn_acon
 from acon.params import activation_parameters, is_weight_decayed, param_groups
 
 __all__ = [
+    "fuse_bn_acon",
+    "unfuse_bn_acon",
     "ACTIVATIONS",
     "AconA",
     "AconB",

@@ -175,8 +175,12 @@ class MetaAconC(nn.Module):
         fc1 and fc2 act on 1×1 maps, so they run as matrix products on their own weights (a convolution
         call costs far more here); the BatchNorms see the usual (N, C, 1, 1)."""
         check_channels(x, self.channels)
+        return self.beta_from_mean(spatial_mean(x), x)
+
+    def beta_from_mean(self, mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`generate_beta` from the (N, C) spatial mean of ``x`` (shape and dtype taken from x)."""
         n = x.shape[0]
-        h = self.bn1(_pointwise(self.fc1, spatial_mean(x)).view(n, -1, 1, 1))
+        h = self.bn1(_pointwise(self.fc1, mean).view(n, -1, 1, 1))
         beta = torch.sigmoid(self.bn2(_pointwise(self.fc2, h.flatten(1)).view(n, -1, 1, 1)))
         return beta.reshape(x.shape[:2] + (1,) * (x.dim() - 2)).to(x.dtype)
 

@@ -267,6 +267,7 @@ class TrainerSchema:
     channels_last: bool = key(False)
     compile: bool = key(False)
     sync_bn: bool = key(False)
+    fuse_bn_act: Any = key("auto", OneOf(("auto", True, False)))  # acon.fuse_bn.fuse_bn_acon
     threads: Any = key("auto", AutoOr(POSITIVE_INT))  # auto: acon/cpu_budget.py; null: torch's default
     log_every: int = key(20, POSITIVE_INT)
     hist_every: int = key(200, POSITIVE_INT)

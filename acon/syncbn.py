@@ -15,10 +15,25 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from acon.activations import BatchNorm2dB1
 
 
-def _global_sum(t: torch.Tensor) -> torch.Tensor:
+def global_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """A copy of ``t`` summed over every rank of ``group`` (the default group when None)."""
     t = t.clone()
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t
+
+
+def global_moments(x: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of (N, C, ...) ``x`` over every rank (float64 sums), and the
+    global number of values per channel (a float64 scalar tensor)."""
+    dims = [0] + list(range(2, x.dim()))
+    xd = x.double()
+    local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() / x.shape[1]])])
+    total = global_sum(local, group)
+    c = x.shape[1]
+    count = total[-1]
+    mean = total[:c] / count
+    var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)
+    return mean, var, count
 
 
 class _SyncBNFunction(torch.autograd.Function):
@@ -27,13 +42,8 @@ class _SyncBNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         dims = [0] + list(range(2, x.dim()))
-        xd = x.double()
-        local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() / x.shape[1]])])
-        total = _global_sum(local)
         c = x.shape[1]
-        count = total[-1]
-        mean = total[:c] / count
-        var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)
+        mean, var, count = global_moments(x)
         invstd = torch.rsqrt(var + eps)
         shape = (1, c) + (1,) * (x.dim() - 2)
         xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
@@ -48,7 +58,7 @@ class _SyncBNFunction(torch.autograd.Function):
         shape = (1, c) + (1,) * (xhat.dim() - 2)
         dw = (dy * xhat).sum(dims)
         db = dy.sum(dims)
-        sums = _global_sum(torch.cat([db, dw]).double())
+        sums = global_sum(torch.cat([db, dw]).double())
         mean_g = (sums[:c] / ctx.count).to(dy.dtype) * weight
         mean_gx = (sums[c:] / ctx.count).to(dy.dtype) * weight
         dx = (dy * weight.view(shape) - mean_g.view(shape) - xhat * mean_gx.view(shape)) * invstd.view(shape)

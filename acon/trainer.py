@@ -15,6 +15,7 @@ from acon.data.bad_images import BadImageError, SkipLog
 from acon.data.watchdog import BatchWait, WaitedLoader
 from acon.engine import HostFlags, StepContext, StepGuard, optimizer_step
 from acon.errors import ConfigError
+from acon.fuse_bn import fuse_for_run
 from acon.logging import Progress, RunLogger
 from acon.optim import build_ema, build_optimizer, build_scheduler, total_steps
 from acon.preempt import PreemptionFlag, requeue_and_exit
@@ -43,6 +44,9 @@ class Trainer(ResumeState, StopChecks, RunEnd):
         model = self.task.build_model(cfg)
         if tcfg.sync_bn and info.enabled:
             model = convert_sync_batchnorm(model, info.device)
+        self.fusion_note = fuse_for_run(
+            model, tcfg.get("fuse_bn_act", "auto"), info.device, bool(tcfg.compile)
+        )
         fmt = torch.channels_last if tcfg.channels_last else torch.preserve_format
         self.model = model.to(info.device, memory_format=fmt)
         net = (
@@ -300,6 +304,8 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             )
         if self.info.is_main:
             self.log_banner()
+        if self.fusion_note:
+            self.announce(self.fusion_note)
         flag = self.flag = PreemptionFlag().install()
         waiter = self.waiter = BatchWait(flag, t.get("data_timeout_s")).install()
         max_steps = int(t.max_steps) if t.max_steps else None

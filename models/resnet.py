@@ -44,6 +44,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 convs; both activations are the injected ``act_layer``."""
 
     expansion = 1
+    bn_act_pairs = (("bn1", "acon1"),)  # BatchNorm → activation pairs acon.fuse_bn_acon may fuse
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class Bottleneck(nn.Module):
     """1x1 - 3x3 - 1x1 bottleneck; ``acon`` (after the 3x3) is injected, ``act1``/``act3`` are outer."""
 
     expansion = 4
+    bn_act_pairs = (("bn1", "act1"), ("bn2", "acon"))  # see BasicBlock
 
     def __init__(
         self,
@@ -116,6 +118,7 @@ class ResNet(TimmModelMixin, nn.Module):
     """ResNet with an injected activation; see the module docstring for placement and variants."""
 
     __constants__ = ["features_only"]
+    bn_act_pairs = (("bn1", "act1"),)  # the stem's; see BasicBlock
 
     def __init__(
         self,

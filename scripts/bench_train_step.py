@@ -3,7 +3,8 @@
 A step is forward, cross-entropy, backward and an SGD update. All variants of one model are timed in
 interleaved rounds in the same run; the printed numbers are medians and ratios to ReLU's median.
 Saved-activation memory is the sum of distinct storages autograd saves during the forward pass
-(``torch.autograd.graph.saved_tensors_hooks``, parameters excluded).
+(``torch.autograd.graph.saved_tensors_hooks``, parameters excluded): what a training step holds after its
+forward pass. "BN-fused" variants run every BatchNorm → ACON pair as one op (``acon.fuse_bn_acon``).
 
     python scripts/bench_train_step.py                          # CPU defaults: batch 8, 112 px
     python scripts/bench_train_step.py --batch 32 --img 224     # the setting
@@ -26,15 +27,18 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script, sync  # noqa: E402
+from acon.fuse_bn import fuse_bn_acon  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
 from models import create_model  # noqa: E402
 
-VARIANTS = {  # label -> (activation name, act_kwargs)
-    "ReLU": ("relu", None),
-    "ACON-C fused": ("acon_c", {"impl": "fused"}),
-    "Meta-ACON fused": ("meta_acon", {"impl": "fused"}),
-    "ACON-C reference": ("acon_c", {"impl": "reference"}),
-    "Meta-ACON reference": ("meta_acon", {"impl": "reference"}),
+VARIANTS = {  # label -> (activation name, act_kwargs, BatchNorm → ACON pairs fused by acon.fuse_bn_acon)
+    "ReLU": ("relu", None, False),
+    "ACON-C fused": ("acon_c", {"impl": "fused"}, False),
+    "Meta-ACON fused": ("meta_acon", {"impl": "fused"}, False),
+    "ACON-C BN-fused": ("acon_c", {"impl": "fused"}, True),
+    "Meta-ACON BN-fused": ("meta_acon", {"impl": "fused"}, True),
+    "ACON-C reference": ("acon_c", {"impl": "reference"}, False),
+    "Meta-ACON reference": ("meta_acon", {"impl": "reference"}, False),
 }
 
 
@@ -67,9 +71,10 @@ def bench_model(name: str, variants: list[str], args) -> list[str]:
     x = x.contiguous(memory_format=fmt)
     runs = {}
     for label in variants:
-        act, kw = VARIANTS[label]
+        act, kw, fuse_bn = VARIANTS[label]
         torch.manual_seed(0)
         m = create_model(name, activation=act, num_classes=1000, act_kwargs=kw).to(dev, memory_format=fmt)
+        m = fuse_bn_acon(m) if fuse_bn else m
         m.train()
         m = torch.compile(m) if args.compile else m  # every variant, ReLU included: ratios to compiled ReLU
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)

@@ -8,8 +8,8 @@
 #   4. deterministic: one model per family trains a step under torch.use_deterministic_algorithms(True),
 #   5. doctor:        python -m acon.doctor (versions, kernels, data, NCCL all-reduce),
 #   6. activation:    scripts/bench_activation.py, bf16, contiguous and channels_last,
-#   7. train_step:    scripts/bench_train_step.py, ShuffleNetV2 1.0x and ResNet-50, bf16, batch 32, 224 px,
-#                     then ShuffleNetV2 1.0x under torch.compile (vs compiled ReLU),
+#   7. train_step:    scripts/bench_train_step.py, ShuffleNetV2 1.0x and ResNet-50, bf16, batch 32, 224 px
+#                     (BN-fused variants included), then ShuffleNetV2 1.0x under torch.compile (vs compiled ReLU),
 #   8. smoke:         scripts/smoke_train.py, ShuffleNetV2 0.5x through train.py per activation, gpu pipeline.
 # Each step runs under its own timeout (they add up to the budget; a step never runs past the overall
 # deadline), one failure or timeout does not stop the others, and each step's output is in its file the
@@ -92,14 +92,14 @@ if [[ $mode == cpu ]]; then
     --device cpu --quick --repeats 2 \
     --shapes "shufflenetv2 s2"
   run_step train_step "${limits[6]}" python scripts/bench_train_step.py --device cpu --batch 2 --img 32 \
-    --steps 1 --warmup 1 --models shufflenetv2_x0_5 --variants "ReLU,ACON-C fused"
+    --steps 1 --warmup 1 --models shufflenetv2_x0_5 --variants "ReLU,ACON-C fused,ACON-C BN-fused"
   run_step smoke "${limits[7]}" python scripts/smoke_train.py --device cpu --steps 2 --batch 4 --img 32 \
     --workers 0 --activations relu --pipelines gpu --out "$work/smoke" --timeout 25
 else
   run_step resume "${limits[0]}" $steps resume --device cuda --out "$work/resume"
   run_step triton "${limits[1]}" bash -c "$steps triton --device cuda; a=\$?; python -m pytest -q -m gpu \
-    -p no:cacheprovider tests/test_fused.py tests/test_fused_compile.py tests/test_gpu_paths.py \
-    tests/test_data_fast.py tests/test_budget_recipes.py; exit \$((a | \$?))"
+    -p no:cacheprovider tests/test_fused.py tests/test_fused_bn_acon.py tests/test_fused_compile.py \
+    tests/test_gpu_paths.py tests/test_data_fast.py tests/test_budget_recipes.py; exit \$((a | \$?))"
   run_step pipeline "${limits[2]}" bash -c "ulimit -n 1024 && $steps pipeline --device cuda --open-files 1024 \
     --workers 8 --batch 256 --out $work"
   run_step deterministic "${limits[3]}" bash -c "$steps deterministic --device cuda; a=\$?; \
