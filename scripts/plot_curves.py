@@ -110,7 +110,10 @@ def _draw(ax, lines, first_epoch: float | None = None) -> bool:
 
 
 def draw_curves(
-    lines: list[tuple[str, list[dict[float, float]]]], title: str, log_y: bool = False, metric: str = "top1_err"
+    lines: list[tuple[str, list[dict[float, float]]]],
+    title: str,
+    log_y: bool = False,
+    metric: str = "top1_err",
 ):
     """A matplotlib figure: per line the mean curve over seeds and a shaded min..max band; the whole run on
     the left, the converged last half of the epochs (y-range fitted to it) on the right, the legend below

@@ -136,7 +136,9 @@ def test_one_cmyk_or_png_file_leaves_the_rest_in_one_nvjpeg_batch(monkeypatch):
         return out if isinstance(data, list) else out[0]
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_nvjpeg)
-    monkeypatch.setattr(decode_check, "_upload", lambda img, device: img)  # no device here: CPU tensors stand in
+    monkeypatch.setattr(
+        decode_check, "_upload", lambda img, device: img
+    )  # no device here: CPU tensors stand in
     data = [
         _encoded(seed=0),
         _encoded("CMYK"),
