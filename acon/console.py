@@ -185,8 +185,8 @@ def _val_text(record: dict, task=None) -> str:
         return "val " + task.metrics_text({k[4:]: v for k, v in record.items() if k.startswith("val_")})
     if "val_top1_err" not in record:
         return "val -"
-    top5 = f" top-5 {record['val_top5_err']:.2f}%" if "val_top5_err" in record else ""
-    return f"val top-1 {record['val_top1_err']:.2f}%{top5}"
+    top5 = f" top-5 err {record['val_top5_err']:.2f}%" if "val_top5_err" in record else ""
+    return f"val top-1 err {record['val_top1_err']:.2f}%{top5}"
 
 
 def epoch_line(

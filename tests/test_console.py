@@ -64,7 +64,7 @@ def test_run_logs_banner_epochs_summary_and_resume_point(tiny_imagenet, tmp_path
     assert f"  resumed from step 8 ({run_dir / 'last.pt'})" in lines
     epochs = [m for m in lines if m.startswith("epoch ")]
     assert len(epochs) == 1 and re.match(
-        r"epoch 2/2  step 12/12  train loss \d+\.\d{4}  val top-1 \d+\.\d\d%  "  # 3 classes: no top-5
+        r"epoch 2/2  step 12/12  train loss \d+\.\d{4}  val top-1 err \d+\.\d\d%  "  # 3 classes: no top-5
         r"best \d+\.\d\d% \(epoch [12]\)  lr \S+  \d+ img/s  elapsed \d:\d\d:\d\d  ETA 0:00:00$",
         epochs[0],
     ), epochs[0]

@@ -32,7 +32,7 @@ def test_top5_only_with_more_than_five_classes(classes, has_top5):
     assert ("top5_err" in metrics) is has_top5
     assert ("top5_err" in task.scalar_metrics) is has_top5  # nothing logged to TensorBoard or kept in best
     text = task.metrics_text(metrics)
-    assert ("top-5" in text) is has_top5 and text.startswith("top-1 ")
+    assert ("top-5" in text) is has_top5 and text.startswith("top-1 err ")
     fields = task.result_fields({**metrics, "epoch": 1}, None)
     assert ("top5_err" in fields) is has_top5
     summary = summary_lines({**fields, "status": "complete", "wall_time_s": 1.0}, "runs/x")[0]

@@ -48,6 +48,14 @@ def test_max_steps_validates_once_and_histograms_close_every_epoch(tiny_imagenet
     metas = histogram_steps(run_dir, "meta_beta")
     assert metas and all(steps == [3, 4] for steps in metas.values()), metas
 
+    first = (run_dir / "last.pt").read_bytes()
+    assert train(compose([*ov, "trainer.max_steps=4"])) is None  # the same command again trains no step
+    assert (run_dir / "last.pt").read_bytes() == first
+    again = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("stopped_at_max_steps", False)) for r in again] == [(3, False), (4, True)]
+    assert again[-1]["val_top1_err"] == lines[-1]["val_top1_err"]
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
+
     final = train(compose(ov))  # resumes at step 4 and finishes epoch 2
     assert final["status"] == "complete" and final["steps"] == 6
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -75,7 +75,7 @@ class Task(Protocol):
         """A small NCHW batch of ``inputs`` for β statistics, or None."""
 
     def metrics_text(self, metrics: dict) -> str:
-        """The metrics in words for the epoch line and eval.py, e.g. ``top-1 2.79% top-5 0.00%``."""
+        """The metrics in words for the epoch line and eval.py, e.g. ``top-1 err 2.79% top-5 err 0.00%``."""
 
     def result_fields(self, final: dict, best: dict | None) -> dict:
         """The task's entries of results.json from the final validation (unprefixed keys) and the best."""

@@ -110,9 +110,9 @@ class ClassificationTask:
         return None if inputs is None else inputs[:8]
 
     def metrics_text(self, metrics: dict) -> str:
-        """``top-1 X% top-5 Y%`` (the epoch line's words)."""
-        top5 = f" top-5 {metrics['top5_err']:.2f}%" if "top5_err" in metrics else ""
-        return f"top-1 {metrics['top1_err']:.2f}%{top5}"
+        """``top-1 err X% top-5 err Y%`` (the epoch line's words)."""
+        top5 = f" top-5 err {metrics['top5_err']:.2f}%" if "top5_err" in metrics else ""
+        return f"top-1 err {metrics['top1_err']:.2f}%{top5}"
 
     def result_fields(self, final: dict, best: dict | None) -> dict:
         """Final and best top-1 error, final top-5 error, the best epoch."""
