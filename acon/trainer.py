@@ -315,7 +315,9 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             if self.record_due() and (not s.history or s.history[-1]["step"] != s.step):
                 self.end_of_epoch(logger, 0.0)  # saved before a validation that did not finish
             if max_steps and self.total_steps > s.step >= max_steps:  # the same max_steps command again
-                self.stop_at_max_steps(logger)  # no step past it: validate where it stopped, as the first run did
+                self.stop_at_max_steps(
+                    logger
+                )  # no step past it: validate where it stopped, as the first run did
                 return None
             while s.step < self.total_steps:
                 batches = self.epoch_batches(s.epoch, s.batch_in_epoch)
