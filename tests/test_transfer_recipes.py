@@ -185,6 +185,21 @@ def test_segmentation_keeps_label_smoothing_and_refuses_mixup(seg_cfg):
         task.check_config(seg_cfg("recipe.cutmix=1.0"))
 
 
+@pytest.mark.parametrize("task_name", ["segmentation", "detection"])
+def test_dense_tasks_refuse_a_budget_recipes_resolution_schedule(task_name, seg_cfg):
+    """Progressive resizing is read by the classification pipelines only: a dense task names the key."""
+    cfg = (
+        seg_cfg("recipe=budget_16")
+        if task_name == "segmentation"
+        else compose(["task=detection", "recipe=budget_16"])
+    )
+    with pytest.raises(
+        ConfigError,
+        match=rf"task={task_name} does not use (recipe\.label_smoothing=0\.1, )?recipe\.resolution=",
+    ):
+        get_task(task_name).check_config(cfg)
+
+
 def test_unused_recipe_key_is_one_error_line_exit_2(tmp_path):
     proc = run_cli(
         [sys.executable, "train.py", "task=detection", "recipe.mixup=0.8", f"out_dir={tmp_path}"],

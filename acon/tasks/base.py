@@ -81,8 +81,9 @@ class Task(Protocol):
         """The task's entries of results.json from the final validation (unprefixed keys) and the best."""
 
 
-LABEL_RECIPE_KEYS = ("mixup", "cutmix", "label_smoothing")
-"""Recipe keys about class labels of whole images: what the trainer's shared loop does not apply itself."""
+LABEL_RECIPE_KEYS = ("mixup", "cutmix", "label_smoothing", "resolution")
+"""Recipe keys of whole-image classification that the trainer's shared loop does not apply itself: the
+label keys, and the progressive-resizing schedule (the classification pipelines read it)."""
 
 
 class DenseTask:
