@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ACTIVATIONS = ("relu", "swish", "acon_c", "meta_acon")
+ACTIVATIONS = ("relu", "swish", "acon_c", "meta_acon")  # the default: the paper's four
+CONFIGS = tuple(
+    sorted(f.stem for f in (ROOT / "configs" / "activation").glob("*.yaml") if f.stem != "base_activation")
+)
 PIPELINES = ("reference", "fast", "gpu")
 CLASSES, DISTINCT = 10, 8  # distinct JPEGs per class; the rest are hard links to them
 
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--activations", nargs="+", choices=ACTIVATIONS, default=list(ACTIVATIONS))
+    ap.add_argument("--activations", nargs="+", choices=CONFIGS, default=list(ACTIVATIONS), metavar="NAME")
     ap.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES))
     ap.add_argument("--out", type=Path, default=Path("/tmp/acon-smoke"), help="data and run folders")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per run")

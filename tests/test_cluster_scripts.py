@@ -65,6 +65,16 @@ def test_smoke_dry_run_lists_every_combination(capsys):
     assert "activation=relu" in cmds[0] and "data.pipeline=reference" in cmds[0]
 
 
+def test_smoke_takes_every_activation_config(capsys):
+    """Any config of configs/activation/ (GELU, FReLU...), ReLU first as the baseline; a typo is refused."""
+    assert smoke_train.main(["--dry-run", "--pipelines", "gpu", "--activations", "gelu", "frelu"]) == 0
+    cmds = capsys.readouterr().out.strip().splitlines()
+    assert [c.split("activation=")[1].split()[0] for c in cmds] == ["relu", "gelu", "frelu"]
+    with pytest.raises(SystemExit):
+        smoke_train.main(["--dry-run", "--activations", "geluu"])
+    assert "invalid choice: 'geluu'" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # long; run with -m slow
 def test_smoke_run_on_cpu_two_steps(tmp_path, capsys):
     """One real 2-step run through train.py (the gpu pipeline, on the CPU), as gpu_check.sh runs them."""
