@@ -14,7 +14,7 @@ a module the tracer keeps opaque (timm's untraceable layers), where the graph sh
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -46,19 +46,35 @@ def _sole_reader(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _act_after(bn_calls: list[fx.Node], calls: dict[str, list[fx.Node]]) -> str | None:
+    """The module every call of a BatchNorm feeds alone, when every call of that module reads only it."""
+    readers = [_sole_reader(n) for n in bn_calls]
+    if any(
+        r is None or r.op != "call_module" or r.args != (n,) or r.kwargs
+        for r, n in zip(readers, bn_calls, strict=True)
+    ):
+        return None
+    targets = {r.target for r in readers}
+    if len(targets) != 1:
+        return None
+    act = targets.pop()
+    return act if len(calls[act]) == len(bn_calls) else None
+
+
 def graph_pairs(graph: fx.Graph, model: nn.Module, is_bn: Callable, is_act: Callable) -> list[Pair]:
-    """Pairs where a BatchNorm called once feeds only an activation called once, whose sole input it is."""
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    pairs = []
+    """Pairs where every call of a BatchNorm feeds only an activation module and every call of that
+    activation reads only such an output (a module called several times, e.g. a shared block, qualifies
+    when each call does)."""
+    calls: dict[str, list[fx.Node]] = defaultdict(list)
     for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1 or not is_bn(model.get_submodule(node.target)):
-            continue
-        reader = _sole_reader(node)
-        if reader is None or reader.op != "call_module" or calls[reader.target] != 1:
-            continue
-        act = model.get_submodule(reader.target)
-        if is_act(act) and reader.args == (node,) and not reader.kwargs:
-            pairs.append((model.get_submodule(node.target), act))
+        if node.op == "call_module":
+            calls[node.target].append(node)
+    pairs = []
+    for target, bn_calls in calls.items():
+        bn = model.get_submodule(target)
+        act = _act_after(bn_calls, calls) if is_bn(bn) else None
+        if act is not None and is_act(model.get_submodule(act)):
+            pairs.append((bn, model.get_submodule(act)))
     return pairs
 
 

@@ -119,8 +119,22 @@ class SharedBatchNorm(nn.Module):
         return self.act1(self.bn(self.conv1(x))) + self.act2(self.bn(self.conv2(x))) + self.body(x)
 
 
+class SharedBlock(nn.Module):
+    """One conv → BN → ACON block applied twice: each call's BatchNorm output feeds only the ACON."""
+
+    def __init__(self, act: type, c: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, c, 1), nn.BatchNorm2d(c), act(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.body(x.flip(-1))
+
+
 @pytest.mark.parametrize("act", [AconC, MetaAconC])
-@pytest.mark.parametrize("model,expected", [(ResidualReader, {"act1"}), (SharedBatchNorm, {"body.2"})])
+@pytest.mark.parametrize(
+    "model,expected",
+    [(ResidualReader, {"act1"}), (SharedBatchNorm, {"body.2"}), (SharedBlock, {"body.2"})],
+)
 def test_a_batchnorm_output_with_another_reader_is_not_fused(act, model, expected):
     torch.manual_seed(0)
     ref = model(act)
