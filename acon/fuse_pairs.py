@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
+from acon.convert import trace_graph
+
 Pair = tuple[nn.Module, nn.Module]
 
 
@@ -81,8 +83,6 @@ def graph_pairs(graph: fx.Graph, model: nn.Module, is_bn: Callable, is_act: Call
 def find_pairs(model: nn.Module, is_bn: Callable, is_act: Callable) -> FoundPairs:
     """The pairs ``fuse_bn_acon`` may fuse (see the module docstring); ``is_bn``/``is_act`` pick the
     candidate modules, which are traced as leaves."""
-    from acon.convert import trace_graph
-
     try:
         graph = trace_graph(model, lambda m: is_bn(m) or is_act(m), through=(nn.Identity,))
     except Exception as err:  # any failure of user code under tracing: the layout rule is still safe
