@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from acon import fuse_norm_act as norm_act
 from acon.activations import AconC, BatchNorm2dB1, MetaAconC
 from acon.activations import _acon_c as acon_c_module_form
 from acon.fuse_pairs import find_pairs
@@ -92,8 +93,8 @@ def _serves(x: torch.Tensor) -> bool:
 
 
 def _bn_forward(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The BatchNorm's own (unfused) forward."""
-    return type(bn).forward(bn, x)
+    """The BatchNorm's own (unfused) forward, normalisation only."""
+    return norm_act.norm_forward(bn)(bn, x)
 
 
 def bn_output(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -151,9 +152,17 @@ def _fuse(model: nn.Module) -> str:
     for bn, act in found.pairs:
         if _fusable_bn(bn) and _fusable_act(act) and "forward" not in bn.__dict__:
             object.__setattr__(bn, "forward", _passthrough)
-            act.__dict__[_BN_ATTR] = bn
-            act.__class__ = _FUSED[type(act)]
-    return found.how
+            _fuse_act(bn, act)
+    inner = norm_act.norm_act_pairs(model, _fusable_act)
+    for bn, act in inner:
+        norm_act.swap(bn)
+        _fuse_act(bn, act)
+    return found.how + (f"; {len(inner)} inside timm BatchNormAct2d modules" if inner else "")
+
+
+def _fuse_act(bn: nn.Module, act: nn.Module) -> None:
+    act.__dict__[_BN_ATTR] = bn
+    act.__class__ = _FUSED[type(act)]
 
 
 def fuse_bn_acon(model: nn.Module) -> nn.Module:
@@ -177,6 +186,7 @@ def unfuse_bn_acon(model: nn.Module) -> nn.Module:
         if type(m) in _BASE:
             bn = m.__dict__.pop(_BN_ATTR)
             bn.__dict__.pop("forward", None)
+            norm_act.restore(bn)
             m.__class__ = _BASE[type(m)]
     return model
 

@@ -33,6 +33,20 @@ MOBILENET_V3_SMALL_PAIRS = {"features.1.block.0.2", "features.2.block.0.2", "fea
 # - torchvision mobilenet_v3_small: 14 ReLU call sites become ACON, 9 of them the squeeze-excitation
 #   `activation` after the 1×1 convolution fc1 (no BatchNorm); the other 5 follow a BatchNorm inside a
 #   Conv2dNormActivation (features.1's depthwise conv, features.2 and .3's expand and depthwise convs).
+# - timm mobilenetv3_small_100: the same 14 = 9 + 5 split; its BatchNorms are BatchNormAct2d modules (BatchNorm
+#   and act in one module): blocks.0.0.bn1 and blocks.1.{0,1}.bn{1,2}.
+# - timm efficientnet_b0 (49 SiLU call sites): 16 follow the squeeze-excitation conv_reduce; the other 33 are
+#   the `act` of a BatchNormAct2d: the stem's bn1, the head's bn2, the first block's bn1 and bn1, bn2 of each
+#   of the 15 inverted-residual blocks (stage depths 2, 2, 3, 3, 4, 1).
+TIMM_MOBILENETV3_SMALL_PAIRS = {"blocks.0.0.bn1.act"} | {
+    f"blocks.1.{j}.bn{k}.act" for j in (0, 1) for k in (1, 2)
+}
+EFFICIENTNET_B0_PAIRS = {"bn1.act", "bn2.act", "blocks.0.0.bn1.act"} | {
+    f"blocks.{stage}.{j}.bn{k}.act"
+    for stage, depth in enumerate((2, 2, 3, 3, 4, 1), start=1)
+    for j in range(depth)
+    for k in (1, 2)
+}
 CONVERTED = {
     "timm_resnet18": (lambda: timm.create_model("resnet18", num_classes=10), RESNET18_PAIRS),
     "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), TV_RESNET18_PAIRS),
@@ -40,8 +54,21 @@ CONVERTED = {
         lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
         MOBILENET_V3_SMALL_PAIRS,
     ),
+    "timm_mobilenetv3_small_100": (
+        lambda: timm.create_model("mobilenetv3_small_100", num_classes=10),
+        TIMM_MOBILENETV3_SMALL_PAIRS,
+    ),
+    "timm_efficientnet_b0": (
+        lambda: timm.create_model("efficientnet_b0", num_classes=10),
+        EFFICIENTNET_B0_PAIRS,
+    ),
 }
-FAST = {("timm_resnet18", "acon_c"), ("tv_resnet18", "meta_acon"), ("tv_mobilenet_v3_small", "acon_c")}
+FAST = {
+    ("timm_resnet18", "acon_c"),
+    ("tv_resnet18", "meta_acon"),
+    ("tv_mobilenet_v3_small", "acon_c"),
+    ("timm_mobilenetv3_small_100", "acon_c"),
+}
 
 
 def fused_names(model: nn.Module) -> set[str]:
@@ -163,3 +190,24 @@ def test_an_untraceable_model_keeps_the_layout_rule_and_says_so():
     line = fuse_for_run(model, True, CPU, False)
     assert fused_names(model) == {"body.2"}
     assert "1 BatchNorm" in line and "torch.fx cannot trace the model (TraceError" in line, line
+
+
+def test_timm_batchnorm_act_fuses_only_without_a_drop_block_and_unfuses():
+    from timm.layers import BatchNormAct2d
+
+    from acon import unfuse_bn_acon
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4), nn.Conv2d(4, 4, 1))
+    plain.append(BatchNormAct2d(4, drop_layer=lambda: nn.Dropout(0.5)))  # a reader between BN and act
+    ref = convert_activations(plain, "acon_c", example_input=torch.randn(2, 3, 5, 5))
+    fused = fuse_bn_acon(copy.deepcopy(ref))
+    assert fused_names(fused) == {"1.act"} and type(fused[3]) is BatchNormAct2d
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 3, 5, 5)
+    ya, yb = seeded(ref, x, 0), seeded(fused, x, 0)
+    ya.sum().backward(), yb.sum().backward()
+    assert close(yb, ya, torch.float32)
+    grads_close(ref, fused, torch.float32)
+    unfuse_bn_acon(fused)
+    assert fused_names(fused) == set() and type(fused[1]) is BatchNormAct2d
