@@ -6,7 +6,8 @@ backward, so the BatchNorm output is never held for backward (the activation mem
 A pair is a BatchNorm whose output goes only to the activation, which reads nothing else; the model's
 ``torch.fx`` graph finds them in any traceable model (the suite's families, converted timm and torchvision
 models); an untraceable one falls back to consecutive ``nn.Sequential`` children and the ``(bn, act)``
-attribute names a block lists in ``bn_act_pairs`` (see ``acon.fuse_pairs``).
+attribute names a block lists in ``bn_act_pairs`` (see ``acon.fuse_pairs``). timm's ``BatchNormAct2d``
+(BatchNorm and activation in one module) fuses with its converted ``act`` (``acon.fuse_norm_act``).
 
 The swap changes no module tree: the BatchNorm stays where it is (its forward becomes the identity) and
 the activation becomes a subclass that applies the BatchNorm itself. Parameters, buffers, state-dict keys,
