@@ -72,8 +72,10 @@ class OneOf:
         return value in self.options()
 
     def describe(self) -> str:
-        """``one of: a, b, c``."""
-        return "one of: " + ", ".join(map(str, self.options()))
+        """``one of: a, b, c``, booleans as YAML writes them (``true``, ``false``)."""
+        return "one of: " + ", ".join(
+            str(o).lower() if isinstance(o, bool) else str(o) for o in self.options()
+        )
 
 
 POSITIVE_INT = Range(0, low_open=True, integer=True)

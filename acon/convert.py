@@ -243,7 +243,11 @@ def _convert_in_place(model, modules: dict[str, CallSite], activation, init: str
     return model
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def trace_graph(
+    model: nn.Module, is_leaf: Callable[[nn.Module], bool] | None = None, through: tuple[type, ...] = ()
+) -> fx.Graph:
+    """``model``'s ``torch.fx`` graph with ACON modules, timm's untraceable layers and ``is_leaf`` modules
+    as leaves, and modules of the ``through`` types traced into."""
     leaves: set[type] = {AconC, MetaAconC, AconB, Swish, FReLU, AconFReLU}
     try:
         from timm.models import get_notrace_functions, get_notrace_modules
@@ -255,10 +259,17 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return type(m) in leaves or super().is_leaf_module(m, qualname)
+            if type(m) in through:
+                return False
+            if type(m) in leaves or (is_leaf is not None and is_leaf(m)):
+                return True
+            return super().is_leaf_module(m, qualname)
 
-    graph = Tracer(autowrap_functions=autowrap).trace(model)
-    return fx.GraphModule(model, graph, type(model).__name__)
+    return Tracer(autowrap_functions=autowrap).trace(model)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(model, trace_graph(model), type(model).__name__)
 
 
 def _node_kind(gm: fx.GraphModule, node: fx.Node, kinds: tuple[str, ...]) -> str | None:

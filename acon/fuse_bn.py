@@ -3,10 +3,11 @@
 The fused op (``acon.fused.bn_act``) saves the BatchNorm input and recomputes the normalised value in
 backward, so the BatchNorm output is never held for backward (the activation memory of conv → BN → ReLU).
 
-A pair is a BatchNorm whose output goes only to the activation:
-
-- consecutive children of an ``nn.Sequential`` (ShuffleNetV2, TFNet, MobileNet, ResNet stems, ...);
-- the ``(bn, act)`` attribute names a block lists in its ``bn_act_pairs`` (ResNet's blocks).
+A pair is a BatchNorm whose output goes only to the activation, which reads nothing else; the model's
+``torch.fx`` graph finds them in any traceable model (the suite's families, converted timm and torchvision
+models); an untraceable one falls back to consecutive ``nn.Sequential`` children and the ``(bn, act)``
+attribute names a block lists in ``bn_act_pairs`` (see ``acon.fuse_pairs``). timm's ``BatchNormAct2d``
+(BatchNorm and activation in one module) fuses with its converted ``act`` (``acon.fuse_norm_act``).
 
 The swap changes no module tree: the BatchNorm stays where it is (its forward becomes the identity) and
 the activation becomes a subclass that applies the BatchNorm itself. Parameters, buffers, state-dict keys,
@@ -22,8 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from acon import fuse_norm_act as norm_act
 from acon.activations import AconC, BatchNorm2dB1, MetaAconC
 from acon.activations import _acon_c as acon_c_module_form
+from acon.fuse_pairs import find_pairs
 from acon.fused.bn_act import BNState, bn_acon_c, bn_meta_acon_c
 from acon.syncbn import GlooSyncBatchNorm, GlooSyncBatchNormB1, SyncBatchNormB1
 
@@ -91,8 +94,8 @@ def _serves(x: torch.Tensor) -> bool:
 
 
 def _bn_forward(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The BatchNorm's own (unfused) forward."""
-    return type(bn).forward(bn, x)
+    """The BatchNorm's own (unfused) forward, normalisation only."""
+    return norm_act.norm_forward(bn)(bn, x)
 
 
 def bn_output(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -140,14 +143,27 @@ def _passthrough(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _pairs(model: nn.Module):
-    """(bn, act) pairs where the BatchNorm's output only feeds the activation."""
-    for module in model.modules():
-        if isinstance(module, nn.Sequential):
-            kids = list(module)
-            yield from zip(kids, kids[1:], strict=False)
-        for bn_name, act_name in getattr(module, "bn_act_pairs", ()):
-            yield getattr(module, bn_name), getattr(module, act_name)
+def _is_acon(m: nn.Module) -> bool:
+    return isinstance(m, AconC | MetaAconC)
+
+
+def _fuse(model: nn.Module) -> str:
+    """Fuse ``model``'s pairs in place; returns how they were found (for the log line)."""
+    found = find_pairs(model, _fusable_bn, _is_acon)
+    for bn, act in found.pairs:
+        if _fusable_bn(bn) and _fusable_act(act) and "forward" not in bn.__dict__:
+            object.__setattr__(bn, "forward", _passthrough)
+            _fuse_act(bn, act)
+    inner = norm_act.norm_act_pairs(model, _fusable_act)
+    for bn, act in inner:
+        norm_act.swap(bn)
+        _fuse_act(bn, act)
+    return found.how + (f"; {len(inner)} inside timm BatchNormAct2d modules" if inner else "")
+
+
+def _fuse_act(bn: nn.Module, act: nn.Module) -> None:
+    act.__dict__[_BN_ATTR] = bn
+    act.__class__ = _FUSED[type(act)]
 
 
 def fuse_bn_acon(model: nn.Module) -> nn.Module:
@@ -156,11 +172,7 @@ def fuse_bn_acon(model: nn.Module) -> nn.Module:
     State-dict keys, parameters and the module tree are unchanged (see the module docstring). Apply it
     after anything that replaces BatchNorm modules (``convert_sync_batchnorm``, freezing them): a pair
     keeps the BatchNorm object it was fused with."""
-    for bn, act in list(_pairs(model)):
-        if _fusable_bn(bn) and _fusable_act(act) and "forward" not in bn.__dict__:
-            object.__setattr__(bn, "forward", _passthrough)
-            act.__dict__[_BN_ATTR] = bn
-            act.__class__ = _FUSED[type(act)]
+    _fuse(model)
     return model
 
 
@@ -175,6 +187,7 @@ def unfuse_bn_acon(model: nn.Module) -> nn.Module:
         if type(m) in _BASE:
             bn = m.__dict__.pop(_BN_ATTR)
             bn.__dict__.pop("forward", None)
+            norm_act.restore(bn)
             m.__class__ = _BASE[type(m)]
     return model
 
@@ -193,11 +206,11 @@ def fuse_for_run(model: nn.Module, setting: object, device: torch.device, compil
     i.e. fusion off, or ``auto`` on a model without such pairs)."""
     if not fuse_setting(setting, device, compiled):
         return None
-    fuse_bn_acon(model)
+    how = _fuse(model)
     n = count_fused(model)
     if n == 0 and setting == "auto":
         return None
-    return f"trainer.fuse_bn_act={setting}: {n} BatchNorm → ACON-C/Meta-ACON pairs run fused"
+    return f"trainer.fuse_bn_act={setting}: {n} BatchNorm → ACON-C/Meta-ACON pairs run fused ({how})"
 
 
 __all__ = [

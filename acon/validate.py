@@ -31,7 +31,7 @@ NESTED_RULES = {
 def not_allowed(key: str, value, allowed: Range | OneOf) -> ConfigError:
     """``key=value is not allowed: must be <what is allowed>`` (or ``is not one of: ...`` for choices)."""
     if isinstance(allowed, OneOf):
-        return ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed.options()))}")
+        return ConfigError(f"{key}={value!r} is not {allowed.describe()}")
     return ConfigError(f"{key}={value!r} is not allowed: must be {allowed.describe()}")
 
 
