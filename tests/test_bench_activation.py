@@ -45,3 +45,13 @@ def test_one_shape_table(bench, monkeypatch, tmp_path, stat):
     assert float(silu[4]) == 1.0  # SiLU is its own baseline
     acon = next(r for r in rows if "AconC fused" in r).split("|")
     assert float(acon[5]) == pytest.approx(1.0)  # the fused op saves only x
+
+
+def test_no_timed_ratio_follows_a_reference_row(bench):
+    """A row timed right after a reference row (which churns memory) runs on colder caches: within a round,
+    and from one round to the next, SiLU and every fused row follow a light row."""
+    order = bench.timing_order(bench.candidates(8, "cpu"))
+    cyclic = list(zip([order[-1], *order[:-1]], order, strict=True))
+    for before, name in cyclic:
+        if name == "SiLU" or "fused" in name:
+            assert "reference" not in before, (before, name, order)
