@@ -194,7 +194,8 @@ def unfuse_bn_acon(model: nn.Module) -> nn.Module:
 
 def fuse_setting(setting: object, device: torch.device, compiled: bool) -> bool:
     """Whether ``trainer.fuse_bn_act`` (``true`` | ``false`` | ``auto``) fuses: ``auto`` fuses eager CPU
-    runs, where it is measured to save memory and time (benchmarks/cpu_2026-12-06_bn_act.md); not compiled
+    runs, where it is measured to hold no more activation memory than ReLU at about the unfused step time
+    (benchmarks/cpu_2026-12-06_bn_act.md); not compiled
     ones (traced code runs the pairs unfused) nor CUDA ones (not measured yet)."""
     if setting == "auto":
         return device.type == "cpu" and not compiled

@@ -10,20 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
-
-try:
-    from timm.layers import BatchNormAct2d
-except ImportError:  # timm is optional for this one module type
-    BatchNormAct2d = None
 
 Pair = tuple[nn.Module, nn.Module]
 
 
 def norm_act_pairs(model: nn.Module, is_act: Callable[[nn.Module], bool]) -> list[Pair]:
     """``(module, module.act)`` for every plain ``BatchNormAct2d`` with no drop-block and an ACON ``act``."""
-    if BatchNormAct2d is None:
-        return []
     return [
         (m, m.act)
         for m in model.modules()
@@ -31,23 +25,14 @@ def norm_act_pairs(model: nn.Module, is_act: Callable[[nn.Module], bool]) -> lis
     ]
 
 
-if BatchNormAct2d is not None:
+class FusedBatchNormAct2d(BatchNormAct2d):
+    """``BatchNormAct2d`` whose ``act`` applies the BatchNorm itself (see :func:`acon.fuse_bn_acon`)."""
 
-    class FusedBatchNormAct2d(BatchNormAct2d):
-        """``BatchNormAct2d`` whose ``act`` applies the BatchNorm itself (see :func:`acon.fuse_bn_acon`)."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.act(x)
-
-    _NORM_ONLY = {BatchNormAct2d: nn.BatchNorm2d, FusedBatchNormAct2d: nn.BatchNorm2d}
-else:
-    FusedBatchNormAct2d = None
-    _NORM_ONLY = {}
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
 
 
-def is_norm_act(bn: nn.Module) -> bool:
-    """Whether ``bn`` is a ``BatchNormAct2d`` (fused or not)."""
-    return type(bn) in _NORM_ONLY
+_NORM_ONLY = {BatchNormAct2d: nn.BatchNorm2d, FusedBatchNormAct2d: nn.BatchNorm2d}
 
 
 def norm_forward(bn: nn.Module) -> Callable:
@@ -63,7 +48,7 @@ def swap(bn: nn.Module) -> None:
 
 def restore(bn: nn.Module) -> bool:
     """Undo :func:`swap`; True when ``bn`` was swapped."""
-    if FusedBatchNormAct2d is None or type(bn) is not FusedBatchNormAct2d:
+    if type(bn) is not FusedBatchNormAct2d:
         return False
     bn.__class__ = BatchNormAct2d
     return True
