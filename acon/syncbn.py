@@ -36,33 +36,54 @@ def global_moments(x: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Ten
     return mean, var, count
 
 
+def update_running(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    unbiased_var: torch.Tensor,
+    m: float,
+) -> None:
+    """Move BatchNorm's running statistics towards a batch's mean and unbiased variance by momentum ``m``."""
+    with torch.no_grad():
+        running_mean.mul_(1 - m).add_(mean.to(running_mean.dtype), alpha=m)
+        running_var.mul_(1 - m).add_(unbiased_var.to(running_var.dtype), alpha=m)
+
+
+def sync_bn_grads(dy, xhat, weight, invstd, count, group=None):
+    """(dx, dw, db) of a BatchNorm whose batch statistics span ``group``: Σdy and Σdy·x̂ are all-reduced
+    (float64) and divided by ``count``, the global number of values per channel; ``weight`` None is 1."""
+    c, dims = xhat.shape[1], [0] + list(range(2, xhat.dim()))
+    shape = (1, c) + (1,) * (xhat.dim() - 2)
+    dw = (dy * xhat).sum(dims)
+    db = dy.sum(dims)
+    sums = global_sum(torch.cat([db, dw]).double(), group)
+    w = torch.ones_like(db) if weight is None else weight.to(dy.dtype)
+    mean_g = (sums[:c] / count).to(dy.dtype) * w
+    mean_gx = (sums[c:] / count).to(dy.dtype) * w
+    dx = (dy * w.view(shape) - mean_g.view(shape) - xhat * mean_gx.view(shape)) * invstd.to(dy.dtype).view(
+        shape
+    )
+    return dx, dw, db
+
+
 class _SyncBNFunction(torch.autograd.Function):
     """Batch statistics and their gradients reduced over every rank (sums in float64)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        dims = [0] + list(range(2, x.dim()))
         c = x.shape[1]
         mean, var, count = global_moments(x)
         invstd = torch.rsqrt(var + eps)
         shape = (1, c) + (1,) * (x.dim() - 2)
         xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
         ctx.save_for_backward(xhat, weight, invstd.to(x.dtype))
-        ctx.count, ctx.dims = count, dims
+        ctx.count = count
         return xhat * weight.view(shape) + bias.view(shape), mean, var * count / (count - 1).clamp_min(1)
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         xhat, weight, invstd = ctx.saved_tensors
-        c, dims = xhat.shape[1], ctx.dims
-        shape = (1, c) + (1,) * (xhat.dim() - 2)
-        dw = (dy * xhat).sum(dims)
-        db = dy.sum(dims)
-        sums = global_sum(torch.cat([db, dw]).double())
-        mean_g = (sums[:c] / ctx.count).to(dy.dtype) * weight
-        mean_gx = (sums[c:] / ctx.count).to(dy.dtype) * weight
-        dx = (dy * weight.view(shape) - mean_g.view(shape) - xhat * mean_gx.view(shape)) * invstd.view(shape)
-        return dx, dw, db, None
+        return (*sync_bn_grads(dy, xhat, weight, invstd, ctx.count), None)
 
 
 class GlooSyncBatchNorm(_BatchNorm):
@@ -83,8 +104,7 @@ class GlooSyncBatchNorm(_BatchNorm):
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased_var.to(self.running_var.dtype), alpha=m)
+            update_running(self.running_mean, self.running_var, mean, unbiased_var, m)
         return y
 
 

@@ -6,8 +6,9 @@ backward recomputes the normalised value z = (x - mean)·invstd·w + b, runs ACO
 then BatchNorm's. An unfused conv → BN → ACON pair keeps three tensors (x, z for ACON, y for the next
 layer); fused it keeps two, as conv → BN → ReLU(inplace) does.
 
-Kernels: the statistics and BatchNorm's backward are torch's own (``batch_norm_update_stats``,
-``native_batch_norm_backward``, so running statistics follow ``nn.BatchNorm2d`` to the bit); ACON's
+Kernels: contiguous NCHW statistics come from per-row sums combined in float64 (:func:`row_moments`;
+running statistics follow ``nn.BatchNorm2d`` to fp32 rounding), other layouts from torch's
+``batch_norm_update_stats`` (to the bit); BatchNorm's backward is ``native_batch_norm_backward``; ACON's
 forward and backward are the fused ACON-C kernels of ``acon.fused`` (C++ on CPU, Triton on CUDA with
 their self-check and fallback, the torch formulas elsewhere). z is a temporary of one call, never saved.
 
@@ -31,7 +32,7 @@ from acon.functional import spatial_mean
 from acon.fused import native
 from acon.fused.layout import dense, same_layout, typed_like
 from acon.fused.ops import acon_c_backward_op, acon_c_op, native_serves
-from acon.syncbn import global_moments, global_sum
+from acon.syncbn import global_moments, sync_bn_grads, update_running
 
 
 @dataclasses.dataclass
@@ -64,24 +65,25 @@ def _view(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
-def batch_statistics(x: Tensor, st: BNState) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, invstd) this call normalises with; moves the running statistics when asked."""
+def batch_statistics(x: Tensor, st: BNState) -> tuple[Tensor, Tensor, float]:
+    """Per-channel (mean, invstd) this call normalises with, and the number of values per channel they
+    span (every rank's under SyncBN); moves the running statistics when asked."""
     ct = _compute_dtype(x)
+    count = x.numel() // x.shape[1]
     if not st.batch_stats:
-        return st.running_mean.to(ct), torch.rsqrt(st.running_var.to(ct) + st.eps)
+        return st.running_mean.to(ct), torch.rsqrt(st.running_var.to(ct) + st.eps), count
     if st.group is not None:
-        mean, var, count = global_moments(x, st.group)
-        if st.update:
-            _update_running(st, mean, var, int(count))
-        return mean.to(ct), torch.rsqrt(var.to(ct) + st.eps)
-    if x.is_contiguous() and x.dtype in _ROW_DTYPES and x.dim() > 2:
+        mean, var, total = global_moments(x, st.group)
+        count = int(total)
+    elif x.is_contiguous() and x.dtype in _ROW_DTYPES and x.dim() > 2:
         mean, var = row_moments(x)
-        if st.update:
-            _update_running(st, mean, var, x.numel() // x.shape[1])
-        return mean.to(ct), torch.rsqrt(var.to(ct) + st.eps)
-    rm, rv = (st.running_mean, st.running_var) if st.update else (None, None)
-    mean, var = torch.batch_norm_update_stats(x, rm, rv, st.momentum)
-    return mean.to(ct), torch.rsqrt(var.to(ct) + st.eps)
+    else:
+        rm, rv = (st.running_mean, st.running_var) if st.update else (None, None)
+        mean, var = torch.batch_norm_update_stats(x, rm, rv, st.momentum)
+        return mean.to(ct), torch.rsqrt(var.to(ct) + st.eps), count
+    if st.update:
+        update_running(st.running_mean, st.running_var, mean, var * count / max(count - 1, 1), st.momentum)
+    return mean.to(ct), torch.rsqrt(var.to(ct) + st.eps), count
 
 
 def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,14 +101,6 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     mean = row_mean.mean(0)
     m2 = row_m2.sum(0) + m * (row_mean - mean).square().sum(0)
     return mean, m2 / (n * m)
-
-
-def _update_running(st: BNState, mean: Tensor, var: Tensor, count: int) -> None:
-    """Running statistics as ``nn.BatchNorm2d`` moves them: momentum, unbiased variance."""
-    with torch.no_grad():
-        unbiased = var * count / max(count - 1, 1)
-        st.running_mean.mul_(1 - st.momentum).add_(mean.to(st.running_mean.dtype), alpha=st.momentum)
-        st.running_var.mul_(1 - st.momentum).add_(unbiased.to(st.running_var.dtype), alpha=st.momentum)
 
 
 def normalise(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -134,27 +128,14 @@ def acon_backward(dy: Tensor, z: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):
     return acon_c_backward_op(dy, z, p1, p2, beta)
 
 
-def _sync_bn_backward(dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, st: BNState):
-    """dx, dw, db of a batch-statistics BatchNorm whose statistics span the group."""
-    dims = [0] + list(range(2, x.dim()))
-    xhat = (x - _view(mean, x).to(x.dtype)) * _view(invstd, x).to(x.dtype)
-    db = dz.sum(dims)
-    dw = (dz * xhat).sum(dims)
-    sums = global_sum(torch.cat([db, dw]).double(), st.group)
-    count = x.numel() / x.shape[1]
-    count = global_sum(torch.tensor([count], dtype=torch.float64), st.group)[0]
-    c = x.shape[1]
-    w = torch.ones_like(invstd) if st.weight is None else st.weight.to(invstd.dtype)
-    mean_dz, mean_dzx = ((sums[i * c : (i + 1) * c] / count).to(invstd.dtype) for i in (0, 1))
-    k = _view(w * invstd, x).to(x.dtype)
-    dx = (dz - _view(mean_dz, x).to(x.dtype) - xhat * _view(mean_dzx, x).to(x.dtype)) * k
-    return dx, dw, db
-
-
-def bn_backward(dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, st: BNState, mask: list[bool]):
-    """(dx, dw, db) of the BatchNorm given z's gradient (torch's kernel; all-reduced sums under SyncBN)."""
+def bn_backward(
+    dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, count: float, st: BNState, mask: list[bool]
+):
+    """(dx, dw, db) of the BatchNorm given z's gradient (torch's kernel; all-reduced sums under SyncBN,
+    ``count`` values per channel over the group)."""
     if st.batch_stats and st.group is not None:
-        return _sync_bn_backward(dz, x, mean, invstd, st)
+        xhat = (x - _view(mean, x).to(x.dtype)) * _view(invstd, x).to(x.dtype)
+        return sync_bn_grads(dz, xhat, st.weight, invstd, count, st.group)
     if st.batch_stats:
         return torch.ops.aten.native_batch_norm_backward(
             dz, x, st.weight, None, None, mean, invstd, True, st.eps, mask
@@ -173,7 +154,7 @@ class _BNAconC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, p1, p2, beta, st: BNState, beta_fn, *beta_params):
-        mean, invstd = batch_statistics(x, st)
+        mean, invstd, count = batch_statistics(x, st)
         z = normalise(x, mean, invstd, weight, bias)
         if beta_fn is not None:
             with torch.enable_grad():
@@ -183,7 +164,7 @@ class _BNAconC(torch.autograd.Function):
             ctx.beta_graph, ctx.zbar = beta_graph, zbar
         y = acon_forward(z, p1, p2, beta)
         del z
-        ctx.st, ctx.meta = st, beta_fn is not None
+        ctx.st, ctx.meta, ctx.count = st, beta_fn is not None, count
         ctx.save_for_backward(x, mean, invstd, weight, bias, p1, p2, beta, *beta_params)
         return y
 
@@ -205,7 +186,9 @@ class _BNAconC(torch.autograd.Function):
             dbeta = None
         need = ctx.needs_input_grad
         mask = [need[0], weight is not None and need[1], bias is not None and need[2]]
-        dx, dw, db = bn_backward(dz, x, mean, invstd, ctx.st, mask) if any(mask) else (None, None, None)
+        dx, dw, db = (
+            bn_backward(dz, x, mean, invstd, ctx.count, ctx.st, mask) if any(mask) else (None, None, None)
+        )
         dw = typed_like(dw, weight) if dw is not None and mask[1] else None
         db = typed_like(db, bias) if db is not None and mask[2] else None
         return (dx if need[0] else None, dw, db, dp1, dp2, dbeta, None, None, *param_grads)
@@ -215,7 +198,7 @@ def bn_acon_c(x: Tensor, st: BNState, p1: Tensor, p2: Tensor, beta: Tensor) -> T
     """ACON-C(BatchNorm(x)) with per-channel p1, p2, β of shape (1, C, 1, ...)."""
     x = dense(x)
     if not torch.is_grad_enabled():
-        mean, invstd = batch_statistics(x, st)
+        mean, invstd, _ = batch_statistics(x, st)
         return acon_forward(normalise(x, mean, invstd, st.weight, st.bias), p1, p2, beta)
     return _BNAconC.apply(x, st.weight, st.bias, p1, p2, beta, st, None)
 
@@ -224,18 +207,14 @@ def bn_meta_acon_c(x: Tensor, st: BNState, meta: nn.Module) -> Tensor:
     """Meta-ACON-C(BatchNorm(x)): ``meta`` is the :class:`acon.activations.MetaAconC` whose β network and
     p1, p2 apply (its ``beta_from_mean`` maps z's spatial mean to β)."""
     x = dense(x)
-
-    def beta_fn(zbar: Tensor, z: Tensor) -> Tensor:
-        return meta.beta_from_mean(zbar, z)
-
     if not torch.is_grad_enabled():
-        mean, invstd = batch_statistics(x, st)
+        mean, invstd, _ = batch_statistics(x, st)
         z = normalise(x, mean, invstd, st.weight, st.bias)
-        return acon_forward(z, meta.p1, meta.p2, beta_fn(spatial_mean(z), z))
+        return acon_forward(z, meta.p1, meta.p2, meta.beta_from_mean(spatial_mean(z), z))
     params = [meta.fc1.weight, meta.fc1.bias, meta.bn1.weight, meta.bn1.bias]
     params += [meta.fc2.weight, meta.fc2.bias, meta.bn2.weight, meta.bn2.bias]
     params = [p for p in params if p is not None]
-    return _BNAconC.apply(x, st.weight, st.bias, meta.p1, meta.p2, None, st, beta_fn, *params)
+    return _BNAconC.apply(x, st.weight, st.bias, meta.p1, meta.p2, None, st, meta.beta_from_mean, *params)
 
 
 __all__ = ["BNState", "batch_statistics", "bn_acon_c", "bn_meta_acon_c", "normalise"]
