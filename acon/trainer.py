@@ -150,15 +150,23 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             console.log.info(f"acon: {what}")
 
     # ---------------------------------------------------------------- loop
+    def at_max_steps(self) -> bool:
+        """Whether ``trainer.max_steps`` stops the run here, before the end of its schedule."""
+        max_steps = self.cfg.trainer.max_steps
+        return bool(max_steps) and self.total_steps > self.state.step >= int(max_steps)
+
+    def at_last_step(self) -> bool:
+        """Whether the run trains no further step: the end of its schedule, or ``trainer.max_steps``."""
+        return self.state.step >= self.total_steps or self.at_max_steps()
+
     def validate(self) -> dict:
         """Evaluate on the validation set (every image once across ranks); EMA weights too if kept. Its
         batches come through the training loop's wait: a stop signal or ``trainer.data_timeout_s`` ends it
         (:meth:`evaluate_or_stop`); a stop already pending at the run's last validation (its end, or
         ``trainer.max_steps``) lets that one finish, so the run completes."""
-        c, task, s, t = self.ctx, self.task, self.state, self.cfg.trainer
+        c, task = self.ctx, self.task
         self.sync_bn_buffers()
-        last = s.step >= self.total_steps or bool(t.max_steps and s.step >= int(t.max_steps))
-        val = WaitedLoader(self.val_loader, self.waiter, finish_pending=last)
+        val = WaitedLoader(self.val_loader, self.waiter, finish_pending=self.at_last_step())
         metrics = self.evaluate_or_stop(self.model, val, self.flag)
         if c.ema is not None:
             ema = self.evaluate_or_stop(c.ema.module, val, self.flag)
@@ -308,16 +316,13 @@ class Trainer(ResumeState, StopChecks, RunEnd):
             self.announce(self.fusion_note)
         flag = self.flag = PreemptionFlag().install()
         waiter = self.waiter = BatchWait(flag, t.get("data_timeout_s")).install()
-        max_steps = int(t.max_steps) if t.max_steps else None
         epochs, early = -(-self.total_steps // self.batches_per_epoch), None
         try:
             t_record = time.perf_counter()
             if self.record_due() and (not s.history or s.history[-1]["step"] != s.step):
                 self.end_of_epoch(logger, 0.0)  # saved before a validation that did not finish
-            if max_steps and self.total_steps > s.step >= max_steps:  # the same max_steps command again
-                self.stop_at_max_steps(
-                    logger
-                )  # no step past it: validate where it stopped, as the first run did
+            if self.at_max_steps():  # the same max_steps command again: no step past it, validate there
+                self.stop_at_max_steps(logger)
                 return None
             while s.step < self.total_steps:
                 batches = self.epoch_batches(s.epoch, s.batch_in_epoch)
@@ -334,8 +339,7 @@ class Trainer(ResumeState, StopChecks, RunEnd):
                     position = f"{self.epochs_done():.2f}/{epochs}"
                     rate = bar.update(int(cfg.recipe.batch_size), epoch=position)
                     epoch_done = s.batch_in_epoch == self.batches_per_epoch
-                    run_done = s.step >= self.total_steps or bool(max_steps and s.step >= max_steps)
-                    self.log_step(logger, loss, rate, images, closing=epoch_done or run_done)
+                    self.log_step(logger, loss, rate, images, closing=epoch_done or self.at_last_step())
                     if epoch_done or s.step >= self.total_steps:
                         break
                     if self.record_due():  # a val_every_steps point
@@ -344,14 +348,14 @@ class Trainer(ResumeState, StopChecks, RunEnd):
                     elif s.step % int(t.ckpt_every_steps) == 0:
                         self.settle()
                         self.save()
-                    if max_steps and s.step >= max_steps:
+                    if self.at_max_steps():
                         break
                 if s.batch_in_epoch == self.batches_per_epoch or s.step >= self.total_steps:
                     if s.batch_in_epoch == self.batches_per_epoch:
                         s.epoch, s.batch_in_epoch = s.epoch + 1, 0
                     self.end_of_epoch(logger, time.perf_counter() - t_record)
                     t_record = time.perf_counter()
-                if max_steps and s.step >= max_steps and s.step < self.total_steps:
+                if self.at_max_steps():
                     self.settle()
                     self.save()
                     self.stop_at_max_steps(logger)
