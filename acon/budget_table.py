@@ -33,12 +33,6 @@ def load_reference_results(path: str | Path = PAPER_CSV) -> dict[tuple[str, str,
     return out
 
 
-def _recipe_of(cell: Cell, runs: list[Run]) -> dict:
-    """The recipe of ``cell`` (one per cell: the grouping rule)."""
-    by_path = {r.path: r for r in runs}
-    return by_path[cell.runs[0]].recipe
-
-
 def budget_markdown(
     cells: list[Cell], runs: list[Run], refs: dict[tuple[str, str, str], tuple[float, str]]
 ) -> str:
@@ -52,9 +46,11 @@ def budget_markdown(
         "|---|---|---|---|---|---|---|---|",
     ]
     sources: dict[str, int] = {}
-    rows = sorted(cells, key=lambda c: (c.data, c.model, str(_recipe_of(c, runs).get("name"))))
-    for c in rows:
-        recipe = str(_recipe_of(c, runs).get("name", "?"))
+    recipe_of = {
+        r.path: str(r.recipe.get("name", "?")) for r in runs
+    }  # one recipe per cell: the grouping rule
+    for c in sorted(cells, key=lambda c: (c.data, c.model, recipe_of[c.runs[0]])):
+        recipe = recipe_of[c.runs[0]]
         ref = refs.get((c.model, c.activation, recipe)) if c.data == PAPER_DATA else None
         ref_text, delta = "—", None
         if ref is not None:
