@@ -6,7 +6,7 @@ import functools
 import inspect
 from collections.abc import Callable
 
-from timm.layers import create_act_layer
+from timm.layers import create_act_layer, get_act_layer
 from torch import nn
 
 from acon.activations import AconA, AconB, AconC, MetaAconC, ReLU, Swish
@@ -72,15 +72,8 @@ def activation_label(spec: ActivationSpec) -> str:
         return "PReLU"
     if target is create_act_layer:
         name = spec.args[0] if spec.args else spec.keywords.get("name")
-        return _label_of_timm(name)
+        return getattr(get_act_layer(name), "__name__", str(name))
     return getattr(target, "__name__", None) or str(spec)
-
-
-def _label_of_timm(name: object) -> str:
-    from timm.layers import get_act_layer
-
-    layer = get_act_layer(name)
-    return getattr(layer, "__name__", str(name))
 
 
 def create_activation(spec: ActivationSpec, channels: int, **kwargs) -> nn.Module:
