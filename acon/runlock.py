@@ -215,6 +215,11 @@ def refuse_if_busy(run_dir: str | os.PathLike) -> None:
         raise RunLock(run_dir).busy(holder)
 
 
+def _launched_as_rank0() -> bool:
+    """Whether this process is rank 0 (or alone) as its launcher's ``RANK`` says, before DDP is set up."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def check_before_hydra(cfg: DictConfig) -> None:
     """train.py's checks of one composed job before Hydra starts (:func:`acon.validate.check_train_command`),
     and the run dir's lock: Hydra writes ``.hydra/`` and opens the job log (``train.log``) in the run dir
@@ -226,7 +231,7 @@ def check_before_hydra(cfg: DictConfig) -> None:
 
     check_train_command(cfg)
     args = sys.argv[1:]
-    if os.environ.get("RANK", "0") not in ("", "0"):
+    if not _launched_as_rank0():
         return
     if any(a in ("-m", "--multirun") or a.lstrip("+~").startswith("hydra.run.dir") for a in args):
         return
@@ -237,7 +242,7 @@ def hydra_argv(argv: list[str]) -> list[str]:
     """The command line for Hydra: DDP ranks other than 0 leave ``.hydra/`` to rank 0
     (``hydra.output_subdir=null``; they log no lines to the job log), so a job that rank 0 refuses for a
     busy run dir changes nothing there."""
-    if os.environ.get("RANK", "0") in ("", "0"):
+    if _launched_as_rank0():
         return argv
     if any(a.lstrip("+~").startswith("hydra.output_subdir") for a in argv[1:]):
         return argv
