@@ -32,6 +32,7 @@ import torch
 from acon.fused.layout import NCS, layout_of
 
 SOURCE = Path(__file__).with_name("acon_cpu.cpp")
+HEADERS = (Path(__file__).with_name("acon_math.h"),)  # included by SOURCE: part of the build key
 ABI_VERSION = 3
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _BASE_FLAGS = [
@@ -119,7 +120,13 @@ def build(force: bool = False) -> Path:
     key = hashlib.sha256(
         b"\0".join(
             x.encode()
-            for x in (SOURCE.read_text(), _version(cxx), _cpu_id(), " ".join(_BASE_FLAGS + extra_flags()))
+            for x in (
+                SOURCE.read_text(),
+                *(h.read_text() for h in HEADERS),
+                _version(cxx),
+                _cpu_id(),
+                " ".join(_BASE_FLAGS + extra_flags()),
+            )
         )
     ).hexdigest()[:20]
     out = cache_dir() / f"acon_cpu_{key}.so"
