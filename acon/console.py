@@ -90,7 +90,7 @@ class RunFacts:
     activation: str
     params: int
     macs: int
-    img_size: int
+    img_size: int | tuple[int, int]  # the input the MACs are counted at: a square side or (H, W)
     train_size: int | None
     val_size: int | None
     world_size: int
@@ -106,9 +106,17 @@ class RunFacts:
 
 
 def run_facts(
-    cfg: DictConfig, model, info, train_loader, val_loader, total_steps: int, run_dir: Path
+    cfg: DictConfig,
+    model,
+    info,
+    train_loader,
+    val_loader,
+    total_steps: int,
+    run_dir: Path,
+    flops_size: int | tuple[int, int],
 ) -> RunFacts:
-    """The banner's facts for a trainer's objects."""
+    """The banner's facts for a trainer's objects; MACs are counted at ``flops_size`` (the task's
+    ``flops_input``: the size the reported metric is measured at)."""
     import models
     from acon import cpu_budget
 
@@ -119,8 +127,8 @@ def run_facts(
         model=f"{cfg.model.name} ({cfg.model.arch})",
         activation=act,
         params=models.count_params(model),
-        macs=models.count_flops(model, int(cfg.data.img_size)),
-        img_size=int(cfg.data.img_size),
+        macs=models.count_flops(model, flops_size),
+        img_size=flops_size,
         train_size=dataset_size(train_loader),
         val_size=dataset_size(val_loader),
         world_size=info.world_size,
@@ -133,6 +141,11 @@ def run_facts(
     )
 
 
+def size_text(size: int | tuple[int, int]) -> str:
+    """An image size in words: ``224`` for a square side, ``1024x2048`` for (H, W)."""
+    return str(size) if isinstance(size, int) else "x".join(str(int(v)) for v in size)
+
+
 def _count(n: int | None) -> str:
     return "?" if n is None else f"{n:,}"
 
@@ -141,7 +154,7 @@ def banner_lines(facts: RunFacts, schedule: str | None = None) -> list[str]:
     """The start banner; ``schedule`` (the recipe's schedule in words) gets its own line when given."""
     lines = [
         f"acon: model {facts.model}, activation {facts.activation}",
-        f"  {facts.params / 1e6:.2f} M params, {facts.macs / 1e6:.1f} M MACs at {facts.img_size} px",
+        f"  {facts.params / 1e6:.2f} M params, {facts.macs / 1e6:.1f} M MACs at {size_text(facts.img_size)} px",
         f"  data: {_count(facts.train_size)} train / {_count(facts.val_size)} val images",
         f"  {facts.world_size} process(es) on {facts.device}, {facts.precision}, global batch "
         f"{facts.global_batch}, {facts.total_steps:,} steps",

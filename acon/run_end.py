@@ -27,6 +27,7 @@ class RunEnd:
             self.val_loader,
             self.total_steps,
             self.run_dir,
+            self.task.flops_input(self.cfg),
         )
         if self.resumed_from is not None:
             facts.resumed_step, facts.resumed_from = self.state.step, self.resumed_from
@@ -78,11 +79,13 @@ class RunEnd:
 
         last = last or self.state.history[-1]
         best_pt = self.run_dir / "best.pt"
+        flops_size = self.task.flops_input(self.cfg)  # the size the reported metric is measured at
         results = {
             "status": status,
             **self.task.result_fields({**unprefixed(last), "epoch": last["epoch"]}, self.state.best),
             "params": models.count_params(self.model),
-            "flops": models.count_flops(self.model, self.task.flops_input(self.cfg)),
+            "flops": models.count_flops(self.model, flops_size),
+            "flops_img_size": flops_size if isinstance(flops_size, int) else list(flops_size),
             "wall_time_s": wall,  # every segment of a preempted/resumed run
             "images_per_s": self.state.step * int(self.cfg.recipe.batch_size) / max(wall, 1e-9),
             "world_size": self.info.world_size,

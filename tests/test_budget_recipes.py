@@ -144,6 +144,7 @@ def test_budget_run_sizes_per_step_eval_size_and_exact_resume_mid_ramp(tiny_imag
     resumed = train(compose(cut))  # resume=auto: continues from last.pt
     assert sizes.train() == [16] * 3 + [24] + [24] * 2 + [32] * 3
     assert resumed["top1_err"] == whole["top1_err"] and resumed["steps"] == whole["steps"] == 9
+    assert whole["flops_img_size"] == 40  # FLOPs at the evaluation crop, where the error was measured
     a = torch.load(tmp_path / "whole/r/last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut/r/last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -153,6 +154,17 @@ def test_budget_run_sizes_per_step_eval_size_and_exact_resume_mid_ramp(tiny_imag
     ov = [f"checkpoint={tmp_path / 'cut/r/last.pt'}", "trainer.device=cpu", "data.num_workers=0"]
     (row,) = run_eval(compose([*ov, f"out={tmp_path / 'e.json'}"], "eval"))
     assert sizes.evals() == {40} and row["top1_err"] == resumed["top1_err"]
+
+
+def test_flops_are_counted_at_the_evaluation_crop(tiny_imagenet, tmp_path):
+    from acon.console import size_text
+    from acon.tasks.classification import ClassificationTask
+
+    budget = compose(_budget(tiny_imagenet, tmp_path))
+    plain = compose(tiny_overrides(tiny_imagenet, tmp_path))
+    assert ClassificationTask(budget).flops_input(budget) == 40  # recipe.resolution.eval_res
+    assert ClassificationTask(plain).flops_input(plain) == int(plain.data.img_size)
+    assert (size_text(224), size_text((1024, 2048))) == ("224", "1024x2048")
 
 
 def _shards(src: Path, dst: Path) -> Path:

@@ -87,8 +87,12 @@ class ClassificationTask:
         return build_criterion(cfg.recipe, mixup)
 
     def flops_input(self, cfg: DictConfig) -> int:
-        """The square ``data.img_size`` crop."""
-        return int(cfg.data.img_size)
+        """The square crop the reported error is measured at: ``data.img_size``, or a budget recipe's
+        evaluation crop (``recipe.resolution.eval_res``)."""
+        from acon.data.resolution import eval_sizes
+
+        sizes = eval_sizes(cfg.recipe)
+        return int(cfg.data.img_size) if sizes is None else sizes[0]
 
     def loss(self, ctx, inputs, targets) -> torch.Tensor:
         """Mixup (if on), forward under autocast and the recipe's criterion, in fp32."""
