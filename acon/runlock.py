@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -223,19 +224,56 @@ def _launched_as_rank0() -> bool:
 def check_before_hydra(cfg: DictConfig) -> None:
     """train.py's checks of one composed job before Hydra starts (:func:`acon.validate.check_train_command`),
     and the run dir's lock: Hydra writes ``.hydra/`` and opens the job log (``train.log``) in the run dir
-    before :meth:`acon.rundir.RunDir.open` takes the lock, so a single run (rank 0, or without DDP) whose run dir a
+    before :meth:`acon.rundir.RunDir.open` takes the lock, so a job (rank 0, or without DDP) whose run dir a
     live run holds is refused here, read-only, with the lock's own :class:`RunDirBusy`: the live run's dir
-    stays exactly as it was. Sweeps and a ``hydra.run.dir`` given on the command line are left to the lock
-    itself (the window between this check and the lock is the interpreter's start)."""
+    stays exactly as it was. A sweep (``-m``) is checked job by job before its first job starts. Only a dir
+    that depends on what Hydra sets at run time (e.g. ``${hydra.job.num}``) is left to the lock itself (the
+    window between this check and the lock is the interpreter's start). Call inside Hydra's
+    ``initialize_config_dir`` (as :func:`acon.cli.check_command` does)."""
     from acon.validate import check_train_command
 
     check_train_command(cfg)
-    args = sys.argv[1:]
     if not _launched_as_rank0():
         return
-    if any(a in ("-m", "--multirun") or a.lstrip("+~").startswith("hydra.run.dir") for a in args):
-        return
-    refuse_if_busy(Path(cfg.out_dir) / cfg.run_name)
+    run_dir = job_run_dir(cfg, sys.argv[1:])
+    if run_dir is not None:
+        refuse_if_busy(run_dir)
+
+
+def job_run_dir(cfg: DictConfig, args: list[str]) -> Path | None:
+    """The dir Hydra gives the job ``cfg`` of the command line ``args``: ``hydra.run.dir``, or
+    ``hydra.sweep.dir``/``hydra.sweep.subdir`` under ``-m``, with the command line's ``hydra.*`` settings;
+    ``None`` where it depends on what only Hydra's run sets (``${hydra:...}``, ``${hydra.job.num}``)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    settings = tuple(a for a in args if a.lstrip("+~").startswith("hydra."))
+    if not multirun and not settings:
+        return Path(cfg.out_dir) / cfg.run_name  # train.yaml's hydra.run.dir, without composing it again
+    keys = ("sweep.dir", "sweep.subdir") if multirun else ("run.dir",)
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=False)
+        tree["_hydra_dirs"] = [_hydra_templates(settings)[k] for k in keys]
+        return Path(*(str(p) for p in OmegaConf.create(tree)["_hydra_dirs"]))
+    except OmegaConfBaseException:
+        return None
+
+
+@functools.cache
+def _hydra_templates(settings: tuple[str, ...]) -> dict[str, str]:
+    """train.yaml's ``hydra.run.dir``, ``hydra.sweep.dir`` and ``hydra.sweep.subdir`` after the ``hydra.*``
+    command-line settings, interpolations unresolved (composed once per command line)."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    hydra_cfg = compose(config_name="train", overrides=list(settings), return_hydra_config=True).hydra
+    dirs = OmegaConf.to_container(OmegaConf.masked_copy(hydra_cfg, ["run", "sweep"]), resolve=False)
+    return {
+        "run.dir": dirs["run"]["dir"],
+        "sweep.dir": dirs["sweep"]["dir"],
+        "sweep.subdir": dirs["sweep"]["subdir"],
+    }
 
 
 def hydra_argv(argv: list[str]) -> list[str]:

@@ -259,19 +259,35 @@ def test_a_refused_second_process_changes_nothing_in_the_live_run_dir(tiny_image
 
 
 def test_train_py_checks_the_lock_before_hydra_writes(tiny_imagenet, tmp_path, hold, monkeypatch):
-    """The check train.py runs before Hydra starts refuses a single run whose dir a live process holds,
-    read-only; a sweep is left to the lock; DDP ranks other than 0 leave .hydra/ to rank 0."""
+    """The check train.py runs before Hydra starts refuses a job whose dir a live process holds, read-only:
+    a single run, a sweep's job (hydra.sweep.dir/subdir), a hydra.run.dir given on the command line; DDP
+    ranks other than 0 leave .hydra/ to rank 0."""
+    from hydra import initialize_config_dir
+
+    from acon.cli import CONFIGS
     from acon.runlock import check_before_hydra, hydra_argv
 
     cfg = compose(small(tiny_imagenet, tmp_path))
-    holder = hold(tmp_path / RUN)
-    monkeypatch.setattr(sys, "argv", ["train.py", f"run_name={RUN}"])
+    holders = [hold(tmp_path / RUN), hold(tmp_path / "sweep" / RUN), hold(tmp_path / "elsewhere" / RUN)]
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(RunDirBusy, match=f"pid {holder.pid}"):
-        check_before_hydra(cfg)
+    commands = [
+        ([f"run_name={RUN}"], holders[0]),
+        (["-m", f"run_name={RUN}"], holders[1]),  # out_dir/sweep_name/run_name
+        ([f"hydra.run.dir={tmp_path}/elsewhere/${{run_name}}"], holders[2]),
+        (["-m", f"hydra.sweep.dir={tmp_path}/elsewhere"], holders[2]),
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        for args, holder in commands:
+            monkeypatch.setattr(sys, "argv", ["train.py", *args])
+            with pytest.raises(RunDirBusy, match=f"pid {holder.pid}"):
+                check_before_hydra(cfg)
+        for args in (
+            ["-m", "hydra.sweep.dir=/nonexistent/free"],
+            ["-m", "hydra.sweep.subdir=${hydra.job.num}"],
+        ):
+            monkeypatch.setattr(sys, "argv", ["train.py", *args])
+            check_before_hydra(cfg)  # a free dir; a dir only Hydra's run knows is left to the lock
     assert sorted(p.name for p in (tmp_path / RUN).iterdir()) == [LOCK_NAME]
-    monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"run_name={RUN}"])
-    check_before_hydra(cfg)
     assert hydra_argv(["train.py", "a=1"]) == ["train.py", "a=1"]
     monkeypatch.setenv("RANK", "1")
     assert hydra_argv(["train.py", "a=1"]) == ["train.py", "a=1", "hydra.output_subdir=null"]
