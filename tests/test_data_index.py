@@ -66,11 +66,13 @@ def test_old_folder_change_invalidates_by_mtime(tree):
     assert ds.index_source == "scan" and len(ds) == 14
 
 
-def test_removed_class_invalidates(tree):
+def test_removed_class_is_dropped(tree):
+    """The remaining classes are a subset of the indexed ones: their part of the index, renumbered."""
     assert cached(tree).classes == ["n00000000", "n00000001", "n00000002"]
     shutil.rmtree(tree / "train" / "n00000001")
     ds = cached(tree)
-    assert ds.index_source == "scan" and ds.classes == ["n00000000", "n00000002"]
+    assert ds.index_source == "cache" and ds.classes == ["n00000000", "n00000002"]
+    assert list(ds.samples) == scan_samples(tree / "train", ds.classes)[0]
     assert {t for _, t in ds.samples} == {0, 1} and len(ds) == 8
 
 
@@ -124,3 +126,22 @@ def test_two_ranks_scan_once(tree):
     assert sorted(o.split()[0] for o, _ in outs) == ["cache", "scan"]
     assert all(o.split()[1] == "13" for o, _ in outs)
     assert "13 files in 3 classes" in outs[0][1] and outs[1][1] == ""  # only local rank 0 reports
+
+
+def test_class_subset_is_read_from_the_whole_split_index(tree, capsys):
+    """A class subset (data.classes) after a whole-split run reads its part of the index, in its own class
+    order, without listing the folders or replacing the index; a change in one of its folders still counts."""
+    split = tree / "train"
+    cached(tree)
+    subset = ["n00000002", "n00000000"]
+    listed, _ = scan_samples(split, subset)
+    sub = ImageFolderDataset(split, classes=subset, index_cache=True)
+    assert sub.index_source == "cache" and list(sub.samples) == listed and sub.targets == [t for _, t in listed]
+    assert "in 2 of 3 classes" in capsys.readouterr().err
+    assert cached(tree).index_source == "cache"  # the whole split's index was kept
+    (split / "n00000001" / "extra" / "a.jpeg").unlink()  # outside the subset
+    assert ImageFolderDataset(split, classes=subset, index_cache=True).index_source == "cache"
+    cls = split / "n00000002"
+    shutil.copy(next(cls.glob("*.JPEG")), cls / "new.JPEG")
+    again = ImageFolderDataset(split, classes=subset, index_cache=True)
+    assert again.index_source == "scan" and str(cls / "new.JPEG") in {p for p, _ in again.samples}

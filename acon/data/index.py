@@ -171,6 +171,27 @@ def is_current(index: FolderIndex, root: str, classes: list[str]) -> bool:
     return True
 
 
+def class_subset(index: FolderIndex, classes: list[str]) -> FolderIndex | None:
+    """The part of ``index`` that covers ``classes`` (in that order), or ``None`` when ``index`` lacks one
+    of them: a class subset (``data.classes``) is read from the whole split's index, not listed again."""
+    position = {c: i for i, c in enumerate(classes)}
+    if len(position) != len(classes) or not position.keys() <= set(index.classes):
+        return None
+    starts = np.concatenate([[0], np.cumsum(index.counts, dtype=np.int64)]).tolist()
+    owner = {old: position.get(c) for old, c in enumerate(index.classes)}  # old class index -> new
+    kept = [d for d, t in enumerate(index.dir_targets) if owner[t] is not None]
+    kept.sort(key=lambda d: owner[index.dir_targets[d]])  # stable: each class's folders keep their order
+    sub = FolderIndex(index.root, list(classes))
+    for d in kept:
+        sub.dirs.append(index.dirs[d])
+        sub.dir_targets.append(owner[index.dir_targets[d]])
+        sub.counts.append(index.counts[d])
+        sub.names.extend(index.names[starts[d] : starts[d + 1]])
+    sub.empty = [c for c in classes if c in set(index.empty)]
+    sub.stamps = {rel: st for rel, st in index.stamps.items() if rel.split("/", 1)[0] in position}
+    return sub
+
+
 def default_cache_dir(root: Path) -> Path:
     """``<data.root>/.acon-index`` beside the split when writable, else ``$ACON_CACHE/index``."""
     beside = root.parent / ".acon-index"
@@ -254,6 +275,11 @@ def load_index(
         if index is not None and is_current(index, os.fspath(root_p), classes):
             _report(f"{root_p}: {len(index.names):,} files in {len(classes)} classes (index {path})")
             return index, "cache"
+        sub = class_subset(index, classes) if index is not None else None
+        if sub is not None and is_current(sub, os.fspath(root_p), classes):
+            n = len(index.classes)
+            _report(f"{root_p}: {len(sub.names):,} files in {len(classes)} of {n} classes (index {path})")
+            return sub, "cache"  # the whole split's index stays on disk for the next run
         index = scan(root_p, classes, show=_speaks())
         try:
             _write(path, index)
