@@ -129,7 +129,7 @@ def test_two_ranks_scan_once(tree):
 
 
 def test_class_subset_is_read_from_the_whole_split_index(tree, capsys):
-    """A class subset (data.classes) after a whole-split run reads its part of the index, in its own class
+    """A class subset (data.class_subset) after a whole-split run reads its part of the index, in its own class
     order, without listing the folders or replacing the index; a change in one of its folders still counts."""
     split = tree / "train"
     cached(tree)

@@ -173,7 +173,7 @@ def is_current(index: FolderIndex, root: str, classes: list[str]) -> bool:
 
 def class_subset(index: FolderIndex, classes: list[str]) -> FolderIndex | None:
     """The part of ``index`` that covers ``classes`` (in that order), or ``None`` when ``index`` lacks one
-    of them: a class subset (``data.classes``) is read from the whole split's index, not listed again."""
+    of them: a class subset (``data.class_subset``) is read from the whole split's index, not listed again."""
     position = {c: i for i, c in enumerate(classes)}
     if len(position) != len(classes) or not position.keys() <= set(index.classes):
         return None
