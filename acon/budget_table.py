@@ -10,26 +10,23 @@ column and compared with ReLU only.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from acon.recipes import is_budget_recipe
-from acon.tables import PAPER_CSV, PAPER_DATA, Cell, Run, TableError, _signed
+from acon.tables import PAPER_CSV, PAPER_DATA, Cell, Run, TableError, _signed, reference_rows
 
 
 def load_reference_results(path: str | Path = PAPER_CSV) -> dict[tuple[str, str, str], tuple[float, str]]:
     """{(model, activation, recipe): (top-1 error %, source)} of the rows that name a recipe."""
     out = {}
-    with open(path, newline="") as f:
-        for i, row in enumerate(csv.DictReader(f), start=2):
-            recipe = (row.get("recipe") or "").strip()
-            if not recipe:
-                continue
-            try:
-                key = (row["model"].strip(), row["activation"].strip(), recipe)
-                out[key] = (float(row["top1_err"]), (row.get("source") or "").strip())
-            except (KeyError, ValueError) as e:
-                raise TableError(f"{path}:{i}: bad reference row {row} ({e})") from None
+    for i, row in reference_rows(path):
+        if not row["recipe"]:
+            continue
+        try:
+            key = (row["model"], row["activation"], row["recipe"])
+            out[key] = (float(row["top1_err"]), row.get("source", ""))
+        except (KeyError, ValueError) as e:
+            raise TableError(f"{path}:{i}: bad reference row {row} ({e})") from None
     return out
 
 

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,17 +123,26 @@ class Cell:
         return None if self.paper is None else self.mean - self.paper
 
 
+def reference_rows(path: str | Path = PAPER_CSV) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of every row of the reference-results CSV, values stripped; ``recipe`` is ``""``
+    for the paper's own rows (rows naming a recipe are other references, e.g. FFCV's budget numbers)."""
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.DictReader(f), start=2):
+            fields = {k: (v or "").strip() for k, v in row.items() if k is not None}
+            fields.setdefault("recipe", "")
+            yield i, fields
+
+
 def load_paper_results(path: str | Path = PAPER_CSV) -> dict[tuple[str, str], float]:
     """The paper's published top-1 errors: {(model, activation): error %}; unpublished cells are absent.
     Rows naming a ``recipe`` are other references (FFCV's budget numbers: ``acon.budget_table``)."""
     out = {}
-    with open(path, newline="") as f:
-        for i, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                if row["top1_err"].strip() and not (row.get("recipe") or "").strip():
-                    out[(row["model"].strip(), row["activation"].strip())] = float(row["top1_err"])
-            except (KeyError, ValueError) as e:
-                raise TableError(f"{path}:{i}: bad row {row} ({e})") from None
+    for i, row in reference_rows(path):
+        try:
+            if row["top1_err"] and not row["recipe"]:
+                out[(row["model"], row["activation"])] = float(row["top1_err"])
+        except (KeyError, ValueError) as e:
+            raise TableError(f"{path}:{i}: bad row {row} ({e})") from None
     return out
 
 
