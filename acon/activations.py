@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from acon import fused
 from acon.functional import (
@@ -164,14 +165,16 @@ def _cudnn() -> bool:
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    """Whether calling ``m`` would run hooks (its own or global ones) besides ``m.forward``."""
-    from torch.nn.modules import module as nn_module
-
+    """Whether calling ``m`` would run hooks (its own or global, forward or backward) besides ``m.forward``."""
     return bool(
         m._forward_hooks
         or m._forward_pre_hooks
-        or nn_module._global_forward_hooks
-        or nn_module._global_forward_pre_hooks
+        or m._backward_hooks
+        or m._backward_pre_hooks
+        or _nn_module._global_forward_hooks
+        or _nn_module._global_forward_pre_hooks
+        or _nn_module._global_backward_hooks
+        or _nn_module._global_backward_pre_hooks
     )
 
 

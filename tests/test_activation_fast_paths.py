@@ -51,7 +51,8 @@ def test_forward_rows_matches_the_module_call(training, momentum, track, n):
 
 
 def test_meta_acon_beta_network_keeps_batchnorm_hooks_and_swaps():
-    """A hook on a β-network BatchNorm, or a BatchNorm of another type, makes Meta-ACON call the module."""
+    """A forward or backward hook on a β-network BatchNorm, or a BatchNorm of another type, makes Meta-ACON
+    call the module."""
     meta = MetaAconC(8, r=2)
     seen = []
     meta.bn1.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
@@ -64,6 +65,11 @@ def test_meta_acon_beta_network_keeps_batchnorm_hooks_and_swaps():
         def forward(self, x):
             OtherBN.calls += 1
             return super().forward(x)
+
+    grads = []
+    meta.bn2.register_full_backward_hook(lambda m, gi, go: grads.append(tuple(go[0].shape)))
+    meta(torch.randn(3, 8, 5, 5)).sum().backward()
+    assert grads == [(3, 8, 1, 1)]
 
     swapped = MetaAconC(8, r=2)
     swapped.bn2 = OtherBN(8)
