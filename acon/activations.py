@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from acon import fused
 from acon.functional import (
@@ -137,6 +138,53 @@ class BatchNorm2dB1(nn.BatchNorm2d):
             )
         return super().forward(x)
 
+    def forward_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """``self(h.view(N, C, 1, 1)).flatten(1)`` for (N, C) features, as one ATen call: the same statistics,
+        running-statistics updates (momentum or cumulative average, unbiased variance, ``num_batches_tracked``)
+        and batch-size-1 fallback, without the module call, the views and ``F.batch_norm``'s wrapper."""
+        rm, rv, track = self.running_mean, self.running_var, self.track_running_stats
+        if self.training and track and h.shape[0] <= 1:
+            return torch.batch_norm(h, self.weight, self.bias, rm, rv, False, 0.0, self.eps, _cudnn())
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and track and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or (rm is None and rv is None)
+        if self.training and not track:
+            rm = rv = None
+        if use_batch and h.shape[0] <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {h.shape}"
+            )
+        return torch.batch_norm(h, self.weight, self.bias, rm, rv, use_batch, factor, self.eps, _cudnn())
+
+
+def _cudnn() -> bool:
+    return torch.backends.cudnn.enabled  # what F.batch_norm passes
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run hooks (its own or global, forward or backward) besides ``m.forward``."""
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or m._backward_pre_hooks
+        or _nn_module._global_forward_hooks
+        or _nn_module._global_forward_pre_hooks
+        or _nn_module._global_backward_hooks
+        or _nn_module._global_backward_pre_hooks
+    )
+
+
+def _batch_norm_rows(bn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``bn`` applied to (N, C) features: :meth:`BatchNorm2dB1.forward_rows` for the module's own BatchNorm,
+    else (a SyncBatchNorm or other swap, or one with hooks) the module itself on the (N, C, 1, 1) view."""
+    if type(bn) is BatchNorm2dB1 and not _has_hooks(bn):
+        return bn.forward_rows(h)
+    return bn(h.view(h.shape[0], -1, 1, 1)).flatten(1)
+
 
 def _pointwise(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
     """A 1×1 convolution applied to (N, C) features, as a matrix product on the conv's parameters."""
@@ -172,17 +220,20 @@ class MetaAconC(nn.Module):
     def generate_beta(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample, per-channel β in (0, 1), shaped (N, C, 1, ..., 1) like ``x``.
 
-        fc1 and fc2 act on 1×1 maps, so they run as matrix products on their own weights (a convolution
-        call costs far more here); the BatchNorms see the usual (N, C, 1, 1)."""
+        fc1 and fc2 act on 1×1 maps, so they run as matrix products on their own weights and the BatchNorms
+        on the (N, C) rows (a convolution or module call costs far more here)."""
         check_channels(x, self.channels)
         return self.beta_from_mean(spatial_mean(x), x)
 
     def beta_from_mean(self, mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """:meth:`generate_beta` from the (N, C) spatial mean of ``x`` (shape and dtype taken from x)."""
-        n = x.shape[0]
-        h = self.bn1(_pointwise(self.fc1, mean).view(n, -1, 1, 1))
-        beta = torch.sigmoid(self.bn2(_pointwise(self.fc2, h.flatten(1)).view(n, -1, 1, 1)))
-        return beta.reshape(x.shape[:2] + (1,) * (x.dim() - 2)).to(x.dtype)
+        beta = self._beta_rows(mean).view(x.shape[:2] + (1,) * (x.dim() - 2))
+        return beta if beta.dtype == x.dtype else beta.to(x.dtype)
+
+    def _beta_rows(self, mean: torch.Tensor) -> torch.Tensor:
+        """β as (N, C) rows, in the β network's dtype."""
+        h = _batch_norm_rows(self.bn1, _pointwise(self.fc1, mean))
+        return torch.sigmoid(_batch_norm_rows(self.bn2, _pointwise(self.fc2, h)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript: the reference form (the fused op is not scriptable)

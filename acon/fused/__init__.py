@@ -77,13 +77,27 @@ def traced_acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: tor
     return cpu.forward_math(x, view(p1), view(p2), view(beta), ct)
 
 
+def _check_shapes_once(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> None:
+    """:func:`_check_shapes`, remembered per combination of shapes (eager calls repeat a few dozen)."""
+    key = (x.dim(), *x.shape[:2], tuple(p1.shape), tuple(p2.shape), tuple(beta.shape))
+    if key not in _SHAPES_OK:
+        _check_shapes(x, p1, p2, beta)
+        if len(_SHAPES_OK) >= 1024:
+            _SHAPES_OK.clear()
+        _SHAPES_OK.add(key)
+
+
+_SHAPES_OK: set[tuple] = set()
+
+
 def acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Fused ACON-C: (p1 - p2)·x·σ(β(p1 - p2)·x) + p2·x, saving only x and the small parameters.
 
     Under ``torch.compile`` this is :func:`traced_acon_c`, visible to Inductor (see there)."""
-    _check_shapes(x, p1, p2, beta)
     if torch.compiler.is_compiling():
+        _check_shapes(x, p1, p2, beta)
         return traced_acon_c(x, p1, p2, beta)
+    _check_shapes_once(x, p1, p2, beta)
     x = dense(x)
     if native_serves(x):
         return NativeAconC.apply(x, p1, p2, beta)

@@ -181,10 +181,6 @@ def _blocks(layout: str, n: int, c: int, s: int, threads: int) -> int:
     return max(1, min(s, -(-threads // n)))
 
 
-def _kernel(kind: str, layout: str, dtype: torch.dtype):
-    return _entry(library(), kind, layout, dtype)
-
-
 @functools.cache
 def _entry(lib: ctypes.CDLL, kind: str, layout: str, dtype: torch.dtype):
     return getattr(lib, f"acon_{kind}_{layout}_{DTYPES[dtype]}")
@@ -201,28 +197,65 @@ class _Launch(NamedTuple):
     threads: int
 
 
+class _Plan(NamedTuple):
+    """Everything a kernel call needs besides the tensors' memory; depends only on x's geometry and dtype, β's
+    size and the thread count, so it is computed once per such key (:func:`_plan`)."""
+
+    layout: str
+    n: int
+    c: int
+    s: int
+    per_sample: bool
+    blocks: int
+    threads: int
+    fwd: object  # the ctypes kernels for x's layout and dtype
+    bwd: object
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_MAX = 512  # distinct geometries kept (a model has a few dozen); the cache is cleared past this
+
+
+def _plan(x: torch.Tensor, beta: torch.Tensor) -> _Plan:
+    """The cached :class:`_Plan` for ``x`` and ``β``; raises for an x that is neither contiguous nor
+    channels-last (checked once per geometry: strides are part of the key)."""
+    threads, lib = torch.get_num_threads(), library()
+    # tuple(shape): Size's == is slow; lib: tests rebuild the library at other widths
+    key = (tuple(x.shape), x.stride(), x.dtype, beta.numel(), threads, lib)
+    plan = _PLANS.get(key)
+    if plan is None:
+        layout = layout_of(x)
+        if layout is None:
+            raise ValueError(
+                f"acon.fused.native: x must be contiguous or channels-last, got strides {x.stride()}"
+            )
+        n, c = x.shape[0], x.shape[1]
+        s = x.numel() // (n * c) if n * c else 0
+        blocks = _blocks(layout, n, c, s, threads)
+        fwd, bwd = _entry(lib, "fwd", layout, x.dtype), _entry(lib, "bwd", layout, x.dtype)
+        plan = _Plan(layout, n, c, s, beta.numel() > c, blocks, threads, fwd, bwd)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
 def _launch(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> _Launch:
     """What forward and backward both pass to a kernel: layout, sizes, fp32 parameter memory, work split."""
-    layout = layout_of(x)
-    if layout is None:
-        raise ValueError(
-            f"acon.fused.native: x must be contiguous or channels-last, got strides {x.stride()}"
-        )
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c) if n * c else 0
+    k = _plan(x, beta)
     params = (_flat32(p1), _flat32(p2), _flat32(beta))
-    threads = torch.get_num_threads()
-    return _Launch(layout, n, c, s, params, params[2].numel() > c, _blocks(layout, n, c, s, threads), threads)
+    return _Launch(k.layout, k.n, k.c, k.s, params, k.per_sample, k.blocks, k.threads)
 
 
 def forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """y for a dense (contiguous or channels-last) x (N, C, ...), with x's strides; p1, p2 hold C values and
     β C or N·C (per sample), in any shape."""
-    k = _launch(x, p1, p2, beta)
+    k = _plan(x, beta)
     y = torch.empty_like(x)
-    _kernel("fwd", k.layout, x.dtype)(
-        x.data_ptr(), y.data_ptr(), *(p.data_ptr() for p in k.params),
-        k.n, k.c, k.s, int(k.per_sample), k.blocks, k.threads,
+    q1, q2, qb = _flat32(p1), _flat32(p2), _flat32(beta)  # held until the call returns (may be fp32 copies)
+    k.fwd(
+        x.data_ptr(), y.data_ptr(), q1.data_ptr(), q2.data_ptr(), qb.data_ptr(),
+        k.n, k.c, k.s, k.per_sample, k.blocks, k.threads,
     )  # fmt: skip
     return y
 
@@ -230,16 +263,26 @@ def forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Ten
 def backward(dy: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor):
     """(dx with x's strides, and the fp32 gradients of p1, p2 and β, each in that parameter's shape);
     dy must have x's shape and strides."""
-    k = _launch(x, p1, p2, beta)
+    k = _plan(x, beta)
     if dy.stride() != x.stride() or tuple(dy.shape) != tuple(x.shape):  # tuples: Size == is slow
         raise ValueError(
             f"acon.fused.native: dy must have x's shape and strides {tuple(x.shape)}, {x.stride()}; "
             f"got {tuple(dy.shape)}, {dy.stride()}"
         )
     dx = torch.empty_like(x)
-    g1, g2, gb = torch.empty(p1.shape), torch.empty(p2.shape), torch.empty(beta.shape)
-    _kernel("bwd", k.layout, x.dtype)(
+    g1, g2, gb = _grad_buffer(p1), _grad_buffer(p2), _grad_buffer(beta)
+    q1, q2, qb = _flat32(p1), _flat32(p2), _flat32(beta)  # held until the call returns (may be fp32 copies)
+    k.bwd(
         dy.data_ptr(), x.data_ptr(), dx.data_ptr(), g1.data_ptr(), g2.data_ptr(), gb.data_ptr(),
-        *(p.data_ptr() for p in k.params), k.n, k.c, k.s, int(k.per_sample), k.blocks, k.threads,
+        q1.data_ptr(), q2.data_ptr(), qb.data_ptr(),
+        k.n, k.c, k.s, k.per_sample, k.blocks, k.threads,
     )  # fmt: skip
     return dx, g1, g2, gb
+
+
+def _grad_buffer(p: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous fp32 tensor shaped like ``p`` (``empty_like`` when ``p`` already is one:
+    a few times cheaper than ``empty`` from a shape)."""
+    if p.dtype == torch.float32 and p.is_contiguous():
+        return torch.empty_like(p)
+    return torch.empty(p.shape)

@@ -156,10 +156,12 @@ class NativeAconC(torch.autograd.Function):
 def native_serves(x: Tensor) -> bool:
     """Whether eager-mode ``x`` (dense, CPU) runs on the C++ kernels, so :class:`NativeAconC` applies."""
     return (
-        x.device.type == "cpu"
+        x.dtype in native.DTYPES  # the cheapest test first: a dict lookup (fp64 and fp16 fail here)
+        and x.device.type == "cpu"
+        and cpu.mode() == "native"
         and not torch.compiler.is_compiling()
         and not triton_on_cpu()
-        and cpu.execution(x) == "native"
+        and native.available()
     )
 
 
