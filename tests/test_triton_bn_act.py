@@ -1,0 +1,318 @@
+"""The fused BatchNorm → ACON-C / Meta-ACON op on its Triton kernels (``acon.fused.triton_bn_act``).
+
+Without a GPU the kernels run on CPU tensors in the Triton interpreter: the launchers below re-run this
+file in a subprocess with ``TRITON_INTERPRET=1 ACON_FUSED_CPU_BACKEND=triton`` (the interpreter must be on
+before ``triton`` is imported), where the ``inner`` tests run. The interpreter is slow, so the default
+launcher runs the tests not marked slow (a few seconds) and ``-m slow`` runs the rest. ``-m gpu`` tests run
+the kernels on CUDA. Tolerances are those of ``tests/test_fused_bn_acon.py`` (fp64, fp32) and of the
+kernels' self-check (``acon.fused.selfcheck.TOLERANCE``: bf16, fp16).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from acon import AconC, MetaAconC, fallbacks, fuse_bn_acon
+from acon.functional import acon_c_reference
+from acon.fused import bn_act, selfcheck
+from tests.test_fused_bn_acon import close, grads_close, pair, step_both
+
+INTERPRETING = (
+    os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("ACON_FUSED_CPU_BACKEND") == "triton"
+)
+ROOT = Path(__file__).resolve().parents[1]
+inner = pytest.mark.skipif(not INTERPRETING, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _interpret(marker: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1", ACON_FUSED_CPU_BACKEND="triton")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, __file__]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
+@pytest.mark.parametrize(
+    "marker,least", [("not slow and not gpu", 6), pytest.param("slow", 14, marks=pytest.mark.slow)]
+)
+def test_kernels_in_the_interpreter(marker, least):
+    pytest.importorskip("triton")
+    res = _interpret(marker)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", res.stdout.strip().splitlines()[-1])
+    assert passed and int(passed.group(1)) >= least, res.stdout[-2000:]
+
+
+@pytest.fixture
+def triton_only(monkeypatch):
+    """Fail if ``acon.fused.bn_act``'s torch op serves a pair (its statistics are never computed on the
+    Triton path), and if any kernel fell back; counts the Triton kernel launches."""
+    from acon.fused import triton_bn_kernels as tk
+
+    def torch_op(*a, **k):
+        raise AssertionError("acon.fused.bn_act's torch op ran instead of the Triton kernels")
+
+    monkeypatch.setattr(bn_act, "batch_statistics", torch_op)
+    calls = {"forward": 0, "backward_sums": 0, "backward_dx": 0}
+    for name in calls:
+        real = getattr(tk, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(tk, name, counted)
+    fallbacks.clear()
+    yield calls
+    assert fallbacks.recorded() == {}
+
+
+def _check_pair(act, dtype, channels_last: bool, n: int, device="cpu") -> None:
+    """Values, every gradient (input via the conv, BN weight/bias, p1, p2, β, Meta's β network) and the
+    running statistics of a fused pair against the two modules, then eval mode."""
+    ref = pair(act, dtype=dtype).to(device)
+    fused = fuse_bn_acon(copy.deepcopy(ref))
+    x = (torch.randn(n, 3, 7, 5, dtype=dtype) * 2 + 0.5).to(device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ya, yb = step_both(ref, fused, x, steps=2)
+    assert close(yb, ya, dtype) and yb.stride() == ya.stride()
+    grads_close(ref, fused, dtype)
+    for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers(), strict=True):
+        assert close(b, a, dtype), name
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        assert close(fused(x), ref(x), dtype)
+
+
+@inner
+@pytest.mark.parametrize(
+    "act,dtype,layout,n",
+    [
+        (MetaAconC, torch.float32, "channels_last", 3),
+        (MetaAconC, torch.float64, "nchw", 1),
+        pytest.param(AconC, torch.float32, "nchw", 4, marks=pytest.mark.slow),
+        pytest.param(AconC, torch.float64, "channels_last", 1, marks=pytest.mark.slow),
+        pytest.param(AconC, torch.float32, "channels_last", 3, marks=pytest.mark.slow),
+        pytest.param(MetaAconC, torch.float32, "nchw", 4, marks=pytest.mark.slow),
+        pytest.param(MetaAconC, torch.float64, "channels_last", 2, marks=pytest.mark.slow),
+    ],
+)
+def test_pairs_match_the_two_modules(triton_only, act, dtype, layout, n):
+    _check_pair(act, dtype, layout == "channels_last", n)
+    assert triton_only["forward"] >= 3 and triton_only["backward_sums"] >= 2
+
+
+@inner
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_running_statistics_follow_batchnorm2d(triton_only, layout):
+    for momentum in (0.1, None):
+        ref = pair(AconC, dtype=torch.float32, momentum=momentum)
+        fused = fuse_bn_acon(copy.deepcopy(ref))
+        for k in range(3):
+            x = torch.randn(5, 3, 6, 6) * (k + 1) + 3 * k
+            if layout == "channels_last":
+                x = x.to(memory_format=torch.channels_last)
+            ref(x), fused(x)
+        for (name, a), (_, b) in zip(ref[1].named_buffers(), fused[1].named_buffers(), strict=True):
+            assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-6), name
+        assert int(fused[1].num_batches_tracked) == 3
+
+
+@inner
+def test_eval_and_frozen_batchnorm(triton_only):
+    """Running statistics: ACON-C backward is one pass (dx = a·dz), Meta-ACON's needs the second (its
+    dzbar/S term); the affine and the activation still train."""
+    for act, second_pass in ((AconC, 0), (MetaAconC, 1)):
+        ref = pair(act)
+        ref[1].eval()
+        fused = fuse_bn_acon(copy.deepcopy(ref))
+        before = triton_only["backward_dx"]
+        step_both(ref, fused, torch.randn(2, 3, 5, 4, dtype=torch.float64))
+        grads_close(ref, fused, torch.float64)
+        assert triton_only["backward_dx"] - before == second_pass
+        assert torch.equal(ref[1].running_mean, fused[1].running_mean)
+
+
+def _functional_case(dtype, per_sample: bool, channels_last: bool, shape=(3, 4, 5, 6), batch_stats=True):
+    """Inputs of ``bn_act.bn_acon_c`` (x in ``dtype``; BN weight and bias fp32, as under autocast)."""
+    g = torch.Generator().manual_seed(3)
+    n, c = shape[:2]
+    x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    p1, p2 = (torch.randn(1, c, 1, 1, generator=g).to(dtype) for _ in range(2))
+    beta = (torch.rand((n if per_sample else 1, c, 1, 1), generator=g) * 2).to(dtype)
+    rm, rv = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+    st = bn_act.BNState(w, b, rm, rv, 1e-5, 0.0, batch_stats, False)
+    return x, st, p1, p2, beta, torch.randn(shape, generator=g).to(dtype)
+
+
+def _fused_and_reference(dtype, per_sample, channels_last, **kw):
+    x, st, p1, p2, beta, dy = _functional_case(dtype, per_sample, channels_last, **kw)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, st.weight, st.bias, p1, p2, beta)]
+    st.weight, st.bias = leaves[1], leaves[2]
+    y = bn_act.bn_acon_c(leaves[0], st, *leaves[3:])
+    got = [y.detach(), *torch.autograd.grad(y, leaves, dy)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rm, rv = (None, None) if st.batch_stats else (st.running_mean.double(), st.running_var.double())
+    z = F.batch_norm(ref_leaves[0], rm, rv, ref_leaves[1], ref_leaves[2], st.batch_stats, 0.0, st.eps)
+    ry = acon_c_reference(z, *ref_leaves[3:])
+    return got, [ry.detach(), *torch.autograd.grad(ry, ref_leaves, dy.double())]
+
+
+@inner
+@pytest.mark.parametrize(
+    "dtype,channels_last",
+    [
+        (torch.bfloat16, True),
+        pytest.param(torch.bfloat16, False, marks=pytest.mark.slow),
+        pytest.param(torch.float16, False, marks=pytest.mark.slow),
+        pytest.param(torch.float16, True, marks=pytest.mark.slow),
+        pytest.param(torch.float32, False, marks=pytest.mark.slow),
+    ],
+)
+def test_low_precision_inputs_compute_in_fp32(triton_only, dtype, channels_last):
+    """bf16/fp16/fp32 x with fp32 BatchNorm parameters (autocast's mix): y and dx in x's dtype and
+    strides, parameter gradients in the parameters' dtypes, all within the self-check's tolerances of
+    the fp64 reference on the same rounded inputs."""
+    got, want = _fused_and_reference(dtype, True, channels_last)
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[0].stride() == got[1].stride()
+    assert [t.dtype for t in got[2:]] == [torch.float32, torch.float32, dtype, dtype, dtype]
+    names = ("y", "dx", "dweight", "dbias", "dp1", "dp2", "dbeta")
+    assert selfcheck.mismatch(got, want, dtype, names) is None
+
+
+@inner
+@pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tiles_splits_and_channel_blocks(triton_only, monkeypatch, channels_last):
+    """S beyond one tile, C beyond one channel block, several tiles per reducing program."""
+    from acon.fused import triton_bn_kernels as tk
+
+    monkeypatch.setattr(tk, "TARGET_PROGRAMS", 1)
+    shape = (2, 300, 3, 3) if channels_last else (2, 3, 50, 50)
+    got, want = _fused_and_reference(torch.float32, True, channels_last, shape=shape)
+    assert (
+        selfcheck.mismatch(got, want, torch.float32, ("y", "dx", "dw", "db", "dp1", "dp2", "dbeta")) is None
+    )
+
+
+@inner
+@pytest.mark.slow
+def test_backward_bitwise_deterministic(triton_only):
+    a, _ = _fused_and_reference(torch.float32, True, True, shape=(3, 40, 17, 19))
+    b, _ = _fused_and_reference(torch.float32, True, True, shape=(3, 40, 17, 19))
+    assert all(torch.equal(ga, gb) for ga, gb in zip(a, b, strict=True))
+
+
+@inner
+@pytest.mark.slow
+@pytest.mark.parametrize("act", [AconC, MetaAconC])
+def test_gradcheck_fp64(triton_only, act):
+    torch.manual_seed(1)
+    seq = fuse_bn_acon(torch.nn.Sequential(torch.nn.BatchNorm2d(3), act(3)).double())
+    with torch.no_grad():
+        seq[0].weight.uniform_(0.5, 1.5), seq[0].bias.uniform_(-1, 1)
+    names = [n for n, _ in seq.named_parameters()]
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(seq, dict(zip(names, ps, strict=True))):
+            return seq(x)
+
+    assert torch.autograd.gradcheck(f, (x, *seq.parameters()), eps=1e-6, atol=1e-6)
+
+
+@inner
+def test_nan_and_inf_as_the_unfused_modules(triton_only):
+    """Eval: ±inf/NaN in x give NaN/±inf where the unfused BatchNorm + fused ACON-C give them (the ACON
+    convention of acon.fused.cpu); training: a NaN in a channel's batch makes that channel NaN in both."""
+    ref = pair(AconC, dtype=torch.float32)
+    fused = fuse_bn_acon(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 0, 1, 1], x[1, 1, 2, 3], x[0, 2, 0, 0] = float("inf"), float("-inf"), float("nan")
+    for train in (False, True):
+        ref.train(train), fused.train(train)
+        with torch.no_grad():
+            a, b = ref(x), fused(x)
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), train
+        fin = a.isfinite()
+        assert torch.allclose(a[fin], b[fin], rtol=1e-4, atol=1e-5)
+    assert bool(b[:, 2].isnan().all()) and bool(b[:, 0].isnan().all())
+
+
+@inner
+def test_selfcheck_catches_a_wrong_kernel(monkeypatch):
+    """A wrong kernel: one warning naming the path, then acon.fused.bn_act's torch op serves (right values)."""
+    from acon.fused import triton_bn_kernels as tk
+
+    selfcheck.reset(), fallbacks.clear()
+    fwd = tk.forward
+    monkeypatch.setattr(tk, "forward", lambda *a: fwd(*a) * 1.1)
+    try:
+        with pytest.warns(UserWarning, match="bn_acon_c triton cpu float32 contiguous failed its self-check"):
+            _check_pair(AconC, torch.float32, False, 3)
+        assert list(fallbacks.recorded()) == ["bn_acon_c triton cpu float32 contiguous"]
+        assert "batch: y differs" in fallbacks.recorded()["bn_acon_c triton cpu float32 contiguous"]
+    finally:
+        selfcheck.reset(), fallbacks.clear()
+
+
+def test_syncbn_and_empty_batches_take_the_torch_op():
+    """A process group (SyncBatchNorm) or an empty x is not served by the Triton kernels."""
+    from acon.fused import ops
+
+    if not (ops.triton_importable() and (torch.cuda.is_available() or ops.triton_on_cpu())):
+        pytest.skip("the Triton kernels serve no device in this process")
+    from acon.fused import triton_bn_act
+
+    x = torch.randn(2, 3, 4, 4, device="cuda" if torch.cuda.is_available() else "cpu")
+    local = bn_act.BNState(None, None, None, None, 1e-5, 0.1, True, False)
+    synced = bn_act.BNState(None, None, None, None, 1e-5, 0.1, True, False, group=object())
+    assert triton_bn_act.serves(x, local)
+    assert not triton_bn_act.serves(x, synced) and not triton_bn_act.serves(x[:0], local)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("act", [AconC, MetaAconC])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("n", [8, 1])
+def test_cuda_pairs_on_the_triton_kernels(triton_only, act, channels_last, n):
+    """On CUDA: fp32 values, gradients, running statistics and eval of fused pairs, no fallback."""
+    _check_pair(act, torch.float32, channels_last, n, device="cuda")
+    assert triton_only["forward"] >= 3
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_and_determinism(triton_only, dtype):
+    """bf16/fp16 on CUDA within the self-check tolerances; backward bitwise deterministic."""
+    for channels_last in (False, True):
+        x, st, p1, p2, beta, dy = _functional_case(dtype, True, channels_last, shape=(8, 64, 28, 28))
+        runs = []
+        for _ in range(2):
+            leaves = [t.detach().cuda().requires_grad_() for t in (x, st.weight, st.bias, p1, p2, beta)]
+            cst = bn_act.BNState(leaves[1], leaves[2], None, None, st.eps, 0.0, True, False)
+            y = bn_act.bn_acon_c(leaves[0], cst, *leaves[3:])
+            runs.append([y, *torch.autograd.grad(y, leaves, dy.cuda())])
+        assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+        ref = [t.detach().double().requires_grad_() for t in (x, st.weight, st.bias, p1, p2, beta)]
+        ry = acon_c_reference(F.batch_norm(ref[0], None, None, ref[1], ref[2], True, 0.0, st.eps), *ref[3:])
+        want = [ry, *torch.autograd.grad(ry, ref, dy.double())]
+        names = ("y", "dx", "dweight", "dbias", "dp1", "dp2", "dbeta")
+        assert selfcheck.mismatch([t.cpu() for t in runs[0]], want, dtype, names) is None
