@@ -43,7 +43,7 @@ def _interpret(marker: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
 @pytest.mark.parametrize(
-    "marker,least", [("not slow and not gpu", 6), pytest.param("slow", 14, marks=pytest.mark.slow)]
+    "marker,least", [("not slow and not gpu", 4), pytest.param("slow", 17, marks=pytest.mark.slow)]
 )
 def test_kernels_in_the_interpreter(marker, least):
     pytest.importorskip("triton")
@@ -237,6 +237,7 @@ def test_gradcheck_fp64(triton_only, act):
 
 
 @inner
+@pytest.mark.slow
 def test_nan_and_inf_as_the_unfused_modules(triton_only):
     """Eval: ±inf/NaN in x give NaN/±inf where the unfused BatchNorm + fused ACON-C give them (the ACON
     convention of acon.fused.cpu); training: a NaN in a channel's batch makes that channel NaN in both."""
@@ -271,6 +272,7 @@ def test_selfcheck_catches_a_wrong_kernel(monkeypatch):
         selfcheck.reset(), fallbacks.clear()
 
 
+@pytest.mark.slow
 def test_syncbn_and_empty_batches_take_the_torch_op():
     """A process group (SyncBatchNorm) or an empty x is not served by the Triton kernels."""
     from acon.fused import ops
@@ -297,22 +299,34 @@ def test_cuda_pairs_on_the_triton_kernels(triton_only, act, channels_last, n):
     assert triton_only["forward"] >= 3
 
 
+def _low_precision_deterministic(dtype, device: str, shape) -> None:
+    """bf16/fp16 x (fp32 BatchNorm parameters) on ``device``: within the self-check tolerances of the fp64
+    reference, and two backward runs bitwise equal; NCHW and channels-last."""
+    names = ("y", "dx", "dweight", "dbias", "dp1", "dp2", "dbeta")
+    for channels_last in (False, True):
+        x, st, p1, p2, beta, dy = _functional_case(dtype, True, channels_last, shape=shape)
+        runs = []
+        for _ in range(2):
+            leaves = [t.detach().to(device).requires_grad_() for t in (x, st.weight, st.bias, p1, p2, beta)]
+            dst = bn_act.BNState(leaves[1], leaves[2], None, None, st.eps, 0.0, True, False)
+            y = bn_act.bn_acon_c(leaves[0], dst, *leaves[3:])
+            runs.append([y.detach(), *torch.autograd.grad(y, leaves, dy.to(device))])
+        assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+        ref = [t.detach().double().requires_grad_() for t in (x, st.weight, st.bias, p1, p2, beta)]
+        ry = acon_c_reference(F.batch_norm(ref[0], None, None, ref[1], ref[2], True, 0.0, st.eps), *ref[3:])
+        want = [ry.detach(), *torch.autograd.grad(ry, ref, dy.double())]
+        assert selfcheck.mismatch([t.cpu() for t in runs[0]], want, dtype, names) is None, channels_last
+
+
+@inner
+@pytest.mark.slow
+def test_low_precision_deterministic_in_the_interpreter(triton_only):
+    _low_precision_deterministic(torch.float16, "cpu", (2, 6, 5, 7))
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_low_precision_and_determinism(triton_only, dtype):
     """bf16/fp16 on CUDA within the self-check tolerances; backward bitwise deterministic."""
-    for channels_last in (False, True):
-        x, st, p1, p2, beta, dy = _functional_case(dtype, True, channels_last, shape=(8, 64, 28, 28))
-        runs = []
-        for _ in range(2):
-            leaves = [t.detach().cuda().requires_grad_() for t in (x, st.weight, st.bias, p1, p2, beta)]
-            cst = bn_act.BNState(leaves[1], leaves[2], None, None, st.eps, 0.0, True, False)
-            y = bn_act.bn_acon_c(leaves[0], cst, *leaves[3:])
-            runs.append([y, *torch.autograd.grad(y, leaves, dy.cuda())])
-        assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
-        ref = [t.detach().double().requires_grad_() for t in (x, st.weight, st.bias, p1, p2, beta)]
-        ry = acon_c_reference(F.batch_norm(ref[0], None, None, ref[1], ref[2], True, 0.0, st.eps), *ref[3:])
-        want = [ry, *torch.autograd.grad(ry, ref, dy.double())]
-        names = ("y", "dx", "dweight", "dbias", "dp1", "dp2", "dbeta")
-        assert selfcheck.mismatch([t.cpu() for t in runs[0]], want, dtype, names) is None
+    _low_precision_deterministic(dtype, "cuda", (8, 64, 28, 28))

@@ -73,6 +73,39 @@ def _moments_kernel(
 
 
 @triton.jit
+def _moments_combine_kernel(
+    part_ptr, row_ptr, out_ptr, N, C, S, n_split, span, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # float64: the slices of each row, then the rows, merged by Chan's formula in a fixed order
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    plane = N * n_split * C
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for n in range(0, N):
+        row_sum = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        for sp in range(0, n_split):
+            cnt = tl.minimum(tl.maximum(S - sp * span, 0), span).to(tl.float64)
+            mu = tl.load(part_ptr + (n * n_split + sp) * C + c, mask=cm, other=0.0).to(tl.float64)
+            row_sum += cnt * mu
+        row_mean = row_sum / S
+        row_m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        for sp in range(0, n_split):
+            cnt = tl.minimum(tl.maximum(S - sp * span, 0), span).to(tl.float64)
+            at = (n * n_split + sp) * C + c
+            mu = tl.load(part_ptr + at, mask=cm, other=0.0).to(tl.float64)
+            dev = mu - row_mean
+            row_m2 += tl.load(part_ptr + plane + at, mask=cm, other=0.0).to(tl.float64) + cnt * dev * dev
+        tl.store(row_ptr + n * C + c, row_mean, mask=cm)
+        frac = 1.0 / (n + 1)
+        delta = row_mean - mean
+        mean += delta * frac
+        m2 += row_m2 + delta * delta * (n * S) * frac
+    tl.store(out_ptr + c, mean, mask=cm)
+    tl.store(out_ptr + C + c, m2 / (N * S), mask=cm)
+
+
+@triton.jit
 def _row(coef_ptr, k, C, c, cm):
     return tl.load(coef_ptr + k * C + c, mask=cm, other=0.0)  # the table is in the compute dtype
 
@@ -194,11 +227,6 @@ class Grid:
     def programs(self) -> int:
         return self.n * self.n_cb * self.n_split
 
-    def split_counts(self) -> Tensor:
-        """How many values of S each split covers (float64)."""
-        start = torch.arange(self.n_split, dtype=torch.float64) * (self.per_split * self.block_s)
-        return (start + self.per_split * self.block_s).clamp_max(self.s) - start.clamp_max(self.s)
-
     def common(self) -> tuple:
         return (self.n, self.c, self.s, *self.strides)
 
@@ -216,13 +244,14 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         _moments_kernel[(gr.programs(),)](
             x, part, *gr.common(), gr.n_cb, gr.n_split, gr.per_split, **gr.blocks(x)
         )  # fmt: skip
-    cnt = gr.split_counts().to(x.device)[:, None]
-    mean_sp, m2_sp = part[0].double(), part[1].double()
-    row_mean = (mean_sp * cnt).sum(1) / gr.s
-    row_m2 = m2_sp.sum(1) + (cnt * (mean_sp - row_mean[:, None]).square()).sum(1)
-    mean = row_mean.mean(0)
-    m2 = row_m2.sum(0) + gr.s * (row_mean - mean).square().sum(0)
-    return mean, m2 / (gr.n * gr.s), row_mean
+    row_mean = torch.empty((gr.n, gr.c), dtype=torch.float64, device=x.device)
+    out = torch.empty((2, gr.c), dtype=torch.float64, device=x.device)
+    bc = min(triton.next_power_of_2(gr.c), 128)
+    with launch_device(x.device):
+        _moments_combine_kernel[(triton.cdiv(gr.c, bc),)](
+            part, row_mean, out, gr.n, gr.c, gr.s, gr.n_split, gr.per_split * gr.block_s, BLOCK_C=bc
+        )  # fmt: skip
+    return out[0], out[1], row_mean
 
 
 def coefficients(mean: Tensor, invstd: Tensor, weight, bias, p1: Tensor, p2: Tensor, ct) -> Tensor:
@@ -265,9 +294,8 @@ def backward_sums(dy: Tensor, x: Tensor, coef: Tensor, beta: Tensor, eval_dx: bo
             dy, x, dx if eval_dx else x, coef, bf, coef.new_zeros(gr.c), part, *gr.common(), b_sn, 0, gr.n_cb, gr.n_split,
             gr.per_split, **gr.blocks(x), SUMS=True, WRITE_DX=eval_dx, BATCH_STATS=False,
         )  # fmt: skip
-    part = part.double()
-    s1, s2, sdz, sdzx = (part[i].sum((0, 1)) for i in (0, 1, 3, 4))
-    return (s1, s2, part[2].sum(1), sdz, sdzx), dx
+    s1, s2, _, sdz, sdzx = part.sum((1, 2), dtype=torch.float64)  # fixed order: deterministic
+    return (s1, s2, part[2].sum(1, dtype=torch.float64), sdz, sdzx), dx
 
 
 def backward_dx(
