@@ -43,7 +43,7 @@ def _interpret(marker: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
 @pytest.mark.parametrize(
-    "marker,least", [("not slow and not gpu", 4), pytest.param("slow", 17, marks=pytest.mark.slow)]
+    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 19, marks=pytest.mark.slow)]
 )
 def test_kernels_in_the_interpreter(marker, least):
     pytest.importorskip("triton")
@@ -143,6 +143,41 @@ def test_eval_and_frozen_batchnorm(triton_only):
         grads_close(ref, fused, torch.float64)
         assert triton_only["backward_dx"] - before == second_pass
         assert torch.equal(ref[1].running_mean, fused[1].running_mean)
+
+
+@inner
+def test_statistics_are_exact_in_fp64_and_stable_in_fp32(monkeypatch):
+    """fp64: torch's mean and variance to rounding; fp32 data far from 0 (mean 1000, std 1) and several
+    slices per row: the variance to 1e-5 relative (Σx² - (Σx)²/m in fp32 would lose it all)."""
+    from acon.fused import triton_bn_kernels as tk
+
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64) * 2 + 1
+    mean, var, rows = tk.moments(x)
+    assert torch.allclose(mean, x.mean((0, 2, 3)), rtol=1e-13, atol=1e-14)
+    assert torch.allclose(var, x.var((0, 2, 3), unbiased=False), rtol=1e-13, atol=1e-14)
+    assert torch.allclose(rows, x.mean((2, 3)), rtol=1e-13, atol=1e-14)
+    from acon.fused import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "TILE", 64)  # 16-value tiles along S here
+    monkeypatch.setattr(tk, "TARGET_PROGRAMS", 8)  # several tiles per slice
+    x = (torch.randn(2, 3, 40, 40, dtype=torch.float64) + 1000).float().to(memory_format=torch.channels_last)
+    mean, var, _ = tk.moments(x)
+    assert torch.allclose(var, x.double().var((0, 2, 3), unbiased=False), rtol=1e-5)
+
+
+@inner
+@pytest.mark.slow
+@pytest.mark.parametrize("act", [AconC, MetaAconC])
+def test_batchnorm_without_affine(triton_only, act):
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.BatchNorm2d(4, affine=False), act(4)).double()
+    fused = fuse_bn_acon(copy.deepcopy(ref))
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64) * 2 + 1
+    ya, yb = step_both(ref, fused, x, steps=2)
+    assert close(yb, ya, torch.float64)
+    grads_close(ref, fused, torch.float64)
+    for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers(), strict=True):
+        assert close(b, a, torch.float64), name
 
 
 def _functional_case(dtype, per_sample: bool, channels_last: bool, shape=(3, 4, 5, 6), batch_stats=True):

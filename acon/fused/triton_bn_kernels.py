@@ -82,6 +82,7 @@ def _moments_combine_kernel(
     plane = N * n_split * C
     mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    rows = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for n in range(0, N):
         row_sum = tl.zeros((BLOCK_C,), dtype=tl.float64)
         for sp in range(0, n_split):
@@ -97,12 +98,34 @@ def _moments_combine_kernel(
             dev = mu - row_mean
             row_m2 += tl.load(part_ptr + plane + at, mask=cm, other=0.0).to(tl.float64) + cnt * dev * dev
         tl.store(row_ptr + n * C + c, row_mean, mask=cm)
-        frac = 1.0 / (n + 1)
+        rows += 1.0  # a float64 count: 1.0 / an integer would be fp32
         delta = row_mean - mean
-        mean += delta * frac
-        m2 += row_m2 + delta * delta * (n * S) * frac
+        mean += delta / rows
+        m2 += row_m2 + delta * delta * ((rows - 1.0) * S / rows)
     tl.store(out_ptr + c, mean, mask=cm)
     tl.store(out_ptr + C + c, m2 / (N * S), mask=cm)
+
+
+@triton.jit
+def _coefficients_kernel(
+    mean_ptr, inv_ptr, w_ptr, b_ptr, p1_ptr, p2_ptr, coef_ptr, C,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    ct = coef_ptr.dtype.element_ty
+    a = tl.load(inv_ptr + c, mask=cm, other=0.0).to(tl.float64)
+    if HAS_W:
+        a = a * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float64)
+    b = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    if HAS_B:
+        b += tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float64)
+    tl.store(coef_ptr + c, tl.load(mean_ptr + c, mask=cm, other=0.0).to(ct), mask=cm)
+    tl.store(coef_ptr + C + c, a.to(ct), mask=cm)
+    tl.store(coef_ptr + 2 * C + c, b.to(ct), mask=cm)
+    tl.store(coef_ptr + 3 * C + c, tl.load(p1_ptr + c, mask=cm, other=0.0).to(ct), mask=cm)
+    tl.store(coef_ptr + 4 * C + c, tl.load(p2_ptr + c, mask=cm, other=0.0).to(ct), mask=cm)
+    tl.store(coef_ptr + 5 * C + c, tl.zeros((BLOCK_C,), dtype=ct), mask=cm)
 
 
 @triton.jit
@@ -255,13 +278,20 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def coefficients(mean: Tensor, invstd: Tensor, weight, bias, p1: Tensor, p2: Tensor, ct) -> Tensor:
-    """The (6, C) table the kernels read: mean, a = invstd·weight, bias, p1, p2, and dx's (x - mean)
-    coefficient (0 until backward sets it)."""
+    """The (6, C) table the kernels read, in ``ct``: mean, a = invstd·weight (float64 product), bias, p1,
+    p2, and dx's (x - mean) coefficient (0 until backward sets it). One launch."""
     c = mean.numel()
-    a = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    b = torch.zeros_like(a) if bias is None else bias.to(a.dtype).reshape(c)
-    rows = [mean, a, b, p1.reshape(c).to(a.dtype), p2.reshape(c).to(a.dtype), torch.zeros_like(a)]
-    return torch.stack(rows).to(ct).contiguous()
+    coef = torch.empty((6, c), dtype=ct, device=mean.device)
+    flat = [t.reshape(c).contiguous() for t in (mean, invstd, p1, p2)]
+    w = weight.reshape(c).contiguous() if weight is not None else flat[1]
+    b = bias.reshape(c).contiguous() if bias is not None else flat[1]
+    bc = min(triton.next_power_of_2(c), 1024)
+    with launch_device(mean.device):
+        _coefficients_kernel[(triton.cdiv(c, bc),)](
+            flat[0], flat[1], w, b, flat[2], flat[3], coef, c,
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=bc,
+        )  # fmt: skip
+    return coef
 
 
 def _flat(t: Tensor, c: int) -> tuple[Tensor, int]:
