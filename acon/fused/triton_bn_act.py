@@ -9,7 +9,7 @@ element-wise step is one Triton pass: statistics, forward (z on load, never stor
 Meta-ACON: the β network reads z's spatial mean, here (row mean of x - mean)·a + b from the statistics
 pass; in backward, between the passes, the β network is differentiated with pass 1's dβ sums, its
 parameters get their gradients, and its spatial-mean gradient dzbar joins dz as dzbar/S per (n, c),
-which pass 2 adds as a per-(n, c) term (BatchNorm's sums get dzbar's share on the host).
+which pass 2 adds as a per-(n, c) term (BatchNorm's sums get dzbar's share in the float64 coefficient kernel).
 
 Running statistics follow ``nn.BatchNorm2d`` (momentum, unbiased variance; ``num_batches_tracked`` is
 counted by ``acon.fuse_bn.bn_state``). SyncBatchNorm (a process group) and empty batches run the op of
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acon.fused import selfcheck
+from acon.fused import triton_bn_channels as ch
 from acon.fused import triton_bn_kernels as tk
 from acon.fused.layout import compute_dtype, layout_of, param_grads, same_layout, typed_like
 from acon.syncbn import update_running
@@ -47,7 +48,7 @@ def statistics(x: Tensor, st, rows: bool) -> tuple[Tensor, Tensor, Tensor | None
 
 def spatial_mean_of_z(coef: Tensor, row_mean: Tensor, dtype: torch.dtype) -> Tensor:
     """(N, C) spatial mean of z = (x - mean)·a + b from x's row means, in ``dtype``."""
-    mean, a, b = (coef[k].double() for k in (tk.MEAN, tk.SCALE, tk.SHIFT))
+    mean, a, b = (coef[k].double() for k in (ch.MEAN, ch.SCALE, ch.SHIFT))
     return ((row_mean - mean) * a + b).to(dtype)
 
 
@@ -55,22 +56,13 @@ def backward_passes(dy, x, coef, invstd, row_mean, beta, batch_stats: bool, want
     """(dx or None, (Σ→dp1, Σ→dp2, Σ→dβ per (n, c)), Σdz, Σdz·x̂) of the fused op; ``dzbar_of`` maps the
     dβ sums to z's spatial-mean gradient (Meta-ACON's β network backward), or is None."""
     one_pass = want_dx and not batch_stats and dzbar_of is None
-    (s1, s2, sb, sdz, sdzx), dx = tk.backward_sums(dy, x, coef, beta, eval_dx=one_pass)
-    mean, a = coef[tk.MEAN].double(), coef[tk.SCALE].double()
-    shift = torch.zeros_like(a)
-    if dzbar_of is not None:
-        dzbar = dzbar_of(sb).double()
-        shift = a * dzbar * (x.shape[0] * x.shape[1] / x.numel())  # a·dzbar/S per (n, c)
-        sdz = sdz + dzbar.sum(0)
-        sdzx = sdzx + (dzbar * (row_mean - mean)).sum(0)
+    sums, sb, dx = tk.backward_sums(dy, x, coef, beta, eval_dx=one_pass)
+    dzbar = None if dzbar_of is None else dzbar_of(sb)
+    count = x.numel() // x.shape[1]
+    coef, shift, bn = ch.dx_coefficients(sums, coef, invstd, dzbar, row_mean, count, batch_stats)
     if want_dx and dx is None:
-        if batch_stats:
-            count = x.numel() // x.shape[1]
-            coef = coef.clone()
-            coef[tk.DX_X] = (-a * invstd * invstd * sdzx / count).to(coef.dtype)
-            shift = shift - a * sdz / count
         dx = tk.backward_dx(dy, x, coef, beta, shift, batch_stats)
-    return dx, (s1, s2, sb), sdz, sdzx * invstd
+    return dx, (sums[0], sums[1], sb), bn[0], bn[1]
 
 
 class _TritonBNAconC(torch.autograd.Function):
@@ -81,7 +73,7 @@ class _TritonBNAconC(torch.autograd.Function):
     def forward(ctx, x, weight, bias, p1, p2, beta, st, beta_fn, *beta_params):
         meta = beta_fn is not None
         mean, invstd, row_mean = statistics(x, st, rows=meta)
-        coef = tk.coefficients(mean, invstd, weight, bias, p1, p2, compute_dtype(x.dtype))
+        coef = ch.coefficients(mean, invstd, weight, bias, p1, p2, compute_dtype(x.dtype))
         if meta:
             with torch.enable_grad():
                 zbar = spatial_mean_of_z(coef, row_mean, x.dtype).requires_grad_()
@@ -124,7 +116,7 @@ def bn_acon_c(x: Tensor, st, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     if not torch.is_grad_enabled():
         mean, invstd, _ = statistics(x, st, rows=False)
         return tk.forward(
-            x, tk.coefficients(mean, invstd, st.weight, st.bias, p1, p2, compute_dtype(x.dtype)), beta
+            x, ch.coefficients(mean, invstd, st.weight, st.bias, p1, p2, compute_dtype(x.dtype)), beta
         )
     return _TritonBNAconC.apply(x, st.weight, st.bias, p1, p2, beta, st, None)
 
@@ -134,7 +126,7 @@ def bn_meta_acon_c(x: Tensor, st, meta: nn.Module) -> Tensor:
     β network (``beta_from_mean``) and p1, p2 apply."""
     if not torch.is_grad_enabled():
         mean, invstd, row_mean = statistics(x, st, rows=True)
-        coef = tk.coefficients(mean, invstd, st.weight, st.bias, meta.p1, meta.p2, compute_dtype(x.dtype))
+        coef = ch.coefficients(mean, invstd, st.weight, st.bias, meta.p1, meta.p2, compute_dtype(x.dtype))
         return tk.forward(x, coef, meta.beta_from_mean(spatial_mean_of_z(coef, row_mean, x.dtype), x))
     params = [meta.fc1.weight, meta.fc1.bias, meta.bn1.weight, meta.bn1.bias]
     params += [meta.fc2.weight, meta.fc2.bias, meta.bn2.weight, meta.bn2.bias]
@@ -162,7 +154,7 @@ def _kernel_run(x, w, b, p1, p2, beta, dy, e, running) -> list[Tensor]:
     else:
         mean, var, row_mean = running[0].double(), running[1].double(), tk.moments(x)[2]
     invstd = torch.rsqrt(var + eps)
-    coef = tk.coefficients(mean, invstd, w, b, p1, p2, compute_dtype(x.dtype))
+    coef = ch.coefficients(mean, invstd, w, b, p1, p2, compute_dtype(x.dtype))
     dzbar_of = None if e is None else (lambda sb: e * (x.numel() // (x.shape[0] * x.shape[1])))
     y = tk.forward(x, coef, beta)
     dx, (s1, s2, sb), sdz, sdzxhat = backward_passes(

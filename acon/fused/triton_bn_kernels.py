@@ -1,16 +1,17 @@
 """Triton kernels of the fused BatchNorm → ACON-C op (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
 They work on the (N, C, S) view of a dense x (contiguous NCHW or channels-last, tiled as in
-``acon.fused.triton_kernels``); :mod:`acon.fused.triton_bn_act` strings them into the autograd op.
+``acon.fused.triton_kernels``); the per-channel float64 steps between them are the kernels of
+``acon.fused.triton_bn_channels``, and :mod:`acon.fused.triton_bn_act` strings both into the autograd op.
 
 - statistics (:func:`moments`): per (sample, channel block, slice of S) program, the slice's mean and
-  Σ(x - mean)², merged tile by tile by Chan's formula in fp32; the host combines slices and rows in
+  Σ(x - mean)², merged tile by tile by Chan's formula in fp32; slices and rows are then combined in
   float64, which also gives the per-(n, c) spatial means Meta-ACON's β network reads.
 - forward (:func:`forward`): z = (x - mean)·a + b (a = invstd·weight) on load, ACON-C with a per-channel
   or per-sample β, y stored: one read of x, one write of y; z is never stored.
 - backward pass 1 (:func:`backward_sums`): reads x and dy, recomputes z and ACON's gradient dz, and
   writes per-program partial sums of dp1's, dp2's (per channel) and dβ's (per sample and channel) terms
-  and of BatchNorm's Σdz and Σdz·(x - mean); the host adds the partials in a fixed order in float64.
+  and of BatchNorm's Σdz and Σdz·(x - mean); the partials are added in a fixed order in float64.
   With running statistics and no β network it also writes dx = a·dz, and no second pass runs.
 - backward pass 2 (:func:`backward_dx`): reads x and dy again, recomputes dz in fp32 and writes
   dx = a·dz + B·(x - mean) + shift[n, c]. dz is never written: recomputing it costs one sigmoid per
@@ -31,10 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from acon.fused.layout import compute_dtype, layout_of
+from acon.fused.triton_bn_channels import combine_moments
 from acon.fused.triton_kernels import TARGET_PROGRAMS, _blocks, _strides, launch_device
-
-# rows of the per-channel coefficient table the kernels read
-MEAN, SCALE, SHIFT, P1, P2, DX_X = range(6)
 
 
 @triton.jit
@@ -70,62 +69,6 @@ def _moments_kernel(
     out = (n * n_split + sp) * C + c
     tl.store(part_ptr + out, mean, mask=cm)
     tl.store(part_ptr + N * n_split * C + out, m2, mask=cm)
-
-
-@triton.jit
-def _moments_combine_kernel(
-    part_ptr, row_ptr, out_ptr, N, C, S, n_split, span, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    # float64: the slices of each row, then the rows, merged by Chan's formula in a fixed order
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    plane = N * n_split * C
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    rows = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for n in range(0, N):
-        row_sum = tl.zeros((BLOCK_C,), dtype=tl.float64)
-        for sp in range(0, n_split):
-            cnt = tl.minimum(tl.maximum(S - sp * span, 0), span).to(tl.float64)
-            mu = tl.load(part_ptr + (n * n_split + sp) * C + c, mask=cm, other=0.0).to(tl.float64)
-            row_sum += cnt * mu
-        row_mean = row_sum / S
-        row_m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
-        for sp in range(0, n_split):
-            cnt = tl.minimum(tl.maximum(S - sp * span, 0), span).to(tl.float64)
-            at = (n * n_split + sp) * C + c
-            mu = tl.load(part_ptr + at, mask=cm, other=0.0).to(tl.float64)
-            dev = mu - row_mean
-            row_m2 += tl.load(part_ptr + plane + at, mask=cm, other=0.0).to(tl.float64) + cnt * dev * dev
-        tl.store(row_ptr + n * C + c, row_mean, mask=cm)
-        rows += 1.0  # a float64 count: 1.0 / an integer would be fp32
-        delta = row_mean - mean
-        mean += delta / rows
-        m2 += row_m2 + delta * delta * ((rows - 1.0) * S / rows)
-    tl.store(out_ptr + c, mean, mask=cm)
-    tl.store(out_ptr + C + c, m2 / (N * S), mask=cm)
-
-
-@triton.jit
-def _coefficients_kernel(
-    mean_ptr, inv_ptr, w_ptr, b_ptr, p1_ptr, p2_ptr, coef_ptr, C,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    ct = coef_ptr.dtype.element_ty
-    a = tl.load(inv_ptr + c, mask=cm, other=0.0).to(tl.float64)
-    if HAS_W:
-        a = a * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float64)
-    b = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    if HAS_B:
-        b += tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float64)
-    tl.store(coef_ptr + c, tl.load(mean_ptr + c, mask=cm, other=0.0).to(ct), mask=cm)
-    tl.store(coef_ptr + C + c, a.to(ct), mask=cm)
-    tl.store(coef_ptr + 2 * C + c, b.to(ct), mask=cm)
-    tl.store(coef_ptr + 3 * C + c, tl.load(p1_ptr + c, mask=cm, other=0.0).to(ct), mask=cm)
-    tl.store(coef_ptr + 4 * C + c, tl.load(p2_ptr + c, mask=cm, other=0.0).to(ct), mask=cm)
-    tl.store(coef_ptr + 5 * C + c, tl.zeros((BLOCK_C,), dtype=ct), mask=cm)
 
 
 @triton.jit
@@ -267,31 +210,7 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         _moments_kernel[(gr.programs(),)](
             x, part, *gr.common(), gr.n_cb, gr.n_split, gr.per_split, **gr.blocks(x)
         )  # fmt: skip
-    row_mean = torch.empty((gr.n, gr.c), dtype=torch.float64, device=x.device)
-    out = torch.empty((2, gr.c), dtype=torch.float64, device=x.device)
-    bc = min(triton.next_power_of_2(gr.c), 128)
-    with launch_device(x.device):
-        _moments_combine_kernel[(triton.cdiv(gr.c, bc),)](
-            part, row_mean, out, gr.n, gr.c, gr.s, gr.n_split, gr.per_split * gr.block_s, BLOCK_C=bc
-        )  # fmt: skip
-    return out[0], out[1], row_mean
-
-
-def coefficients(mean: Tensor, invstd: Tensor, weight, bias, p1: Tensor, p2: Tensor, ct) -> Tensor:
-    """The (6, C) table the kernels read, in ``ct``: mean, a = invstd·weight (float64 product), bias, p1,
-    p2, and dx's (x - mean) coefficient (0 until backward sets it). One launch."""
-    c = mean.numel()
-    coef = torch.empty((6, c), dtype=ct, device=mean.device)
-    flat = [t.reshape(c).contiguous() for t in (mean, invstd, p1, p2)]
-    w = weight.reshape(c).contiguous() if weight is not None else flat[1]
-    b = bias.reshape(c).contiguous() if bias is not None else flat[1]
-    bc = min(triton.next_power_of_2(c), 1024)
-    with launch_device(mean.device):
-        _coefficients_kernel[(triton.cdiv(c, bc),)](
-            flat[0], flat[1], w, b, flat[2], flat[3], coef, c,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=bc,
-        )  # fmt: skip
-    return coef
+    return combine_moments(part, gr.s, gr.per_split * gr.block_s)
 
 
 def _flat(t: Tensor, c: int) -> tuple[Tensor, int]:
@@ -313,19 +232,20 @@ def forward(x: Tensor, coef: Tensor, beta: Tensor) -> Tensor:
 
 
 def backward_sums(dy: Tensor, x: Tensor, coef: Tensor, beta: Tensor, eval_dx: bool = False):
-    """Pass 1: float64 sums (Σdy·z·g, Σdy·z·(1-g) per channel; dβ's Σ per (n, c); Σdz and Σdz·(x - mean)
-    per channel) and, with ``eval_dx``, dx = a·dz (running statistics, no β network); else dx is None."""
+    """Pass 1: (5, C) float64 sums (Σdy·z·g → dp1, Σdy·z·(1-g) → dp2, -, Σdz, Σdz·(x - mean)), dβ's (N, C)
+    sums, and with ``eval_dx`` dx = a·dz (running statistics, no β network), else None. The partial
+    sums are added in a fixed order, so the results are deterministic."""
     gr = Grid.of(x)
     bf, b_sn = _flat(beta.to(coef.dtype), gr.c)
     part = torch.empty((5, gr.n, gr.n_split, gr.c), dtype=coef.dtype, device=x.device)
     dx = torch.empty_like(x) if eval_dx else None
     with launch_device(x.device):
         _bwd_kernel[(gr.programs(),)](
-            dy, x, dx if eval_dx else x, coef, bf, coef.new_zeros(gr.c), part, *gr.common(), b_sn, 0, gr.n_cb, gr.n_split,
-            gr.per_split, **gr.blocks(x), SUMS=True, WRITE_DX=eval_dx, BATCH_STATS=False,
+            dy, x, dx if eval_dx else x, coef, bf, coef.new_zeros(gr.c), part,
+            *gr.common(), b_sn, 0, gr.n_cb, gr.n_split, gr.per_split, **gr.blocks(x),
+            SUMS=True, WRITE_DX=eval_dx, BATCH_STATS=False,
         )  # fmt: skip
-    s1, s2, _, sdz, sdzx = part.sum((1, 2), dtype=torch.float64)  # fixed order: deterministic
-    return (s1, s2, part[2].sum(1, dtype=torch.float64), sdz, sdzx), dx
+    return part.sum((1, 2), dtype=torch.float64), part[2].sum(1, dtype=torch.float64), dx
 
 
 def backward_dx(
@@ -344,14 +264,4 @@ def backward_dx(
     return dx
 
 
-__all__ = [
-    "DX_X",
-    "MEAN",
-    "SCALE",
-    "Grid",
-    "backward_dx",
-    "backward_sums",
-    "coefficients",
-    "forward",
-    "moments",
-]
+__all__ = ["Grid", "backward_dx", "backward_sums", "forward", "moments"]
