@@ -51,12 +51,18 @@ def _moments_combine_kernel(
 
 
 @triton.jit
+def _channel_block(C, BLOCK_C: tl.constexpr):
+    """This program's channel indices and their mask."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, c < C
+
+
+@triton.jit
 def _coefficients_kernel(
     mean_ptr, inv_ptr, w_ptr, b_ptr, p1_ptr, p2_ptr, coef_ptr, C,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    c, cm = _channel_block(C, BLOCK_C)
     ct = coef_ptr.dtype.element_ty
     a = tl.load(inv_ptr + c, mask=cm, other=0.0).to(tl.float64)
     if HAS_W:
@@ -78,8 +84,7 @@ def _dx_coefficients_kernel(
     META: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # float64: BatchNorm's sums (with Meta-ACON's dzbar/S added to dz), then dx's coefficients
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    c, cm = _channel_block(C, BLOCK_C)
     ct = coef_ptr.dtype.element_ty
     mean = tl.load(coef_ptr + c, mask=cm, other=0.0).to(tl.float64)
     a = tl.load(coef_ptr + C + c, mask=cm, other=0.0).to(tl.float64)

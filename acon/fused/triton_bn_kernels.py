@@ -37,17 +37,32 @@ from acon.fused.triton_kernels import TARGET_PROGRAMS, _blocks, _strides, launch
 
 
 @triton.jit
+def _program(C, n_cb, n_inner, BLOCK_C: tl.constexpr):
+    """This program's sample (int64), channel indices and mask, and index along S (tile or split)."""
+    pid = tl.program_id(0)
+    n = (pid // (n_inner * n_cb)).to(tl.int64)
+    c = (pid // n_inner) % n_cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, c, c < C, pid % n_inner
+
+
+@triton.jit
+def _acon_params(coef_ptr, b_ptr, n, b_sn, C, c, cm, ct):
+    """mean, a, b, p1, p2 of the coefficient table (in the compute dtype) and β of sample n, as columns."""
+    rows = coef_ptr + c
+    mu, a = tl.load(rows, mask=cm, other=0.0), tl.load(rows + C, mask=cm, other=0.0)
+    b, p1 = tl.load(rows + 2 * C, mask=cm, other=0.0), tl.load(rows + 3 * C, mask=cm, other=0.0)
+    p2 = tl.load(rows + 4 * C, mask=cm, other=0.0)
+    beta = tl.load(b_ptr + n * b_sn + c, mask=cm, other=0.0).to(ct)
+    return mu[:, None], a[:, None], b[:, None], p1[:, None], p2[:, None], beta[:, None]
+
+
+@triton.jit
 def _moments_kernel(
     x_ptr, part_ptr, N, C, S, sn, sc, ss, n_cb, n_split, tiles_per_split,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, F64: tl.constexpr,
 ):  # fmt: skip
     ct = tl.float64 if F64 else tl.float32
-    pid = tl.program_id(0)
-    sp = pid % n_split
-    cb = (pid // n_split) % n_cb
-    n = (pid // (n_split * n_cb)).to(tl.int64)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    n, c, cm, sp = _program(C, n_cb, n_split, BLOCK_C)
     base = n * sn + c.to(tl.int64)[:, None] * sc
     mean = tl.zeros((BLOCK_C,), dtype=ct)
     m2 = tl.zeros((BLOCK_C,), dtype=ct)
@@ -72,32 +87,20 @@ def _moments_kernel(
 
 
 @triton.jit
-def _row(coef_ptr, k, C, c, cm):
-    return tl.load(coef_ptr + k * C + c, mask=cm, other=0.0)  # the table is in the compute dtype
-
-
-@triton.jit
 def _fwd_kernel(
     x_ptr, y_ptr, coef_ptr, b_ptr, C, S, sn, sc, ss, b_sn, n_cb, n_sb,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, F64: tl.constexpr,
 ):  # fmt: skip
     ct = tl.float64 if F64 else tl.float32
-    pid = tl.program_id(0)
-    sb = pid % n_sb
-    cb = (pid // n_sb) % n_cb
-    n = (pid // (n_sb * n_cb)).to(tl.int64)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, c, cm, sb = _program(C, n_cb, n_sb, BLOCK_C)
     s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    cm = c < C
     m = cm[:, None] & (s < S)[None, :]
-    mu, a, b = _row(coef_ptr, 0, C, c, cm), _row(coef_ptr, 1, C, c, cm), _row(coef_ptr, 2, C, c, cm)
-    p1, p2 = _row(coef_ptr, 3, C, c, cm), _row(coef_ptr, 4, C, c, cm)
-    beta = tl.load(b_ptr + n * b_sn + c, mask=cm, other=0.0).to(ct)
+    mu, a, b, p1, p2, beta = _acon_params(coef_ptr, b_ptr, n, b_sn, C, c, cm, ct)
     off = n * sn + c.to(tl.int64)[:, None] * sc + s.to(tl.int64)[None, :] * ss
     x = tl.load(x_ptr + off, mask=m, other=0.0).to(ct)
-    z = (x - mu[:, None]) * a[:, None] + b[:, None]
-    u = (p1 - p2)[:, None] * z
-    y = u * tl.sigmoid(beta[:, None] * u) + p2[:, None] * z
+    z = (x - mu) * a + b
+    u = (p1 - p2) * z
+    y = u * tl.sigmoid(beta * u) + p2 * z
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -109,18 +112,11 @@ def _bwd_kernel(
     SUMS: tl.constexpr, WRITE_DX: tl.constexpr, BATCH_STATS: tl.constexpr,
 ):  # fmt: skip
     ct = tl.float64 if F64 else tl.float32
-    pid = tl.program_id(0)
-    sp = pid % n_split
-    cb = (pid // n_split) % n_cb
-    n = (pid // (n_split * n_cb)).to(tl.int64)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    mu, a, b = _row(coef_ptr, 0, C, c, cm), _row(coef_ptr, 1, C, c, cm), _row(coef_ptr, 2, C, c, cm)
-    p1, p2 = _row(coef_ptr, 3, C, c, cm), _row(coef_ptr, 4, C, c, cm)
-    bx = _row(coef_ptr, 5, C, c, cm)[:, None]
-    beta = tl.load(b_ptr + n * b_sn + c, mask=cm, other=0.0).to(ct)[:, None]
+    n, c, cm, sp = _program(C, n_cb, n_split, BLOCK_C)
+    mu, a, b, p1, p2, beta = _acon_params(coef_ptr, b_ptr, n, b_sn, C, c, cm, ct)
+    bx = tl.load(coef_ptr + 5 * C + c, mask=cm, other=0.0)[:, None]
     e = tl.load(e_ptr + n * e_sn + c, mask=cm, other=0.0).to(ct)[:, None]
-    d = (p1 - p2)[:, None]
+    d = p1 - p2
     acc1 = tl.zeros((BLOCK_C, BLOCK_S), dtype=ct)
     acc2 = tl.zeros((BLOCK_C, BLOCK_S), dtype=ct)
     accb = tl.zeros((BLOCK_C, BLOCK_S), dtype=ct)
@@ -131,17 +127,17 @@ def _bwd_kernel(
         s = (sp * tiles_per_split + t) * BLOCK_S + tl.arange(0, BLOCK_S)
         m = cm[:, None] & (s < S)[None, :]
         off = base + s.to(tl.int64)[None, :] * ss
-        xc = tl.load(x_ptr + off, mask=m, other=0.0).to(ct) - mu[:, None]
+        xc = tl.load(x_ptr + off, mask=m, other=0.0).to(ct) - mu
         dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(ct)
-        z = xc * a[:, None] + b[:, None]
+        z = xc * a + b
         u = d * z
         w = beta * u
         sg = tl.sigmoid(w)
         sgp = sg * (1.0 - sg)
         g = sg + w * sgp
-        dz = dy * (d * g + p2[:, None])
+        dz = dy * (d * g + p2)
         if WRITE_DX:
-            dx = a[:, None] * dz + e
+            dx = a * dz + e
             if BATCH_STATS:
                 dx += bx * xc
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
