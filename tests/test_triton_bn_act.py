@@ -44,7 +44,7 @@ def _interpret(marker: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
 @pytest.mark.parametrize(
-    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 19, marks=pytest.mark.slow)]
+    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 20, marks=pytest.mark.slow)]
 )
 def test_kernels_in_the_interpreter(marker, least):
     pytest.importorskip("triton")
@@ -337,6 +337,27 @@ def test_nan_and_inf_as_the_unfused_modules(triton_only):
         fin = a.isfinite()
         assert torch.allclose(a[fin], b[fin], rtol=1e-4, atol=1e-5)
     assert bool(b[:, 2].isnan().all()) and bool(b[:, 0].isnan().all())
+
+
+@inner
+@pytest.mark.slow
+def test_autocast_training_and_a_first_call_under_inference_mode(triton_only):
+    """bf16 autocast (conv output bf16, BatchNorm parameters fp32) trains through the kernels close to the
+    unfused modules; a first call (self-check included) inside torch.inference_mode works."""
+    ref = pair(MetaAconC, dtype=torch.float32)
+    fused = fuse_bn_acon(copy.deepcopy(ref))
+    x = torch.randn(3, 3, 6, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = ref(x), fused(x)
+    assert yb.dtype == torch.bfloat16 and torch.allclose(yb.float(), ya.float(), rtol=5e-2, atol=5e-2)
+    yb.float().sum().backward()
+    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in fused.parameters())
+    selfcheck.reset()
+    ref = pair(MetaAconC, dtype=torch.float32).eval()
+    fused = fuse_bn_acon(copy.deepcopy(ref))
+    with torch.inference_mode():
+        assert torch.allclose(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert triton_only["forward"] >= 2
 
 
 @inner
