@@ -8,8 +8,13 @@ element-wise step is one Triton pass: statistics, forward (z on load, never stor
 
 Meta-ACON: the β network reads z's spatial mean, here (row mean of x - mean)·a + b from the statistics
 pass; in backward, between the passes, the β network is differentiated with pass 1's dβ sums, its
-parameters get their gradients, and its spatial-mean gradient dzbar joins dz as dzbar/S per (n, c),
-which pass 2 adds as a per-(n, c) term (BatchNorm's sums get dzbar's share in the float64 coefficient kernel).
+parameters get their gradients, and its spatial-mean gradient dzbar joins dz as dzbar/S per (n, c):
+BatchNorm's sums get its share in the float64 coefficient kernel, pass 2 adds it per (n, c).
+
+Launches per pair and training step: forward, 4 Triton kernels (statistics, their float64 combination,
+the coefficient table, y) and about 8 small torch ops (invstd, the running-statistics update); backward,
+3 Triton kernels (pass 1, dx's coefficients, pass 2; 2 for eval BatchNorm without a β network), two torch
+reductions of the partial sums and the parameter gradients' casts.
 
 Running statistics follow ``nn.BatchNorm2d`` (momentum, unbiased variance; ``num_batches_tracked`` is
 counted by ``acon.fuse_bn.bn_state``). SyncBatchNorm (a process group) and empty batches run the op of
