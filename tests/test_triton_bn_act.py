@@ -437,3 +437,12 @@ def test_low_precision_deterministic_in_the_interpreter(triton_only):
 def test_cuda_low_precision_and_determinism(triton_only, dtype):
     """bf16/fp16 on CUDA within the self-check tolerances; backward bitwise deterministic."""
     _low_precision_deterministic(dtype, "cuda", (8, 64, 28, 28))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_kernels_launch_on_the_tensors_device(triton_only):
+    """With cuda:0 current, a pair on the last GPU runs there (Triton launches on the current device
+    unless told otherwise)."""
+    torch.cuda.set_device(0)
+    _check_pair(MetaAconC, torch.float32, True, 4, device=f"cuda:{torch.cuda.device_count() - 1}")
