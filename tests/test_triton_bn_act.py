@@ -44,7 +44,7 @@ def _interpret(marker: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
 @pytest.mark.parametrize(
-    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 21, marks=pytest.mark.slow)]
+    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 23, marks=pytest.mark.slow)]
 )
 def test_kernels_in_the_interpreter(marker, least):
     pytest.importorskip("triton")
@@ -379,20 +379,42 @@ def test_selfcheck_catches_a_wrong_kernel(monkeypatch):
         selfcheck.reset(), fallbacks.clear()
 
 
-@pytest.mark.slow
-def test_syncbn_and_empty_batches_take_the_torch_op():
-    """A process group (SyncBatchNorm) or an empty x is not served by the Triton kernels."""
-    from acon.fused import ops
+def _sync_worker_on_the_kernels(rank: int, path: str, out: str) -> None:
+    """``tests.test_fused_bn_acon``'s SyncBatchNorm worker, with the torch op's statistics made to fail: a
+    pair that ran on anything but the Triton kernels raises in this rank."""
 
-    if not (ops.triton_importable() and (torch.cuda.is_available() or ops.triton_on_cpu())):
-        pytest.skip("the Triton kernels serve no device in this process")
+    def torch_op(*a, **k):
+        raise AssertionError("acon.fused.bn_act's torch op ran instead of the Triton kernels")
+
+    bn_act.batch_statistics = torch_op
+    from tests.test_fused_bn_acon import _sync_worker
+
+    _sync_worker(rank, path, out)
+
+
+@inner
+@pytest.mark.slow
+def test_syncbn_under_two_gloo_ranks_runs_on_the_kernels(tmp_path):
+    """Two gloo ranks, half the batch each: the kernels' all-reduced statistics and gradients give one
+    process's results on the whole batch (values, every gradient, running statistics); empty batches
+    are left to the torch op."""
+    import torch.multiprocessing as mp
+
     from acon.fused import triton_bn_act
 
-    x = torch.randn(2, 3, 4, 4, device="cuda" if torch.cuda.is_available() else "cpu")
-    local = bn_act.BNState(None, None, None, None, 1e-5, 0.1, True, False)
-    synced = bn_act.BNState(None, None, None, None, 1e-5, 0.1, True, False, group=object())
-    assert triton_bn_act.serves(x, local)
-    assert not triton_bn_act.serves(x, synced) and not triton_bn_act.serves(x[:0], local)
+    assert not triton_bn_act.serves(torch.empty(0, 3, 4, 4))
+    out = str(tmp_path / "res")
+    mp.spawn(_sync_worker_on_the_kernels, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    torch.manual_seed(0)
+    x, g = torch.randn(6, 3, 5, 5, dtype=torch.float64), torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    for act in (AconC, MetaAconC):
+        ref = pair(act, c=4)
+        ref(x).backward(g)
+        want = [p.grad for p in ref.parameters()] + [b.double() for b in ref.buffers()]
+        for rank in (0, 1):
+            got = torch.load(f"{out}.{act.__name__}.{rank}")
+            got = got["grads"] + [b.double() for b in got["buffers"]]
+            assert all(close(a, b, torch.float64) for a, b in zip(got, want, strict=True)), (act, rank)
 
 
 @pytest.mark.gpu

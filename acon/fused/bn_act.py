@@ -194,20 +194,20 @@ class _BNAconC(torch.autograd.Function):
         return (dx if need[0] else None, dw, db, dp1, dp2, dbeta, None, None, *param_grads)
 
 
-def triton_op(x: Tensor, st: BNState):
+def triton_op(x: Tensor):
     """``acon.fused.triton_bn_act`` when its Triton kernels serve x (CUDA, or CPU under the Triton
-    interpreter; local statistics; self-check passed), else None (this module's op serves)."""
+    interpreter; self-check passed), else None (this module's op serves)."""
     if (x.is_cuda and triton_importable()) or (x.device.type == "cpu" and triton_on_cpu()):
         from acon.fused import triton_bn_act
 
-        return triton_bn_act if triton_bn_act.serves(x, st) else None
+        return triton_bn_act if triton_bn_act.serves(x) else None
     return None
 
 
 def bn_acon_c(x: Tensor, st: BNState, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     """ACON-C(BatchNorm(x)) with per-channel p1, p2, β of shape (1, C, 1, ...)."""
     x = dense(x)
-    if (op := triton_op(x, st)) is not None:
+    if (op := triton_op(x)) is not None:
         return op.bn_acon_c(x, st, p1, p2, beta)
     if not torch.is_grad_enabled():
         mean, invstd, _ = batch_statistics(x, st)
@@ -219,7 +219,7 @@ def bn_meta_acon_c(x: Tensor, st: BNState, meta: nn.Module) -> Tensor:
     """Meta-ACON-C(BatchNorm(x)): ``meta`` is the :class:`acon.activations.MetaAconC` whose β network and
     p1, p2 apply (its ``beta_from_mean`` maps z's spatial mean to β)."""
     x = dense(x)
-    if (op := triton_op(x, st)) is not None:
+    if (op := triton_op(x)) is not None:
         return op.bn_meta_acon_c(x, st, meta)
     if not torch.is_grad_enabled():
         mean, invstd, _ = batch_statistics(x, st)

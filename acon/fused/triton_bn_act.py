@@ -17,13 +17,15 @@ the coefficient table, y) and about 8 small torch ops (invstd, the running-stati
 reductions of the partial sums and the parameter gradients' casts.
 
 Running statistics follow ``nn.BatchNorm2d`` (momentum, unbiased variance; ``num_batches_tracked`` is
-counted by ``acon.fuse_bn.bn_state``). SyncBatchNorm (a process group) and empty batches run the op of
-``acon.fused.bn_act``. Each device, dtype and memory format is checked on its first call against the
+counted by ``acon.fuse_bn.bn_state``). SyncBatchNorm (a process group): Σx, Σx² and, in backward, Σdz,
+Σdz·x̂ are all-reduced in float64 as ``acon.syncbn`` does. Empty batches run ``acon.fused.bn_act``'s op. Each device, dtype and memory format is checked on its first call against the
 fp64 torch reference (training, Meta-ACON's per-sample β with a spatial-mean gradient, eval); a failure
 warns once (``acon.fallbacks``) and that combination runs ``acon.fused.bn_act``'s op from then on.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -33,22 +35,35 @@ from acon.fused import selfcheck
 from acon.fused import triton_bn_channels as ch
 from acon.fused import triton_bn_kernels as tk
 from acon.fused.layout import compute_dtype, layout_of, param_grads, same_layout, typed_like
-from acon.syncbn import update_running
+from acon.syncbn import global_sum, update_running
 
 _CHECK_NAMES = ("y", "dx", "dweight", "dbias", "dp1", "dp2", "dbeta")
 
 
-def statistics(x: Tensor, st, rows: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-channel (mean, invstd) this call normalises with (float64) and, for batch statistics or when
-    ``rows`` asks, the per-(n, c) spatial means of x; moves the running statistics when ``st`` says so."""
+def statistics(x: Tensor, st, rows: bool) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """Per-channel (mean, invstd) this call normalises with (float64), the per-(n, c) spatial means of x
+    (for batch statistics, or when ``rows`` asks) and the number of values per channel the statistics
+    span (every rank's under SyncBatchNorm); moves the running statistics when ``st`` says so."""
+    count = x.numel() // x.shape[1]
     if not st.batch_stats:
         row_mean = tk.moments(x)[2] if rows else None
-        return st.running_mean.double(), torch.rsqrt(st.running_var.double() + st.eps), row_mean
+        return st.running_mean.double(), torch.rsqrt(st.running_var.double() + st.eps), row_mean, count
     mean, var, row_mean = tk.moments(x)
+    if st.group is not None:
+        mean, var, count = synced_moments(mean, var, count, st.group)
     if st.update:
-        count = x.numel() // x.shape[1]
         update_running(st.running_mean, st.running_var, mean, var * count / max(count - 1, 1), st.momentum)
-    return mean, torch.rsqrt(var + st.eps), row_mean
+    return mean, torch.rsqrt(var + st.eps), row_mean, count
+
+
+def synced_moments(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
+    """Mean and biased variance over every rank of ``group`` from this rank's (float64 Σx, Σx² and count
+    all-reduced, as ``acon.syncbn.global_moments``), and the global count."""
+    local = torch.cat([mean * count, (var + mean * mean) * count, mean.new_full((1,), float(count))])
+    total = global_sum(local, group)
+    c, n = mean.numel(), total[-1]
+    mean = total[:c] / n
+    return mean, (total[c : 2 * c] / n - mean * mean).clamp_min(0), int(n)
 
 
 def spatial_mean_of_z(coef: Tensor, row_mean: Tensor, dtype: torch.dtype) -> Tensor:
@@ -57,16 +72,22 @@ def spatial_mean_of_z(coef: Tensor, row_mean: Tensor, dtype: torch.dtype) -> Ten
     return ((row_mean - mean) * a + b).to(dtype)
 
 
-def backward_passes(dy, x, coef, invstd, row_mean, beta, batch_stats: bool, want_dx: bool, dzbar_of):
-    """(dx or None, (Σ→dp1, Σ→dp2, Σ→dβ per (n, c)), Σdz, Σdz·x̂) of the fused op; ``dzbar_of`` maps the
-    dβ sums to z's spatial-mean gradient (Meta-ACON's β network backward), or is None."""
-    one_pass = want_dx and not batch_stats and dzbar_of is None
+def backward_passes(dy, x, coef, invstd, row_mean, beta, st, count: int, want_dx: bool, dzbar_of):
+    """(dx or None, (Σ→dp1, Σ→dp2, Σ→dβ per (n, c)), Σdz, Σdz·x̂) of the fused op (this rank's sums);
+    ``dzbar_of`` maps the dβ sums to z's spatial-mean gradient (Meta-ACON's β network backward), or is
+    None; ``count`` values per channel (every rank's) gave the statistics."""
+    one_pass = want_dx and not st.batch_stats and dzbar_of is None
     sums, sb, dx = tk.backward_sums(dy, x, coef, beta, eval_dx=one_pass)
     dzbar = None if dzbar_of is None else dzbar_of(sb)
-    count = x.numel() // x.shape[1]
-    coef, shift, bn = ch.dx_coefficients(sums, coef, invstd, dzbar, row_mean, count, batch_stats)
+    spatial, synced = x.numel() // (x.shape[0] * x.shape[1]), st.batch_stats and st.group is not None
+    local = st.batch_stats and not synced
+    coef, shift, bn = ch.dx_coefficients(sums, coef, invstd, dzbar, row_mean, count, spatial, local)
+    if want_dx and synced:  # dx's batch terms from every rank's Σdz, Σdz·x̂
+        total, a = global_sum(bn, st.group), coef[ch.SCALE].double()
+        coef[ch.DX_X] = (-a * invstd * total[1] / count).to(coef.dtype)
+        shift = (shift.double() - a * total[0] / count).to(shift.dtype)
     if want_dx and dx is None:
-        dx = tk.backward_dx(dy, x, coef, beta, shift, batch_stats)
+        dx = tk.backward_dx(dy, x, coef, beta, shift, st.batch_stats)
     return dx, (sums[0], sums[1], sb), bn[0], bn[1]
 
 
@@ -77,7 +98,7 @@ class _TritonBNAconC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p1, p2, beta, st, beta_fn, *beta_params):
         meta = beta_fn is not None
-        mean, invstd, row_mean = statistics(x, st, rows=meta)
+        mean, invstd, row_mean, count = statistics(x, st, rows=meta)
         coef = ch.coefficients(mean, invstd, weight, bias, p1, p2, compute_dtype(x.dtype))
         if meta:
             with torch.enable_grad():
@@ -85,7 +106,7 @@ class _TritonBNAconC(torch.autograd.Function):
                 beta_graph = beta_fn(zbar, x)
             beta = beta_graph.detach()
             ctx.beta_graph, ctx.zbar = beta_graph, zbar
-        ctx.st, ctx.meta = st, meta
+        ctx.st, ctx.meta, ctx.count = st, meta, count
         ctx.save_for_backward(
             x, coef, invstd, row_mean if meta else None, weight, bias, p1, p2, beta, *beta_params
         )
@@ -107,7 +128,7 @@ class _TritonBNAconC(torch.autograd.Function):
             return grads[0]
 
         dx, (s1, s2, sb), sdz, sdzxhat = backward_passes(
-            same_layout(dy, x), x, coef, invstd, row_mean, beta, ctx.st.batch_stats, need[0],
+            same_layout(dy, x), x, coef, invstd, row_mean, beta, ctx.st, ctx.count, need[0],
             dzbar_of if ctx.meta else None,
         )  # fmt: skip
         dp1, dp2, dbeta = param_grads(s1, s2, sb, p1, p2, beta)
@@ -119,7 +140,7 @@ class _TritonBNAconC(torch.autograd.Function):
 def bn_acon_c(x: Tensor, st, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     """ACON-C(BatchNorm(x)) for a dense x with per-channel p1, p2, β of shape (1, C, 1, ...)."""
     if not torch.is_grad_enabled():
-        mean, invstd, _ = statistics(x, st, rows=False)
+        mean, invstd, _, _ = statistics(x, st, rows=False)
         return tk.forward(
             x, ch.coefficients(mean, invstd, st.weight, st.bias, p1, p2, compute_dtype(x.dtype)), beta
         )
@@ -130,7 +151,7 @@ def bn_meta_acon_c(x: Tensor, st, meta: nn.Module) -> Tensor:
     """Meta-ACON-C(BatchNorm(x)) for a dense x: ``meta`` is the :class:`acon.activations.MetaAconC` whose
     β network (``beta_from_mean``) and p1, p2 apply."""
     if not torch.is_grad_enabled():
-        mean, invstd, row_mean = statistics(x, st, rows=True)
+        mean, invstd, row_mean, _ = statistics(x, st, rows=True)
         coef = ch.coefficients(mean, invstd, st.weight, st.bias, meta.p1, meta.p2, compute_dtype(x.dtype))
         return tk.forward(x, coef, meta.beta_from_mean(spatial_mean_of_z(coef, row_mean, x.dtype), x))
     params = [meta.fc1.weight, meta.fc1.bias, meta.bn1.weight, meta.bn1.bias]
@@ -141,10 +162,10 @@ def bn_meta_acon_c(x: Tensor, st, meta: nn.Module) -> Tensor:
     )
 
 
-def serves(x: Tensor, st) -> bool:
-    """Whether these kernels run BatchNorm → ACON for dense ``x`` under BatchNorm state ``st``: local
-    statistics, a non-empty x, and a passed first-call self-check for x's device, dtype and memory format."""
-    if st.group is not None or x.numel() == 0 or x.dim() < 2 or layout_of(x) is None:
+def serves(x: Tensor) -> bool:
+    """Whether these kernels run BatchNorm → ACON for dense ``x``: a non-empty x and a passed first-call
+    self-check for x's device, dtype and memory format."""
+    if x.numel() == 0 or x.dim() < 2 or layout_of(x) is None:
         return False
     key = ("bn_acon_c", str(x.device), x.dtype, layout_of(x))
     return selfcheck.first_call_check(key, selfcheck.path_name(x, "bn_acon_c"), lambda: self_check(x))
@@ -153,17 +174,16 @@ def serves(x: Tensor, st) -> bool:
 def _kernel_run(x, w, b, p1, p2, beta, dy, e, running) -> list[Tensor]:
     """[y, dx, dw, db, dp1, dp2, dβ] of the kernels for BatchNorm weight w, bias b (batch statistics, or
     ``running`` = (mean, var)) and an extra gradient e per (n, c) on z's spatial mean (if not None)."""
-    eps = 1e-5
-    if running is None:
-        mean, var, row_mean = tk.moments(x)
-    else:
-        mean, var, row_mean = running[0].double(), running[1].double(), tk.moments(x)[2]
-    invstd = torch.rsqrt(var + eps)
+    rm, rv = (None, None) if running is None else running
+    st = SimpleNamespace(
+        batch_stats=rm is None, update=False, group=None, running_mean=rm, running_var=rv, eps=1e-5
+    )
+    mean, invstd, row_mean, count = statistics(x, st, rows=True)
     coef = ch.coefficients(mean, invstd, w, b, p1, p2, compute_dtype(x.dtype))
     dzbar_of = None if e is None else (lambda sb: e * (x.numel() // (x.shape[0] * x.shape[1])))
     y = tk.forward(x, coef, beta)
     dx, (s1, s2, sb), sdz, sdzxhat = backward_passes(
-        dy, x, coef, invstd, row_mean, beta, running is None, True, dzbar_of
+        dy, x, coef, invstd, row_mean, beta, st, count, True, dzbar_of
     )
     return [y, dx, sdzxhat, sdz, *param_grads(s1, s2, sb, p1, p2, beta)]
 

@@ -145,10 +145,11 @@ def coefficients(mean: Tensor, invstd: Tensor, weight, bias, p1: Tensor, p2: Ten
     return coef
 
 
-def dx_coefficients(sums, coef, invstd, dzbar, row_mean, count: int, batch_stats: bool):
+def dx_coefficients(sums, coef, invstd, dzbar, row_mean, count: int, spatial: int, batch_stats: bool):
     """From pass 1's ``sums`` (and Meta-ACON's (N, C) ``dzbar``, z's spatial-mean gradient, added to dz as
-    dzbar/S): pass 2's coefficient table, its per-channel or per-(n, c) shift, and BatchNorm's float64
-    (Σdz, Σdz·x̂) = (dbias, dweight). One launch."""
+    dzbar/S, S = ``spatial``): pass 2's coefficient table, its per-channel or per-(n, c) shift, and
+    BatchNorm's float64 (Σdz, Σdz·x̂) = (dbias, dweight); the batch statistics spanned ``count`` values
+    per channel (``batch_stats`` False: the running statistics, no batch terms). One launch."""
     c = coef.shape[1]
     meta = dzbar is not None
     n = dzbar.shape[0] if meta else 1
@@ -159,7 +160,7 @@ def dx_coefficients(sums, coef, invstd, dzbar, row_mean, count: int, batch_stats
     bc = min(triton.next_power_of_2(c), 1024)
     with launch_device(coef.device):
         _dx_coefficients_kernel[(triton.cdiv(c, bc),)](
-            sums, coef, invstd.contiguous(), *rows, out, shift, bn, n, c, count // n, count,
+            sums, coef, invstd.contiguous(), *rows, out, shift, bn, n, c, spatial, count,
             META=meta, BATCH_STATS=batch_stats, BLOCK_C=bc,
         )  # fmt: skip
     return out, shift, bn
