@@ -259,16 +259,18 @@ def _fused_and_reference(dtype, per_sample, channels_last, **kw):
     return got, [ry.detach(), *torch.autograd.grad(ry, ref_leaves, dy.double())]
 
 
+_MORE_DTYPES = [
+    (torch.bfloat16, False),
+    (torch.float16, False),
+    (torch.float16, True),
+    (torch.float32, False),
+]
+
+
 @inner
 @pytest.mark.parametrize(
     "dtype,channels_last",
-    [
-        (torch.bfloat16, True),
-        pytest.param(torch.bfloat16, False, marks=pytest.mark.slow),
-        pytest.param(torch.float16, False, marks=pytest.mark.slow),
-        pytest.param(torch.float16, True, marks=pytest.mark.slow),
-        pytest.param(torch.float32, False, marks=pytest.mark.slow),
-    ],
+    [(torch.bfloat16, True)] + [pytest.param(*case, marks=pytest.mark.slow) for case in _MORE_DTYPES],
 )
 def test_low_precision_inputs_compute_in_fp32(triton_only, dtype, channels_last):
     """bf16/fp16/fp32 x with fp32 BatchNorm parameters (autocast's mix): y and dx in x's dtype and
