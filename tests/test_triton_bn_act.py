@@ -44,7 +44,7 @@ def _interpret(marker: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
 @pytest.mark.parametrize(
-    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 23, marks=pytest.mark.slow)]
+    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 24, marks=pytest.mark.slow)]
 )
 def test_kernels_in_the_interpreter(marker, least):
     pytest.importorskip("triton")
@@ -177,6 +177,17 @@ def test_running_statistics_follow_batchnorm2d(triton_only, layout):
         want, got = dict(ref[1].named_buffers()), dict(fused[1].named_buffers())
         assert int(got.pop("num_batches_tracked")) == int(want.pop("num_batches_tracked")) == 3
         assert all(torch.allclose(got[k], v, rtol=1e-6, atol=1e-6) for k, v in want.items()), momentum
+
+
+@inner
+@pytest.mark.slow
+def test_saves_no_more_than_conv_bn_relu(triton_only):
+    """``tests/test_fused_bn_acon.py``'s saved-bytes check on the Triton path: conv → fused pair → conv
+    keeps no more for backward than conv → BN → ReLU(inplace) → conv (ACON-C and Meta-ACON)."""
+    from tests.test_fused_bn_acon import test_backward_keeps_no_batchnorm_output
+
+    test_backward_keeps_no_batchnorm_output()
+    assert triton_only["forward"] >= 2
 
 
 @inner

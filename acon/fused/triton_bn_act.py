@@ -28,7 +28,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acon.fused import selfcheck
@@ -99,7 +98,9 @@ class _TritonBNAconC(torch.autograd.Function):
     def forward(ctx, x, weight, bias, p1, p2, beta, st, beta_fn, *beta_params):
         meta = beta_fn is not None
         mean, invstd, row_mean, count = statistics(x, st, rows=meta)
-        coef = ch.coefficients(mean, invstd, weight, bias, p1, p2, compute_dtype(x.dtype))
+        ct = compute_dtype(x.dtype)  # saved in it (the bytes BatchNorm saves), so the table is rebuilt alike
+        mean, invstd = mean.to(ct), invstd.to(ct)
+        coef = ch.coefficients(mean, invstd, weight, bias, p1, p2, ct)
         if meta:
             with torch.enable_grad():
                 zbar = spatial_mean_of_z(coef, row_mean, x.dtype).requires_grad_()
@@ -107,14 +108,16 @@ class _TritonBNAconC(torch.autograd.Function):
             beta = beta_graph.detach()
             ctx.beta_graph, ctx.zbar = beta_graph, zbar
         ctx.st, ctx.meta, ctx.count = st, meta, count
+        # the coefficient table is rebuilt in backward: saved, it would be 3x the bytes of mean and invstd
         ctx.save_for_backward(
-            x, coef, invstd, row_mean if meta else None, weight, bias, p1, p2, beta, *beta_params
+            x, mean, invstd, row_mean if meta else None, weight, bias, p1, p2, beta, *beta_params
         )
         return tk.forward(x, coef, beta)
 
     @staticmethod
     def backward(ctx, dy):
-        x, coef, invstd, row_mean, weight, bias, p1, p2, beta, *beta_params = ctx.saved_tensors
+        x, mean, invstd, row_mean, weight, bias, p1, p2, beta, *beta_params = ctx.saved_tensors
+        coef = ch.coefficients(mean, invstd, weight, bias, p1, p2, compute_dtype(x.dtype))
         need = ctx.needs_input_grad
         param_grads_meta: list = [None] * len(beta_params)
 
@@ -189,24 +192,33 @@ def _kernel_run(x, w, b, p1, p2, beta, dy, e, running) -> list[Tensor]:
 
 
 def _reference(x, w, b, p1, p2, beta, dy, e, running) -> list[Tensor]:
-    """The same outputs by torch's BatchNorm and the paper-form ACON-C in fp64 (autograd)."""
-    from acon.functional import acon_c_reference
-
-    leaves = [t.detach().double().requires_grad_() for t in (x, w, b, p1, p2, beta)]
-    xd, wd, bd, p1d, p2d, bd_beta = leaves
-    rm, rv = (None, None) if running is None else (running[0].double(), running[1].double())
-    z = F.batch_norm(xd, rm, rv, wd, bd, running is None, 0.0, 1e-5)
-    y = acon_c_reference(z, p1d, p2d, bd_beta)
-    loss = (y * dy.double()).sum()
+    """The same outputs in fp64 by hand, without autograd (a first call may run under the caller's
+    saved-tensor hooks or inference mode): ACON-C's gradients by ``selfcheck.reference_grads``, then
+    BatchNorm's backward by its formulas."""
+    x, w, b, dy = (t.detach().double() for t in (x, w, b, dy))
+    dims, view = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
+    if running is None:
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    else:
+        mean, var = running[0].double(), running[1].double()
+    invstd = torch.rsqrt(var + 1e-5)
+    xhat = (x - mean.reshape(view)) * invstd.reshape(view)
+    y, dz, dp1, dp2, dbeta = selfcheck.reference_grads(
+        xhat * w.reshape(view) + b.reshape(view), p1, p2, beta, dy
+    )
     if e is not None:
-        loss = loss + (z * e.double().reshape(e.shape + (1,) * (x.dim() - 2))).sum()
-    return [y.detach(), *torch.autograd.grad(loss, leaves)]
+        dz = dz + e.double().reshape(e.shape + (1,) * (x.dim() - 2))
+    db, dw = dz.sum(dims), (dz * xhat).sum(dims)
+    if running is None:
+        count = x.numel() // x.shape[1]
+        dz = dz - (db / count).reshape(view) - xhat * (dw / count).reshape(view)
+    return [y, dz * (invstd * w).reshape(view), dw, db, dp1, dp2, dbeta]
 
 
 def self_check(like_x: Tensor) -> str | None:
     """Run the kernels on small seeded inputs with ``like_x``'s device, dtype and memory format against
     :func:`_reference`: batch statistics, a per-sample β with a spatial-mean gradient, running statistics."""
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(like_x.device.type, enabled=False):
+    with torch.autocast(like_x.device.type, enabled=False):
         g = torch.Generator().manual_seed(1)
         c, to = 5, dict(device=like_x.device, dtype=like_x.dtype)
         w, b = (
