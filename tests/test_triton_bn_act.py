@@ -3,8 +3,8 @@
 Without a GPU the kernels run on CPU tensors in the Triton interpreter: the launchers below re-run this
 file in a subprocess with ``TRITON_INTERPRET=1 ACON_FUSED_CPU_BACKEND=triton`` (the interpreter must be on
 before ``triton`` is imported), where the ``inner`` tests run. The interpreter is slow, so the default
-launcher runs the tests not marked slow (a few seconds) and ``-m slow`` runs the rest. ``-m gpu`` tests run
-the kernels on CUDA. Tolerances are those of ``tests/test_fused_bn_acon.py`` (fp64, fp32) and of the
+launcher runs the tests not marked slow (a few seconds) and ``-m slow`` runs the rest. The CUDA tests
+are in ``tests/test_triton_bn_cuda.py``. Tolerances are those of ``tests/test_fused_bn_acon.py`` (fp64, fp32) and of the
 kernels' self-check (``acon.fused.selfcheck.TOLERANCE``: bf16, fp16).
 """
 
@@ -32,7 +32,6 @@ INTERPRETING = (
 )
 ROOT = Path(__file__).resolve().parents[1]
 inner = pytest.mark.skipif(not INTERPRETING, reason="runs inside the TRITON_INTERPRET=1 subprocess")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _interpret(marker: str) -> subprocess.CompletedProcess:
@@ -44,7 +43,7 @@ def _interpret(marker: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
 @pytest.mark.parametrize(
-    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 24, marks=pytest.mark.slow)]
+    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 23, marks=pytest.mark.slow)]
 )
 def test_kernels_in_the_interpreter(marker, least):
     pytest.importorskip("triton")
@@ -52,49 +51,6 @@ def test_kernels_in_the_interpreter(marker, least):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     passed = re.search(r"(\d+) passed", res.stdout.strip().splitlines()[-1])
     assert passed and int(passed.group(1)) >= least, res.stdout[-2000:]
-
-
-def _compile_for_sm90(fn, pointers: dict, constexprs: dict) -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = fn.arg_names
-    signature = {n: pointers.get(n, "i32") for n in names if n not in constexprs}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    consts = {(names.index(k),): v for k, v in constexprs.items()}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(INTERPRETING, reason="the interpreter replaces the compiler")
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp64"])
-def test_kernels_compile_for_sm90(dtype):
-    """Every kernel and flag combination compiles to an sm_90 binary (Triton's compiler and ptxas; no GPU
-    needed): type errors the interpreter lets through fail here."""
-    pytest.importorskip("triton")
-    from acon.fused import triton_bn_channels as ch
-    from acon.fused import triton_bn_kernels as tk
-
-    f64 = dtype == "fp64"
-    x, ct = f"*{dtype}", "*fp64" if f64 else "*fp32"
-    tile = dict(BLOCK_C=8, BLOCK_S=256, F64=f64)
-    _compile_for_sm90(tk._moments_kernel, {"x_ptr": x, "part_ptr": ct}, tile)
-    _compile_for_sm90(tk._fwd_kernel, {"x_ptr": x, "y_ptr": x, "coef_ptr": ct, "b_ptr": ct}, tile)
-    ptrs = dict(dy_ptr=x, x_ptr=x, dx_ptr=x, coef_ptr=ct, b_ptr=ct, e_ptr=ct, part_ptr=ct)
-    for sums, write_dx, batch in ((True, False, False), (True, True, False), (False, True, True)):
-        flags = dict(SUMS=sums, WRITE_DX=write_dx, BATCH_STATS=batch)
-        _compile_for_sm90(tk._bwd_kernel, ptrs, {**tile, **flags})
-    _compile_for_sm90(
-        ch._moments_combine_kernel, {"part_ptr": ct, "row_ptr": "*fp64", "out_ptr": "*fp64"}, {"BLOCK_C": 128}
-    )
-    p = dict(mean_ptr="*fp64", inv_ptr="*fp64", w_ptr="*fp32", b_ptr="*fp32", p1_ptr=x, p2_ptr=x, coef_ptr=ct)
-    for affine in (True, False):
-        _compile_for_sm90(ch._coefficients_kernel, p, dict(HAS_W=affine, HAS_B=affine, BLOCK_C=128))
-    p = dict(sums_ptr="*fp64", coef_ptr=ct, inv_ptr="*fp64", dzbar_ptr=x, row_ptr="*fp64", out_ptr=ct)
-    p.update(shift_ptr=ct, bn_ptr="*fp64")
-    for meta, batch in ((True, True), (True, False), (False, True)):
-        _compile_for_sm90(ch._dx_coefficients_kernel, p, dict(META=meta, BATCH_STATS=batch, BLOCK_C=128))
 
 
 class CallCounts:
@@ -107,10 +63,9 @@ class CallCounts:
         return self.mocks[name].call_count
 
 
-@pytest.fixture
-def triton_only(monkeypatch):
+def triton_only_calls(monkeypatch):
     """Fail if ``acon.fused.bn_act``'s torch op serves a pair (its statistics are never computed on the
-    Triton path), and if any kernel fell back; counts the Triton kernel launches."""
+    Triton path), and if any kernel fell back; yields the counts of the Triton kernel launches."""
     from acon.fused import triton_bn_kernels as tk
 
     def torch_op(*a, **k):
@@ -124,6 +79,11 @@ def triton_only(monkeypatch):
     fallbacks.clear()
     yield calls
     assert fallbacks.recorded() == {}
+
+
+@pytest.fixture
+def triton_only(monkeypatch):
+    yield from triton_only_calls(monkeypatch)
 
 
 def _check_pair(act, dtype, channels_last: bool, n: int, device="cpu") -> None:
@@ -428,56 +388,3 @@ def test_syncbn_under_two_gloo_ranks_runs_on_the_kernels(tmp_path):
             got = torch.load(f"{out}.{act.__name__}.{rank}")
             got = got["grads"] + [b.double() for b in got["buffers"]]
             assert all(close(a, b, torch.float64) for a, b in zip(got, want, strict=True)), (act, rank)
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("act", [AconC, MetaAconC])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("n", [8, 1])
-def test_cuda_pairs_on_the_triton_kernels(triton_only, act, channels_last, n):
-    """On CUDA: fp32 values, gradients, running statistics and eval of fused pairs, no fallback."""
-    _check_pair(act, torch.float32, channels_last, n, device="cuda")
-    assert triton_only["forward"] >= 3
-
-
-def _low_precision_deterministic(dtype, device: str, shape) -> None:
-    """bf16/fp16 x (fp32 BatchNorm parameters) on ``device``: within the self-check tolerances of the fp64
-    reference, and two backward runs bitwise equal; NCHW and channels-last."""
-    names = ("y", "dx", "dweight", "dbias", "dp1", "dp2", "dbeta")
-    for channels_last in (False, True):
-        x, st, p1, p2, beta, dy = _functional_case(dtype, True, channels_last, shape=shape)
-        runs = []
-        for _ in range(2):
-            leaves = [t.detach().to(device).requires_grad_() for t in (x, st.weight, st.bias, p1, p2, beta)]
-            dst = bn_act.BNState(leaves[1], leaves[2], None, None, st.eps, 0.0, True, False)
-            y = bn_act.bn_acon_c(leaves[0], dst, *leaves[3:])
-            runs.append([y.detach(), *torch.autograd.grad(y, leaves, dy.to(device))])
-        assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
-        ref = [t.detach().double().requires_grad_() for t in (x, st.weight, st.bias, p1, p2, beta)]
-        ry = acon_c_reference(F.batch_norm(ref[0], None, None, ref[1], ref[2], True, 0.0, st.eps), *ref[3:])
-        want = [ry.detach(), *torch.autograd.grad(ry, ref, dy.double())]
-        assert selfcheck.mismatch([t.cpu() for t in runs[0]], want, dtype, names) is None, channels_last
-
-
-@inner
-@pytest.mark.slow
-def test_low_precision_deterministic_in_the_interpreter(triton_only):
-    _low_precision_deterministic(torch.float16, "cpu", (2, 6, 5, 7))
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_low_precision_and_determinism(triton_only, dtype):
-    """bf16/fp16 on CUDA within the self-check tolerances; backward bitwise deterministic."""
-    _low_precision_deterministic(dtype, "cuda", (8, 64, 28, 28))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_cuda_kernels_launch_on_the_tensors_device(triton_only):
-    """With cuda:0 current, a pair on the last GPU runs there (Triton launches on the current device
-    unless told otherwise)."""
-    torch.cuda.set_device(0)
-    _check_pair(MetaAconC, torch.float32, True, 4, device=f"cuda:{torch.cuda.device_count() - 1}")
