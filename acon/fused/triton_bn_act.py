@@ -13,8 +13,8 @@ BatchNorm's sums get its share in the float64 coefficient kernel, pass 2 adds it
 
 Launches per pair and training step: forward, 4 Triton kernels (statistics, their float64 combination,
 the coefficient table, y) and about 8 small torch ops (invstd, the running-statistics update); backward,
-3 Triton kernels (pass 1, dx's coefficients, pass 2; 2 for eval BatchNorm without a β network), two torch
-reductions of the partial sums and the parameter gradients' casts.
+4 Triton kernels (the coefficient table again, pass 1, dx's coefficients, pass 2; no pass 2 for eval
+BatchNorm without a β network), two torch reductions of the partial sums and the gradients' casts.
 
 Running statistics follow ``nn.BatchNorm2d`` (momentum, unbiased variance; ``num_batches_tracked`` is
 counted by ``acon.fuse_bn.bn_state``). SyncBatchNorm (a process group): Σx, Σx² and, in backward, Σdz,
