@@ -3,13 +3,15 @@
 # most come first, then the benchmarks:
 #   1. resume:        train 3 steps, then resume from last.pt on the GPU (the SLURM requeue path),
 #   2. triton:        the Triton kernels serve ACON-C and Meta-ACON on every GPU with no fallback, and the
-#                     -m gpu tests (which fail on any recorded fallback),
+#                     -m gpu tests (which fail on any recorded fallback; the fused BatchNorm+ACON kernels'
+#                     tests run last),
 #   3. pipeline:      the gpu input pipeline (nvJPEG) under `ulimit -n 1024`, 8 workers, batch 256,
 #   4. deterministic: one model per family trains a step under torch.use_deterministic_algorithms(True),
 #   5. doctor:        python -m acon.doctor (versions, kernels, data, NCCL all-reduce),
 #   6. activation:    scripts/bench_activation.py, bf16, contiguous and channels_last,
 #   7. train_step:    scripts/bench_train_step.py, ShuffleNetV2 1.0x and ResNet-50, bf16, batch 32, 224 px
-#                     (BN-fused variants included), then ShuffleNetV2 1.0x under torch.compile (vs compiled ReLU),
+#                     (BN-fused variants included: the Triton BatchNorm+ACON kernels timed side by side with
+#                     the unfused ACON op), then ShuffleNetV2 1.0x under torch.compile (vs compiled ReLU),
 #   8. smoke:         scripts/smoke_train.py, ShuffleNetV2 0.5x through train.py per activation, gpu pipeline.
 # Each step runs under its own timeout (they add up to the budget; a step never runs past the overall
 # deadline), one failure or timeout does not stop the others, and each step's output is in its file the
@@ -99,7 +101,8 @@ else
   run_step resume "${limits[0]}" $steps resume --device cuda --out "$work/resume"
   run_step triton "${limits[1]}" bash -c "$steps triton --device cuda; a=\$?; python -m pytest -q -m gpu \
     -p no:cacheprovider tests/test_fused.py tests/test_fused_bn_acon.py tests/test_fused_compile.py \
-    tests/test_gpu_paths.py tests/test_data_fast.py tests/test_budget_recipes.py; exit \$((a | \$?))"
+    tests/test_gpu_paths.py tests/test_data_fast.py tests/test_budget_recipes.py tests/test_triton_bn_cuda.py; \
+    exit \$((a | \$?))"
   run_step pipeline "${limits[2]}" bash -c "ulimit -n 1024 && $steps pipeline --device cuda --open-files 1024 \
     --workers 8 --batch 256 --out $work"
   run_step deterministic "${limits[3]}" bash -c "$steps deterministic --device cuda; a=\$?; \

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from acon.functional import spatial_mean
 from acon.fused import native
 from acon.fused.layout import dense, same_layout, typed_like
-from acon.fused.ops import acon_c_backward_op, acon_c_op, native_serves
+from acon.fused.ops import acon_c_backward_op, acon_c_op, native_serves, triton_importable, triton_on_cpu
 from acon.syncbn import global_moments, sync_bn_grads, update_running
 
 
@@ -194,9 +194,21 @@ class _BNAconC(torch.autograd.Function):
         return (dx if need[0] else None, dw, db, dp1, dp2, dbeta, None, None, *param_grads)
 
 
+def triton_op(x: Tensor):
+    """``acon.fused.triton_bn_act`` when its Triton kernels serve x (CUDA, or CPU under the Triton
+    interpreter; self-check passed), else None (this module's op serves)."""
+    if (x.is_cuda and triton_importable()) or (x.device.type == "cpu" and triton_on_cpu()):
+        from acon.fused import triton_bn_act
+
+        return triton_bn_act if triton_bn_act.serves(x) else None
+    return None
+
+
 def bn_acon_c(x: Tensor, st: BNState, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     """ACON-C(BatchNorm(x)) with per-channel p1, p2, β of shape (1, C, 1, ...)."""
     x = dense(x)
+    if (op := triton_op(x)) is not None:
+        return op.bn_acon_c(x, st, p1, p2, beta)
     if not torch.is_grad_enabled():
         mean, invstd, _ = batch_statistics(x, st)
         return acon_forward(normalise(x, mean, invstd, st.weight, st.bias), p1, p2, beta)
@@ -207,6 +219,8 @@ def bn_meta_acon_c(x: Tensor, st: BNState, meta: nn.Module) -> Tensor:
     """Meta-ACON-C(BatchNorm(x)): ``meta`` is the :class:`acon.activations.MetaAconC` whose β network and
     p1, p2 apply (its ``beta_from_mean`` maps z's spatial mean to β)."""
     x = dense(x)
+    if (op := triton_op(x)) is not None:
+        return op.bn_meta_acon_c(x, st, meta)
     if not torch.is_grad_enabled():
         mean, invstd, _ = batch_statistics(x, st)
         z = normalise(x, mean, invstd, st.weight, st.bias)

@@ -5,6 +5,8 @@ one warning (:mod:`acon.fallbacks`) and that combination runs the eager torch fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -25,9 +27,9 @@ def _key(x: Tensor) -> tuple:
     return (str(x.device), x.dtype, layout_of(x))
 
 
-def path_name(x: Tensor) -> str:
-    """How the fallback registry names the kernel serving ``x``."""
-    return f"acon_c triton {x.device} {str(x.dtype).removeprefix('torch.')} " + (
+def path_name(x: Tensor, kernel: str = "acon_c") -> str:
+    """How the fallback registry names the ``kernel`` serving ``x``."""
+    return f"{kernel} triton {x.device} {str(x.dtype).removeprefix('torch.')} " + (
         "channels_last" if layout_of(x) == NSC and x.dim() > 2 else "contiguous"
     )
 
@@ -72,10 +74,12 @@ def reference_grads(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, dy: Tensor)
     ]
 
 
-def mismatch(got: list[Tensor], want: list[Tensor], dtype: torch.dtype) -> str | None:
-    """A description of the first output out of tolerance (gradient sums scaled by their size), or None."""
+def mismatch(
+    got: list[Tensor], want: list[Tensor], dtype: torch.dtype, names=("y", "dx", "dp1", "dp2", "dbeta")
+) -> str | None:
+    """A description of the first output out of tolerance (every output but y and dx is a gradient sum,
+    scaled by its size), or None."""
     rtol, atol = TOLERANCE[dtype]
-    names = ("y", "dx", "dp1", "dp2", "dbeta")
     for name, a, b in zip(names, got, want, strict=True):
         if a.shape != b.shape:
             return f"{name} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
@@ -94,22 +98,32 @@ def _triton_run(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, dy: Tensor) -> 
     return [y, dx, *param_grads(s1, s2, sb, p1, p2, beta)]
 
 
-def triton_ok(x: Tensor) -> bool:
-    """Whether the Triton kernels passed their self-check for ``x``'s device, dtype and memory format."""
-    key = _key(x)
+def first_call_check(key: tuple, path: str, check: Callable[[], str | None]) -> bool:
+    """Whether ``check`` passed: it runs on the first call for ``key`` and returns a mismatch description
+    or None; a mismatch or an exception records one fallback for ``path`` (one warning)."""
     if key not in _STATE:
         _STATE[key] = True
-        reason = None
         try:
-            for per_sample in (False, True):
-                inputs = sample_inputs(x, per_sample)
-                reason = reason or mismatch(_triton_run(*inputs), reference_grads(*inputs), x.dtype)
+            reason = check()
         except Exception as e:  # a compile or launch error is a failed check, whatever its type
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
         if reason:
             _STATE[key] = False
-            fallbacks.record(path_name(x), reason)
+            fallbacks.record(path, reason)
     return _STATE[key]
+
+
+def triton_ok(x: Tensor) -> bool:
+    """Whether the Triton kernels passed their self-check for ``x``'s device, dtype and memory format."""
+
+    def check() -> str | None:
+        reason = None
+        for per_sample in (False, True):
+            inputs = sample_inputs(x, per_sample)
+            reason = reason or mismatch(_triton_run(*inputs), reference_grads(*inputs), x.dtype)
+        return reason
+
+    return first_call_check(_key(x), path_name(x), check)
 
 
 def reset() -> None:
