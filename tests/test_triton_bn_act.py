@@ -1,9 +1,10 @@
 """The fused BatchNorm → ACON-C / Meta-ACON op on its Triton kernels (``acon.fused.triton_bn_act``).
 
-Without a GPU the kernels run on CPU tensors in the Triton interpreter: the launchers below re-run this
-file in a subprocess with ``TRITON_INTERPRET=1 ACON_FUSED_CPU_BACKEND=triton`` (the interpreter must be on
-before ``triton`` is imported), where the ``inner`` tests run. The interpreter is slow, so the default
-launcher runs the tests not marked slow (a few seconds) and ``-m slow`` runs the rest. The CUDA tests
+Without a GPU the kernels run on CPU tensors in the Triton interpreter: the ``inner`` tests run in a subprocess
+with ``TRITON_INTERPRET=1 ACON_FUSED_CPU_BACKEND=triton`` (the interpreter must be on before ``triton`` is
+imported). The interpreter is slow: the tests not marked slow run in the process that
+``tests/test_triton_interpret.py`` starts for the ACON-C kernels, and the launcher below runs the rest
+(``-m slow``). The CUDA tests
 are in ``tests/test_triton_bn_cuda.py``. Tolerances are those of ``tests/test_fused_bn_acon.py`` (fp64, fp32) and of the
 kernels' self-check (``acon.fused.selfcheck.TOLERANCE``: bf16, fp16).
 """
@@ -41,16 +42,15 @@ def _interpret(marker: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
-@pytest.mark.parametrize(
-    "marker,least", [("not slow and not gpu", 5), pytest.param("slow", 23, marks=pytest.mark.slow)]
-)
-def test_kernels_in_the_interpreter(marker, least):
+def test_slow_kernel_tests_in_the_interpreter():
+    """The -m slow set in the interpreter (the default set runs in tests/test_triton_interpret.py's process)."""
     pytest.importorskip("triton")
-    res = _interpret(marker)
+    res = _interpret("slow")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     passed = re.search(r"(\d+) passed", res.stdout.strip().splitlines()[-1])
-    assert passed and int(passed.group(1)) >= least, res.stdout[-2000:]
+    assert passed and int(passed.group(1)) >= 23, res.stdout[-2000:]
 
 
 class CallCounts:
