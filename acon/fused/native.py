@@ -32,8 +32,9 @@ import torch
 from acon.fused.layout import NCS, layout_of
 
 SOURCE = Path(__file__).with_name("acon_cpu.cpp")
-HEADERS = (Path(__file__).with_name("acon_math.h"),)  # included by SOURCE: part of the build key
-ABI_VERSION = 3
+# Included by SOURCE: part of the build key.
+HEADERS = tuple(Path(__file__).with_name(h) for h in ("acon_math.h", "acon_rows.h", "bn_acon_cpu.h"))
+ABI_VERSION = 4
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _BASE_FLAGS = [
     "-O3",
@@ -108,6 +109,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         for dt in DTYPES.values():
             getattr(lib, f"acon_fwd_{layout}_{dt}").argtypes = [ptr] * 5 + [i64, i64, i64, i32, i64, i32]
             getattr(lib, f"acon_bwd_{layout}_{dt}").argtypes = [ptr] * 9 + [i64, i64, i64, i32, i64, i32]
+    for dt in DTYPES.values():
+        getattr(lib, f"bn_moments_ncs_{dt}").argtypes = [ptr] * 4 + [i64, i64, i64, i64, i32]
+        getattr(lib, f"bn_acon_fwd_ncs_{dt}").argtypes = [ptr] * 7 + [i64, i64, i64, i32, i64, i32]
+        getattr(lib, f"bn_acon_bwd_ncs_{dt}").argtypes = [ptr] * 15 + [i64, i64, i64, i32, i64, i32]
+        getattr(lib, f"bn_input_grad_ncs_{dt}").argtypes = [ptr] * 6 + [i64, i64, i64, i32, i64, i32]
     lib.acon_abi_version.restype = i32
     lib.acon_vector_width.restype = i32
 
@@ -243,3 +249,120 @@ def backward(dy: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tens
         *(p.data_ptr() for p in k.params), k.n, k.c, k.s, int(k.per_sample), k.blocks, k.threads,
     )  # fmt: skip
     return dx, g1, g2, gb
+
+
+# ---- BatchNorm + ACON-C row kernels (acon.fused.bn_act): contiguous (N, C, S...) x, S >= one vector ----
+
+
+def rows_serve(x: torch.Tensor) -> bool:
+    """Whether the BatchNorm + ACON-C row kernels serve ``x``: a non-empty contiguous fp32 or bf16 CPU tensor
+    (N, C, ...) whose rows (the spatial values of one sample and channel) hold at least one vector."""
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in DTYPES
+        or x.dim() < 3
+        or x.numel() == 0
+        or not x.is_contiguous()
+    ):
+        return False
+    lanes = vector_width()
+    return lanes is not None and x.numel() // (x.shape[0] * x.shape[1]) >= lanes
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(N, C, S, work blocks, threads) of a row-kernel call."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    threads = torch.get_num_threads()
+    return n, c, s, _blocks(NCS, n, c, s, threads), threads
+
+
+@functools.cache
+def _bn_entry(lib: ctypes.CDLL, kind: str, dtype: torch.dtype):
+    return getattr(lib, f"{kind}_ncs_{DTYPES[dtype]}")
+
+
+def _bn_kernel(kind: str, dtype: torch.dtype):
+    return _bn_entry(library(), kind, dtype)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def bn_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 per-row means (N, C), per-channel means and biased variances (C,) of ``x`` in one pass."""
+    n, c, s, blocks, threads = _rows(x)
+    out = torch.empty(n * c + 2 * c, dtype=torch.float64)
+    row_mean, mean, var = out[: n * c], out[n * c : n * c + c], out[n * c + c :]
+    _bn_kernel("bn_moments", x.dtype)(
+        x.data_ptr(), row_mean.data_ptr(), mean.data_ptr(), var.data_ptr(), n, c, s, blocks, threads
+    )
+    return row_mean.view(n, c), mean, var
+
+
+def bn_acon_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    beta: torch.Tensor,
+) -> torch.Tensor:
+    """ACON-C(scale·x + shift) in one pass (the normalised value is never written); scale, shift, p1, p2
+    hold C values, β C or N·C (per sample)."""
+    n, c, s, blocks, threads = _rows(x)
+    y = torch.empty_like(x)
+    params = [_flat32(p) for p in (scale, shift, p1, p2, beta)]
+    _bn_kernel("bn_acon_fwd", x.dtype)(
+        x.data_ptr(), y.data_ptr(), *(p.data_ptr() for p in params),
+        n, c, s, int(params[4].numel() > c), blocks, threads,
+    )  # fmt: skip
+    return y
+
+
+def bn_acon_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    mean: torch.Tensor,
+    out_scale: torch.Tensor | None,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    beta: torch.Tensor,
+):
+    """One pass over x and dy (contiguous, x's shape): dz = ∂y/∂z·dy at z = scale·x + shift, written times
+    ``out_scale`` (per channel; None: 1); the fp32 gradients of p1, p2, β (their shapes); and float64 Σdz,
+    Σdz·(x - mean) per channel (C,), of dz before ``out_scale``."""
+    n, c, s, blocks, threads = _rows(x)
+    dz = torch.empty_like(x)
+    g1, g2, gb = torch.empty(p1.shape), torch.empty(p2.shape), torch.empty(beta.shape)
+    sums = torch.empty(2 * c, dtype=torch.float64)
+    params = [_flat32(p) for p in (scale, shift, mean)]
+    params += [None if out_scale is None else _flat32(out_scale)] + [_flat32(p) for p in (p1, p2, beta)]
+    _bn_kernel("bn_acon_bwd", x.dtype)(
+        dy.data_ptr(), x.data_ptr(), dz.data_ptr(), g1.data_ptr(), g2.data_ptr(), gb.data_ptr(),
+        sums.data_ptr(), sums[c:].data_ptr(), *(_ptr(p) for p in params),
+        n, c, s, int(params[6].numel() > c), blocks, threads,
+    )  # fmt: skip
+    return dz, g1, g2, gb, sums[:c], sums[c:]
+
+
+def bn_input_grad_(
+    dz: torch.Tensor,
+    x: torch.Tensor | None,
+    g: torch.Tensor,
+    mean: torch.Tensor,
+    k: torch.Tensor,
+    wv: torch.Tensor,
+) -> torch.Tensor:
+    """BatchNorm's input gradient in place over ``dz`` (contiguous): (dz - g - (x - mean)·k)·wv, with ``g``
+    per channel (C values) or per row (N·C), the rest per channel; no x term where ``x`` is None."""
+    n, c, s, blocks, threads = _rows(dz)
+    params = [_flat32(p) for p in (g, mean, k, wv)]
+    _bn_kernel("bn_input_grad", dz.dtype)(
+        dz.data_ptr(), _ptr(x), *(p.data_ptr() for p in params),
+        n, c, s, int(params[0].numel() > c), blocks, threads,
+    )  # fmt: skip
+    return dz
