@@ -220,48 +220,67 @@ def test_backward_keeps_no_batchnorm_output():
     assert measure(MetaAconC, fuse=True) <= relu * 1.01 < measure(MetaAconC)
 
 
-def _sync_worker(rank: int, path: str, out: str) -> None:
+def _sync_worker(rank: int, path: str, out: str, dtype: torch.dtype) -> None:
     import torch.distributed as dist
 
+    from acon.fused import native
     from acon.syncbn import convert_sync_batchnorm
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     torch.set_num_threads(1)
+    if dtype == torch.float64:
+        cpu.set_mode("eager")  # the torch formulas (no Inductor build in the workers)
+    rows = {"n": 0}
+    row_backward = native.bn_acon_backward
+
+    def counted(*a):
+        rows["n"] += 1
+        return row_backward(*a)
+
+    native.bn_acon_backward = counted
     torch.manual_seed(0)
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
     g = torch.randn(6, 4, 5, 5, dtype=torch.float64)
     for act in (AconC, MetaAconC):
-        net = convert_sync_batchnorm(pair(act, c=4), torch.device("cpu"))
+        net = convert_sync_batchnorm(pair(act, c=4), torch.device("cpu")).to(dtype)
         fuse_bn_acon(net)
-        net(x[3 * rank : 3 * rank + 3]).backward(g[3 * rank : 3 * rank + 3])
+        net(x[3 * rank : 3 * rank + 3].to(dtype)).backward(g[3 * rank : 3 * rank + 3].to(dtype))
         for p in net.parameters():
             dist.all_reduce(p.grad)
         torch.save(
-            {"grads": [p.grad for p in net.parameters()], "buffers": list(net.buffers())},
+            {"grads": [p.grad for p in net.parameters()], "buffers": list(net.buffers()), "rows": rows["n"]},
             f"{out}.{act.__name__}.{rank}",
         )
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_syncbn_under_two_gloo_ranks_matches_one_process_on_the_whole_batch(tmp_path, eager_fp64):
-    """Two real gloo ranks, half the batch each: synced statistics, summed gradients as on one process."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_syncbn_under_two_gloo_ranks_matches_one_process_on_the_whole_batch(tmp_path, dtype):
+    """Two real gloo ranks, half the batch each: synced statistics, summed gradients as on one process
+    (fp64: the torch path; fp32: the C++ row kernels, whose BatchNorm sums are all-reduced between their
+    two backward passes)."""
     import torch.multiprocessing as mp
 
+    from acon.fused import native
+
     out = str(tmp_path / "res")
-    mp.spawn(_sync_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    mp.spawn(_sync_worker, args=(str(tmp_path / "init"), out, dtype), nprocs=2, join=True)
     torch.manual_seed(0)
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
     g = torch.randn(6, 4, 5, 5, dtype=torch.float64)
-    for act in (AconC, MetaAconC):
+    row_kernels = dtype == torch.float32 and native.available() and native.vector_width() <= 25
+    for count, act in enumerate((AconC, MetaAconC), start=1):
         ref = pair(act, c=4)
         ref(x).backward(g)
         for rank in (0, 1):
             got = torch.load(f"{out}.{act.__name__}.{rank}")
+            assert got["rows"] == (count if row_kernels else 0)
+            scale = max(float(p.grad.abs().max()) for p in ref.parameters())
             for p, a in zip(ref.parameters(), got["grads"], strict=True):
-                assert close(a, p.grad, torch.float64)
+                assert close(a.double(), p.grad, dtype, scale)
             for b, a in zip(ref.buffers(), got["buffers"], strict=True):
-                assert close(a.double(), b.double(), torch.float64)
+                assert close(a.double(), b.double(), dtype)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
