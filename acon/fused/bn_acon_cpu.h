@@ -18,6 +18,8 @@
 
 #pragma once
 
+#include <cmath>
+
 #include "acon_rows.h"
 
 namespace {
@@ -132,20 +134,48 @@ void bn_acon_bwd(const void* dy, const void* x, void* dz, float* g1, float* g2, 
   for (int64_t r = 0; r < R; ++r) sum_dz[r % C] += sums[3][r], sum_dzx[r % C] += sums[4][r];
 }
 
-// G per row (g_per_row) or per channel; m, k, w·v per channel; x null: no x term (eval BatchNorm).
+// means: float64 mean of dz and of dz·(x - m) per channel (2·C values; x null: eval BatchNorm, no x
+// term, means unused); row_grad: float64 per row (N·C) added to every dz of its row first, or null.
 template <class IO>
-void bn_input_grad(void* dz, const void* x, const float* G, const float* m, const float* k, const float* wv,
-                   int64_t N, int64_t C, int64_t S, int g_per_row, int64_t blocks, int threads) {
+void bn_input_grad(void* dz, const void* x, const double* means, const double* row_grad, const float* m,
+                   const float* invstd, const float* scale, int64_t N, int64_t C, int64_t S, int64_t blocks,
+                   int threads) {
   using T = typename IO::T;
-  const RowParams<4> P{{G, m, k, wv}, {g_per_row != 0, false, false, false}};
-  if (x) walk_blocks(BnInputGradRows<IO, true>{(T*)dz, (const T*)x}, P, nullptr, N * C, C, S, blocks, threads);
-  else walk_blocks(BnInputGradRows<IO, false>{(T*)dz, nullptr}, P, nullptr, N * C, C, S, blocks, threads);
+  const int64_t R = N * C;
+  std::vector<float> G(row_grad ? R : C), k(C);
+  for (int64_t c = 0; c < C; ++c) k[c] = x ? float(means[C + c] * (double(invstd[c]) * invstd[c])) : 0.0f;
+  for (int64_t r = 0; r < (row_grad ? R : C); ++r) {
+    const double g = x ? means[r % C] : 0.0;
+    G[r] = float(row_grad ? g - row_grad[r] : g);
+  }
+  const RowParams<4> P{{G.data(), m, k.data(), scale}, {row_grad != nullptr, false, false, false}};
+  if (x) walk_blocks(BnInputGradRows<IO, true>{(T*)dz, (const T*)x}, P, nullptr, R, C, S, blocks, threads);
+  else walk_blocks(BnInputGradRows<IO, false>{(T*)dz, nullptr}, P, nullptr, R, C, S, blocks, threads);
+}
+
+// Per-channel mean, 1/std, scale = w/std and shift = b - mean·scale (out: 4·C floats, w, b null: 1, 0)
+// from the float64 mean and biased variance, as acon.fused.bn_act computes them in fp32, and the running
+// statistics (null: left alone) moved by `momentum` towards the mean and the variance times `unbias`.
+inline void finish_stats(const double* mean, const double* var, float* running_mean, float* running_var,
+                         double momentum, double unbias, double eps, const float* w, const float* b,
+                            float* out, int64_t C) {
+  float *om = out, *oi = out + C, *os = out + 2 * C, *ob = out + 3 * C;
+  const float keep = float(1.0 - momentum), step = float(momentum), e = float(eps);
+  for (int64_t c = 0; c < C; ++c) {
+    const float mu = float(mean[c]);
+    om[c] = mu;
+    oi[c] = 1.0f / std::sqrt(float(var[c]) + e);
+    os[c] = w ? oi[c] * w[c] : oi[c];
+    ob[c] = (b ? b[c] : 0.0f) - mu * os[c];
+    if (running_mean) running_mean[c] = running_mean[c] * keep + step * mu;
+    if (running_var) running_var[c] = running_var[c] * keep + step * float(var[c] * unbias);
+  }
 }
 
 }  // namespace
 
 // C ABI for ctypes: x, y, dy, dz contiguous (N, C, S) in the named dtype with S >= acon_vector_width();
-// per-channel parameters (C,) fp32; β (C,) or (N, C) fp32 (ps); scale, x of bn_input_grad: may be null.
+// per-channel parameters (C,) fp32; β (C,) or (N, C) fp32 (ps); scale, x, row_grad: may be null.
 #define BN_ACON_EXPORT(NAME, IO)                                                                               \
   extern "C" void bn_moments_##NAME(const void* x, double* row_mean, double* mean, double* var, int64_t N,     \
                                     int64_t C, int64_t S, int64_t blocks, int threads) {                       \
@@ -164,11 +194,17 @@ void bn_input_grad(void* dz, const void* x, const float* G, const float* m, cons
     bn_acon_bwd<IO>(dy, x, dz, g1, g2, gb, sum_dz, sum_dzx, a, b, m, scale, p1, p2, beta, N, C, S, ps, blocks, \
                     threads);                                                                                  \
   }                                                                                                            \
-  extern "C" void bn_input_grad_##NAME(void* dz, const void* x, const float* G, const float* m, const float* k, \
-                                       const float* wv, int64_t N, int64_t C, int64_t S, int g_per_row,        \
-                                       int64_t blocks, int threads) {                                          \
-    bn_input_grad<IO>(dz, x, G, m, k, wv, N, C, S, g_per_row, blocks, threads);                               \
+  extern "C" void bn_input_grad_##NAME(void* dz, const void* x, const double* means, const double* row_grad,   \
+                                       const float* m, const float* invstd, const float* scale, int64_t N,     \
+                                       int64_t C, int64_t S, int64_t blocks, int threads) {                    \
+    bn_input_grad<IO>(dz, x, means, row_grad, m, invstd, scale, N, C, S, blocks, threads);                    \
   }
 
 BN_ACON_EXPORT(ncs_f32, F32)
 BN_ACON_EXPORT(ncs_bf16, BF16)
+
+extern "C" void bn_finish_stats(const double* mean, const double* var, float* running_mean, float* running_var,
+                                double momentum, double unbias, double eps, const float* w, const float* b,
+                                float* out, int64_t C) {
+  finish_stats(mean, var, running_mean, running_var, momentum, unbias, eps, w, b, out, C);
+}

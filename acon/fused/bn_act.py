@@ -192,16 +192,23 @@ def rows_path(x: Tensor) -> bool:
     return _SINGLE_PASS["on"] and native_serves(x) and native.rows_serve(x)
 
 
-def statistics_and_row_means(
+def row_statistics(
     x: Tensor, st: BNState, meta: bool
-) -> tuple[Tensor, Tensor, float, Tensor | None]:
-    """:func:`batch_statistics` on the row kernels, and x's per-row (spatial) means, float64 (N, C), where
-    Meta-ACON needs them (else None); the local statistics come from the same pass."""
+) -> tuple[Tensor, Tensor, float, Tensor, Tensor, Tensor | None]:
+    """(mean, invstd, count) as :func:`batch_statistics` gives them, the BatchNorm's (scale, shift), and x's
+    per-row (spatial) means, float64 (N, C), where Meta-ACON needs them (else None), on the row kernels:
+    the local statistics and the row means come from one pass, and with fp32 buffers and parameters the
+    running statistics and the per-channel affine from one more call."""
     local = st.batch_stats and st.group is None
-    if not (local or meta):
-        return (*batch_statistics(x, st), None)
-    row_mean, mean, var = native.bn_moments(x)
-    return (*batch_statistics(x, st, (mean, var) if local else None), row_mean)
+    moments = native.bn_moments(x) if local or meta else (None, None, None)
+    rm, rv = (st.running_mean, st.running_var) if st.update else (None, None)
+    if local and native.finishes_statistics(rm, rv, st.weight, st.bias):
+        count = x.numel() // x.shape[1]
+        unbias = count / max(count - 1, 1)
+        out = native.bn_finish_stats(*moments[1:], rm, rv, st.momentum, unbias, st.eps, st.weight, st.bias)
+        return out[0], out[1], count, out[2], out[3], moments[0]
+    mean, invstd, count = batch_statistics(x, st, moments[1:] if local else None)
+    return mean, invstd, count, *bn_affine(mean, invstd, st.weight, st.bias), moments[0]
 
 
 def beta_net_grads(ctx, dbeta: Tensor, beta_params: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
@@ -215,47 +222,44 @@ def beta_net_grads(ctx, dbeta: Tensor, beta_params: list[Tensor]) -> tuple[Tenso
 
 
 def rows_backward(
-    ctx, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight, bias, p1, p2, beta, beta_params
+    ctx, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight, bias, p1, p2, beta, params
 ):
     """_BNAconC's backward on the row kernels: one pass writes dz and the sums, a second turns dz into dx.
     Meta-ACON's spatial-mean gradient (dzbar/S on every value of a row) is folded into the sums here and
     into the second pass."""
-    need = ctx.needs_input_grad
-    scale, shift = bn_affine(mean, invstd, weight, bias)
+    need, c = ctx.needs_input_grad, x.shape[1]
     direct = not ctx.st.batch_stats and not ctx.meta  # eval BatchNorm: dx = scale·dz, from the first pass
-    dz, dp1, dp2, dbeta, sum_dz, sum_dzx = native.bn_acon_backward(
-        dy.contiguous(), x, scale, shift, mean, scale if direct else None, p1, p2, beta
-    )
+    dz, dp1, dp2, dbeta, sums = native.bn_acon_backward(
+        dy.contiguous(), x, ctx.scale, ctx.shift, mean, ctx.scale if direct else None, p1, p2, beta
+    )  # sums: float64 Σdz, Σdz·(x - mean) per channel
     dp1, dp2, dbeta = typed_like(dp1, p1), typed_like(dp2, p2), typed_like(dbeta, beta)
-    param_grads, row_grad = [None] * len(beta_params), None
+    param_grads, row_grad = [None] * len(params), None
     if ctx.meta:
-        dzbar, param_grads = beta_net_grads(ctx, dbeta, beta_params)
+        dzbar, param_grads = beta_net_grads(ctx, dbeta, params)
         dzbar, dbeta = dzbar.double(), None
-        sum_dz = sum_dz + dzbar.sum(0)
-        sum_dzx = sum_dzx + (dzbar * (ctx.row_mean - mean)).sum(0)  # Σ over a row of (x - mean)·dzbar/S
+        sums[:c] += dzbar.sum(0)
+        sums[c:] += (dzbar * (ctx.row_mean - mean)).sum(0)  # Σ over a row of (x - mean)·dzbar/S
         row_grad = dzbar / (x.numel() // (x.shape[0] * x.shape[1]))
-    dw = typed_like(sum_dzx * invstd, weight) if weight is not None and need[1] else None
-    db = typed_like(sum_dz, bias) if bias is not None and need[2] else None
+    dw = typed_like(sums[c:] * invstd, weight) if weight is not None and need[1] else None
+    db = typed_like(sums[:c], bias) if bias is not None and need[2] else None
     dx = None
     if need[0]:
-        dx = dz if direct else rows_input_grad(ctx, dz, x, mean, invstd, scale, sum_dz, sum_dzx, row_grad)
+        dx = dz if direct else rows_input_grad(ctx, dz, x, mean, invstd, sums, row_grad)
     return (dx, dw, db, dp1, dp2, dbeta, None, None, *param_grads)
 
 
-def rows_input_grad(ctx, dz, x, mean, invstd, scale, sum_dz, sum_dzx, row_grad) -> Tensor:
+def rows_input_grad(ctx, dz, x, mean, invstd, sums, row_grad) -> Tensor:
     """BatchNorm's input gradient, in place over dz: torch's (dz - G - (x - mean)·k)·scale with G the mean
-    of dz and k = invstd·(the mean of dz·x̂) over the batch (every rank's under SyncBN), or eval
+    of dz and k = invstd²·(the mean of dz·(x - mean)) over the batch (every rank's under SyncBN), or eval
     BatchNorm's scale·dz; ``row_grad`` (N, C), if any, is added to every dz of its row (Meta-ACON)."""
-    st = ctx.st
+    st, c = ctx.st, x.shape[1]
     if not st.batch_stats:
-        g, k, xs = torch.zeros_like(mean), torch.zeros_like(mean), None
+        means, x = None, None
     elif st.group is None:
-        g, k, xs = sum_dz / ctx.count, sum_dzx * invstd.square() / ctx.count, x
+        means = sums / ctx.count
     else:
-        g, gx = global_grad_means(sum_dz, sum_dzx * invstd, ctx.count, st.group)
-        k, xs = gx * invstd, x
-    g = g if row_grad is None else g - row_grad
-    return native.bn_input_grad_(dz, xs, g, mean, k, scale)
+        means = torch.cat(global_grad_means(sums[:c], sums[c:], ctx.count, st.group))
+    return native.bn_input_grad_(dz, x, means, row_grad, mean, invstd, ctx.scale)
 
 
 class _BNAconC(torch.autograd.Function):
@@ -266,8 +270,8 @@ class _BNAconC(torch.autograd.Function):
     def forward(ctx, x, weight, bias, p1, p2, beta, st: BNState, beta_fn, *beta_params):
         ctx.rows = rows_path(x)
         if ctx.rows:
-            mean, invstd, count, ctx.row_mean = statistics_and_row_means(x, st, beta_fn is not None)
-            scale, shift = bn_affine(mean, invstd, weight, bias)
+            mean, invstd, count, scale, shift, ctx.row_mean = row_statistics(x, st, beta_fn is not None)
+            ctx.scale, ctx.shift = scale, shift
         else:
             mean, invstd, count = batch_statistics(x, st)
             z = normalise(x, mean, invstd, weight, bias)
@@ -315,8 +319,7 @@ def _inference_input(x: Tensor, st: BNState, meta: bool) -> tuple[Tensor, Tensor
     """Without autograd: (scale, shift) of the BatchNorm, and z's spatial mean (N, C) for Meta-ACON; z
     itself where the row kernels do not serve x (else None)."""
     if rows_path(x):
-        mean, invstd, _, row_mean = statistics_and_row_means(x, st, meta)
-        scale, shift = bn_affine(mean, invstd, st.weight, st.bias)
+        _, _, _, scale, shift, row_mean = row_statistics(x, st, meta)
         zbar = (row_mean * scale + shift).to(x.dtype) if meta else None
         return scale, shift, zbar, None
     mean, invstd, _ = batch_statistics(x, st)

@@ -113,7 +113,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"bn_moments_ncs_{dt}").argtypes = [ptr] * 4 + [i64, i64, i64, i64, i32]
         getattr(lib, f"bn_acon_fwd_ncs_{dt}").argtypes = [ptr] * 7 + [i64, i64, i64, i32, i64, i32]
         getattr(lib, f"bn_acon_bwd_ncs_{dt}").argtypes = [ptr] * 15 + [i64, i64, i64, i32, i64, i32]
-        getattr(lib, f"bn_input_grad_ncs_{dt}").argtypes = [ptr] * 6 + [i64, i64, i64, i32, i64, i32]
+        getattr(lib, f"bn_input_grad_ncs_{dt}").argtypes = [ptr] * 7 + [i64, i64, i64, i64, i32]
+    lib.bn_finish_stats.argtypes = [ptr] * 4 + [ctypes.c_double] * 3 + [ptr] * 3 + [i64]
     lib.acon_abi_version.restype = i32
     lib.acon_vector_width.restype = i32
 
@@ -333,8 +334,8 @@ def bn_acon_backward(
     beta: torch.Tensor,
 ):
     """One pass over x and dy (contiguous, x's shape): dz = ∂y/∂z·dy at z = scale·x + shift, written times
-    ``out_scale`` (per channel; None: 1); the fp32 gradients of p1, p2, β (their shapes); and float64 Σdz,
-    Σdz·(x - mean) per channel (C,), of dz before ``out_scale``."""
+    ``out_scale`` (per channel; None: 1); the fp32 gradients of p1, p2, β (their shapes); and float64 Σdz
+    then Σdz·(x - mean) per channel (2·C values), of dz before ``out_scale``."""
     n, c, s, blocks, threads = _rows(x)
     dz = torch.empty_like(x)
     g1, g2, gb = torch.empty(p1.shape), torch.empty(p2.shape), torch.empty(beta.shape)
@@ -346,23 +347,56 @@ def bn_acon_backward(
         sums.data_ptr(), sums[c:].data_ptr(), *(_ptr(p) for p in params),
         n, c, s, int(params[6].numel() > c), blocks, threads,
     )  # fmt: skip
-    return dz, g1, g2, gb, sums[:c], sums[c:]
+    return dz, g1, g2, gb, sums
 
 
 def bn_input_grad_(
     dz: torch.Tensor,
     x: torch.Tensor | None,
-    g: torch.Tensor,
+    means: torch.Tensor | None,
+    row_grad: torch.Tensor | None,
     mean: torch.Tensor,
-    k: torch.Tensor,
-    wv: torch.Tensor,
+    invstd: torch.Tensor,
+    scale: torch.Tensor,
 ) -> torch.Tensor:
-    """BatchNorm's input gradient in place over ``dz`` (contiguous): (dz - g - (x - mean)·k)·wv, with ``g``
-    per channel (C values) or per row (N·C), the rest per channel; no x term where ``x`` is None."""
+    """BatchNorm's input gradient in place over ``dz`` (contiguous): torch's (dz - G - (x - mean)·k)·scale
+    with G and k/invstd² the float64 ``means`` of dz and of dz·(x - mean) (2·C values); eval BatchNorm
+    (``x`` None): scale·dz. ``row_grad`` (float64, N·C), if any, is added to every dz of its row first."""
     n, c, s, blocks, threads = _rows(dz)
-    params = [_flat32(p) for p in (g, mean, k, wv)]
+    params = [_flat32(p) for p in (mean, invstd, scale)]
     _bn_kernel("bn_input_grad", dz.dtype)(
-        dz.data_ptr(), _ptr(x), *(p.data_ptr() for p in params),
-        n, c, s, int(params[0].numel() > c), blocks, threads,
+        dz.data_ptr(), _ptr(x), _ptr(means), _ptr(row_grad), *(p.data_ptr() for p in params),
+        n, c, s, blocks, threads,
     )  # fmt: skip
     return dz
+
+
+def finishes_statistics(*tensors: torch.Tensor | None) -> bool:
+    """Whether :func:`bn_finish_stats` takes these running buffers and affine parameters: fp32 contiguous
+    CPU tensors, or None."""
+    return all(
+        t is None or (t.dtype == torch.float32 and t.is_contiguous() and not t.is_cuda) for t in tensors
+    )
+
+
+def bn_finish_stats(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    unbias: float,
+    eps: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """(4, C) fp32: per-channel mean, 1/std, scale = weight/std, shift = bias - mean·scale, from the float64
+    ``mean`` and biased ``var``; the running statistics (None: left alone) move by ``momentum`` towards the
+    mean and ``unbias``·var, in place, as ``nn.BatchNorm2d``'s. See :func:`finishes_statistics`."""
+    c = mean.shape[0]
+    out = torch.empty(4, c)
+    library().bn_finish_stats(
+        mean.data_ptr(), var.data_ptr(), _ptr(running_mean), _ptr(running_var), momentum, unbias, eps,
+        _ptr(weight), _ptr(bias), out.data_ptr(), c,
+    )  # fmt: skip
+    return out
