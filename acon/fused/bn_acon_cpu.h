@@ -4,6 +4,7 @@
 // With per-channel mean m, 1/std v, BatchNorm weight w and bias β0, and a = v·w, b = β0 - m·a:
 //   statistics: per row Σ(x - h) and Σ(x - h)² (h: the row's first value if finite, else 0) in fp32
 //               lanes, rows combined by Chan's formula in float64 (acon.fused.bn_act.row_moments);
+//               then (bn_finish_stats) m, v, a, b in fp32 and the running statistics moved;
 //   forward:    z = a·x + b on load, y = ACON-C(z); z is never written;
 //   backward 1: z again, dz = ∂y/∂z·dy written (times an optional per-channel scale: eval BatchNorm's
 //               dx = w·v·dz in this pass), and per row the ACON sums (acon_cpu.cpp's header, with z for
@@ -12,7 +13,7 @@
 //               per-row spatial-mean gradient) and k = v²·Σdz·(x - m)/count: torch's BatchNorm backward
 //               (eval BatchNorm: no x term).
 // Per-row sums land in fixed slots and are combined over rows in a fixed order (float64 for BatchNorm's),
-// so results do not depend on threads. NaN and ±Inf propagate as IEEE arithmetic of these formulas gives
+// so results do not depend on thread timing (a rerun at the same thread count is bit-identical). NaN and ±Inf propagate as IEEE arithmetic of these formulas gives
 // them; the shift h is 0 for a non-finite first value, so an infinite x gives the statistics torch's do
 // (an infinite mean and a NaN variance) rather than NaN from ∞ - ∞.
 

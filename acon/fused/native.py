@@ -11,6 +11,10 @@ eager formulas of ``acon.fused.cpu``.
 NaN and ±Inf propagate as in those formulas (the convention against the paper form is in
 ``acon.fused.cpu``'s docstring): the clamps of the kernels' e^-z keep a NaN argument, σ is exactly 0 at
 -∞ and σ' exactly 0 at ±∞, and lanes past the end of the data never reach the parameter gradients.
+
+The same library holds the single-pass BatchNorm → ACON-C row kernels of ``acon.fused.bn_act``
+(``bn_acon_cpu.h``; the ``bn_*`` functions at the end of this module) for contiguous fp32/bf16 x whose
+spatial size holds at least one vector.
 """
 
 from __future__ import annotations
