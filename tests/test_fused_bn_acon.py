@@ -158,13 +158,32 @@ def families() -> list:
     ]
 
 
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """Every BatchNorm's running statistics set to its statistics on ``x`` in training mode, as after
+    training: with the initial ones (mean 0, variance 1) eval-mode activations grow layer by layer, and in
+    a deep network fp32 rounding alone then moves the output by tens of percent."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # the cumulative average: one batch sets them
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for bn, m in zip(bns, momenta, strict=True):
+        bn.momentum = m
+
+
 @pytest.mark.parametrize("act", [AconC, pytest.param(MetaAconC, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name,kwargs,pairs", families())
 def test_every_family_fuses_and_keeps_its_state_dict(name, kwargs, pairs, act, tmp_path):
+    """Same keys both ways, and in eval mode the fused model is as close to the unfused one in float64 as
+    the unfused one in fp32 is (their fp32 roundings differ: the row kernels normalise on load)."""
     from models import create_model
 
     torch.manual_seed(0)
     model = create_model(name, act, num_classes=10, **kwargs)
+    calibrate(model, torch.randn(8, 3, 32, 32))
     keys = list(model.state_dict())
     saved = tmp_path / "unfused.pt"
     torch.save(model.state_dict(), saved)
@@ -176,9 +195,12 @@ def test_every_family_fuses_and_keeps_its_state_dict(name, kwargs, pairs, act, t
     plain = create_model(name, act, num_classes=10, **kwargs)
     plain.load_state_dict(torch.load(tmp_path / "fused.pt"))  # and a fused one into the unfused model
     model.eval(), plain.eval()
+    exact = copy.deepcopy(plain).double()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model(x), plain(x), rtol=1e-4, atol=1e-4)
+        want = exact(x.double())
+        err = lambda m: float((m(x).double() - want).abs().max())  # noqa: E731
+        assert err(model) <= 2 * err(plain) + 1e-5 * float(want.abs().max())
     unfuse_bn_acon(model)
     assert count_fused(model) == 0 and list(model.state_dict()) == keys
 
