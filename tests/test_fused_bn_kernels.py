@@ -1,7 +1,7 @@
 """The C++ BatchNorm + ACON-C row kernels behind ``acon.fuse_bn_acon`` (contiguous fp32/bf16 maps whose
 rows hold at least one vector): the same values, gradients and running statistics as the two unfused
 modules in float64 and as the multi-pass path (``acon.fused.bn_act.single_pass(False)``), in every
-BatchNorm mode, thread count and vector width, and the same NaN/±Inf pattern as the multi-pass path."""
+BatchNorm mode, thread count and vector width, and the same NaN/±Inf pattern as the unfused modules."""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def test_other_layouts_dtypes_and_small_maps_keep_the_multi_pass_path(row_calls)
     assert row_calls == {"forward": 0, "backward": 0}
 
 
-# ---- NaN and ±Inf: the same pattern as the multi-pass path ------------------------------------------
+# ---- NaN and ±Inf: the same pattern as the unfused modules ------------------------------------------
 
 SITES = ("x", "dy", "p1", "p2", "beta", "weight", "bias", "running_var")
 
@@ -192,7 +192,7 @@ SITES = ("x", "dy", "p1", "p2", "beta", "weight", "bias", "running_var")
 def poisoned_case(rng: random.Random):
     """(act, mode, net, x, dy): random shape and magnitude, one or two poisoned entries (or none)."""
     act, mode = rng.choice((AconC, MetaAconC)), rng.choice(("train", "train", "eval", "frozen"))
-    shape = (rng.choice((1, 2, 3)), rng.choice((1, 3, 8))) + rng.choice(((4, 4), (5, 7), (9, 9), (17,)))
+    shape = (rng.choice((1, 2, 3)), rng.choice((1, 3, 8))) + rng.choice(((4, 4), (5, 7), (9, 9), (1, 17)))
     torch.manual_seed(rng.randrange(1 << 30))
     net = model(act, mode, shape[1]).float()
     x = torch.randn(shape) * rng.choice((1e-20, 1.0, 1e3, 1e20))
@@ -212,28 +212,39 @@ def poisoned_case(rng: random.Random):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_nan_and_inf_follow_the_multi_pass_path(row_calls, seed):
-    """Exactly the multi-pass path's NaN/+Inf/-Inf entries in y, dx, every gradient and buffer; on the
-    entries finite in both and in float64, the largest error against float64 within twice the multi-pass
-    path's plus a rounding of the largest value (sums with cancellation make single entries noisy)."""
+def test_nan_and_inf_follow_the_unfused_modules(row_calls, seed):
+    """Exactly the NaN/+Inf/-Inf entries of the two unfused modules (nn.BatchNorm2d, then the activation on
+    the fused ACON-C kernels) in y, dx, every gradient and buffer; on the entries finite in both and in
+    float64, the error against float64 within twice the modules' largest plus the fused-op tolerances
+    (absolute ones scaled by the largest value of the tensor, or of all gradients and buffers). The
+    multi-pass path differs from the modules where a BatchNorm weight is infinite (its normalisation
+    forms 0·∞)."""
     rng = random.Random(seed)
     for _ in range(12):
         act, mode, net, x, dy = poisoned_case(rng)
-        fused = fuse_bn_acon(net)
-        got = results(copy.deepcopy(fused), x, dy)
-        with bn_act.single_pass(False):
-            want = results(copy.deepcopy(fused), x, dy)
+        want = results(copy.deepcopy(net), x, dy)
+        got = results(fuse_bn_acon(copy.deepcopy(net)), x, dy)
         cpu.set_mode("eager")  # float64: the torch formulas, no Inductor build
-        exact = results(copy.deepcopy(fused).double(), x.double(), dy.double())
+        exact = [e.double() for e in results(copy.deepcopy(net).double(), x.double(), dy.double())]
         cpu.set_mode("native")
+        finite = [e[e.isfinite()].abs() for e in exact[2:]]
+        grad_scale = max((float(f.max()) for f in finite if f.numel()), default=0.0)
         for i, (g, w, e) in enumerate(zip(got, want, exact, strict=True)):
             where = (act.__name__, mode, tuple(x.shape), i)
             assert torch.equal(pattern(g), pattern(w)), where
-            fin = w.isfinite() & e.double().isfinite()
+            fin = w.isfinite() & e.isfinite()
             if fin.any():
-                e = e.double()[fin]
-                assert max_err(g[fin], e) <= 2 * max_err(w[fin], e) + 1e-5 * (1 + float(e.abs().max())), where
+                e = e[fin]
+                scale = float(e.abs().max()) if i < 2 else grad_scale
+                bound = 2 * max_err(w[fin], e) + 1e-5 * (1 + scale) + 1e-4 * e.abs()
+                assert ((g[fin].double() - e).abs() <= bound).all(), where
     assert row_calls["backward"] >= 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3, 43))
+def test_nan_and_inf_follow_the_unfused_modules_many(row_calls, seed):
+    test_nan_and_inf_follow_the_unfused_modules(row_calls, seed)
 
 
 @pytest.mark.skipif(not X86, reason="x86 vector-width flags")
