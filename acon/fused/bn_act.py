@@ -27,7 +27,8 @@ shift, from the statistics pass, and its gradient (the same for every value of a
 BatchNorm's sums and into the dx pass analytically.
 
 SyncBatchNorm (DDP): the sums Σx, Σx² and, in backward, Σdz, Σdz·x̂ are all-reduced over the group,
-as :class:`acon.syncbn.GlooSyncBatchNorm` does (float64 sums).
+as :class:`acon.syncbn.GlooSyncBatchNorm` does (float64 sums; on the row kernels between the two backward
+passes).
 """
 
 from __future__ import annotations
