@@ -49,6 +49,14 @@ def update_running(
         running_var.mul_(1 - m).add_(unbiased_var.to(running_var.dtype), alpha=m)
 
 
+def global_grad_means(sum_dy, sum_dy_xhat, count, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel Σdy/count and Σdy·x̂/count of a BatchNorm's backward over every rank of ``group``: the
+    local sums are all-reduced in float64; ``count`` is the global number of values per channel."""
+    c = sum_dy.shape[0]
+    sums = global_sum(torch.cat([sum_dy, sum_dy_xhat]).double(), group)
+    return sums[:c] / count, sums[c:] / count
+
+
 def sync_bn_grads(dy, xhat, weight, invstd, count, group=None):
     """(dx, dw, db) of a BatchNorm whose batch statistics span ``group``: Σdy and Σdy·x̂ are all-reduced
     (float64) and divided by ``count``, the global number of values per channel; ``weight`` None is 1."""
@@ -56,10 +64,10 @@ def sync_bn_grads(dy, xhat, weight, invstd, count, group=None):
     shape = (1, c) + (1,) * (xhat.dim() - 2)
     dw = (dy * xhat).sum(dims)
     db = dy.sum(dims)
-    sums = global_sum(torch.cat([db, dw]).double(), group)
+    mean_g, mean_gx = global_grad_means(db, dw, count, group)
     w = torch.ones_like(db) if weight is None else weight.to(dy.dtype)
-    mean_g = (sums[:c] / count).to(dy.dtype) * w
-    mean_gx = (sums[c:] / count).to(dy.dtype) * w
+    mean_g = mean_g.to(dy.dtype) * w
+    mean_gx = mean_gx.to(dy.dtype) * w
     dx = (dy * w.view(shape) - mean_g.view(shape) - xhat * mean_gx.view(shape)) * invstd.to(dy.dtype).view(
         shape
     )

@@ -4,7 +4,9 @@ A step is forward, cross-entropy, backward and an SGD update. All variants of on
 interleaved rounds in the same run; the printed numbers are medians and ratios to ReLU's median.
 Saved-activation memory is the sum of distinct storages autograd saves during the forward pass
 (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded): what a training step holds after its
-forward pass. "BN-fused" variants run every BatchNorm → ACON pair as one op (``acon.fuse_bn_acon``).
+forward pass. "BN-fused" variants run every BatchNorm → ACON pair as one op (``acon.fuse_bn_acon``);
+"BN-fused multi-pass" ones run that op without its single-pass C++ row kernels (the path channels-last,
+fp64 and small maps take; ``acon.fused.bn_act.single_pass(False)``), to compare the two in one run.
 
     python scripts/bench_train_step.py                          # CPU defaults: batch 8, 112 px
     python scripts/bench_train_step.py --batch 32 --img 224     # the issue's setting
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script, sync  # noqa: E402
 from acon.fuse_bn import fuse_bn_acon  # noqa: E402
+from acon.fused.bn_act import single_pass  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
 from models import create_model  # noqa: E402
 
@@ -39,6 +42,8 @@ VARIANTS = {  # label -> (activation name, act_kwargs, BatchNorm → ACON pairs 
     "Meta-ACON BN-fused": ("meta_acon", {"impl": "fused"}, True),
     "ACON-C reference": ("acon_c", {"impl": "reference"}, False),
     "Meta-ACON reference": ("meta_acon", {"impl": "reference"}, False),
+    "ACON-C BN-fused multi-pass": ("acon_c", {"impl": "fused"}, True),
+    "Meta-ACON BN-fused multi-pass": ("meta_acon", {"impl": "fused"}, True),
 }
 
 
@@ -52,13 +57,14 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, amp: torch.dtype |
     return saved_tensor_bytes(model, forward)
 
 
-def step(model, opt, x, y, amp) -> None:
-    """One SGD training step."""
-    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        loss = F.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+def step(model, opt, x, y, amp, label: str = "") -> None:
+    """One SGD training step (without the BatchNorm + ACON row kernels for "multi-pass" variants)."""
+    with single_pass("multi-pass" not in label):
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 def bench_model(name: str, variants: list[str], args) -> list[str]:
@@ -79,21 +85,23 @@ def bench_model(name: str, variants: list[str], args) -> list[str]:
         m = torch.compile(m) if args.compile else m  # every variant, ReLU included: ratios to compiled ReLU
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
         for _ in range(args.warmup):  # includes kernel compiles
-            step(m, opt, x, y, amp)
+            step(m, opt, x, y, amp, label)
         runs[label] = (m, opt, [])
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.steps):
-        for m, opt, times in runs.values():
+        for label, (m, opt, times) in runs.items():
             sync(dev)
-            t0 = time.perf_counter()
-            step(m, opt, x, y, amp)
+            t0 = clock()
+            step(m, opt, x, y, amp, label)
             sync(dev)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     base_t = statistics.median(runs["ReLU"][2])
     base_m = saved_activation_bytes(runs["ReLU"][0], x, amp)
     rows = []
     for label, (m, _, times) in runs.items():
         t = statistics.median(times)
-        mem = saved_activation_bytes(m, x, amp)
+        with single_pass("multi-pass" not in label):
+            mem = saved_activation_bytes(m, x, amp)
         rows.append(
             f"| {name} | {label} | {1e3 * t:.1f} | {args.batch / t:.1f} | {t / base_t:.2f} "
             f"| {mem / 2**20:.0f} | {mem / base_m:.2f} |"
@@ -115,16 +123,25 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (Inductor)")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="time steps by the wall clock, or by this process's CPU time (less sensitive to other jobs "
+        "taking the cores of a shared machine; CPU only)",
+    )
     add_run_args(ap)
     args = ap.parse_args(argv)
     apply_run_args(args)
+    if args.clock == "cpu" and args.device != "cpu":
+        ap.error("--clock cpu times CPU work only; use the wall clock with --device cuda")
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or "ReLU" not in variants:
         ap.error(f"--variants must include 'ReLU' and only names from {list(VARIANTS)}; got {unknown}")
     lines = [
         f"# bench_train_step: {args.device}, amp={args.amp}, batch {args.batch}, {args.img} px, "
-        f"{'channels_last' if args.channels_last else 'contiguous'}{', torch.compile' if args.compile else ''}, median of {args.steps} interleaved steps, "
+        f"{'channels_last' if args.channels_last else 'contiguous'}{', torch.compile' if args.compile else ''}, median of {args.steps} interleaved steps ({args.clock} clock), "
         f"{malloc_note()}",
         "",
         "| model | activation | step ms | img/s | time × ReLU | saved MiB | saved × ReLU |",

@@ -16,106 +16,42 @@
 //   "nsc": rows of C contiguous channels, one row per (n, s). Parameters are read from arrays of length
 //          C + VB that repeat the channels, so a chunk crossing a row boundary needs one plain load.
 // Reductions are per row (ncs; VB finished rows at a time) or per (n, block of s) (nsc) in a fixed order,
-// so results do not depend on thread timing. Portable GCC/Clang vector extensions sized to the ISA (AVX-512, AVX2, SSE or NEON).
+// so results do not depend on thread timing. The "ncs" row walker is in acon_rows.h; BatchNorm followed by
+// ACON-C (acon.fused.bn_act) in bn_acon_cpu.h, included at the end. Portable GCC/Clang vector extensions sized to the ISA (AVX-512, AVX2, SSE or NEON).
 // No fast-math: NaN and ±Inf propagate as IEEE arithmetic of these formulas gives them (see vexp_neg and
 // vsigmoid; acon.fused.native's docstring states the convention against the reference formula).
 
-#include "acon_math.h"
+#include "acon_rows.h"
 
 namespace {
 
-// Sums of the rows of a block, VB rows at a time: each finished row parks its three accumulator vectors
-// in the next slot, and every VB rows (and at the block's end) one transpose-and-add tree turns the VB
-// vectors of each quantity into one vector of VB row sums. That costs about 3 shuffles and adds per row
-// per quantity instead of the 2·log2(VB) of a shuffle-tree sum per row. A row's lanes are added in the
-// same order whatever its slot, so the sums do not depend on how rows fall into groups.
-constexpr int lane_lo(int h, int j) {  // pairing level h: lane j takes h-lane runs from a then b, low halves
-  return (j % (2 * h) < h) ? (j / (2 * h)) * 2 * h + j % (2 * h) : int(VB) + (j / (2 * h)) * 2 * h + j % (2 * h) - h;
-}
-template <int H, size_t... J>
-inline vf pair_sum(vf a, vf b, std::index_sequence<J...>) {
-  return __builtin_shufflevector(a, b, lane_lo(H, J)...) + __builtin_shufflevector(a, b, (lane_lo(H, J) + H)...);
-}
-template <int H>
-inline void sum_tree(vf* v) {  // v[0..2H) -> v[0..H); at H = 1, lane j of v[0] is the sum of the old v[j]
-  for (int i = 0; i < H; ++i) v[i] = pair_sum<H>(v[i], v[i + H], std::make_index_sequence<VB>{});
-  if constexpr (H > 1) sum_tree<H / 2>(v);
-}
+// ---- "ncs" with rows of S >= VB values: row kernels for walk_rows (acon_rows.h) ----------------------
+// Parameters per row: d = p1 - p2 and p2 per channel, β per channel or per sample.
 
-struct RowSums {
-  vf slot[3][VB] = {};
-  float* out[3];
-  int64_t first, used = 0;  // row of slot 0, slots in use
-  RowSums(float* ss, float* st, float* sx, int64_t r0) : out{ss, st, sx}, first(r0) {}
-  void park(vf a1, vf a2, vf ab) {
-    slot[0][used] = a1, slot[1][used] = a2, slot[2][used] = ab;
-    if (++used == VB) flush();
-  }
-  void flush() {
-    for (int q = 0; q < 3; ++q) {
-      sum_tree<int(VB) / 2>(slot[q]);
-      F32::store(out[q] + first, slot[q][0], used);
-    }
-    first += used, used = 0;
+template <class IO>
+struct AconFwdRows {  // y = ACON-C(x)
+  static constexpr int NP = 3, NQ = 0;
+  const typename IO::T* __restrict__ x;
+  typename IO::T* __restrict__ y;
+  template <bool FULL>
+  Vecs<NQ> chunk(int64_t i, int64_t n, const Vecs<NP>& q) const {
+    store_chunk<IO, FULL>(y + i, fwd_math(load_chunk<IO, FULL>(x + i, n), q[0], q[1], q[2]), n);
+    return {};
   }
 };
 
-// ---- "ncs": rows r = n·C + c of S values; parameters per row -------------------------------------
-
-struct RowParams {  // per-row parameters: row r = n·C + c; β index r (per sample) or c
-  const float *d, *p, *b;
-  int64_t C, R;
-  bool per_sample;
-};
-
-// Rows of S >= VB values, processed as chunks of VB laid end to end over rows r0..r1-1 in one flat loop:
-// a chunk inside a row uses that row's parameters; the chunk that ends a row (rem <= VB values of it
-// left) blends the row's parameters with the next row's by the lane mask `m` (lanes < rem are this row's),
-// parks the row's sums and carries the next row's lanes into its accumulators.
-template <class IO, bool BWD>
-void rows_long(const typename IO::T* __restrict__ dy, const typename IO::T* __restrict__ x,
-               typename IO::T* __restrict__ out, float* __restrict__ ss, float* __restrict__ st,
-               float* __restrict__ sx, const RowParams& P, int64_t r0, int64_t r1, int64_t S) {
-  const float *__restrict__ pd = P.d, *__restrict__ pp = P.p, *__restrict__ pb = P.b;
-  const int64_t L = (r1 - r0) * S, C = P.C, R = P.R;
-  const bool per_sample = P.per_sample;
-  const vf zero = {};
-  vf a1 = zero, a2 = zero, ab = zero;  // running sums of row r (carried over a row-ending chunk)
-  RowSums sums(ss, st, sx, r0);
-  int64_t r = r0, c = r0 % C, o = 0;  // row, its channel, offset of the chunk in the row
-  for (int64_t i = 0; i < L; i += VB) {
-    const int64_t n = L - i < VB ? L - i : VB, rem = S - o;
-    vf d = splat(pd[c]), p = splat(pp[c]), b = splat(pb[per_sample ? r : c]);
-    const vf xv = n == VB ? IO::load(x + i, VB) : IO::load(x + i, n);
-    if (rem > VB) {  // inside row r
-      if constexpr (BWD) {
-        const Grads g = bwd_math(IO::load(dy + i, VB), xv, d, p, b);
-        IO::store(out + i, g.dx, VB);
-        a1 += g.gs, a2 += g.gt, ab += g.gx;
-      } else {
-        IO::store(out + i, fwd_math(xv, d, p, b), VB);
-      }
-      o += VB;
-      continue;
-    }
-    const int64_t cn = c + 1 == C ? 0 : c + 1, rn = r + 1 < R ? r + 1 : r;
-    const vi m = LANE < (int32_t)rem;
-    d = m ? d : splat(pd[cn]), p = m ? p : splat(pp[cn]), b = m ? b : splat(pb[per_sample ? rn : cn]);
-    if constexpr (BWD) {
-      const Grads g = bwd_math(n == VB ? IO::load(dy + i, VB) : IO::load(dy + i, n), xv, d, p, b);
-      if (n == VB) IO::store(out + i, g.dx, VB);
-      else IO::store(out + i, g.dx, n);
-      sums.park(a1 + (m ? g.gs : zero), a2 + (m ? g.gt : zero), ab + (m ? g.gx : zero));
-      a1 = m ? zero : g.gs, a2 = m ? zero : g.gt, ab = m ? zero : g.gx;
-    } else {
-      const vf yv = fwd_math(xv, d, p, b);
-      if (n == VB) IO::store(out + i, yv, VB);
-      else IO::store(out + i, yv, n);
-    }
-    o = VB - rem, r = rn, c = cn;
+template <class IO>
+struct AconBwdRows {  // dx, and the row sums Σ gx·g, Σ gx·t, Σ gx (see bwd_math)
+  static constexpr int NP = 3, NQ = 3;
+  const typename IO::T *__restrict__ dy, *__restrict__ x;
+  typename IO::T* __restrict__ dx;
+  template <bool FULL>
+  Vecs<NQ> chunk(int64_t i, int64_t n, const Vecs<NP>& q) const {
+    const Grads g = bwd_math(load_chunk<IO, FULL>(dy + i, n), load_chunk<IO, FULL>(x + i, n), q[0], q[1], q[2]);
+    store_chunk<IO, FULL>(dx + i, g.dx, n);
+    return {g.gs, g.gt, g.gx};
   }
-  if constexpr (BWD) sums.flush();
-}
+};
 
 // ---- "nsc": rows of C channels; block (n, k) covers spatial positions [k·S/B, (k+1)·S/B) of sample n -----
 
@@ -210,53 +146,13 @@ void bwd_nsc_block(const typename IO::T* dy, const typename IO::T* x, typename I
     ss[c] += a1[j], st[c] += a2[j], sx[c] += ab[j];
 }
 
-// Scratch memory for partial sums: per calling thread, grown as needed and kept, so a call does not map
-// and fault in fresh pages (large malloc blocks are fresh mmaps each time).
-inline float* scratch(size_t n) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
-
-inline std::vector<float> difference(const float* p1, const float* p2, int64_t C) {  // d = p1 - p2
-  std::vector<float> d(C);
-  for (int64_t c = 0; c < C; ++c) d[c] = p1[c] - p2[c];
-  return d;
-}
-
-// Final gradients from partial sums laid out (N, K, C) (K = 1 row per (n, c) for "ncs", K blocks per
-// sample for "nsc"), summed in a fixed order over (n, k): with d of c,
-// g1 = Σ ss (Σ dy·x·g), g2 = Σ sx - g1 and gb = d·Σ st, over k and also n unless β is per sample.
-inline void finish(const float* __restrict__ ss, const float* __restrict__ st, const float* __restrict__ sx,
-                   const float* d, float* __restrict__ g1, float* __restrict__ g2,
-                   float* __restrict__ gb, int64_t N, int64_t K, int64_t C, bool per_sample) {
-  for (int64_t c = 0; c < C; ++c) g1[c] = g2[c] = 0.0f;
-  for (int64_t j = 0; j < (per_sample ? N : 1) * C; ++j) gb[j] = 0.0f;
-  for (int64_t n = 0; n < N; ++n) {
-    float* gbn = gb + (per_sample ? n * C : 0);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t q = (n * K + k) * C;
-      for (int64_t c = 0; c < C; ++c) g1[c] += ss[q + c], g2[c] += sx[q + c], gbn[c] += st[q + c];
-    }
-  }
-  for (int64_t c = 0; c < C; ++c) g2[c] -= g1[c];
-  for (int64_t n = 0; n < (per_sample ? N : 1); ++n)
-    for (int64_t c = 0; c < C; ++c) gb[n * C + c] *= d[c];
-}
-
 template <class IO>
 void fwd_ncs_rows(const void* x, void* y, const float* p1, const float* p, const float* b, int64_t N, int64_t C,
                   int64_t S, int per_sample, int64_t blocks, int threads) {
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
-  const RowParams P{d.data(), p, b, C, N * C, per_sample != 0};
-  const int64_t R = N * C;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t k = 0; k < blocks; ++k) {
-    const int64_t r0 = R * k / blocks;
-    rows_long<IO, false>(nullptr, (const T*)x + r0 * S, (T*)y + r0 * S, nullptr, nullptr, nullptr, P, r0,
-                         R * (k + 1) / blocks, S);
-  }
+  const RowParams<3> P{{d.data(), p, b}, {false, false, per_sample != 0}};
+  walk_blocks(AconFwdRows<IO>{(const T*)x, (T*)y}, P, nullptr, N * C, C, S, blocks, threads);
 }
 
 template <class IO>
@@ -265,15 +161,11 @@ void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2,
                   int threads) {
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
-  const RowParams P{d.data(), p, b, C, N * C, per_sample != 0};
+  const RowParams<3> P{{d.data(), p, b}, {false, false, per_sample != 0}};
   const int64_t R = N * C;
-  float *ss = scratch(3 * R), *st = ss + R, *sx = st + R;  // every row's sums are written before being read
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t k = 0; k < blocks; ++k) {
-    const int64_t r0 = R * k / blocks, o = r0 * S;
-    rows_long<IO, true>((const T*)dy + o, (const T*)x + o, (T*)dx + o, ss, st, sx, P, r0, R * (k + 1) / blocks, S);
-  }
-  finish(ss, st, sx, d.data(), g1, g2, gb, N, 1, C, per_sample != 0);
+  float* sums[3] = {scratch(3 * R), sums[0] + R, sums[1] + R};  // every row's sums are written before being read
+  walk_blocks(AconBwdRows<IO>{(const T*)dy, (const T*)x, (T*)dx}, P, sums, R, C, S, blocks, threads);
+  finish(sums[0], sums[1], sums[2], d.data(), g1, g2, gb, N, 1, C, per_sample != 0);
 }
 
 template <class IO>
@@ -386,5 +278,7 @@ ACON_EXPORT(ncs_bf16, ncs, BF16)
 ACON_EXPORT(nsc_f32, nsc, F32)
 ACON_EXPORT(nsc_bf16, nsc, BF16)
 
-extern "C" int acon_abi_version() { return 3; }
+extern "C" int acon_abi_version() { return 4; }
 extern "C" int acon_vector_width() { return int(VB); }  // floats per vector chunk: 16, 8 or 4
+
+#include "bn_acon_cpu.h"  // BatchNorm + ACON-C (acon.fused.bn_act): its kernels and exports

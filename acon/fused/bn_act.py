@@ -6,24 +6,36 @@ backward recomputes the normalised value z = (x - mean)·invstd·w + b, runs ACO
 then BatchNorm's. An unfused conv → BN → ACON pair keeps three tensors (x, z for ACON, y for the next
 layer); fused it keeps two, as conv → BN → ReLU(inplace) does.
 
-Kernels: contiguous NCHW statistics come from per-row sums combined in float64 (:func:`row_moments`;
+Kernels. On CPU, for contiguous fp32/bf16 NCHW whose spatial size holds at least one vector of the C++
+kernels (``acon.fused.native.rows_serve``), the row kernels of ``bn_acon_cpu.h`` never write z: forward
+is one pass for the statistics (per-row sums, combined in float64) and one that normalises on load and
+writes y; backward is one pass over x and dy that writes dz and sums, per row, ACON's parameter
+gradients and BatchNorm's Σdz and Σdz·(x - mean), then one in place over dz that writes dx (BatchNorm's
+backward as a per-channel affine combination of dz and x). Elsewhere (channels-last, fp64, small maps,
+CUDA): contiguous NCHW statistics come from per-row sums combined in float64 (:func:`row_moments`;
 running statistics follow ``nn.BatchNorm2d`` to fp32 rounding), other layouts from torch's
 ``batch_norm_update_stats`` (to the bit); BatchNorm's backward is ``native_batch_norm_backward``; ACON's
 forward and backward are the fused ACON-C kernels of ``acon.fused`` (C++ on CPU, Triton on CUDA with
-their self-check and fallback, the torch formulas elsewhere). z is a temporary of one call, never saved.
+their self-check and fallback, the torch formulas elsewhere), and z is a temporary of one call, never
+saved. :func:`single_pass` turns the row kernels off (benchmarks and tests compare the two).
 
 Meta-ACON: its β network reads the spatial mean of z. The op runs the β network inside its forward
 (building that small graph on (N, C) tensors) and, in backward, differentiates it with the ACON
 gradient of β, so the β network's parameters get their gradients and z's spatial-mean gradient joins
-z's gradient before BatchNorm's backward.
+z's gradient before BatchNorm's backward. On the row kernels the spatial mean is scale·(x's row mean) +
+shift, from the statistics pass, and its gradient (the same for every value of a row) is folded into
+BatchNorm's sums and into the dx pass analytically.
 
 SyncBatchNorm (DDP): the sums Σx, Σx² and, in backward, Σdz, Σdz·x̂ are all-reduced over the group,
-as :class:`acon.syncbn.GlooSyncBatchNorm` does (float64 sums).
+as :class:`acon.syncbn.GlooSyncBatchNorm` does (float64 sums; on the row kernels between the two backward
+passes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +44,7 @@ from acon.functional import spatial_mean
 from acon.fused import native
 from acon.fused.layout import dense, same_layout, typed_like
 from acon.fused.ops import acon_c_backward_op, acon_c_op, native_serves, triton_importable, triton_on_cpu
-from acon.syncbn import global_moments, sync_bn_grads, update_running
+from acon.syncbn import global_grad_means, global_moments, sync_bn_grads, update_running
 
 
 @dataclasses.dataclass
@@ -65,9 +77,12 @@ def _view(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
-def batch_statistics(x: Tensor, st: BNState) -> tuple[Tensor, Tensor, float]:
+def batch_statistics(
+    x: Tensor, st: BNState, moments: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, float]:
     """Per-channel (mean, invstd) this call normalises with, and the number of values per channel they
-    span (every rank's under SyncBN); moves the running statistics when asked."""
+    span (every rank's under SyncBN); moves the running statistics when asked. ``moments``: x's local
+    per-channel mean and biased variance when already computed."""
     ct = _compute_dtype(x)
     count = x.numel() // x.shape[1]
     if not st.batch_stats:
@@ -75,6 +90,8 @@ def batch_statistics(x: Tensor, st: BNState) -> tuple[Tensor, Tensor, float]:
     if st.group is not None:
         mean, var, total = global_moments(x, st.group)
         count = int(total)
+    elif moments is not None:
+        mean, var = moments
     elif x.is_contiguous() and x.dtype in _ROW_DTYPES and x.dim() > 2:
         mean, var = row_moments(x)
     else:
@@ -103,10 +120,18 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, m2 / (n * m)
 
 
-def normalise(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """z = (x - mean)·invstd·w + b as one per-channel affine, in x's dtype and strides."""
+def bn_affine(
+    mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with (x - mean)·invstd·w + b = scale·x + shift, per channel."""
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+    return scale, shift
+
+
+def normalise(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """z = (x - mean)·invstd·w + b as one per-channel affine, in x's dtype and strides."""
+    scale, shift = bn_affine(mean, invstd, weight, bias)
     # one pass through BatchNorm's own eval kernel with mean 0 and variance 1 (eps 0): x·scale + shift
     # (addcmul with a broadcast first operand takes a slow path on CPU; mul then add_ is two passes)
     zeros, ones = scale.new_zeros(scale.shape), scale.new_ones(scale.shape)
@@ -148,22 +173,121 @@ def bn_backward(
     return dx, dw, db
 
 
+_SINGLE_PASS = {"on": True}
+
+
+@contextlib.contextmanager
+def single_pass(enabled: bool) -> Iterator[None]:
+    """Within the block, the row kernels serve the fused op where they can (``enabled``) or never (the
+    multi-pass path everywhere: benchmarks and tests compare the two)."""
+    old = _SINGLE_PASS["on"]
+    _SINGLE_PASS["on"] = enabled
+    try:
+        yield
+    finally:
+        _SINGLE_PASS["on"] = old
+
+
+def rows_path(x: Tensor) -> bool:
+    """Whether the C++ BatchNorm + ACON-C row kernels serve this eager-mode ``x``."""
+    return _SINGLE_PASS["on"] and native_serves(x) and native.rows_serve(x)
+
+
+def row_statistics(
+    x: Tensor, st: BNState, meta: bool
+) -> tuple[Tensor, Tensor, float, Tensor, Tensor, Tensor | None]:
+    """(mean, invstd, count) as :func:`batch_statistics` gives them, the BatchNorm's (scale, shift), and x's
+    per-row (spatial) means, float64 (N, C), where Meta-ACON needs them (else None), on the row kernels:
+    the local statistics and the row means come from one pass, and with fp32 buffers and parameters the
+    running statistics and the per-channel affine from one more call."""
+    local = st.batch_stats and st.group is None
+    moments = native.bn_moments(x) if local or meta else (None, None, None)
+    rm, rv = (st.running_mean, st.running_var) if st.update else (None, None)
+    if local and native.finishes_statistics(rm, rv, st.weight, st.bias):
+        count = x.numel() // x.shape[1]
+        unbias = count / max(count - 1, 1)
+        out = native.bn_finish_stats(*moments[1:], rm, rv, st.momentum, unbias, st.eps, st.weight, st.bias)
+        return out[0], out[1], count, out[2], out[3], moments[0]
+    mean, invstd, count = batch_statistics(x, st, moments[1:] if local else None)
+    return mean, invstd, count, *bn_affine(mean, invstd, st.weight, st.bias), moments[0]
+
+
+def beta_net_grads(ctx, dbeta: Tensor, beta_params: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+    """Backward of Meta-ACON's β network (the small graph built in forward) given dβ: the gradient of z's
+    spatial mean (N, C) and those of the β network's parameters."""
+    wanted = [ctx.zbar] + [p for p in beta_params if p.requires_grad]
+    # retained: small (N, C) tensors, freed with ctx; the outer graph may be run again (retain_graph)
+    grads = torch.autograd.grad(ctx.beta_graph, wanted, dbeta, retain_graph=True, allow_unused=True)
+    it = iter(grads[1:])
+    return grads[0], [next(it) if p.requires_grad else None for p in beta_params]
+
+
+def rows_backward(
+    ctx, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight, bias, p1, p2, beta, params
+):
+    """_BNAconC's backward on the row kernels: one pass writes dz and the sums, a second turns dz into dx.
+    Meta-ACON's spatial-mean gradient (dzbar/S on every value of a row) is folded into the sums here and
+    into the second pass."""
+    need, c = ctx.needs_input_grad, x.shape[1]
+    direct = not ctx.st.batch_stats and not ctx.meta  # eval BatchNorm: dx = scale·dz, from the first pass
+    dz, dp1, dp2, dbeta, sums = native.bn_acon_backward(
+        dy.contiguous(), x, ctx.scale, ctx.shift, mean, ctx.scale if direct else None, p1, p2, beta
+    )  # sums: float64 Σdz, Σdz·(x - mean) per channel
+    dp1, dp2, dbeta = typed_like(dp1, p1), typed_like(dp2, p2), typed_like(dbeta, beta)
+    param_grads, row_grad = [None] * len(params), None
+    if ctx.meta:
+        dzbar, param_grads = beta_net_grads(ctx, dbeta, params)
+        dzbar, dbeta = dzbar.double(), None
+        sums[:c] += dzbar.sum(0)
+        sums[c:] += (dzbar * (ctx.row_mean - mean)).sum(0)  # Σ over a row of (x - mean)·dzbar/S
+        row_grad = dzbar / (x.numel() // (x.shape[0] * x.shape[1]))
+    dw = typed_like(sums[c:] * invstd, weight) if weight is not None and need[1] else None
+    db = typed_like(sums[:c], bias) if bias is not None and need[2] else None
+    dx = None
+    if need[0]:
+        dx = dz if direct else rows_input_grad(ctx, dz, x, mean, invstd, sums, row_grad)
+    return (dx, dw, db, dp1, dp2, dbeta, None, None, *param_grads)
+
+
+def rows_input_grad(ctx, dz, x, mean, invstd, sums, row_grad) -> Tensor:
+    """BatchNorm's input gradient, in place over dz: torch's (dz - G - (x - mean)·k)·scale with G the mean
+    of dz and k = invstd²·(the mean of dz·(x - mean)) over the batch (every rank's under SyncBN), or eval
+    BatchNorm's scale·dz; ``row_grad`` (N, C), if any, is added to every dz of its row (Meta-ACON)."""
+    st, c = ctx.st, x.shape[1]
+    if not st.batch_stats:
+        means, x = None, None
+    elif st.group is None:
+        means = sums / ctx.count
+    else:
+        means = torch.cat(global_grad_means(sums[:c], sums[c:], ctx.count, st.group))
+    return native.bn_input_grad_(dz, x, means, row_grad, mean, invstd, ctx.scale)
+
+
 class _BNAconC(torch.autograd.Function):
     """y = ACON-C(BN(x)) saving x, the statistics and the parameters; β per channel, or generated from
     z's spatial mean by ``beta_fn`` (Meta-ACON) whose parameters are ``beta_params``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, p1, p2, beta, st: BNState, beta_fn, *beta_params):
-        mean, invstd, count = batch_statistics(x, st)
-        z = normalise(x, mean, invstd, weight, bias)
+        ctx.rows = rows_path(x)
+        if ctx.rows:
+            mean, invstd, count, scale, shift, ctx.row_mean = row_statistics(x, st, beta_fn is not None)
+            ctx.scale, ctx.shift = scale, shift
+        else:
+            mean, invstd, count = batch_statistics(x, st)
+            z = normalise(x, mean, invstd, weight, bias)
         if beta_fn is not None:
             with torch.enable_grad():
-                zbar = spatial_mean(z).detach().requires_grad_()
-                beta_graph = beta_fn(zbar, z)
+                zbar = (ctx.row_mean * scale + shift).to(x.dtype) if ctx.rows else spatial_mean(z).detach()
+                zbar.requires_grad_()
+                beta_graph = beta_fn(zbar, x)
             beta = beta_graph.detach()
             ctx.beta_graph, ctx.zbar = beta_graph, zbar
-        y = acon_forward(z, p1, p2, beta)
-        del z
+        y = (
+            native.bn_acon_forward(x, scale, shift, p1, p2, beta)
+            if ctx.rows
+            else acon_forward(z, p1, p2, beta)
+        )
         ctx.st, ctx.meta, ctx.count = st, beta_fn is not None, count
         ctx.save_for_backward(x, mean, invstd, weight, bias, p1, p2, beta, *beta_params)
         return y
@@ -171,16 +295,14 @@ class _BNAconC(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, mean, invstd, weight, bias, p1, p2, beta, *beta_params = ctx.saved_tensors
+        if ctx.rows:
+            return rows_backward(ctx, dy, x, mean, invstd, weight, bias, p1, p2, beta, beta_params)
         z = normalise(x, mean, invstd, weight, bias)
         dz, dp1, dp2, dbeta = acon_backward(dy, z, p1, p2, beta)
         del z
         param_grads = [None] * len(beta_params)
         if ctx.meta:
-            wanted = [ctx.zbar] + [p for p in beta_params if p.requires_grad]
-            # retained: small (N, C) tensors, freed with ctx; the outer graph may be run again (retain_graph)
-            grads = torch.autograd.grad(ctx.beta_graph, wanted, dbeta, retain_graph=True, allow_unused=True)
-            dzbar, it = grads[0], iter(grads[1:])
-            param_grads = [next(it) if p.requires_grad else None for p in beta_params]
+            dzbar, param_grads = beta_net_grads(ctx, dbeta, beta_params)
             s = x.numel() // (x.shape[0] * x.shape[1])
             dz.add_((dzbar / s).reshape(x.shape[:2] + (1,) * (x.dim() - 2)).to(dz.dtype))  # dz is ours
             dbeta = None
@@ -204,14 +326,34 @@ def triton_op(x: Tensor):
     return None
 
 
+def _inference_input(x: Tensor, st: BNState, meta: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Without autograd: (scale, shift) of the BatchNorm, and z's spatial mean (N, C) for Meta-ACON; z
+    itself where the row kernels do not serve x (else None)."""
+    if rows_path(x):
+        _, _, _, scale, shift, row_mean = row_statistics(x, st, meta)
+        zbar = (row_mean * scale + shift).to(x.dtype) if meta else None
+        return scale, shift, zbar, None
+    mean, invstd, _ = batch_statistics(x, st)
+    z = normalise(x, mean, invstd, st.weight, st.bias)
+    return None, None, spatial_mean(z) if meta else None, z
+
+
+def _inference(x: Tensor, st: BNState, p1: Tensor, p2: Tensor, beta, meta: nn.Module | None) -> Tensor:
+    scale, shift, zbar, z = _inference_input(x, st, meta is not None)
+    if meta is not None:
+        beta = meta.beta_from_mean(zbar, x)
+    if z is None:
+        return native.bn_acon_forward(x, scale, shift, p1, p2, beta)
+    return acon_forward(z, p1, p2, beta)
+
+
 def bn_acon_c(x: Tensor, st: BNState, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     """ACON-C(BatchNorm(x)) with per-channel p1, p2, β of shape (1, C, 1, ...)."""
     x = dense(x)
     if (op := triton_op(x)) is not None:
         return op.bn_acon_c(x, st, p1, p2, beta)
     if not torch.is_grad_enabled():
-        mean, invstd, _ = batch_statistics(x, st)
-        return acon_forward(normalise(x, mean, invstd, st.weight, st.bias), p1, p2, beta)
+        return _inference(x, st, p1, p2, beta, None)
     return _BNAconC.apply(x, st.weight, st.bias, p1, p2, beta, st, None)
 
 
@@ -222,13 +364,11 @@ def bn_meta_acon_c(x: Tensor, st: BNState, meta: nn.Module) -> Tensor:
     if (op := triton_op(x)) is not None:
         return op.bn_meta_acon_c(x, st, meta)
     if not torch.is_grad_enabled():
-        mean, invstd, _ = batch_statistics(x, st)
-        z = normalise(x, mean, invstd, st.weight, st.bias)
-        return acon_forward(z, meta.p1, meta.p2, meta.beta_from_mean(spatial_mean(z), z))
+        return _inference(x, st, meta.p1, meta.p2, None, meta)
     params = [meta.fc1.weight, meta.fc1.bias, meta.bn1.weight, meta.bn1.bias]
     params += [meta.fc2.weight, meta.fc2.bias, meta.bn2.weight, meta.bn2.bias]
     params = [p for p in params if p is not None]
     return _BNAconC.apply(x, st.weight, st.bias, meta.p1, meta.p2, None, st, meta.beta_from_mean, *params)
 
 
-__all__ = ["BNState", "batch_statistics", "bn_acon_c", "bn_meta_acon_c", "normalise"]
+__all__ = ["BNState", "batch_statistics", "bn_acon_c", "bn_meta_acon_c", "normalise", "single_pass"]
