@@ -362,7 +362,7 @@ def _sync_worker_on_the_kernels(rank: int, path: str, out: str) -> None:
     bn_act.batch_statistics = torch_op
     from tests.test_fused_bn_acon import _sync_worker
 
-    _sync_worker(rank, path, out)
+    _sync_worker(rank, path, out, torch.float64)
 
 
 @inner
