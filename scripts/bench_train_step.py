@@ -5,16 +5,20 @@ interleaved rounds in the same run; the printed numbers are medians and ratios t
 Saved-activation memory is the sum of distinct storages autograd saves during the forward pass
 (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded): what a training step holds after its
 forward pass. "BN-fused" variants run every BatchNorm → ACON pair as one op (``acon.fuse_bn_acon``).
+With ``--compile`` the "autograd backward" variants trace ACON-C as the plain formula and let autograd
+derive its backward (how compiled code ran it before the fused backward kernel served it), for comparison.
 
     python scripts/bench_train_step.py                          # CPU defaults: batch 8, 112 px
     python scripts/bench_train_step.py --batch 32 --img 224     # the issue's setting
     python scripts/bench_train_step.py --device cuda --amp bf16 --batch 128 --img 224 --out benchmarks/x.md
     python scripts/bench_train_step.py --compile --variants "ReLU,ACON-C fused,Meta-ACON fused"  # vs compiled ReLU
+    python scripts/bench_train_step.py --compile --variants "ReLU,ACON-C fused,ACON-C autograd backward"
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -26,8 +30,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import acon.fused  # noqa: E402
 from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script, sync  # noqa: E402
 from acon.fuse_bn import fuse_bn_acon  # noqa: E402
+from acon.fused.traced import formula  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
 from models import create_model  # noqa: E402
 
@@ -39,7 +45,23 @@ VARIANTS = {  # label -> (activation name, act_kwargs, BatchNorm → ACON pairs 
     "Meta-ACON BN-fused": ("meta_acon", {"impl": "fused"}, True),
     "ACON-C reference": ("acon_c", {"impl": "reference"}, False),
     "Meta-ACON reference": ("meta_acon", {"impl": "reference"}, False),
+    "ACON-C autograd backward": ("acon_c", {"impl": "fused"}, False),
+    "Meta-ACON autograd backward": ("meta_acon", {"impl": "fused"}, False),
 }
+COMPILE_ONLY = ("ACON-C autograd backward", "Meta-ACON autograd backward")
+
+
+@contextlib.contextmanager
+def traced_as(label: str):
+    """Traced code runs ACON-C as ``label`` needs: autograd of the plain formula for the "autograd
+    backward" variants, else what ``acon.fused.traced_acon_c`` is (formula forward, fused-kernel backward)."""
+    served = acon.fused.traced_acon_c
+    if label in COMPILE_ONLY:
+        acon.fused.traced_acon_c = formula
+    try:
+        yield
+    finally:
+        acon.fused.traced_acon_c = served
 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> int:
@@ -78,22 +100,25 @@ def bench_model(name: str, variants: list[str], args) -> list[str]:
         m.train()
         m = torch.compile(m) if args.compile else m  # every variant, ReLU included: ratios to compiled ReLU
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
-        for _ in range(args.warmup):  # includes kernel compiles
-            step(m, opt, x, y, amp)
+        with traced_as(label):
+            for _ in range(args.warmup):  # includes kernel compiles
+                step(m, opt, x, y, amp)
         runs[label] = (m, opt, [])
     for _ in range(args.steps):
-        for m, opt, times in runs.values():
-            sync(dev)
-            t0 = time.perf_counter()
-            step(m, opt, x, y, amp)
-            sync(dev)
+        for label, (m, opt, times) in runs.items():
+            with traced_as(label):
+                sync(dev)
+                t0 = time.perf_counter()
+                step(m, opt, x, y, amp)
+                sync(dev)
             times.append(time.perf_counter() - t0)
     base_t = statistics.median(runs["ReLU"][2])
     base_m = saved_activation_bytes(runs["ReLU"][0], x, amp)
     rows = []
     for label, (m, _, times) in runs.items():
         t = statistics.median(times)
-        mem = saved_activation_bytes(m, x, amp)
+        with traced_as(label):
+            mem = saved_activation_bytes(m, x, amp)
         rows.append(
             f"| {name} | {label} | {1e3 * t:.1f} | {args.batch / t:.1f} | {t / base_t:.2f} "
             f"| {mem / 2**20:.0f} | {mem / base_m:.2f} |"
@@ -106,7 +131,8 @@ def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print a markdown table and return it."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="shufflenetv2_x1_0,resnet50")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    eager = ",".join(v for v in VARIANTS if v not in COMPILE_ONLY)
+    ap.add_argument("--variants", default=eager, help=f"comma list of {list(VARIANTS)}")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
     ap.add_argument("--batch", type=int, default=8)
@@ -122,6 +148,10 @@ def main(argv: list[str] | None = None) -> str:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or "ReLU" not in variants:
         ap.error(f"--variants must include 'ReLU' and only names from {list(VARIANTS)}; got {unknown}")
+    if not args.compile and any(v in COMPILE_ONLY for v in variants):
+        ap.error(
+            f"--variants {[v for v in variants if v in COMPILE_ONLY]} compare compiled paths: add --compile"
+        )
     lines = [
         f"# bench_train_step: {args.device}, amp={args.amp}, batch {args.batch}, {args.img} px, "
         f"{'channels_last' if args.channels_last else 'contiguous'}{', torch.compile' if args.compile else ''}, median of {args.steps} interleaved steps, "
