@@ -9,7 +9,8 @@
 #   5. doctor:        python -m acon.doctor (versions, kernels, data, NCCL all-reduce),
 #   6. activation:    scripts/bench_activation.py, bf16, contiguous and channels_last,
 #   7. train_step:    scripts/bench_train_step.py, ShuffleNetV2 1.0x and ResNet-50, bf16, batch 32, 224 px
-#                     (BN-fused variants included), then ShuffleNetV2 1.0x under torch.compile (vs compiled ReLU),
+#                     (BN-fused variants included), then ShuffleNetV2 1.0x under torch.compile (vs compiled ReLU;
+#                     the fused-kernel backward against autograd of the traced formula),
 #   8. smoke:         scripts/smoke_train.py, ShuffleNetV2 0.5x through train.py per activation, gpu pipeline.
 # Each step runs under its own timeout (they add up to the budget; a step never runs past the overall
 # deadline), one failure or timeout does not stop the others, and each step's output is in its file the
@@ -112,7 +113,7 @@ else
   run_step train_step "${limits[6]}" bash -c "python scripts/bench_train_step.py --device cuda --amp bf16 \
     --batch 32 --img 224 --steps 10 --warmup 3 --channels-last; a=\$?; python scripts/bench_train_step.py \
     --device cuda --amp bf16 --batch 32 --img 224 --steps 10 --warmup 3 --channels-last --compile \
-    --models shufflenetv2_x1_0 --variants 'ReLU,ACON-C fused,Meta-ACON fused'; exit \$((a | \$?))"
+    --models shufflenetv2_x1_0 --variants 'ReLU,ACON-C fused,ACON-C autograd backward,Meta-ACON fused'; exit \$((a | \$?))"
   run_step smoke "${limits[7]}" python scripts/smoke_train.py --device cuda --steps 100 --batch 64 --img 224 \
     --workers 8 --pipelines gpu --activations relu acon_c meta_acon --out "$work/smoke" --timeout 25
 fi
