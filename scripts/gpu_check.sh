@@ -9,8 +9,7 @@
 #   5. doctor:        python -m acon.doctor (versions, kernels, data, NCCL all-reduce),
 #   6. activation:    scripts/bench_activation.py, bf16, contiguous and channels_last,
 #   7. train_step:    scripts/bench_train_step.py, ShuffleNetV2 1.0x and ResNet-50, bf16, batch 32, 224 px
-#                     (BN-fused variants included), then ShuffleNetV2 1.0x under torch.compile (vs compiled ReLU;
-#                     the fused-kernel backward against autograd of the traced formula),
+#                     (BN-fused variants included), then ShuffleNetV2 1.0x under torch.compile (vs compiled ReLU),
 #   8. smoke:         scripts/smoke_train.py, ShuffleNetV2 0.5x through train.py per activation, gpu pipeline.
 # Each step runs under its own timeout (they add up to the budget; a step never runs past the overall
 # deadline), one failure or timeout does not stop the others, and each step's output is in its file the
