@@ -5,8 +5,9 @@ torch ops, so Inductor fuses it into the BatchNorm before it (one pass writes th
 is the fused backward op (``acon::acon_c_backward``: the C++ kernels on CPU, Triton on CUDA), one pass
 over x and dy that yields dx and the p1, p2, β sums. Autograd of the formula instead gave Inductor
 several per-channel reductions whose loops do not share the pointwise loop, so it wrote the BatchNorm
-output, σ and the gradient factors to memory and read each back (compiled ShuffleNetV2 1.0x step:
-1.46x compiled ReLU's time; this Function: ~1.1x, ``benchmarks/cpu_2026-12-06_compiled_step.md``).
+output, σ and the gradient factors to memory and read each back (compiled ShuffleNetV2 1.0x step, batch 16,
+112 px, one CPU thread: 1.37-1.46x compiled ReLU's time; this Function: 1.13x;
+``benchmarks/cpu_2026-12-06_compiled_step.md``).
 
 Memory: the min-cut partitioner keeps a tensor rather than recomputing it when an opaque op reads it in
 backward ("materialized in backward"), which would keep x, the BatchNorm output, in every layer (1.36x
