@@ -1,7 +1,8 @@
-"""Saved activations of a compiled training step: ACON-C / Meta-ACON traced as the formula vs the opaque op.
+"""Saved activations of a compiled training step: ACON-C / Meta-ACON traced vs autograd formula vs opaque op.
 
-Under ``torch.compile`` the modules give Inductor the plain formula (``acon.fused.traced_acon_c``); this
-script also runs the alternative, the opaque ``acon::acon_c`` custom op, to show why. Which tensors a
+Under ``torch.compile`` the modules give Inductor the formula in forward and the fused backward kernel in
+backward (``acon.fused.traced_acon_c``); this script also runs the alternatives, autograd of the plain
+formula and the opaque ``acon::acon_c`` custom op, to show what each keeps. Which tensors a
 compiled step keeps for backward is decided by AOTAutograd's min-cut partitioner on the graph after
 Inductor's decompositions; this script runs exactly that (Inductor's decomposition table and the
 partitioner in its Inductor setting) but skips Inductor's code generation, so a model takes seconds
@@ -26,33 +27,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import acon.fused  # noqa: E402
 from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script  # noqa: E402
 from acon.fused.layout import dense  # noqa: E402
+from acon.fused.traced import formula  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
 from models import create_model  # noqa: E402
 
 VARIANTS = {  # label -> (activation, act_kwargs, what traced code runs for the fused op)
-    "ReLU": ("relu", None, "formula"),
-    "ACON-C traced formula": ("acon_c", {"impl": "fused"}, "formula"),
+    "ReLU": ("relu", None, "traced"),
+    "ACON-C traced formula": ("acon_c", {"impl": "fused"}, "traced"),
+    "ACON-C formula, autograd backward": ("acon_c", {"impl": "fused"}, "autograd"),
     "ACON-C opaque op": ("acon_c", {"impl": "fused"}, "opaque"),
-    "Meta-ACON traced formula": ("meta_acon", {"impl": "fused"}, "formula"),
+    "Meta-ACON traced formula": ("meta_acon", {"impl": "fused"}, "traced"),
     "Meta-ACON opaque op": ("meta_acon", {"impl": "fused"}, "opaque"),
-    "ACON-C paper form": ("acon_c", {"impl": "reference"}, "formula"),
+    "ACON-C paper form": ("acon_c", {"impl": "reference"}, "traced"),
 }
 
 
 def opaque_acon_c(x, p1, p2, beta):
-    """The custom op, as traced code ran it before the formula replaced it."""
+    """The custom op, as traced code once ran it."""
     return acon.fused.acon_c_op(dense(x), p1, p2, beta)
+
+
+TRACED = {"traced": acon.fused.traced_acon_c, "autograd": formula, "opaque": opaque_acon_c}
 
 
 def partition_backend():
     """AOTAutograd with Inductor's decompositions and partitioner, graphs run as they are (no codegen)."""
     import torch._inductor.lowering  # noqa: F401 (Inductor's decompositions refer to it)
-    from functorch.compile import min_cut_rematerialization_partition
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.decomposition import select_decomp_table
 
     def as_is(gm, _):
-        return gm
+        return make_boxed_func(gm.forward)
 
     partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor")
     return aot_autograd(
@@ -63,8 +69,7 @@ def partition_backend():
 def measure(label: str, args, backend) -> tuple[int, int]:
     """(eager, compiled) saved-activation bytes of one training forward of ``label``'s model."""
     act, kw, traced = VARIANTS[label]
-    formula = acon.fused.traced_acon_c
-    acon.fused.traced_acon_c = formula if traced == "formula" else opaque_acon_c
+    acon.fused.traced_acon_c = TRACED[traced]
     try:
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -74,7 +79,7 @@ def measure(label: str, args, backend) -> tuple[int, int]:
         compiled(x).sum().backward()  # compile forward and backward
         return saved_tensor_bytes(model, lambda: model(x)), saved_tensor_bytes(model, lambda: compiled(x))
     finally:
-        acon.fused.traced_acon_c = formula
+        acon.fused.traced_acon_c = TRACED["traced"]
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -7,16 +7,20 @@ Saved-activation memory is the sum of distinct storages autograd saves during th
 forward pass. "BN-fused" variants run every BatchNorm → ACON pair as one op (``acon.fuse_bn_acon``);
 "BN-fused multi-pass" ones run that op without its single-pass C++ row kernels (the path channels-last,
 fp64 and small maps take; ``acon.fused.bn_act.single_pass(False)``), to compare the two in one run.
+With ``--compile`` the "autograd backward" variants trace ACON-C as the plain formula and let autograd
+derive its backward (how compiled code ran it before the fused backward kernel served it), for comparison.
 
     python scripts/bench_train_step.py                          # CPU defaults: batch 8, 112 px
     python scripts/bench_train_step.py --batch 32 --img 224     # the issue's setting
     python scripts/bench_train_step.py --device cuda --amp bf16 --batch 128 --img 224 --out benchmarks/x.md
     python scripts/bench_train_step.py --compile --variants "ReLU,ACON-C fused,Meta-ACON fused"  # vs compiled ReLU
+    python scripts/bench_train_step.py --compile --variants "ReLU,ACON-C fused,ACON-C autograd backward"
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -28,9 +32,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import acon.fused  # noqa: E402
 from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script, sync  # noqa: E402
 from acon.fuse_bn import fuse_bn_acon  # noqa: E402
 from acon.fused.bn_act import single_pass  # noqa: E402
+from acon.fused.traced import formula  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
 from models import create_model  # noqa: E402
 
@@ -44,7 +50,23 @@ VARIANTS = {  # label -> (activation name, act_kwargs, BatchNorm → ACON pairs 
     "Meta-ACON reference": ("meta_acon", {"impl": "reference"}, False),
     "ACON-C BN-fused multi-pass": ("acon_c", {"impl": "fused"}, True),
     "Meta-ACON BN-fused multi-pass": ("meta_acon", {"impl": "fused"}, True),
+    "ACON-C autograd backward": ("acon_c", {"impl": "fused"}, False),
+    "Meta-ACON autograd backward": ("meta_acon", {"impl": "fused"}, False),
 }
+COMPILE_ONLY = ("ACON-C autograd backward", "Meta-ACON autograd backward")
+
+
+@contextlib.contextmanager
+def traced_as(label: str):
+    """Traced code runs ACON-C as ``label`` needs: autograd of the plain formula for the "autograd
+    backward" variants, else what ``acon.fused.traced_acon_c`` is (formula forward, fused-kernel backward)."""
+    served = acon.fused.traced_acon_c
+    if label in COMPILE_ONLY:
+        acon.fused.traced_acon_c = formula
+    try:
+        yield
+    finally:
+        acon.fused.traced_acon_c = served
 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> int:
@@ -84,23 +106,25 @@ def bench_model(name: str, variants: list[str], args) -> list[str]:
         m.train()
         m = torch.compile(m) if args.compile else m  # every variant, ReLU included: ratios to compiled ReLU
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
-        for _ in range(args.warmup):  # includes kernel compiles
-            step(m, opt, x, y, amp, label)
+        with traced_as(label):
+            for _ in range(args.warmup):  # includes kernel compiles
+                step(m, opt, x, y, amp, label)
         runs[label] = (m, opt, [])
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.steps):
         for label, (m, opt, times) in runs.items():
-            sync(dev)
-            t0 = clock()
-            step(m, opt, x, y, amp, label)
-            sync(dev)
+            with traced_as(label):
+                sync(dev)
+                t0 = clock()
+                step(m, opt, x, y, amp, label)
+                sync(dev)
             times.append(clock() - t0)
     base_t = statistics.median(runs["ReLU"][2])
     base_m = saved_activation_bytes(runs["ReLU"][0], x, amp)
     rows = []
     for label, (m, _, times) in runs.items():
         t = statistics.median(times)
-        with single_pass("multi-pass" not in label):
+        with single_pass("multi-pass" not in label), traced_as(label):
             mem = saved_activation_bytes(m, x, amp)
         rows.append(
             f"| {name} | {label} | {1e3 * t:.1f} | {args.batch / t:.1f} | {t / base_t:.2f} "
@@ -114,7 +138,8 @@ def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print a markdown table and return it."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="shufflenetv2_x1_0,resnet50")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    eager = ",".join(v for v in VARIANTS if v not in COMPILE_ONLY)
+    ap.add_argument("--variants", default=eager, help=f"comma list of {list(VARIANTS)}")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
     ap.add_argument("--batch", type=int, default=8)
@@ -139,6 +164,10 @@ def main(argv: list[str] | None = None) -> str:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or "ReLU" not in variants:
         ap.error(f"--variants must include 'ReLU' and only names from {list(VARIANTS)}; got {unknown}")
+    if not args.compile and any(v in COMPILE_ONLY for v in variants):
+        ap.error(
+            f"--variants {[v for v in variants if v in COMPILE_ONLY]} compare compiled paths: add --compile"
+        )
     lines = [
         f"# bench_train_step: {args.device}, amp={args.amp}, batch {args.batch}, {args.img} px, "
         f"{'channels_last' if args.channels_last else 'contiguous'}{', torch.compile' if args.compile else ''}, median of {args.steps} interleaved steps ({args.clock} clock), "

@@ -115,7 +115,7 @@ else
   run_step train_step "${limits[6]}" bash -c "python scripts/bench_train_step.py --device cuda --amp bf16 \
     --batch 32 --img 224 --steps 10 --warmup 3 --channels-last; a=\$?; python scripts/bench_train_step.py \
     --device cuda --amp bf16 --batch 32 --img 224 --steps 10 --warmup 3 --channels-last --compile \
-    --models shufflenetv2_x1_0 --variants 'ReLU,ACON-C fused,Meta-ACON fused'; exit \$((a | \$?))"
+    --models shufflenetv2_x1_0 --variants 'ReLU,ACON-C fused,ACON-C autograd backward,Meta-ACON fused'; exit \$((a | \$?))"
   run_step smoke "${limits[7]}" python scripts/smoke_train.py --device cuda --steps 100 --batch 64 --img 224 \
     --workers 8 --pipelines gpu --activations relu acon_c meta_acon --out "$work/smoke" --timeout 25
 fi

@@ -1,6 +1,6 @@
-"""ACON-C and Meta-ACON under ``torch.compile``: the traced graph holds the plain formula (no opaque custom
-op), so Inductor can fuse it with the BatchNorm before it and recompute it in backward; values, gradients
-and the NaN/±Inf pattern equal the eager fused ops'."""
+"""ACON-C and Meta-ACON under ``torch.compile``: the traced forward is the plain formula (no opaque forward
+op), so Inductor can fuse it with the BatchNorm before it and recompute it in backward, and the backward is
+the fused backward op; values, gradients and the NaN/±Inf pattern equal the eager fused ops'."""
 
 from __future__ import annotations
 
@@ -53,8 +53,16 @@ def assert_grads_close(want: nn.Module, got: nn.Module) -> None:
         )
 
 
-def custom_op_calls(graphs: list) -> list[str]:
-    return [str(n.target) for gm in graphs for n in gm.graph.nodes if "acon" in str(n.target)]
+def traced_targets(graphs: list) -> list[str]:
+    """The call targets of every node in the graphs and their subgraphs (autograd Function bodies)."""
+    return [
+        str(n.target)
+        for gm in graphs
+        for sub in gm.modules()
+        if isinstance(sub, torch.fx.GraphModule)
+        for n in sub.graph.nodes
+        if n.op == "call_function"
+    ]
 
 
 @pytest.mark.parametrize("channels_last", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -67,8 +75,10 @@ def test_compiled_model_traces_the_formula_with_eager_values_and_gradients(chann
     graphs: list = []
     compiled = torch.compile(traced, backend=recording_backend(graphs), fullgraph=True)
     y_eager, y = eager(x), compiled(x)
-    assert graphs and not custom_op_calls(graphs), custom_op_calls(graphs)
-    assert any("sigmoid" in str(n.target) for gm in graphs for n in gm.graph.nodes)
+    targets = traced_targets(graphs)
+    assert graphs and "acon.acon_c.default" not in targets, targets  # no opaque forward op
+    assert any("sigmoid" in t for t in targets)  # the formula, visible to Inductor
+    assert "acon.acon_c_backward.default" in targets  # backward: the fused kernel
     dy = torch.randn_like(y)
     y_eager.backward(dy)
     y.backward(dy)
@@ -145,3 +155,66 @@ def test_cuda_compiled_model_matches_eager_triton(channels_last):
     y_eager.square().sum().backward()
     y.square().sum().backward()
     assert_grads_close(eager, traced)
+
+
+def _traced_everywhere(monkeypatch) -> None:
+    """``_acon_c`` (what the modules call) runs ``traced_acon_c`` eagerly, as compiled code would."""
+    import acon.fused
+
+    def acon_c(x, p1, p2, beta):
+        acon.fused._check_shapes(x, p1, p2, beta)
+        return acon.fused.traced_acon_c(x, p1, p2, beta)
+
+    monkeypatch.setattr(acon.fused, "acon_c", acon_c)
+
+
+def test_traced_backward_is_the_fused_kernels_bit_for_bit(monkeypatch):
+    """The traced Function's backward feeds the kernel -x, -p1, -p2 (so the partitioner recomputes x):
+    dx, dp1, dp2 and dβ equal the eager fused op's exactly, NaN/±Inf positions included."""
+    picked = [c for c in cases(80, dtypes=("fp32", "bf16-autocast")) if c.layout != "strided"][:16]
+    assert sum(bool(c.poison) for c in picked) >= 4 and any(c.per_sample for c in picked)
+    want = [fuzz_cases.run(c, fuzz_cases.working(c, fuzz_cases.make_inputs(c)), "fused") for c in picked]
+    _traced_everywhere(monkeypatch)
+    for case, ref in zip(picked, want, strict=True):
+        got = fuzz_cases.run(case, fuzz_cases.working(case, fuzz_cases.make_inputs(case)), "fused")
+        for name, a, b in zip(fuzz_cases.NAMES[1:], ref[1:], got[1:], strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=f"{case}: {name}")
+
+
+def _partition_backend():
+    """``scripts/bench_compile_memory.py``'s backend: Inductor's decompositions and min-cut partitioner."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_compile_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_compile_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.partition_backend()
+
+
+def _block(act) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(8), nn.Conv2d(8, 4, 1)
+    ).train()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act", [AconC, functools.partial(MetaAconC, r=4)], ids=["AconC", "MetaAconC"])
+def test_compiled_step_keeps_what_relu_keeps(act):
+    """Under Inductor's partitioner the BatchNorm output before ACON-C / Meta-ACON is recomputed in
+    backward, not saved, although backward reads it through the fused kernel: the saved activations
+    equal a ReLU network's up to Meta-ACON's (N, C) β-network tensors."""
+    from acon.memory import saved_tensor_bytes
+
+    x = torch.randn(2, 3, 16, 16)
+    saved = {}
+    for name, make in (("relu", lambda c: nn.ReLU(inplace=True)), ("acon", act)):
+        torch._dynamo.reset()
+        model = _block(make)
+        compiled = torch.compile(model, backend=_partition_backend())
+        compiled(x).sum().backward()
+        saved[name] = saved_tensor_bytes(model, lambda m=compiled: m(x))
+    x_bytes = x.numel() * 8 // 3 * 4  # one (2, 8, 16, 16) fp32 tensor: what keeping x would add
+    assert saved["acon"] <= saved["relu"] + x_bytes // 8, saved

@@ -5,18 +5,18 @@ per-sample β of Meta-ACON) and recomputes the sigmoid in backward; backward yie
 in one pass. CUDA runs Triton kernels (``acon.fused.triton_kernels``); CPU runs C++ kernels
 (``acon.fused.native``), or where they cannot be built the Inductor-compiled torch formulas of
 ``acon.fused.cpu``, or the same formulas eagerly when no C compiler is found. Under ``torch.compile`` the
-same formula is traced as plain torch ops instead (:func:`traced_acon_c`): an opaque op would keep Inductor
-from fusing it with the BatchNorm before it and from recomputing it in backward, which costs a saved
-tensor per layer (compiled ShuffleNetV2 1.0x: 1.36x compiled ReLU's saved activations through the op,
-1.00x traced; ``scripts/bench_compile_memory.py``).
+forward is traced as plain torch ops instead and backward runs the fused backward op (:func:`traced_acon_c`):
+an opaque forward op would keep Inductor from fusing it with the BatchNorm before it and from recomputing
+it in backward, which costs a saved tensor per layer (compiled ShuffleNetV2 1.0x: 1.36x compiled ReLU's
+saved activations through the op, 1.00x traced; ``scripts/bench_compile_memory.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from acon.fused import cpu
-from acon.fused.layout import compute_dtype, dense
+from acon.fused import cpu, traced
+from acon.fused.layout import dense
 from acon.fused.ops import NativeAconC, acon_c_backward_op, acon_c_op, native_serves, triton_importable
 
 # "auto" on CPU: the C++ kernels are faster than the reference form at every size measured (96 elements:
@@ -68,13 +68,12 @@ def _check_shapes(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: tor
 
 
 def traced_acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """The fused ops' formula as plain torch ops (computed in fp32, fp64 for fp64 x), for traced code:
-    Inductor fuses it with its neighbours and its min-cut partitioner picks what backward recomputes, where
-    the opaque custom op would force x to be saved. Same values, gradients and NaN/±Inf convention as the
-    fused ops (``acon.fused.cpu``)."""
-    ct = compute_dtype(x.dtype)
-    view = lambda p: p.reshape(p.shape[:2] + (1,) * (x.dim() - 2)).to(ct)  # noqa: E731
-    return cpu.forward_math(x, view(p1), view(p2), view(beta), ct)
+    """The fused ops' formulas as plain torch ops (computed in fp32, fp64 for fp64 x), for traced code:
+    Inductor fuses them with their neighbours and its min-cut partitioner picks what backward recomputes,
+    where the opaque custom op would force x to be saved. Backward is the fused ops' own (per-row sums
+    over the spatial dims, then over N: ``acon.fused.traced``), which Inductor fuses into one loop with dx.
+    Same values, gradients and NaN/±Inf convention as the fused ops (``acon.fused.cpu``)."""
+    return traced.traced_acon_c(x, p1, p2, beta)
 
 
 def _check_shapes_once(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> None:
