@@ -15,7 +15,11 @@ RULES: list[tuple[str, str, str]] = [
     (r"^torchrun ", "skip", "several GPUs or nodes; tests/test_distributed.py runs gloo ranks on CPU"),
     (r"^scripts/gpu_check\.sh --cpu$", "run", "the GPU check's CPU-side parts"),
     (r"^scripts/gpu_check\.sh$", "skip", "needs a CUDA GPU (at most 8 min on one)"),
-    (r"^python -m pytest -q -m gpu ", "skip", "the -m gpu tests need a CUDA GPU (scripts/gpu_check.sh runs them)"),
+    (
+        r"^python -m pytest -q -m gpu ",
+        "skip",
+        "the -m gpu tests need a CUDA GPU (scripts/gpu_check.sh runs them)",
+    ),
     (
         r"^scripts/proxy_sweep\.sh",
         "skip",

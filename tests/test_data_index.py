@@ -136,7 +136,9 @@ def test_class_subset_is_read_from_the_whole_split_index(tree, capsys):
     subset = ["n00000002", "n00000000"]
     listed, _ = scan_samples(split, subset)
     sub = ImageFolderDataset(split, classes=subset, index_cache=True)
-    assert sub.index_source == "cache" and list(sub.samples) == listed and sub.targets == [t for _, t in listed]
+    assert (
+        sub.index_source == "cache" and list(sub.samples) == listed and sub.targets == [t for _, t in listed]
+    )
     assert "in 2 of 3 classes" in capsys.readouterr().err
     assert cached(tree).index_source == "cache"  # the whole split's index was kept
     (split / "n00000001" / "extra" / "a.jpeg").unlink()  # outside the subset
