@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -187,6 +188,8 @@ def test_loader_workers_of_each_cpu_pipeline_ignore_stop_signals(tiny_imagenet, 
     time.sleep(0.2)
     assert 1 + len(list(batches)) == 6  # before: "DataLoader worker (pid …) is killed by signal"
     assert all(Path(f"/proc/{pid}").exists() for pid in workers)  # persistent workers, still alive
+    del batches, loader  # the workers end here, not whenever a later test happens to collect them
+    gc.collect()
 
 
 def test_ctrl_c_sets_the_flag_a_second_one_interrupts_and_exit_is_130(monkeypatch, capsys):
