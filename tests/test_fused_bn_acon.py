@@ -245,7 +245,7 @@ def test_backward_keeps_no_batchnorm_output():
 def _sync_worker(rank: int, path: str, out: str, dtype: torch.dtype) -> None:
     import torch.distributed as dist
 
-    from acon.fused import native
+    from acon.fused import bn_native
     from acon.syncbn import convert_sync_batchnorm
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
@@ -253,13 +253,13 @@ def _sync_worker(rank: int, path: str, out: str, dtype: torch.dtype) -> None:
     if dtype == torch.float64:
         cpu.set_mode("eager")  # the torch formulas (no Inductor build in the workers)
     rows = {"n": 0}
-    row_backward = native.bn_acon_backward
+    row_backward = bn_native.bn_acon_backward
 
     def counted(*a):
         rows["n"] += 1
         return row_backward(*a)
 
-    native.bn_acon_backward = counted
+    bn_native.bn_acon_backward = counted
     torch.manual_seed(0)
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
     g = torch.randn(6, 4, 5, 5, dtype=torch.float64)

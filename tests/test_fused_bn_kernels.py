@@ -16,7 +16,7 @@ from test_fused_fuzz_cases import POISON, pattern
 from torch import nn
 
 from acon import AconC, MetaAconC, fuse_bn_acon
-from acon.fused import bn_act, cpu, native
+from acon.fused import bn_act, bn_native, cpu, native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
 
@@ -28,13 +28,13 @@ def row_calls(monkeypatch):
     """Calls of the row kernels' forward and backward: a silent fallback to the multi-pass path fails."""
     calls = {"forward": 0, "backward": 0}
     for name, key in (("bn_acon_forward", "forward"), ("bn_acon_backward", "backward")):
-        fn = getattr(native, name)
+        fn = getattr(bn_native, name)
 
         def wrapper(*a, _fn=fn, _key=key):
             calls[_key] += 1
             return _fn(*a)
 
-        monkeypatch.setattr(native, name, wrapper)
+        monkeypatch.setattr(bn_native, name, wrapper)
     cpu.set_mode("native")
     yield calls
     cpu.set_mode(None)

@@ -7,7 +7,7 @@ then BatchNorm's. An unfused conv → BN → ACON pair keeps three tensors (x, z
 layer); fused it keeps two, as conv → BN → ReLU(inplace) does.
 
 Kernels. On CPU, for contiguous fp32/bf16 NCHW whose spatial size holds at least one vector of the C++
-kernels (``acon.fused.native.rows_serve``), the row kernels of ``bn_acon_cpu.h`` never write z: forward
+kernels (``acon.fused.bn_native.rows_serve``), the row kernels of ``bn_acon_cpu.h`` never write z: forward
 is one pass for the statistics (per-row sums, combined in float64) and one that normalises on load and
 writes y; backward is one pass over x and dy that writes dz and sums, per row, ACON's parameter
 gradients and BatchNorm's Σdz and Σdz·(x - mean), then one in place over dz that writes dx (BatchNorm's
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from acon.functional import spatial_mean
-from acon.fused import native
+from acon.fused import bn_native, native
 from acon.fused.layout import dense, same_layout, typed_like
 from acon.fused.ops import acon_c_backward_op, acon_c_op, native_serves, triton_importable, triton_on_cpu
 from acon.syncbn import global_grad_means, global_moments, sync_bn_grads, update_running
@@ -190,7 +190,7 @@ def single_pass(enabled: bool) -> Iterator[None]:
 
 def rows_path(x: Tensor) -> bool:
     """Whether the C++ BatchNorm + ACON-C row kernels serve this eager-mode ``x``."""
-    return _SINGLE_PASS["on"] and native_serves(x) and native.rows_serve(x)
+    return _SINGLE_PASS["on"] and native_serves(x) and bn_native.rows_serve(x)
 
 
 def row_statistics(
@@ -201,12 +201,12 @@ def row_statistics(
     the local statistics and the row means come from one pass, and with fp32 buffers and parameters the
     running statistics and the per-channel affine from one more call."""
     local = st.batch_stats and st.group is None
-    moments = native.bn_moments(x) if local or meta else (None, None, None)
+    moments = bn_native.bn_moments(x) if local or meta else (None, None, None)
     rm, rv = (st.running_mean, st.running_var) if st.update else (None, None)
-    if local and native.finishes_statistics(rm, rv, st.weight, st.bias):
+    if local and bn_native.finishes_statistics(rm, rv, st.weight, st.bias):
         count = x.numel() // x.shape[1]
         unbias = count / max(count - 1, 1)
-        out = native.bn_finish_stats(*moments[1:], rm, rv, st.momentum, unbias, st.eps, st.weight, st.bias)
+        out = bn_native.bn_finish_stats(*moments[1:], rm, rv, st.momentum, unbias, st.eps, st.weight, st.bias)
         return out[0], out[1], count, out[2], out[3], moments[0]
     mean, invstd, count = batch_statistics(x, st, moments[1:] if local else None)
     return mean, invstd, count, *bn_affine(mean, invstd, st.weight, st.bias), moments[0]
@@ -230,7 +230,7 @@ def rows_backward(
     into the second pass."""
     need, c = ctx.needs_input_grad, x.shape[1]
     direct = not ctx.st.batch_stats and not ctx.meta  # eval BatchNorm: dx = scale·dz, from the first pass
-    dz, dp1, dp2, dbeta, sums = native.bn_acon_backward(
+    dz, dp1, dp2, dbeta, sums = bn_native.bn_acon_backward(
         dy.contiguous(), x, ctx.scale, ctx.shift, mean, ctx.scale if direct else None, p1, p2, beta
     )  # sums: float64 Σdz, Σdz·(x - mean) per channel
     dp1, dp2, dbeta = typed_like(dp1, p1), typed_like(dp2, p2), typed_like(dbeta, beta)
@@ -260,7 +260,7 @@ def rows_input_grad(ctx, dz, x, mean, invstd, sums, row_grad) -> Tensor:
         means = sums / ctx.count
     else:
         means = torch.cat(global_grad_means(sums[:c], sums[c:], ctx.count, st.group))
-    return native.bn_input_grad_(dz, x, means, row_grad, mean, invstd, ctx.scale)
+    return bn_native.bn_input_grad_(dz, x, means, row_grad, mean, invstd, ctx.scale)
 
 
 class _BNAconC(torch.autograd.Function):
@@ -284,7 +284,7 @@ class _BNAconC(torch.autograd.Function):
             beta = beta_graph.detach()
             ctx.beta_graph, ctx.zbar = beta_graph, zbar
         y = (
-            native.bn_acon_forward(x, scale, shift, p1, p2, beta)
+            bn_native.bn_acon_forward(x, scale, shift, p1, p2, beta)
             if ctx.rows
             else acon_forward(z, p1, p2, beta)
         )
@@ -343,7 +343,7 @@ def _inference(x: Tensor, st: BNState, p1: Tensor, p2: Tensor, beta, meta: nn.Mo
     if meta is not None:
         beta = meta.beta_from_mean(zbar, x)
     if z is None:
-        return native.bn_acon_forward(x, scale, shift, p1, p2, beta)
+        return bn_native.bn_acon_forward(x, scale, shift, p1, p2, beta)
     return acon_forward(z, p1, p2, beta)
 
 
