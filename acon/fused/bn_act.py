@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from acon.functional import spatial_mean
 from acon.fused import bn_native, native
+from acon.fused.beta_net import beta_net_grads, beta_net_params, run_beta_net
 from acon.fused.layout import dense, same_layout, typed_like
 from acon.fused.ops import acon_c_backward_op, acon_c_op, native_serves, triton_importable, triton_on_cpu
 from acon.syncbn import global_grad_means, global_moments, sync_bn_grads, update_running
@@ -212,16 +213,6 @@ def row_statistics(
     return mean, invstd, count, *bn_affine(mean, invstd, st.weight, st.bias), moments[0]
 
 
-def beta_net_grads(ctx, dbeta: Tensor, beta_params: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
-    """Backward of Meta-ACON's β network (the small graph built in forward) given dβ: the gradient of z's
-    spatial mean (N, C) and those of the β network's parameters."""
-    wanted = [ctx.zbar] + [p for p in beta_params if p.requires_grad]
-    # retained: small (N, C) tensors, freed with ctx; the outer graph may be run again (retain_graph)
-    grads = torch.autograd.grad(ctx.beta_graph, wanted, dbeta, retain_graph=True, allow_unused=True)
-    it = iter(grads[1:])
-    return grads[0], [next(it) if p.requires_grad else None for p in beta_params]
-
-
 def rows_backward(
     ctx, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight, bias, p1, p2, beta, params
 ):
@@ -277,12 +268,8 @@ class _BNAconC(torch.autograd.Function):
             mean, invstd, count = batch_statistics(x, st)
             z = normalise(x, mean, invstd, weight, bias)
         if beta_fn is not None:
-            with torch.enable_grad():
-                zbar = (ctx.row_mean * scale + shift).to(x.dtype) if ctx.rows else spatial_mean(z).detach()
-                zbar.requires_grad_()
-                beta_graph = beta_fn(zbar, x)
-            beta = beta_graph.detach()
-            ctx.beta_graph, ctx.zbar = beta_graph, zbar
+            zbar = (ctx.row_mean * scale + shift).to(x.dtype) if ctx.rows else spatial_mean(z)
+            beta = run_beta_net(ctx, beta_fn, zbar, x)
         y = (
             bn_native.bn_acon_forward(x, scale, shift, p1, p2, beta)
             if ctx.rows
@@ -365,9 +352,7 @@ def bn_meta_acon_c(x: Tensor, st: BNState, meta: nn.Module) -> Tensor:
         return op.bn_meta_acon_c(x, st, meta)
     if not torch.is_grad_enabled():
         return _inference(x, st, meta.p1, meta.p2, None, meta)
-    params = [meta.fc1.weight, meta.fc1.bias, meta.bn1.weight, meta.bn1.bias]
-    params += [meta.fc2.weight, meta.fc2.bias, meta.bn2.weight, meta.bn2.bias]
-    params = [p for p in params if p is not None]
+    params = beta_net_params(meta)
     return _BNAconC.apply(x, st.weight, st.bias, meta.p1, meta.p2, None, st, meta.beta_from_mean, *params)
 
 

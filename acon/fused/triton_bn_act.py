@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from acon.fused import selfcheck
 from acon.fused import triton_bn_channels as ch
 from acon.fused import triton_bn_kernels as tk
+from acon.fused.beta_net import beta_net_grads, beta_net_params, run_beta_net
 from acon.fused.layout import compute_dtype, layout_of, param_grads, same_layout, typed_like
 from acon.syncbn import global_sum, update_running
 
@@ -102,11 +103,7 @@ class _TritonBNAconC(torch.autograd.Function):
         mean, invstd = mean.to(ct), invstd.to(ct)
         coef = ch.coefficients(mean, invstd, weight, bias, p1, p2, ct)
         if meta:
-            with torch.enable_grad():
-                zbar = spatial_mean_of_z(coef, row_mean, x.dtype).requires_grad_()
-                beta_graph = beta_fn(zbar, x)
-            beta = beta_graph.detach()
-            ctx.beta_graph, ctx.zbar = beta_graph, zbar
+            beta = run_beta_net(ctx, beta_fn, spatial_mean_of_z(coef, row_mean, x.dtype), x)
         ctx.st, ctx.meta, ctx.count = st, meta, count
         # the coefficient table is rebuilt in backward: saved, it would be 3x the bytes of mean and invstd
         ctx.save_for_backward(
@@ -122,13 +119,10 @@ class _TritonBNAconC(torch.autograd.Function):
         param_grads_meta: list = [None] * len(beta_params)
 
         def dzbar_of(sb: Tensor) -> Tensor:
-            dbeta = typed_like(sb.reshape(beta.shape), beta)
-            wanted = [ctx.zbar] + [p for p in beta_params if p.requires_grad]
-            # retained: small (N, C) tensors, freed with ctx; the outer graph may be run again (retain_graph)
-            grads = torch.autograd.grad(ctx.beta_graph, wanted, dbeta, retain_graph=True, allow_unused=True)
-            it = iter(grads[1:])
-            param_grads_meta[:] = [next(it) if p.requires_grad else None for p in beta_params]
-            return grads[0]
+            dzbar, param_grads_meta[:] = beta_net_grads(
+                ctx, typed_like(sb.reshape(beta.shape), beta), beta_params
+            )
+            return dzbar
 
         dx, (s1, s2, sb), sdz, sdzxhat = backward_passes(
             same_layout(dy, x), x, coef, invstd, row_mean, beta, ctx.st, ctx.count, need[0],
@@ -157,11 +151,8 @@ def bn_meta_acon_c(x: Tensor, st, meta: nn.Module) -> Tensor:
         mean, invstd, row_mean, _ = statistics(x, st, rows=True)
         coef = ch.coefficients(mean, invstd, st.weight, st.bias, meta.p1, meta.p2, compute_dtype(x.dtype))
         return tk.forward(x, coef, meta.beta_from_mean(spatial_mean_of_z(coef, row_mean, x.dtype), x))
-    params = [meta.fc1.weight, meta.fc1.bias, meta.bn1.weight, meta.bn1.bias]
-    params += [meta.fc2.weight, meta.fc2.bias, meta.bn2.weight, meta.bn2.bias]
-    params = [p for p in params if p is not None]
     return _TritonBNAconC.apply(
-        x, st.weight, st.bias, meta.p1, meta.p2, None, st, meta.beta_from_mean, *params
+        x, st.weight, st.bias, meta.p1, meta.p2, None, st, meta.beta_from_mean, *beta_net_params(meta)
     )
 
 
