@@ -27,13 +27,19 @@ def global_moments(x: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Ten
     global number of values per channel (a float64 scalar tensor)."""
     dims = [0] + list(range(2, x.dim()))
     xd = x.double()
-    local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() / x.shape[1]])])
-    total = global_sum(local, group)
-    c = x.shape[1]
-    count = total[-1]
-    mean = total[:c] / count
-    var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)
-    return mean, var, count
+    return combine_moments(xd.sum(dims), (xd * xd).sum(dims), x.numel() / x.shape[1], group)
+
+
+def combine_moments(
+    sum_x: torch.Tensor, sum_xx: torch.Tensor, count: float, group=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over every rank from this rank's float64 Σx, Σx² and count of
+    values per channel (one all-reduce), and the global count (a float64 scalar tensor)."""
+    total = global_sum(torch.cat([sum_x, sum_xx, sum_x.new_tensor([count])]), group)
+    c = sum_x.numel()
+    n = total[-1]
+    mean = total[:c] / n
+    return mean, (total[c : 2 * c] / n - mean * mean).clamp_min(0), n
 
 
 def update_running(

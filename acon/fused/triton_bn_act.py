@@ -35,7 +35,7 @@ from acon.fused import triton_bn_channels as ch
 from acon.fused import triton_bn_kernels as tk
 from acon.fused.beta_net import beta_net_grads, beta_net_params, run_beta_net
 from acon.fused.layout import compute_dtype, layout_of, param_grads, same_layout, typed_like
-from acon.syncbn import global_sum, update_running
+from acon.syncbn import combine_moments, global_sum, update_running
 
 _CHECK_NAMES = ("y", "dx", "dweight", "dbias", "dp1", "dp2", "dbeta")
 
@@ -58,12 +58,9 @@ def statistics(x: Tensor, st, rows: bool) -> tuple[Tensor, Tensor, Tensor | None
 
 def synced_moments(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
     """Mean and biased variance over every rank of ``group`` from this rank's (float64 Σx, Σx² and count
-    all-reduced, as ``acon.syncbn.global_moments``), and the global count."""
-    local = torch.cat([mean * count, (var + mean * mean) * count, mean.new_full((1,), float(count))])
-    total = global_sum(local, group)
-    c, n = mean.numel(), total[-1]
-    mean = total[:c] / n
-    return mean, (total[c : 2 * c] / n - mean * mean).clamp_min(0), int(n)
+    all-reduced by ``acon.syncbn.combine_moments``), and the global count."""
+    mean, var, n = combine_moments(mean * count, (var + mean * mean) * count, float(count), group)
+    return mean, var, int(n)
 
 
 def spatial_mean_of_z(coef: Tensor, row_mean: Tensor, dtype: torch.dtype) -> Tensor:
