@@ -240,10 +240,22 @@ def _plan(x: torch.Tensor, beta: torch.Tensor) -> _Plan:
     return plan
 
 
+def plan(x: torch.Tensor, beta: torch.Tensor) -> _Plan:
+    """The kernels' call plan for ``x`` and ``β`` (cached per geometry; raises for an x that is neither
+    contiguous nor channels-last)."""
+    return _plan(x, beta)
+
+
 def forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """y for a dense (contiguous or channels-last) x (N, C, ...), with x's strides; p1, p2 hold C values and
     β C or N·C (per sample), in any shape."""
-    k = _plan(x, beta)
+    return run_forward(_plan(x, beta), x, p1, p2, beta)
+
+
+def run_forward(
+    k: _Plan, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
+    """:func:`forward` on the plan ``k`` of x and β (:func:`plan`)."""
     y = torch.empty_like(x)
     q1, q2, qb = _flat32(p1), _flat32(p2), _flat32(beta)  # held until the call returns (may be fp32 copies)
     k.fwd(
@@ -262,6 +274,13 @@ def backward(dy: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tens
             f"acon.fused.native: dy must have x's shape and strides {tuple(x.shape)}, {x.stride()}; "
             f"got {tuple(dy.shape)}, {dy.stride()}"
         )
+    return run_backward(k, dy, x, p1, p2, beta)
+
+
+def run_backward(
+    k: _Plan, dy: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor
+):
+    """:func:`backward` on the plan ``k`` of x and β, for a dy known to have x's shape and strides."""
     dx = torch.empty_like(x)
     g1, g2, gb = _grad_buffer(p1), _grad_buffer(p2), _grad_buffer(beta)
     q1, q2, qb = _flat32(p1), _flat32(p2), _flat32(beta)  # held until the call returns (may be fp32 copies)

@@ -144,12 +144,14 @@ class NativeAconC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
         ctx.save_for_backward(x, p1, p2, beta)
-        return native.forward(x, p1, p2, beta)
+        ctx.plan = plan = native.plan(x, beta)  # backward's too: same x and β
+        return native.run_forward(plan, x, p1, p2, beta)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, p1, p2, beta = ctx.saved_tensors
-        dx, g1, g2, gb = native.backward(same_layout(dy, x), x, p1, p2, beta)
+        # autograd hands dy in x's shape; same_layout gives it x's strides
+        dx, g1, g2, gb = native.run_backward(ctx.plan, same_layout(dy, x), x, p1, p2, beta)
         return dx, typed_like(g1, p1), typed_like(g2, p2), typed_like(gb, beta)
 
 
