@@ -45,8 +45,8 @@ def test_doctor_passes_here(data, tmp_path):
 
 
 def test_injected_failing_kernel_fails(data, tmp_path, monkeypatch, capsys):
-    good = native.forward
-    monkeypatch.setattr(native, "forward", lambda *a: good(*a) * 1.5)
+    good = native.run_forward  # every path into the forward kernel
+    monkeypatch.setattr(native, "run_forward", lambda *a: good(*a) * 1.5)
     assert doctor.main([*overrides(data, tmp_path), "--no-ddp"]) == 1
     out = capsys.readouterr().out
     failed = lines(out, "fail")

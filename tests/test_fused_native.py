@@ -95,6 +95,59 @@ def test_nan_and_inf_propagate_like_the_reference(native_mode, dtype):
     torch.testing.assert_close(y[fin].double(), ref[fin].double(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_beta_gradient_where_x_squared_overflows(native_mode, per_sample):
+    """The contiguous backward sums x·x·σ'(z) terms, scaled by d² afterwards; where those overflow but the
+    reference's (d·x)² terms do not (p1 = p2, or a small d, with |x| ~ 1e20), dβ is still the reference's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64) * 1e20
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    p1, p2 = (torch.randn(1, 3, 1, 1, generator=g, dtype=torch.float64) for _ in range(2))
+    p2[0, 0] = p1[0, 0]  # d = 0: dβ is exactly 0
+    p2[0, 1] = p1[0, 1] - 1e-19  # d·x ~ 10: finite terms in the reference
+    beta = torch.ones(2 if per_sample else 1, 3, 1, 1, dtype=torch.float64)
+    grads = []
+    for fn, dtype in ((acon.fused.acon_c, torch.float32), (acon_c_reference, torch.float64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, p1, p2, beta)]
+        fn(*leaves).backward(dy.to(dtype))
+        grads.append(leaves[3].grad.double())
+    fused, ref = grads
+    assert ref[:, :2].isfinite().all() and fused[:, :2].isfinite().all(), fused
+    assert (fused[:, 0] == 0).all()
+    torch.testing.assert_close(fused[:, 1], ref[:, 1], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (5, 7), (7, 7)])
+def test_short_rows_at_any_thread_count(native_mode, counted, hw):
+    """Short rows (16-63 values) cross chunk boundaries at every row, where the walker blends two rows'
+    parameters and splits their sums: at 1, 2 and 3 threads the gradients repeat bit for bit and match the
+    reference (the module's gradients against the paper form in fp64)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 37, *hw, generator=g)
+    dy = torch.randn(x.shape, generator=g)
+    m, ref = AconC(37, impl="fused"), AconC(37, impl="reference").double()
+    ref.load_state_dict(m.state_dict())
+    xr = x.double().requires_grad_()
+    ref(xr).backward(dy.double())
+    want = [xr.grad] + [p.grad for p in ref.parameters()]
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs = []
+            for _ in range(2):
+                m.zero_grad()
+                xi = x.clone().requires_grad_()
+                m(xi).backward(dy)
+                runs.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
+            for a, b, w in zip(*runs, want, strict=True):
+                assert torch.equal(a, b)
+                torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(old)
+    assert counted["backward"] == 6
+
+
 def test_backward_is_bit_deterministic(native_mode):
     torch.manual_seed(0)
     for cl in (False, True):

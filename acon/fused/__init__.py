@@ -17,7 +17,7 @@ import torch
 
 from acon.fused import cpu, traced
 from acon.fused.layout import dense
-from acon.fused.ops import NativeAconC, acon_c_backward_op, acon_c_op, native_serves, triton_importable
+from acon.fused.ops import NativeAconC, acon_c_backward_op, acon_c_op, native_plan, triton_importable
 
 # "auto" on CPU: the C++ kernels are faster than the reference form at every size measured (96 elements:
 # 88 vs 134 µs forward+backward, one thread), so they serve any tensor. Inductor's compiled formulas
@@ -96,11 +96,11 @@ def acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tens
     if torch.compiler.is_compiling():
         _check_shapes(x, p1, p2, beta)
         return traced_acon_c(x, p1, p2, beta)
+    plan = native_plan(x, p1, p2, beta, _check_shapes)
+    if plan is not None:
+        return NativeAconC.apply(x, p1, p2, beta, plan)
     _check_shapes_once(x, p1, p2, beta)
-    x = dense(x)
-    if native_serves(x):
-        return NativeAconC.apply(x, p1, p2, beta)
-    return acon_c_op(x, p1, p2, beta)
+    return acon_c_op(dense(x), p1, p2, beta)
 
 
 __all__ = ["AUTO_MIN_NUMEL_CPU", "acon_c", "acon_c_backward_op", "acon_c_op", "available", "traced_acon_c"]

@@ -7,6 +7,10 @@
 //   since d is constant along each summed row; so only Σ gx·g, Σ gx·t and Σ gx are accumulated.
 //   (Σ gx·g is not split into Σ gx·s + β·Σ gx·t: gx·t can overflow, or be 0 where β is ±inf, where gx·g
 //   does not, as in the reference formula.)
+//   The contiguous ("ncs") kernels run bwd_math_bd on β·d: z = (β·d)·x, t' = x·σ'(z) = t/d, and dβ =
+//   d·(d·Σ gx·t'), one multiplication less per chunk. Where d·Σ gx·t' is not finite (x·x can overflow where
+//   d·x·x does not, e.g. at d = 0), that row's sum is taken again in bwd_math's form, so NaN
+//   and ±Inf come out as the reference formula gives them.
 //
 // Layouts (x viewed as 3-D, dense):
 //   "ncs": rows of S contiguous values, one row per (n, c). Work is cut into chunks of one vector (VB
@@ -26,7 +30,7 @@
 namespace {
 
 // ---- "ncs" with rows of S >= VB values: row kernels for walk_rows (acon_rows.h) ----------------------
-// Parameters per row: d = p1 - p2 and p2 per channel, β per channel or per sample.
+// Parameters per row: d = p1 - p2 and p2 per channel, β (forward) or β·d (backward) per channel or per sample.
 
 template <class IO>
 struct AconFwdRows {  // y = ACON-C(x)
@@ -41,15 +45,25 @@ struct AconFwdRows {  // y = ACON-C(x)
 };
 
 template <class IO>
-struct AconBwdRows {  // dx, and the row sums Σ gx·g, Σ gx·t, Σ gx (see bwd_math)
+struct AconBwdRows {  // dx, and the row sums Σ gx·g, Σ gx·t', Σ gx (see bwd_math_bd: parameters d, p2, β·d)
   static constexpr int NP = 3, NQ = 3;
   const typename IO::T *__restrict__ dy, *__restrict__ x;
   typename IO::T* __restrict__ dx;
   template <bool FULL>
   Vecs<NQ> chunk(int64_t i, int64_t n, const Vecs<NP>& q) const {
-    const Grads g = bwd_math(load_chunk<IO, FULL>(dy + i, n), load_chunk<IO, FULL>(x + i, n), q[0], q[1], q[2]);
+    const Grads g = bwd_math_bd(load_chunk<IO, FULL>(dy + i, n), load_chunk<IO, FULL>(x + i, n), q[0], q[1], q[2]);
     store_chunk<IO, FULL>(dx + i, g.dx, n);
     return {g.gs, g.gt, g.gx};
+  }
+};
+
+template <class IO>
+struct AconBetaRows {  // the row sums Σ gx·t in bwd_math's form (parameters d, p2, β), nothing stored
+  static constexpr int NP = 3, NQ = 1;
+  const typename IO::T *__restrict__ dy, *__restrict__ x;
+  template <bool FULL>
+  Vecs<NQ> chunk(int64_t i, int64_t n, const Vecs<NP>& q) const {
+    return {bwd_math(load_chunk<IO, FULL>(dy + i, n), load_chunk<IO, FULL>(x + i, n), q[0], q[1], q[2]).gt};
   }
 };
 
@@ -161,10 +175,20 @@ void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2,
                   int threads) {
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
-  const RowParams<3> P{{d.data(), p, b}, {false, false, per_sample != 0}};
+  std::vector<float> bd((per_sample ? N : 1) * C);  // β·d per channel, or per sample and channel
+  for (int64_t j = 0; j < int64_t(bd.size()); ++j) bd[j] = b[j] * d[j % C];
+  const RowParams<3> P{{d.data(), p, bd.data()}, {false, false, per_sample != 0}};
   const int64_t R = N * C;
   float* sums[3] = {scratch(3 * R), sums[0] + R, sums[1] + R};  // every row's sums are written before being read
   walk_blocks(AconBwdRows<IO>{(const T*)dy, (const T*)x, (T*)dx}, P, sums, R, C, S, blocks, threads);
+  // Σ gx·t = d·Σ gx·t' per row; where that is not finite (x·x overflowed where d·x·x need not, or a NaN),
+  // the row's sum in bwd_math's own form, so NaN and ±Inf come out as the reference formula gives them
+  const RowParams<3> Pb{{d.data(), p, b}, {false, false, per_sample != 0}};
+  for (int64_t r = 0; r < R; ++r) {
+    float& t = sums[1][r];
+    t *= d[r % C];
+    if (!std::isfinite(t)) walk_rows(AconBetaRows<IO>{(const T*)dy, (const T*)x}, Pb, sums + 1, C, S, r, r + 1);
+  }
   finish(sums[0], sums[1], sums[2], d.data(), g1, g2, gb, N, 1, C, per_sample != 0);
 }
 

@@ -197,7 +197,7 @@ def _entry(lib: ctypes.CDLL, kind: str, layout: str, dtype: torch.dtype):
     return getattr(lib, f"acon_{kind}_{layout}_{DTYPES[dtype]}")
 
 
-class _Plan(NamedTuple):
+class Plan(NamedTuple):
     """Everything a kernel call needs besides the tensors' memory; depends only on x's geometry and dtype, β's
     size and the thread count, so it is computed once per such key (:func:`_plan`)."""
 
@@ -212,12 +212,12 @@ class _Plan(NamedTuple):
     bwd: object
 
 
-_PLANS: dict[tuple, _Plan] = {}
+_PLANS: dict[tuple, Plan] = {}
 _PLANS_MAX = 512  # distinct geometries kept (a model has a few dozen); the cache is cleared past this
 
 
-def _plan(x: torch.Tensor, beta: torch.Tensor) -> _Plan:
-    """The cached :class:`_Plan` for ``x`` and ``β``; raises for an x that is neither contiguous nor
+def _plan(x: torch.Tensor, beta: torch.Tensor) -> Plan:
+    """The cached :class:`Plan` for ``x`` and ``β``; raises for an x that is neither contiguous nor
     channels-last (checked once per geometry: strides are part of the key)."""
     threads, lib = torch.get_num_threads(), library()
     # tuple(shape): Size's == is slow; lib: tests rebuild the library at other widths
@@ -233,17 +233,29 @@ def _plan(x: torch.Tensor, beta: torch.Tensor) -> _Plan:
         s = x.numel() // (n * c) if n * c else 0
         blocks = _blocks(layout, n, c, s, threads)
         fwd, bwd = _entry(lib, "fwd", layout, x.dtype), _entry(lib, "bwd", layout, x.dtype)
-        plan = _Plan(layout, n, c, s, beta.numel() > c, blocks, threads, fwd, bwd)
+        plan = Plan(layout, n, c, s, beta.numel() > c, blocks, threads, fwd, bwd)
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         _PLANS[key] = plan
     return plan
 
 
+def plan(x: torch.Tensor, beta: torch.Tensor) -> Plan:
+    """The kernels' call plan for ``x`` and ``β`` (cached per geometry; raises for an x that is neither
+    contiguous nor channels-last)."""
+    return _plan(x, beta)
+
+
 def forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """y for a dense (contiguous or channels-last) x (N, C, ...), with x's strides; p1, p2 hold C values and
     β C or N·C (per sample), in any shape."""
-    k = _plan(x, beta)
+    return run_forward(_plan(x, beta), x, p1, p2, beta)
+
+
+def run_forward(
+    k: Plan, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
+    """:func:`forward` on the plan ``k`` of x and β (:func:`plan`)."""
     y = torch.empty_like(x)
     q1, q2, qb = _flat32(p1), _flat32(p2), _flat32(beta)  # held until the call returns (may be fp32 copies)
     k.fwd(
@@ -262,6 +274,13 @@ def backward(dy: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tens
             f"acon.fused.native: dy must have x's shape and strides {tuple(x.shape)}, {x.stride()}; "
             f"got {tuple(dy.shape)}, {dy.stride()}"
         )
+    return run_backward(k, dy, x, p1, p2, beta)
+
+
+def run_backward(
+    k: Plan, dy: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor
+):
+    """:func:`backward` on the plan ``k`` of x and β, for a dy known to have x's shape and strides."""
     dx = torch.empty_like(x)
     g1, g2, gb = _grad_buffer(p1), _grad_buffer(p2), _grad_buffer(beta)
     q1, q2, qb = _flat32(p1), _flat32(p2), _flat32(beta)  # held until the call returns (may be fp32 copies)

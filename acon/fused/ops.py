@@ -139,18 +139,47 @@ torch.library.register_autograd("acon::acon_c", _backward, setup_context=_setup_
 class NativeAconC(torch.autograd.Function):
     """``acon::acon_c`` straight on the C++ CPU kernels, for eager mode: the same saved tensors and
     results without the custom-op dispatch (about 0.15-0.25 ms less per forward+backward). Traced code
-    gets the plain formula instead (``acon.fused.traced_acon_c``)."""
+    gets the plain formula instead (``acon.fused.traced_acon_c``). ``plan`` is x's and β's call plan
+    (:func:`native_plan`), kept for backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, plan) -> Tensor:
         ctx.save_for_backward(x, p1, p2, beta)
-        return native.forward(x, p1, p2, beta)
+        ctx.plan = plan
+        return native.run_forward(plan, x, p1, p2, beta)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, p1, p2, beta = ctx.saved_tensors
-        dx, g1, g2, gb = native.backward(same_layout(dy, x), x, p1, p2, beta)
-        return dx, typed_like(g1, p1), typed_like(g2, p2), typed_like(gb, beta)
+        # autograd hands dy in x's shape; the kernels need x's strides too
+        dy = dy if dy.stride() == x.stride() else same_layout(dy, x)
+        dx, g1, g2, gb = native.run_backward(ctx.plan, dy, x, p1, p2, beta)
+        return dx, typed_like(g1, p1), typed_like(g2, p2), typed_like(gb, beta), None
+
+
+_PLANS: dict[tuple, object] = {}
+
+
+def native_plan(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, check_shapes) -> native.Plan | None:
+    """The C++ kernels' call plan when they serve eager-mode ``x`` with these parameters (dense, fp32/bf16,
+    CPU, native mode; see :func:`native_serves`), else ``None``. One cached lookup per call in place of the
+    separate checks: ``check_shapes(x, p1, p2, beta)`` runs (and raises) once per combination of shapes."""
+    if x.dtype not in native.DTYPES or not x.is_cpu or torch.compiler.is_compiling():
+        return None
+    if cpu.mode() != "native" or triton_on_cpu():
+        return None
+    lib = native.library()  # None when the kernels could not be built; tests swap builds
+    key = (x.shape, x.stride(), x.dtype, p1.shape, p2.shape, beta.shape, torch.get_num_threads(), lib)
+    plan = _PLANS.get(key)
+    if plan is None:
+        check_shapes(x, p1, p2, beta)
+        if lib is None or layout_of(x) is None:  # not built, or a strided x: the general path
+            return None
+        plan = native.plan(x, beta)
+        if len(_PLANS) >= 512:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
 
 
 def native_serves(x: Tensor) -> bool:
@@ -169,6 +198,7 @@ __all__ = [
     "NativeAconC",
     "acon_c_backward_op",
     "acon_c_op",
+    "native_plan",
     "native_serves",
     "triton_importable",
     "triton_on_cpu",
