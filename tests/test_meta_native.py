@@ -10,6 +10,7 @@ the parameter gradients; bf16 against the fp32 reference: two bf16 ulps).
 from __future__ import annotations
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -278,3 +279,28 @@ def test_other_cases_keep_the_module_path(served, monkeypatch):
     swapped(torch.randn(3, 8, 5, 5))
     MetaAconC(8, r=2, impl="reference")(torch.randn(3, 8, 5, 5))
     assert served["n"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector-width flags")
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx"])
+def test_narrower_vector_builds(served, monkeypatch, tmp_path, flags):
+    """Rebuilt at 8 (AVX2) and 4 (SSE) lanes: the padded rows, the two-row dot products and the row sums
+    at every width the source supports."""
+    monkeypatch.setenv("ACON_KERNEL_CFLAGS", flags)
+    monkeypatch.setenv("ACON_KERNEL_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.available()
+        for shape, cl in [
+            ((4, 24, 7, 7), False),
+            ((3, 37, 3, 3), True),
+            ((5, 17, 4, 5), False),
+            ((3, 12, 5), False),
+        ]:
+            ref, fast = _pair(shape[1])
+            x = torch.randn(shape) * 2
+            _compare(fast, ref, x.to(memory_format=torch.channels_last) if cl else x, steps=2)
+    finally:
+        native.library.cache_clear()
+    assert served["n"] == 8

@@ -409,5 +409,3 @@ extern "C" void meta_beta(const float* save, const float* g2, const float* e2, f
 }
 
 extern "C" int64_t meta_saved_floats(int64_t N, int64_t C, int64_t H) { return saved_floats(N, C, H); }
-extern "C" void meta_test_sums(const void* x, float* out, int64_t N, int64_t C, int64_t S) { spatial_sums<F32>(x, false, out, N, C, S, 1); }
-extern "C" void meta_test_add(void* dx, const float* g, int64_t N, int64_t C, int64_t S) { add_row_values<F32>(dx, false, g, N, C, S, 1); }
