@@ -54,7 +54,10 @@ def _kernels(lib: ctypes.CDLL) -> dict[str, object]:
 
 
 def _plain_fp32(tensors) -> bool:
-    return all(t is not None and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    for t in tensors:  # a loop, not all(<generator>): this runs on every call
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            return False
+    return True
 
 
 def served_params(meta: nn.Module, x: Tensor) -> list[Tensor] | None:
@@ -67,8 +70,8 @@ def served_params(meta: nn.Module, x: Tensor) -> list[Tensor] | None:
     if params is None or not _plain_fp32(params):
         return None
     mods = meta._modules
-    buffers = [mods[bn]._buffers.get(k) for bn in ("bn1", "bn2") for k in ("running_mean", "running_var")]
-    return params if _plain_fp32(b for b in buffers if b is not None) else None
+    buffers = [b for bn in ("bn1", "bn2") for b in mods[bn]._buffers.values() if b is not None and b.dim()]
+    return params if _plain_fp32(buffers) else None  # the running statistics (num_batches_tracked is 0-D)
 
 
 def _ptr(t: Tensor | None) -> int | None:
