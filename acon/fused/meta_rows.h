@@ -87,7 +87,7 @@ void spatial_sums(const void* xp, bool nsc, float* out, int64_t N, int64_t C, in
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < R; ++r) {
       float acc = 0.0f;
-      for (int64_t k = 0; k < S; ++k) acc += IO::load(x + r * S + k, 1)[0];
+      for (int64_t k = 0; k < S; ++k) acc += IO::load(x + r * S + k, 1)[0];  // constant sizes: no memcpy call
       out[r] = acc;
     }
   } else {
@@ -229,14 +229,17 @@ struct BnArgs {  // one BatchNorm's parameters and mode (torch.batch_norm's argu
 inline void bn_rows_stats(const Mat& h, const BnArgs& a, float* mean_out, float* invstd_out, int64_t N, int64_t K) {
   std::vector<double> mu(K, 0.0), var(K, 0.0);
   if (a.batch) {
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) mu[k] += h.row(n)[k];
-    for (int64_t k = 0; k < K; ++k) mu[k] /= double(N);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) {
-        const double d = h.row(n)[k] - mu[k];
-        var[k] += d * d;
-      }
+    double* __restrict__ m = mu.data();
+    double* __restrict__ v = var.data();
+    for (int64_t n = 0; n < N; ++n) {
+      const float* __restrict__ hn = h.row(n);
+      for (int64_t k = 0; k < K; ++k) m[k] += hn[k];
+    }
+    for (int64_t k = 0; k < K; ++k) m[k] /= double(N);
+    for (int64_t n = 0; n < N; ++n) {
+      const float* __restrict__ hn = h.row(n);
+      for (int64_t k = 0; k < K; ++k) v[k] += (hn[k] - m[k]) * (hn[k] - m[k]);
+    }
     for (int64_t k = 0; k < K; ++k) var[k] /= double(N);
     const double keep = 1.0 - a.momentum, unbias = double(N) / double(N > 1 ? N - 1 : 1);
     for (int64_t k = 0; k < K; ++k) {
@@ -251,16 +254,22 @@ inline void bn_rows_stats(const Mat& h, const BnArgs& a, float* mean_out, float*
 
 // In place over h: x̂ = (h - mean)·invstd.
 inline void normalise_rows(const Mat& h, const float* mean, const float* invstd, int64_t N, int64_t K) {
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) h.row(n)[k] = (h.row(n)[k] - mean[k]) * invstd[k];
+  for (int64_t n = 0; n < N; ++n) {
+    float* __restrict__ hn = h.row(n);
+    for (int64_t k = 0; k < K; ++k) hn[k] = (hn[k] - mean[k]) * invstd[k];
+  }
 }
 
 // In place over dz (N rows of K): BatchNorm's input gradient; dw = Σ dz·x̂ and db = Σ dz per channel.
 inline void bn_rows_backward(const Mat& dz, const Mat& xh, const float* invstd, const float* w, bool batch, float* dw,
                              float* db, int64_t N, int64_t K) {
   std::vector<double> sd(K, 0.0), sdx(K, 0.0);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) sd[k] += dz.row(n)[k], sdx[k] += double(dz.row(n)[k]) * xh.row(n)[k];
+  double* __restrict__ s0 = sd.data();
+  double* __restrict__ s1 = sdx.data();
+  for (int64_t n = 0; n < N; ++n) {
+    const float *__restrict__ d = dz.row(n), *__restrict__ x = xh.row(n);
+    for (int64_t k = 0; k < K; ++k) s0[k] += d[k], s1[k] += double(d[k]) * x[k];
+  }
   std::vector<float> scale(K), g(K), kx(K);
   for (int64_t k = 0; k < K; ++k) {
     dw[k] = float(sdx[k]), db[k] = float(sd[k]);
@@ -268,11 +277,15 @@ inline void bn_rows_backward(const Mat& dz, const Mat& xh, const float* invstd, 
     g[k] = batch ? float(sd[k] / N) : 0.0f;
     kx[k] = batch ? float(sdx[k] / N) : 0.0f;
   }
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) {
-      float& d = dz.row(n)[k];
-      d = batch ? (d - g[k] - xh.row(n)[k] * kx[k]) * scale[k] : d * scale[k];
-    }
+  const float *__restrict__ sc = scale.data(), *__restrict__ gk = g.data(), *__restrict__ xk = kx.data();
+  for (int64_t n = 0; n < N; ++n) {
+    float* __restrict__ d = dz.row(n);
+    const float* __restrict__ x = xh.row(n);
+    if (batch)
+      for (int64_t k = 0; k < K; ++k) d[k] = (d[k] - gk[k] - x[k] * xk[k]) * sc[k];
+    else
+      for (int64_t k = 0; k < K; ++k) d[k] *= sc[k];
+  }
 }
 
 // ---- the β network --------------------------------------------------------------------------------------
@@ -292,10 +305,21 @@ inline int64_t saved_floats(int64_t N, int64_t C, int64_t H) {
   return 2 * N * padded(C) + N * padded(H) + 2 * H + 2 * C;
 }
 
+inline void column_sums(const Mat& m, float* __restrict__ out, int64_t N, int64_t K) {  // Σ over rows
+  for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* __restrict__ r = m.row(n);
+    for (int64_t k = 0; k < K; ++k) out[k] += r[k];
+  }
+}
+
 inline Rows affine_rows(const Mat& xh, const float* w, const float* b, int64_t N, int64_t K) {  // x̂·w + b
   Rows o(N, K);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) o.row(n)[k] = xh.row(n)[k] * w[k] + b[k];
+  for (int64_t n = 0; n < N; ++n) {
+    float* __restrict__ on = o.row(n);
+    const float* __restrict__ xn = xh.row(n);
+    for (int64_t k = 0; k < K; ++k) on[k] = xn[k] * w[k] + b[k];
+  }
   return o;
 }
 
@@ -320,8 +344,11 @@ void meta_forward(const void* x, bool nsc, float* beta, float* save, const float
   spatial_sums<IO>(x, nsc, sums.data(), N, C, S, threads);
   std::memset(save, 0, saved_floats(N, C, H) * sizeof(float));
   const float inv = float(1.0 / double(S));  // the mean as torch's sum·(1/S)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) sv.mean.row(n)[c] = sums[n * C + c] * inv;
+  for (int64_t n = 0; n < N; ++n) {
+    float* __restrict__ mn = sv.mean.row(n);
+    const float* __restrict__ sn = sums.data() + n * C;
+    for (int64_t c = 0; c < C; ++c) mn[c] = sn[c] * inv;
+  }
   dot_rows(sv.mean, padded_copy(w1, H, C), b1, sv.xh1, N, H);  // h1, normalised in place below
   bn_rows_stats(sv.xh1, bn1, sv.mu1, sv.is1, N, H);
   normalise_rows(sv.xh1, sv.mu1, sv.is1, N, H);
@@ -341,19 +368,17 @@ void meta_backward(void* dx, bool nsc, const float* dbeta, const float* beta, co
   const Saved sv((float*)save, N, C, H);
   const Rows w1p = padded_copy(w1, H, C), w2p = padded_copy(w2, C, H), o1 = affine_rows(sv.xh1, g1, e1, N, H);
   Rows dz2(N, C);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) {
-      const float b = beta[n * C + c];
-      dz2.row(n)[c] = dbeta[n * C + c] * ((1.0f - b) * b);
-    }
+  for (int64_t n = 0; n < N; ++n) {  // σ'
+    float* __restrict__ d = dz2.row(n);
+    const float *__restrict__ b = beta + n * C, *__restrict__ db = dbeta + n * C;
+    for (int64_t c = 0; c < C; ++c) d[c] = db[c] * ((1.0f - b[c]) * b[c]);
+  }
   bn_rows_backward(dz2, sv.xh2, sv.is2, g2, batch2 != 0, grads[6], grads[7], N, C);
   {  // fc2: weight (C × H) = Σ_n dz2[n][c]·o1[n][:], bias = Σ_n dz2
     Rows dw(C, H);
     axpy_rows(dz2.p, 1, dz2.ld, C, N, o1, dw);
     copy_unpadded(dw, grads[4], C, H);
-    for (int64_t c = 0; c < C; ++c) grads[5][c] = 0.0f;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) grads[5][c] += dz2.row(n)[c];
+    column_sums(dz2, grads[5], N, C);
   }
   Rows dz1(N, H);  // o1's gradient dz2·W2, then h1's
   axpy_rows(dz2.p, dz2.ld, 1, N, C, w2p, dz1);
@@ -362,17 +387,18 @@ void meta_backward(void* dx, bool nsc, const float* dbeta, const float* beta, co
     Rows dw(H, C);
     axpy_rows(dz1.p, 1, dz1.ld, H, N, sv.mean, dw);
     copy_unpadded(dw, grads[0], H, C);
-    for (int64_t j = 0; j < H; ++j) grads[1][j] = 0.0f;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < H; ++j) grads[1][j] += dz1.row(n)[j];
+    column_sums(dz1, grads[1], N, H);
   }
   if (!dx) return;
   Rows dmean(N, C);
   axpy_rows(dz1.p, dz1.ld, 1, N, H, w1p, dmean);
   const float inv = float(1.0 / double(S));  // torch's sum·(1/S): the sum's gradient is dmean·(1/S)
   std::vector<float> g(N * C);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) g[n * C + c] = dmean.row(n)[c] * inv;
+  for (int64_t n = 0; n < N; ++n) {
+    float* __restrict__ gn = g.data() + n * C;
+    const float* __restrict__ dn = dmean.row(n);
+    for (int64_t c = 0; c < C; ++c) gn[c] = dn[c] * inv;
+  }
   add_row_values<IO>(dx, nsc, g.data(), N, C, S, threads);
 }
 
