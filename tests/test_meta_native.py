@@ -304,3 +304,35 @@ def test_narrower_vector_builds(served, monkeypatch, tmp_path, flags):
     finally:
         native.library.cache_clear()
     assert served["n"] == 8
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_module(served, channels_last):
+    """A bf16 module (parameters and running statistics bf16) on bf16 x: the β network runs in fp32 on the
+    parameters' values, the running statistics are written back in bf16 and the gradients come back in bf16;
+    against the reference module in fp64 on the same bf16 values, within two bf16 ulps."""
+    ref, fast = _pair(24)
+    fast.bfloat16()
+    ref.load_state_dict(fast.state_dict())
+    ref.double()
+    x = (torch.randn(4, 24, 7, 7) * 2).to(torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    tol = TOL[torch.bfloat16]
+    for _ in range(2):
+        (y, dx, g), (ry, rdx, rg) = _step(fast, x), _step(ref, x.double())
+        assert y.dtype == dx.dtype == torch.bfloat16 and y.stride() == x.stride()
+        torch.testing.assert_close(y.double(), ry, **tol)
+        torch.testing.assert_close(
+            dx.double(), rdx, rtol=tol["rtol"], atol=tol["atol"] * rdx.abs().max().item()
+        )
+        scale = max(1.0, *(v.abs().max().item() for v in rg.values()))
+        for k in g:
+            assert g[k].dtype == torch.bfloat16, k
+            torch.testing.assert_close(
+                g[k].double(), rg[k], rtol=tol["rtol"], atol=tol["atol"] * scale, msg=k
+            )
+        for (k, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
+            assert a.dtype == (torch.int64 if "num_batches" in k else torch.bfloat16), k
+            torch.testing.assert_close(a.double(), b.double(), rtol=tol["rtol"], atol=tol["atol"], msg=k)
+    assert served["n"] == 2

@@ -14,9 +14,10 @@ network, an expand-and-add into dx in backward) this saves a few hundred microse
 one full-tensor pass; the β network's products run in fp32 whatever x's dtype (bf16 x under autocast too).
 
 Served: what :func:`acon.fused.ops.native_serves` serves (fp32/bf16 CPU x, eager, C++ kernels built), with
-the module's own β network in fp32 (fc1/fc2 with bias, ``BatchNorm2dB1`` with affine parameters, no hooks
-on them). Anything else (SyncBatchNorm or another swap, hooks, fp64/fp16, bf16 parameters, tracing) takes
-the module path. Not twice differentiable (backward is marked so).
+the module's own β network (fc1/fc2 with bias, ``BatchNorm2dB1`` with affine parameters, no hooks on them)
+in fp32 or bf16; bf16 parameters and running statistics are converted to fp32 for the kernels (the running
+statistics written back, the gradients returned in bf16). Anything else (SyncBatchNorm or another swap,
+hooks, fp64/fp16, tracing) takes the module path. Not twice differentiable (backward is marked so).
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ def _kernels(lib: ctypes.CDLL) -> dict[str, object]:
     return out
 
 
-def _plain_fp32(tensors) -> bool:
-    for t in tensors:  # a loop, not all(<generator>): this runs on every call
-        if t.dtype != torch.float32 or not t.is_contiguous():
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+def _dense_float(tensors, dtype: torch.dtype | None = None) -> bool:
+    """All contiguous fp32 or bf16 (all ``dtype`` when given). A loop: this runs on every call."""
+    for t in tensors:
+        if (t.dtype != dtype if dtype is not None else t.dtype not in _FLOATS) or not t.is_contiguous():
             return False
     return True
 
@@ -63,40 +68,60 @@ def _plain_fp32(tensors) -> bool:
 def served_params(meta: nn.Module, x: Tensor) -> list[Tensor] | None:
     """The β network's eight parameters when :func:`meta_acon_c` serves ``meta`` (an
     :class:`acon.activations.MetaAconC` whose BatchNorms are its own, without hooks) on eager-mode ``x``:
-    the C++ kernels serve x, and the parameters and running statistics are plain fp32 tensors; else None."""
+    the C++ kernels serve x, the parameters are contiguous fp32 or bf16 tensors of one dtype and so are the
+    running statistics (any of the two); else None."""
     if not native_serves(x) or x.dim() < 2 or x.numel() == 0:
         return None
     params = leaf_beta_net_params(meta)
-    if params is None or not _plain_fp32(params):
+    if params is None or params[0].dtype not in _FLOATS or not _dense_float(params, params[0].dtype):
         return None
     mods = meta._modules
     buffers = [b for bn in ("bn1", "bn2") for b in mods[bn]._buffers.values() if b is not None and b.dim()]
-    return params if _plain_fp32(buffers) else None  # the running statistics (num_batches_tracked is 0-D)
+    return params if _dense_float(buffers) else None  # the running statistics (num_batches_tracked is 0-D)
+
+
+def _fp32(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors as fp32: themselves when they are (bf16 parameters: fp32 copies, one conversion each)."""
+    return tensors if tensors[0].dtype == torch.float32 else [t.float() for t in tensors]
 
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _bn_call_args(bn: nn.Module, n: int) -> tuple[list, bool]:
-    """bn's weight, bias, running mean and variance pointers, batch-statistics flag, momentum and eps for a
-    call on n rows (bookkeeping done), and the flag alone."""
-    w, b, rm, rv, use_batch, momentum, eps = bn.rows_args(n)
-    return [_ptr(w), _ptr(b), _ptr(rm), _ptr(rv), int(use_batch), float(momentum), float(eps)], use_batch
+def _bn_call_args(bn: nn.Module, n: int, weight: Tensor, bias: Tensor) -> tuple[list, bool, list]:
+    """The kernel's arguments for BatchNorm ``bn`` on n rows with its fp32 ``weight`` and ``bias`` (pointers,
+    batch-statistics flag, momentum, eps; bookkeeping done), that flag, and (buffer, fp32 copy) pairs to
+    copy back after the call (bf16 running statistics)."""
+    _, _, rm, rv, use_batch, momentum, eps = bn.rows_args(n)
+    rm32, rv32 = (t if t is None or t.dtype == torch.float32 else t.float() for t in (rm, rv))
+    back = [(t, t32) for t, t32 in ((rm, rm32), (rv, rv32)) if t32 is not t]
+    args = [
+        weight.data_ptr(),
+        bias.data_ptr(),
+        _ptr(rm32),
+        _ptr(rv32),
+        int(use_batch),
+        float(momentum),
+        float(eps),
+    ]
+    return args, use_batch, back
 
 
 class NativeMetaAconC(torch.autograd.Function):
     """y = ACON-C(x; p1, p2, β(x)) with β from Meta-ACON's β network on x's spatial mean (see the module
-    docstring); gradients for x, p1, p2 and the β network's eight parameters."""
+    docstring); gradients for x, p1, p2 and the β network's eight parameters (in their dtype)."""
 
     @staticmethod
-    def forward(ctx, x, p1, p2, w1, b1, g1, e1, w2, b2, g2, e2, meta):
+    def forward(ctx, x, p1, p2, *params_and_meta):
+        *params, meta = params_and_meta
         n, c = x.shape[0], x.shape[1]
-        s, h = x.numel() // (n * c), w1.shape[0]
+        s, h = x.numel() // (n * c), params[0].shape[0]
+        w1, b1, g1, e1, w2, b2, g2, e2 = _fp32(params)
         k = _kernels(native.library())
         mods = meta._modules
-        bn1_args, batch1 = _bn_call_args(mods["bn1"], n)
-        bn2_args, batch2 = _bn_call_args(mods["bn2"], n)
+        bn1_args, batch1, back1 = _bn_call_args(mods["bn1"], n, g1, e1)
+        bn2_args, batch2, back2 = _bn_call_args(mods["bn2"], n, g2, e2)
         saved = torch.empty(k["saved_floats"](n, c, h))
         beta = torch.empty((n, c) + (1,) * (x.dim() - 2))
         k[("fwd", x.dtype)](
@@ -104,24 +129,26 @@ class NativeMetaAconC(torch.autograd.Function):
             w1.data_ptr(), b1.data_ptr(), *bn1_args, w2.data_ptr(), b2.data_ptr(), *bn2_args,
             n, c, s, h, torch.get_num_threads(),
         )  # fmt: skip
+        for buffer, copy in back1 + back2:
+            buffer.copy_(copy)
         y = native.forward(x, p1, p2, beta)
         ctx.batch = (batch1, batch2)
-        ctx.save_for_backward(x, p1, p2, w1, b1, g1, e1, w2, b2, g2, e2, saved)
+        ctx.save_for_backward(x, p1, p2, *params, saved)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, p1, p2, w1, b1, g1, e1, w2, b2, g2, e2, saved = ctx.saved_tensors
+        x, p1, p2, *params, saved = ctx.saved_tensors
         n, c = x.shape[0], x.shape[1]
-        s, h = x.numel() // (n * c), w1.shape[0]
+        s, h = x.numel() // (n * c), params[0].shape[0]
+        w1, b1, g1, e1, w2, b2, g2, e2 = p32 = _fp32(params)
         k = _kernels(native.library())
         beta = torch.empty((n, c) + (1,) * (x.dim() - 2))
         k["beta"](saved.data_ptr(), g2.data_ptr(), e2.data_ptr(), beta.data_ptr(), n, c, h)
         dx, dp1, dp2, dbeta = native.backward(same_layout(dy, x), x, p1, p2, beta)
         need = ctx.needs_input_grad
-        params = (w1, b1, g1, e1, w2, b2, g2, e2)
-        grads = [torch.empty_like(p) for p in params]
+        grads = [torch.empty_like(p) for p in p32]
         table = (ctypes.c_void_p * 8)(*(g.data_ptr() for g in grads))
         k[("bwd", x.dtype)](
             dx.data_ptr() if need[0] else None, int(layout_of(x) == NSC), dbeta.data_ptr(), beta.data_ptr(),
@@ -132,7 +159,10 @@ class NativeMetaAconC(torch.autograd.Function):
             dx if need[0] else None,
             typed_like(dp1, p1) if need[1] else None,
             typed_like(dp2, p2) if need[2] else None,
-            *(g if need[3 + i] else None for i, g in enumerate(grads)),
+            *(
+                typed_like(g, p) if need[3 + i] else None
+                for i, (g, p) in enumerate(zip(grads, params, strict=True))
+            ),
             None,
         )
 
