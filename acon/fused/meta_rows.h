@@ -23,6 +23,12 @@
 
 #include "acon_rows.h"
 
+// Out of line: GCC caps how much inlining may grow the translation unit, and this header's functions, inlined
+// freely, used up the cap that the ACON-C kernels' per-chunk math needs (bwd_math and vexp_neg were then
+// called, not inlined, and the ACON-C backward kernel ran about 15% slower). With these out of line the
+// ACON-C row loops compile as without this header (only the once-per-call finish/difference stay calls).
+#define META_COLD __attribute__((noinline))
+
 namespace {
 
 inline int64_t padded(int64_t k) { return (k + VB - 1) / VB * VB; }
@@ -43,7 +49,7 @@ struct AddRows {  // dx += g of the row
 // Sums of rows r0..r1-1 of S >= VB values: four accumulators over whole vectors, then the row's last VB values
 // with the lanes already summed masked off; a row's sum is the same whatever rows share its block.
 template <class IO>
-void row_sums(const typename IO::T* x, float* const* out, int64_t S, int64_t r0, int64_t r1) {
+META_COLD void row_sums(const typename IO::T* x, float* const* out, int64_t S, int64_t r0, int64_t r1) {
   RowSums<1> sums(out, r0);
   const vi tail = LANE >= (int32_t)(VB - S % VB);
   for (int64_t r = r0; r < r1; ++r) {
@@ -63,7 +69,7 @@ void row_sums(const typename IO::T* x, float* const* out, int64_t S, int64_t r0,
 
 // out[n·C + c] = Σ over the S values of (n, c).
 template <class IO>
-void spatial_sums(const void* xp, bool nsc, float* out, int64_t N, int64_t C, int64_t S, int threads) {
+META_COLD void spatial_sums(const void* xp, bool nsc, float* out, int64_t N, int64_t C, int64_t S, int threads) {
   using T = typename IO::T;
   const T* x = (const T*)xp;
   const int64_t R = N * C;
@@ -100,7 +106,7 @@ void spatial_sums(const void* xp, bool nsc, float* out, int64_t N, int64_t C, in
 
 // dx[n, c, ...] += g[n·C + c], in place.
 template <class IO>
-void add_row_values(void* dxp, bool nsc, const float* g, int64_t N, int64_t C, int64_t S, int threads) {
+META_COLD void add_row_values(void* dxp, bool nsc, const float* g, int64_t N, int64_t C, int64_t S, int threads) {
   using T = typename IO::T;
   T* dx = (T*)dxp;
   const int64_t R = N * C;
@@ -142,20 +148,20 @@ struct Rows : Mat {  // a zeroed Mat that owns its memory
   Rows(Rows&& o) noexcept : Mat{o.p, o.ld}, v(std::move(o.v)) { p = v.data(); }
 };
 
-inline Rows padded_copy(const float* src, int64_t rows, int64_t K) {
+META_COLD Rows padded_copy(const float* src, int64_t rows, int64_t K) {
   Rows m(rows, K);
   for (int64_t r = 0; r < rows; ++r) std::memcpy(m.row(r), src + r * K, K * sizeof(float));
   return m;
 }
 
-inline void copy_unpadded(const Mat& m, float* dst, int64_t rows, int64_t K) {
+META_COLD void copy_unpadded(const Mat& m, float* dst, int64_t rows, int64_t K) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * K, m.row(r), K * sizeof(float));
 }
 
 // out[n][m] = bias[m] + Σ_k a[n][k]·b[m][k] for m < M (zero past M); a, b padded to the same K. Two rows of a
 // and VB/2 rows of b at a time: VB dot products in vector lanes (each b load serves two rows of a), then one
 // transpose-and-add tree (acon_rows.h's sum_tree) gives their VB sums in one vector.
-inline void dot_rows(const Mat& a, const Mat& b, const float* bias, const Mat& out, int64_t N, int64_t M) {
+META_COLD void dot_rows(const Mat& a, const Mat& b, const float* bias, const Mat& out, int64_t N, int64_t M) {
   constexpr int HB = int(VB) / 2;
   const int64_t Kp = a.ld;
   std::vector<float> bp(padded(M) + VB, 0.0f);
@@ -203,7 +209,7 @@ inline void axpy_block(const float* a, int64_t ai, int64_t ak, int64_t i0, int64
     for (int v = 0; v < NV; ++v) F32::store(out.row(i0 + r) + col + v * VB, acc[r * NV + v], VB);
 }
 
-inline void axpy_rows(const float* a, int64_t ai, int64_t ak, int64_t rows, int64_t K, const Mat& b,
+META_COLD void axpy_rows(const float* a, int64_t ai, int64_t ak, int64_t rows, int64_t K, const Mat& b,
                       const Mat& out) {
   const int64_t vecs = b.ld / VB;
   for (int64_t i = 0; i < rows; i += 4) {
@@ -226,7 +232,7 @@ struct BnArgs {  // one BatchNorm's parameters and mode (torch.batch_norm's argu
 
 // The mean and 1/std a BatchNorm normalises the N rows of h (K channels) with; the running statistics are
 // moved when `batch` and present.
-inline void bn_rows_stats(const Mat& h, const BnArgs& a, float* mean_out, float* invstd_out, int64_t N, int64_t K) {
+META_COLD void bn_rows_stats(const Mat& h, const BnArgs& a, float* mean_out, float* invstd_out, int64_t N, int64_t K) {
   std::vector<double> mu(K, 0.0), var(K, 0.0);
   if (a.batch) {
     double* __restrict__ m = mu.data();
@@ -253,7 +259,7 @@ inline void bn_rows_stats(const Mat& h, const BnArgs& a, float* mean_out, float*
 }
 
 // In place over h: x̂ = (h - mean)·invstd.
-inline void normalise_rows(const Mat& h, const float* mean, const float* invstd, int64_t N, int64_t K) {
+META_COLD void normalise_rows(const Mat& h, const float* mean, const float* invstd, int64_t N, int64_t K) {
   for (int64_t n = 0; n < N; ++n) {
     float* __restrict__ hn = h.row(n);
     for (int64_t k = 0; k < K; ++k) hn[k] = (hn[k] - mean[k]) * invstd[k];
@@ -261,7 +267,7 @@ inline void normalise_rows(const Mat& h, const float* mean, const float* invstd,
 }
 
 // In place over dz (N rows of K): BatchNorm's input gradient; dw = Σ dz·x̂ and db = Σ dz per channel.
-inline void bn_rows_backward(const Mat& dz, const Mat& xh, const float* invstd, const float* w, bool batch, float* dw,
+META_COLD void bn_rows_backward(const Mat& dz, const Mat& xh, const float* invstd, const float* w, bool batch, float* dw,
                              float* db, int64_t N, int64_t K) {
   std::vector<double> sd(K, 0.0), sdx(K, 0.0);
   double* __restrict__ s0 = sd.data();
@@ -305,7 +311,7 @@ inline int64_t saved_floats(int64_t N, int64_t C, int64_t H) {
   return 2 * N * padded(C) + N * padded(H) + 2 * H + 2 * C;
 }
 
-inline void column_sums(const Mat& m, float* __restrict__ out, int64_t N, int64_t K) {  // Σ over rows
+META_COLD void column_sums(const Mat& m, float* __restrict__ out, int64_t N, int64_t K) {  // Σ over rows
   for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
   for (int64_t n = 0; n < N; ++n) {
     const float* __restrict__ r = m.row(n);
@@ -313,7 +319,7 @@ inline void column_sums(const Mat& m, float* __restrict__ out, int64_t N, int64_
   }
 }
 
-inline Rows affine_rows(const Mat& xh, const float* w, const float* b, int64_t N, int64_t K) {  // x̂·w + b
+META_COLD Rows affine_rows(const Mat& xh, const float* w, const float* b, int64_t N, int64_t K) {  // x̂·w + b
   Rows o(N, K);
   for (int64_t n = 0; n < N; ++n) {
     float* __restrict__ on = o.row(n);
@@ -325,7 +331,7 @@ inline Rows affine_rows(const Mat& xh, const float* w, const float* b, int64_t N
 
 // β = σ(x̂2·γ2 + β2), compact (N × C): forward and backward run this same code on the same saved x̂2, so
 // backward's β is forward's to the bit.
-inline void beta_rows(const Mat& xh2, const float* g2, const float* e2, float* beta, int64_t N, int64_t C) {
+META_COLD void beta_rows(const Mat& xh2, const float* g2, const float* e2, float* beta, int64_t N, int64_t C) {
   const Rows o = affine_rows(xh2, g2, e2, N, C);
   for (int64_t n = 0; n < N; ++n) {
     float* bn = beta + n * C;
@@ -336,7 +342,7 @@ inline void beta_rows(const Mat& xh2, const float* g2, const float* e2, float* b
 }
 
 template <class IO>
-void meta_forward(const void* x, bool nsc, float* beta, float* save, const float* w1, const float* b1,
+META_COLD void meta_forward(const void* x, bool nsc, float* beta, float* save, const float* w1, const float* b1,
                   const float* w2, const float* b2, const BnArgs& bn1, const BnArgs& bn2, int64_t N, int64_t C,
                   int64_t S, int64_t H, int threads) {
   const Saved sv(save, N, C, H);
@@ -362,7 +368,7 @@ void meta_forward(const void* x, bool nsc, float* beta, float* save, const float
 // grads: fc1 weight (H × C), fc1 bias, bn1 weight, bn1 bias (H), fc2 weight (C × H), fc2 bias, bn2 weight,
 // bn2 bias (C).
 template <class IO>
-void meta_backward(void* dx, bool nsc, const float* dbeta, const float* beta, const float* save, const float* w1,
+META_COLD void meta_backward(void* dx, bool nsc, const float* dbeta, const float* beta, const float* save, const float* w1,
                    const float* w2, const float* g1, const float* e1, const float* g2, int batch1, int batch2, float* const* grads, int64_t N, int64_t C, int64_t S, int64_t H,
                    int threads) {
   const Saved sv((float*)save, N, C, H);
