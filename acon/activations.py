@@ -23,6 +23,8 @@ from acon.functional import (
     spatial_mean,
     swish_reference,
 )
+from acon.fused import meta_native
+from acon.fused.layout import dense
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -142,22 +144,32 @@ class BatchNorm2dB1(nn.BatchNorm2d):
         """``self(h.view(N, C, 1, 1)).flatten(1)`` for (N, C) features, as one ATen call: the same statistics,
         running-statistics updates (momentum or cumulative average, unbiased variance, ``num_batches_tracked``)
         and batch-size-1 fallback, without the module call, the views and ``F.batch_norm``'s wrapper."""
-        rm, rv, track = self.running_mean, self.running_var, self.track_running_stats
-        if self.training and track and h.shape[0] <= 1:
-            return torch.batch_norm(h, self.weight, self.bias, rm, rv, False, 0.0, self.eps, _cudnn())
+        return torch.batch_norm(h, *self.rows_args(h.shape[0]), _cudnn())
+
+    def rows_args(self, n: int) -> tuple:
+        """The arguments after the input that ``torch.batch_norm`` takes for a call on ``n`` rows (weight, bias,
+        running mean, running variance, use batch statistics, momentum, eps), with the bookkeeping of that
+        call done: ``num_batches_tracked`` advanced, batch-size-1 fallback, the error for batch statistics of
+        one row."""
+        bufs, params = self._buffers, self._parameters  # not attribute access: several times faster
+        rm, rv, track = bufs.get("running_mean"), bufs.get("running_var"), self.track_running_stats
+        weight, bias = params.get("weight"), params.get("bias")
+        if self.training and track and n <= 1:
+            return weight, bias, rm, rv, False, 0.0, self.eps
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and track and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        tracked = bufs.get("num_batches_tracked")
+        if self.training and track and tracked is not None:
+            tracked.add_(1)
             if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+                factor = 1.0 / float(tracked)
         use_batch = self.training or (rm is None and rv is None)
         if self.training and not track:
             rm = rv = None
-        if use_batch and h.shape[0] <= 1:
+        if use_batch and n <= 1:
             raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {h.shape}"
+                f"Expected more than 1 value per channel when training, got input size {(n, self.num_features)}"
             )
-        return torch.batch_norm(h, self.weight, self.bias, rm, rv, use_batch, factor, self.eps, _cudnn())
+        return weight, bias, rm, rv, use_batch, factor, self.eps
 
 
 def _cudnn() -> bool:
@@ -242,7 +254,17 @@ class MetaAconC(nn.Module):
             beta = torch.sigmoid(self.bn2(self.fc2(h)))
             p1, p2 = scripted_channel_view(self.p1, x), scripted_channel_view(self.p2, x)
             return acon_c_reference(x, p1, p2, scripted_channel_view(beta, x))
+        plain = self.impl != "reference" and self._plain_batchnorms()
+        params = meta_native.served_params(self, x) if plain else None
+        if params is not None:  # the C++ kernels serve x: one op for the mean, β network and ACON-C
+            check_channels(x, self.channels)
+            return meta_native.meta_acon_c(self, dense(x), params)
         return _acon_c(x, self.p1, self.p2, self.generate_beta(x), self.impl)
+
+    def _plain_batchnorms(self) -> bool:
+        """Whether bn1 and bn2 are this module's own BatchNorm2dB1, without hooks (the one-op path applies)."""
+        bn1, bn2 = self._modules["bn1"], self._modules["bn2"]
+        return type(bn1) is type(bn2) is BatchNorm2dB1 and not (_has_hooks(bn1) or _has_hooks(bn2))
 
     def extra_repr(self) -> str:
         return f"{self.channels}, r={self.r}, impl={self.impl!r}"

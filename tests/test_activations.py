@@ -363,6 +363,8 @@ def test_auto_impl_dispatches_to_fused_with_contract_shapes(monkeypatch, cls):
         return acon_c_reference(x, p1, p2, beta)
 
     monkeypatch.setattr(acon.fused, "acon_c", fake)
+    # MetaAconC's one-op path on the C++ kernels (tests/test_meta_native.py) off: the module path's dispatch
+    monkeypatch.setattr(acon.fused.meta_native, "served_params", lambda meta, x: None)
     act = cls(C, r=2) if cls is MetaAconC else cls(C)
     act.eval()
     x = torch.randn(3, C, 4, 4)

@@ -306,3 +306,4 @@ extern "C" int acon_abi_version() { return 4; }
 extern "C" int acon_vector_width() { return int(VB); }  // floats per vector chunk: 16, 8 or 4
 
 #include "bn_acon_cpu.h"  // BatchNorm + ACON-C (acon.fused.bn_act): its kernels and exports
+#include "meta_rows.h"  // Meta-ACON-C (acon.fused.meta_native): spatial mean, β network, row-gradient pass

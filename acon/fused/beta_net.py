@@ -18,6 +18,17 @@ def beta_net_params(meta: nn.Module) -> list[Tensor]:
     return [p for p in params if p is not None]
 
 
+def leaf_beta_net_params(meta: nn.Module) -> list[Tensor] | None:
+    """:func:`beta_net_params` read straight from the submodules' parameter dicts (a few times faster than
+    attribute access), or None unless all eight are plain parameters (none missing or parametrized)."""
+    mods = meta._modules
+    params = []
+    for name in ("fc1", "bn1", "fc2", "bn2"):
+        own = mods[name]._parameters
+        params += (own.get("weight"), own.get("bias"))
+    return None if any(p is None for p in params) else params
+
+
 def run_beta_net(ctx, beta_fn, zbar: Tensor, x: Tensor) -> Tensor:
     """β (detached) from ``beta_fn`` on z's spatial mean ``zbar`` (N, C); the graph and ``zbar`` are kept on
     ``ctx`` for :func:`beta_net_grads`."""
