@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from acon.functional import acon_c_reference
-from acon.fused import cpu
+from acon.fused import cpu, native
 
 
 def test_compiled_kernel_failure_falls_back_to_eager(monkeypatch):
@@ -106,3 +108,12 @@ def test_results_name_the_ranks_a_fallback_happened_on():
         "p": "why (ranks 1, 2 of 3)",
         "q": "bad (rank 2 of 3)",
     }
+
+
+def test_the_cpu_kernels_build_wherever_a_compiler_is_found():
+    """The kernel tests skip where the C++ kernels are unavailable; so that a source that stops compiling
+    fails the suite instead of skipping those tests, the library must build here when a compiler exists."""
+    if native.compiler() is None or os.environ.get("ACON_FUSED_NO_NATIVE") == "1":
+        pytest.skip("no C++ compiler, or the C++ kernels are switched off")
+    native.build()  # raises with the compiler's message if the source does not compile
+    assert native.available()
