@@ -190,10 +190,15 @@ def _has_hooks(m: nn.Module) -> bool:
     )
 
 
+def _plain_batchnorm(bn: nn.Module) -> bool:
+    """Whether ``bn`` is Meta-ACON's own BatchNorm2dB1, not swapped (e.g. for SyncBatchNorm) and without hooks."""
+    return type(bn) is BatchNorm2dB1 and not _has_hooks(bn)
+
+
 def _batch_norm_rows(bn: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``bn`` applied to (N, C) features: :meth:`BatchNorm2dB1.forward_rows` for the module's own BatchNorm,
     else (a SyncBatchNorm or other swap, or one with hooks) the module itself on the (N, C, 1, 1) view."""
-    if type(bn) is BatchNorm2dB1 and not _has_hooks(bn):
+    if _plain_batchnorm(bn):
         return bn.forward_rows(h)
     return bn(h.view(h.shape[0], -1, 1, 1)).flatten(1)
 
@@ -263,8 +268,7 @@ class MetaAconC(nn.Module):
 
     def _plain_batchnorms(self) -> bool:
         """Whether bn1 and bn2 are this module's own BatchNorm2dB1, without hooks (the one-op path applies)."""
-        bn1, bn2 = self._modules["bn1"], self._modules["bn2"]
-        return type(bn1) is type(bn2) is BatchNorm2dB1 and not (_has_hooks(bn1) or _has_hooks(bn2))
+        return _plain_batchnorm(self._modules["bn1"]) and _plain_batchnorm(self._modules["bn2"])
 
     def extra_repr(self) -> str:
         return f"{self.channels}, r={self.r}, impl={self.impl!r}"

@@ -200,7 +200,7 @@ def _entry(lib: ctypes.CDLL, kind: str, layout: str, dtype: torch.dtype):
 
 class Plan(NamedTuple):
     """Everything a kernel call needs besides the tensors' memory; depends only on x's geometry and dtype, β's
-    size and the thread count, so it is computed once per such key (:func:`_plan`)."""
+    size and the thread count, so it is computed once per such key (:func:`plan`)."""
 
     layout: str
     n: int
@@ -217,14 +217,14 @@ _PLANS: dict[tuple, Plan] = {}
 _PLANS_MAX = 512  # distinct geometries kept (a model has a few dozen); the cache is cleared past this
 
 
-def _plan(x: torch.Tensor, beta: torch.Tensor) -> Plan:
-    """The cached :class:`Plan` for ``x`` and ``β``; raises for an x that is neither contiguous nor
-    channels-last (checked once per geometry: strides are part of the key)."""
+def plan(x: torch.Tensor, beta: torch.Tensor) -> Plan:
+    """The kernels' call plan for ``x`` and ``β``, cached per geometry; raises for an x that is neither
+    contiguous nor channels-last (checked once per geometry: strides are part of the key)."""
     threads, lib = torch.get_num_threads(), library()
     # tuple(shape): Size's == is slow; lib: tests rebuild the library at other widths
     key = (tuple(x.shape), x.stride(), x.dtype, beta.numel(), threads, lib)
-    plan = _PLANS.get(key)
-    if plan is None:
+    found = _PLANS.get(key)
+    if found is None:
         layout = layout_of(x)
         if layout is None:
             raise ValueError(
@@ -234,23 +234,17 @@ def _plan(x: torch.Tensor, beta: torch.Tensor) -> Plan:
         s = x.numel() // (n * c) if n * c else 0
         blocks = _blocks(layout, n, c, s, threads)
         fwd, bwd = _entry(lib, "fwd", layout, x.dtype), _entry(lib, "bwd", layout, x.dtype)
-        plan = Plan(layout, n, c, s, beta.numel() > c, blocks, threads, fwd, bwd)
+        found = Plan(layout, n, c, s, beta.numel() > c, blocks, threads, fwd, bwd)
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        _PLANS[key] = plan
-    return plan
-
-
-def plan(x: torch.Tensor, beta: torch.Tensor) -> Plan:
-    """The kernels' call plan for ``x`` and ``β`` (cached per geometry; raises for an x that is neither
-    contiguous nor channels-last)."""
-    return _plan(x, beta)
+        _PLANS[key] = found
+    return found
 
 
 def forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """y for a dense (contiguous or channels-last) x (N, C, ...), with x's strides; p1, p2 hold C values and
     β C or N·C (per sample), in any shape."""
-    return run_forward(_plan(x, beta), x, p1, p2, beta)
+    return run_forward(plan(x, beta), x, p1, p2, beta)
 
 
 def run_forward(
@@ -269,7 +263,7 @@ def run_forward(
 def backward(dy: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor):
     """(dx with x's strides, and the fp32 gradients of p1, p2 and β, each in that parameter's shape);
     dy must have x's shape and strides."""
-    k = _plan(x, beta)
+    k = plan(x, beta)
     if dy.stride() != x.stride() or tuple(dy.shape) != tuple(x.shape):  # tuples: Size == is slow
         raise ValueError(
             f"acon.fused.native: dy must have x's shape and strides {tuple(x.shape)}, {x.stride()}; "

@@ -152,8 +152,7 @@ class NativeAconC(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, p1, p2, beta = ctx.saved_tensors
         # autograd hands dy in x's shape; the kernels need x's strides too
-        dy = dy if dy.stride() == x.stride() else same_layout(dy, x)
-        dx, g1, g2, gb = native.run_backward(ctx.plan, dy, x, p1, p2, beta)
+        dx, g1, g2, gb = native.run_backward(ctx.plan, same_layout(dy, x), x, p1, p2, beta)
         return dx, typed_like(g1, p1), typed_like(g2, p2), typed_like(gb, beta), None
 
 
@@ -162,18 +161,17 @@ _PLANS: dict[tuple, object] = {}
 
 def native_plan(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, check_shapes) -> native.Plan | None:
     """The C++ kernels' call plan when they serve eager-mode ``x`` with these parameters (dense, fp32/bf16,
-    CPU, native mode; see :func:`native_serves`), else ``None``. One cached lookup per call in place of the
-    separate checks: ``check_shapes(x, p1, p2, beta)`` runs (and raises) once per combination of shapes."""
-    if x.dtype not in native.DTYPES or not x.is_cpu or torch.compiler.is_compiling():
+    CPU, native mode: :func:`native_serves`), else ``None``. One cached lookup per call in place of the
+    separate shape, layout and plan checks: ``check_shapes(x, p1, p2, beta)`` runs (and raises) once per
+    combination of shapes."""
+    if not native_serves(x):
         return None
-    if cpu.mode() != "native" or triton_on_cpu():
-        return None
-    lib = native.library()  # None when the kernels could not be built; tests swap builds
+    lib = native.library()  # in the key: tests swap builds
     key = (x.shape, x.stride(), x.dtype, p1.shape, p2.shape, beta.shape, torch.get_num_threads(), lib)
     plan = _PLANS.get(key)
     if plan is None:
         check_shapes(x, p1, p2, beta)
-        if lib is None or layout_of(x) is None:  # not built, or a strided x: the general path
+        if layout_of(x) is None:  # a strided x: the general path makes it dense
             return None
         plan = native.plan(x, beta)
         if len(_PLANS) >= 512:
@@ -186,7 +184,7 @@ def native_serves(x: Tensor) -> bool:
     """Whether eager-mode ``x`` (dense, CPU) runs on the C++ kernels, so :class:`NativeAconC` applies."""
     return (
         x.dtype in native.DTYPES  # the cheapest test first: a dict lookup (fp64 and fp16 fail here)
-        and x.device.type == "cpu"
+        and x.is_cpu
         and cpu.mode() == "native"
         and not torch.compiler.is_compiling()
         and not triton_on_cpu()
