@@ -265,7 +265,12 @@ def trace_graph(
                 return True
             return super().is_leaf_module(m, qualname)
 
-    return Tracer(autowrap_functions=autowrap).trace(model)
+    tracer = Tracer(autowrap_functions=autowrap)
+    graph = tracer.trace(model)
+    # the tracer sits in reference cycles with what it traced: dropping its state lets the model go the
+    # moment its owner drops it (a trained model's memory is not held until the cycle collector runs)
+    tracer.__dict__.clear()
+    return graph
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
