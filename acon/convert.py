@@ -266,11 +266,10 @@ def trace_graph(
             return super().is_leaf_module(m, qualname)
 
     tracer = Tracer(autowrap_functions=autowrap)
-    graph = tracer.trace(model)
-    # the tracer sits in reference cycles with what it traced: dropping its state lets the model go the
-    # moment its owner drops it (a trained model's memory is not held until the cycle collector runs)
-    tracer.__dict__.clear()
-    return graph
+    try:
+        return tracer.trace(model)
+    finally:  # traced or not, the tracer sits in reference cycles with the model: dropping its state lets
+        tracer.__dict__.clear()  # the model go when its owner drops it, not when the cycle collector runs
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:

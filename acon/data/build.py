@@ -19,6 +19,7 @@ from acon.data.synthetic import SyntheticDataset
 from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from acon.errors import ConfigError
 from acon.preempt import worker_ignores_stop_signals
+from acon.release import optional
 
 DATA_KINDS = ("digits", "folder", "synthetic")
 
@@ -184,21 +185,11 @@ def build_eval_loader(
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, **kw)
 
 
-def _optional(node: DictConfig, key: str, default):
-    """``node[key]``, or ``default`` where the node has no such key, without an exception inside OmegaConf.
-
-    ``node.get(key, default)`` on a struct node that lacks the key raises and catches an error whose traceback
-    keeps the calling frames alive in a reference cycle: a builder that returns loaders would keep them
-    alive until Python's cycle collector runs, and that shuts persistent workers down out of order (their
-    queues are finalised first: a 5 s join and a failed terminate per worker, and the workers stay)."""
-    return node[key] if key in node.keys() else default
-
-
 def _transform_args(cfg: DictConfig) -> dict:
     """The augmentation settings of the reference transforms, for the fast/GPU pipelines."""
     t, v = cfg.train_transform, cfg.val_transform
-    mean = tuple(_optional(t, "mean", IMAGENET_MEAN))
-    std = tuple(_optional(t, "std", IMAGENET_STD))
+    mean = tuple(optional(t, "mean", IMAGENET_MEAN))
+    std = tuple(optional(t, "std", IMAGENET_STD))
     return dict(
         train=dict(
             color_jitter=float(t.color_jitter), scale=tuple(t.scale), hflip=bool(t.hflip), mean=mean, std=std
