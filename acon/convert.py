@@ -265,7 +265,11 @@ def trace_graph(
                 return True
             return super().is_leaf_module(m, qualname)
 
-    return Tracer(autowrap_functions=autowrap).trace(model)
+    tracer = Tracer(autowrap_functions=autowrap)
+    try:
+        return tracer.trace(model)
+    finally:  # traced or not, the tracer sits in reference cycles with the model: dropping its state lets
+        tracer.__dict__.clear()  # the model go when its owner drops it, not when the cycle collector runs
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from acon.convert import trace_graph
+from acon.release import release_frames
 
 Pair = tuple[nn.Module, nn.Module]
 
@@ -86,6 +87,7 @@ def find_pairs(model: nn.Module, is_bn: Callable, is_act: Callable) -> FoundPair
     try:
         graph = trace_graph(model, lambda m: is_bn(m) or is_act(m), through=(nn.Identity,))
     except Exception as err:  # any failure of user code under tracing: the layout rule is still safe
+        release_frames(err)  # its traceback would keep the callers' frames (the model, the loaders) alive
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         return FoundPairs(
             list(layout_pairs(model)),

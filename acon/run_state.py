@@ -40,7 +40,10 @@ def configure_determinism(cfg: DictConfig) -> None:
         # cuBLAS refuses deterministic mode without a fixed workspace; it is read when cuBLAS starts, so
         # before the first matmul (a value the user set wins)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=False)
+    # set either way: the jobs of a sweep run one after another in one process, and a job must not
+    # inherit the mode of the job before it
+    torch.use_deterministic_algorithms(bool(cfg.deterministic), warn_only=False)
+    if cfg.deterministic:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True

@@ -19,6 +19,7 @@ from acon.fuse_bn import fuse_for_run
 from acon.logging import Progress, RunLogger
 from acon.optim import build_ema, build_optimizer, build_scheduler, total_steps
 from acon.preempt import PreemptionFlag, requeue_and_exit
+from acon.release import end_workers
 from acon.resume import ResumeState
 from acon.run_end import RunEnd
 from acon.run_state import Progression, configure_determinism, seed_process
@@ -394,7 +395,9 @@ def train(cfg: DictConfig) -> dict | None:
             best = trainer.state.best
             run.prepare(trainer.resumed_from, trainer.state.origin is None, best and best["step"])
             run.warn_if_short_of_space(trainer.model)
-            return trainer.fit()
+            results = trainer.fit()
+            end_workers(trainer.train_loader, trainer.val_loader)  # now, not whenever they are collected
+            return results
         finally:
             run.close()
     except REFUSALS as e:

@@ -70,6 +70,23 @@ def deterministic(monkeypatch):
     torch.use_deterministic_algorithms(before)
 
 
+def test_each_run_sets_the_deterministic_mode_its_config_asks_for():
+    """The jobs of a Hydra sweep (basic launcher) run one after another in one process: a
+    ``deterministic=false`` job after a ``deterministic=true`` one must not inherit torch's deterministic mode."""
+    from conftest import compose
+
+    from acon.run_state import configure_determinism
+
+    before, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    try:
+        for flag in (True, False, True, False):
+            configure_determinism(compose([f"deterministic={str(flag).lower()}"]))
+            assert torch.are_deterministic_algorithms_enabled() is flag
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.set_num_threads(threads)  # configure_determinism also sets the run's CPU threads
+
+
 def test_every_family_is_checked():
     assert {get_entry(n).family for n in _one_per_family()} >= {
         "shufflenetv2", "resnet", "tfnet", "mobilenetv1", "mobilenetv2"

@@ -19,6 +19,7 @@ from acon.data.synthetic import SyntheticDataset
 from acon.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from acon.errors import ConfigError
 from acon.preempt import worker_ignores_stop_signals
+from acon.release import optional
 
 DATA_KINDS = ("digits", "folder", "synthetic")
 
@@ -187,8 +188,8 @@ def build_eval_loader(
 def _transform_args(cfg: DictConfig) -> dict:
     """The augmentation settings of the reference transforms, for the fast/GPU pipelines."""
     t, v = cfg.train_transform, cfg.val_transform
-    mean = tuple(t.get("mean", IMAGENET_MEAN))
-    std = tuple(t.get("std", IMAGENET_STD))
+    mean = tuple(optional(t, "mean", IMAGENET_MEAN))
+    std = tuple(optional(t, "std", IMAGENET_STD))
     return dict(
         train=dict(
             color_jitter=float(t.color_jitter), scale=tuple(t.scale), hflip=bool(t.hflip), mean=mean, std=std

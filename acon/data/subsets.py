@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from acon.errors import ConfigError
+from acon.release import optional
 
 SUBSETS = {"imagenet100": Path(__file__).with_name("imagenet100.txt")}
 WNID = re.compile(r"n\d{8}")
@@ -66,7 +67,7 @@ def select_classes(found: list[str], value: str, where: str | Path) -> list[str]
 def data_label(data) -> str:
     """The dataset's name in results and tables: ``data.name``, plus ``[subset]`` when a class subset is set
     and the name does not already say it (``imagenet[imagenet100]``)."""
-    name, subset = str(data.name), data.get("class_subset")
+    name, subset = str(data.name), optional(data, "class_subset")
     if not subset:
         return name
     tag = Path(str(subset)).stem

@@ -176,19 +176,23 @@ void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2,
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
   std::vector<float> bd((per_sample ? N : 1) * C);  // β·d per channel, or per sample and channel
-  for (int64_t j = 0; j < int64_t(bd.size()); ++j) bd[j] = b[j] * d[j % C];
+  for (int64_t n = 0, j = 0; n < (per_sample ? N : 1); ++n)
+    for (int64_t c = 0; c < C; ++c, ++j) bd[j] = b[j] * d[c];
   const RowParams<3> P{{d.data(), p, bd.data()}, {false, false, per_sample != 0}};
   const int64_t R = N * C;
   float* sums[3] = {scratch(3 * R), sums[0] + R, sums[1] + R};  // every row's sums are written before being read
   walk_blocks(AconBwdRows<IO>{(const T*)dy, (const T*)x, (T*)dx}, P, sums, R, C, S, blocks, threads);
   // Σ gx·t = d·Σ gx·t' per row; where that is not finite (x·x overflowed where d·x·x need not, or a NaN),
   // the row's sum in bwd_math's own form, so NaN and ±Inf come out as the reference formula gives them
-  const RowParams<3> Pb{{d.data(), p, b}, {false, false, per_sample != 0}};
-  for (int64_t r = 0; r < R; ++r) {
-    float& t = sums[1][r];
-    t *= d[r % C];
-    if (!std::isfinite(t)) walk_rows(AconBetaRows<IO>{(const T*)dy, (const T*)x}, Pb, sums + 1, C, S, r, r + 1);
+  // (a vectorised pass without a division per row, then a search only when something is not finite)
+  bool finite = true;
+  for (int64_t n = 0; n < N; ++n) {
+    float* t = sums[1] + n * C;
+    for (int64_t c = 0; c < C; ++c) t[c] *= d[c], finite &= std::isfinite(t[c]);
   }
+  const RowParams<3> Pb{{d.data(), p, b}, {false, false, per_sample != 0}};
+  for (int64_t r = 0; !finite && r < R; ++r)
+    if (!std::isfinite(sums[1][r])) walk_rows(AconBetaRows<IO>{(const T*)dy, (const T*)x}, Pb, sums + 1, C, S, r, r + 1);
   finish(sums[0], sums[1], sums[2], d.data(), g1, g2, gb, N, 1, C, per_sample != 0);
 }
 

@@ -93,17 +93,19 @@ void bn_moments(const void* xp, double* row_mean, double* mean, double* var, int
   float* sums[2] = {s1, s2};
   walk_blocks(MomentRows<IO>{x}, RowParams<1>{{h}, {true}}, sums, R, C, S, blocks, threads);
   for (int64_t c = 0; c < C; ++c) mean[c] = var[c] = 0.0;
-  for (int64_t r = 0; r < R; ++r) {
-    row_mean[r] = double(s1[r]) / S + h[r];
-    mean[r % C] += row_mean[r];
-  }
+  for (int64_t n = 0, r = 0; n < N; ++n)  // rows r = n·C + c, walked without a division per row
+    for (int64_t c = 0; c < C; ++c, ++r) {
+      row_mean[r] = double(s1[r]) / S + h[r];
+      mean[c] += row_mean[r];
+    }
   for (int64_t c = 0; c < C; ++c) mean[c] /= N;
-  for (int64_t r = 0; r < R; ++r) {
-    double m2 = double(s2[r]) - double(s1[r]) * s1[r] / S;
-    m2 = m2 < 0.0 ? 0.0 : m2;  // keeps NaN
-    const double dm = row_mean[r] - mean[r % C];
-    var[r % C] += m2 + S * dm * dm;
-  }
+  for (int64_t n = 0, r = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c, ++r) {
+      double m2 = double(s2[r]) - double(s1[r]) * s1[r] / S;
+      m2 = m2 < 0.0 ? 0.0 : m2;  // keeps NaN
+      const double dm = row_mean[r] - mean[c];
+      var[c] += m2 + S * dm * dm;
+    }
   for (int64_t c = 0; c < C; ++c) var[c] /= double(N * S);
 }
 
@@ -132,7 +134,8 @@ void bn_acon_bwd(const void* dy, const void* x, void* dz, float* g1, float* g2, 
   walk_blocks(BnAconBwdRows<IO>{(const T*)dy, (const T*)x, (T*)dz}, P, sums, R, C, S, blocks, threads);
   finish(sums[0], sums[1], sums[2], d.data(), g1, g2, gb, N, 1, C, per_sample != 0);
   for (int64_t c = 0; c < C; ++c) sum_dz[c] = sum_dzx[c] = 0.0;
-  for (int64_t r = 0; r < R; ++r) sum_dz[r % C] += sums[3][r], sum_dzx[r % C] += sums[4][r];
+  for (int64_t n = 0, r = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c, ++r) sum_dz[c] += sums[3][r], sum_dzx[c] += sums[4][r];
 }
 
 // means: float64 mean of dz and of dz·(x - m) per channel (2·C values; x null: eval BatchNorm, no x
@@ -145,10 +148,11 @@ void bn_input_grad(void* dz, const void* x, const double* means, const double* r
   const int64_t R = N * C;
   std::vector<float> G(row_grad ? R : C), k(C);
   for (int64_t c = 0; c < C; ++c) k[c] = x ? float(means[C + c] * (double(invstd[c]) * invstd[c])) : 0.0f;
-  for (int64_t r = 0; r < (row_grad ? R : C); ++r) {
-    const double g = x ? means[r % C] : 0.0;
-    G[r] = float(row_grad ? g - row_grad[r] : g);
-  }
+  for (int64_t n = 0, r = 0; n < (row_grad ? N : 1); ++n)
+    for (int64_t c = 0; c < C; ++c, ++r) {
+      const double g = x ? means[c] : 0.0;
+      G[r] = float(row_grad ? g - row_grad[r] : g);
+    }
   const RowParams<4> P{{G.data(), m, k.data(), scale}, {row_grad != nullptr, false, false, false}};
   if (x) walk_blocks(BnInputGradRows<IO, true>{(T*)dz, (const T*)x}, P, nullptr, R, C, S, blocks, threads);
   else walk_blocks(BnInputGradRows<IO, false>{(T*)dz, nullptr}, P, nullptr, R, C, S, blocks, threads);

@@ -1,0 +1,53 @@
+"""Letting go of a run's objects the moment their owner does, not whenever Python's cycle collector runs.
+
+Two things kept a finished in-process ``train()``'s model and loaders alive in reference cycles:
+
+- an error raised and caught on the way (an optional config key read with ``node.get(key, default)``,
+  which raises inside OmegaConf, or a model that ``torch.fx`` cannot trace): its traceback holds the
+  frames of the call, and through them the callers' frames with their locals;
+- persistent DataLoader workers then end only when the cycle collector gets to their iterator, and that
+  shuts them down out of order: the collector finalises the iterator's queues first, so each worker waits
+  out a 5 s join and a terminate that it ignores (the workers ignore stop signals: :mod:`acon.preempt`),
+  and stays.
+
+:func:`optional` reads a key without the exception, :func:`release_frames` clears a caught error's frames,
+and :func:`end_workers` shuts persistent workers down at once.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+
+def optional(node: DictConfig, key: str, default=None):
+    """``node[key]``, or ``default`` where the node has no such key (struct nodes included), without an
+    exception inside OmegaConf."""
+    return node[key] if key in node.keys() else default
+
+
+def release_frames(err: BaseException) -> None:
+    """Clear the finished frames of ``err``'s traceback and of the errors chained to it, so that neither
+    they nor their callers' frames (and locals) outlive the handling of ``err``."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)  # frames still running are skipped
+        err = err.__cause__ or err.__context__
+
+
+def end_workers(*loaders) -> None:
+    """Shut down the worker processes of persistent-worker DataLoaders now (wrappers with a ``loader``
+    attribute, such as the input pipelines' device stage, are unwrapped); other loaders are left as they are."""
+    for loader in loaders:
+        while loader is not None and not isinstance(loader, DataLoader) and hasattr(loader, "loader"):
+            loader = loader.loader
+        iterator = getattr(loader, "_iterator", None) if isinstance(loader, DataLoader) else None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # what DataLoader's own exit handler calls for persistent workers
+            loader._iterator = None
+
+
+__all__ = ["end_workers", "optional", "release_frames"]
