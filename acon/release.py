@@ -10,12 +10,14 @@ Two things kept a finished in-process ``train()``'s model and loaders alive in r
   out a 5 s join and a terminate that it ignores (the workers ignore stop signals: :mod:`acon.preempt`),
   and stays.
 
-:func:`optional` reads a key without the exception, :func:`release_frames` clears a caught error's frames,
-and :func:`end_workers` shuts persistent workers down at once.
+:func:`optional` reads a key without the exception, :func:`release_frames` clears a caught error's frames
+(:func:`without_frames` also drops them before an error is raised on), and :func:`end_workers` shuts
+persistent workers down at once.
 """
 
 from __future__ import annotations
 
+import gc
 import traceback
 
 from omegaconf import DictConfig
@@ -38,6 +40,17 @@ def release_frames(err: BaseException) -> None:
         err = err.__cause__ or err.__context__
 
 
+def without_frames(err: BaseException) -> BaseException:
+    """``err`` without its traceback and chained errors, its finished frames cleared first, and the cycle
+    collector run: the frames holding an epoch's DataLoader iterator let it go by reference counting, so its
+    workers shut down in order (left to the collector, which the error's frames can form cycles for, the
+    shutdown would wait out a join and a terminate per worker) before ``err`` is raised on."""
+    release_frames(err)
+    err.__traceback__ = err.__context__ = err.__cause__ = None
+    gc.collect()
+    return err
+
+
 def end_workers(*loaders) -> None:
     """Shut down the worker processes of persistent-worker DataLoaders now (wrappers with a ``loader``
     attribute, such as the input pipelines' device stage, are unwrapped); other loaders are left as they are."""
@@ -50,4 +63,4 @@ def end_workers(*loaders) -> None:
             loader._iterator = None
 
 
-__all__ = ["end_workers", "optional", "release_frames"]
+__all__ = ["end_workers", "optional", "release_frames", "without_frames"]
