@@ -1,17 +1,15 @@
 """Letting go of a run's objects the moment their owner does, not whenever Python's cycle collector runs.
 
-Two things kept a finished in-process ``train()``'s model and loaders alive in reference cycles:
+An error raised and caught on the way (an optional config key read with ``node.get(key, default)``, which
+raises inside OmegaConf; a model that ``torch.fx`` cannot trace; a refused checkpoint write) keeps its
+traceback's frames in a reference cycle, and through them the callers' frames with their locals: a
+finished ``train()``'s model and loaders stayed alive until the cycle collector ran. Persistent DataLoader
+workers suffer most: the collector shuts them down out of order (it finalises the iterator's queues first),
+so each worker waits out a 5 s join and a terminate that it ignores (the workers ignore stop signals:
+:mod:`acon.preempt`), and stays.
 
-- an error raised and caught on the way (an optional config key read with ``node.get(key, default)``,
-  which raises inside OmegaConf, or a model that ``torch.fx`` cannot trace): its traceback holds the
-  frames of the call, and through them the callers' frames with their locals;
-- persistent DataLoader workers then end only when the cycle collector gets to their iterator, and that
-  shuts them down out of order: the collector finalises the iterator's queues first, so each worker waits
-  out a 5 s join and a terminate that it ignores (the workers ignore stop signals: :mod:`acon.preempt`),
-  and stays.
-
-:func:`optional` reads a key without the exception, :func:`release_frames` clears a caught error's frames
-(:func:`without_frames` also drops them before an error is raised on), and :func:`end_workers` shuts
+:func:`optional` reads a key without the exception, :func:`release_frames` clears a caught error's frames,
+:func:`without_frames` also drops them before an error is raised on, and :func:`end_workers` shuts
 persistent workers down at once.
 """
 
