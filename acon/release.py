@@ -1,21 +1,21 @@
 """Letting go of a run's objects the moment their owner does, not whenever Python's cycle collector runs.
 
-Two things kept a finished in-process ``train()``'s model and loaders alive in reference cycles:
-
-- an error raised and caught on the way (an optional config key read with ``node.get(key, default)``,
-  which raises inside OmegaConf, or a model that ``torch.fx`` cannot trace): its traceback holds the
-  frames of the call, and through them the callers' frames with their locals;
-- persistent DataLoader workers then end only when the cycle collector gets to their iterator, and that
-  shuts them down out of order: the collector finalises the iterator's queues first, so each worker waits
-  out a 5 s join and a terminate that it ignores (the workers ignore stop signals: :mod:`acon.preempt`),
-  and stays.
+An error raised and caught on the way (an optional config key read with ``node.get(key, default)``, which
+raises inside OmegaConf; a model that ``torch.fx`` cannot trace; a refused checkpoint write) keeps its
+traceback's frames in a reference cycle, and through them the callers' frames with their locals: a
+finished ``train()``'s model and loaders stayed alive until the cycle collector ran. Persistent DataLoader
+workers suffer most: the collector shuts them down out of order (it finalises the iterator's queues first),
+so each worker waits out a 5 s join and a terminate that it ignores (the workers ignore stop signals:
+:mod:`acon.preempt`), and stays.
 
 :func:`optional` reads a key without the exception, :func:`release_frames` clears a caught error's frames,
-and :func:`end_workers` shuts persistent workers down at once.
+:func:`without_frames` also drops them before an error is raised on, and :func:`end_workers` shuts
+persistent workers down at once.
 """
 
 from __future__ import annotations
 
+import gc
 import traceback
 
 from omegaconf import DictConfig
@@ -38,6 +38,17 @@ def release_frames(err: BaseException) -> None:
         err = err.__cause__ or err.__context__
 
 
+def without_frames(err: BaseException) -> BaseException:
+    """``err`` without its traceback and chained errors, its finished frames cleared first, and the cycle
+    collector run: the frames holding an epoch's DataLoader iterator let it go by reference counting, so its
+    workers shut down in order (left to the collector, which the error's frames can form cycles for, the
+    shutdown would wait out a join and a terminate per worker) before ``err`` is raised on."""
+    release_frames(err)
+    err.__traceback__ = err.__context__ = err.__cause__ = None
+    gc.collect()
+    return err
+
+
 def end_workers(*loaders) -> None:
     """Shut down the worker processes of persistent-worker DataLoaders now (wrappers with a ``loader``
     attribute, such as the input pipelines' device stage, are unwrapped); other loaders are left as they are."""
@@ -50,4 +61,4 @@ def end_workers(*loaders) -> None:
             loader._iterator = None
 
 
-__all__ = ["end_workers", "optional", "release_frames"]
+__all__ = ["end_workers", "optional", "release_frames", "without_frames"]

@@ -19,7 +19,7 @@ from acon.fuse_bn import fuse_for_run
 from acon.logging import Progress, RunLogger
 from acon.optim import build_ema, build_optimizer, build_scheduler, total_steps
 from acon.preempt import PreemptionFlag, requeue_and_exit
-from acon.release import end_workers, release_frames
+from acon.release import end_workers, without_frames
 from acon.resume import ResumeState
 from acon.run_end import RunEnd
 from acon.run_state import Progression, configure_determinism, seed_process
@@ -407,17 +407,4 @@ def train(cfg: DictConfig) -> dict | None:
         trainer = None
     finally:
         distributed.teardown()
-    raise _without_frames(failure)
-
-
-def _without_frames(e: BaseException) -> BaseException:
-    """``e`` without its traceback and chained errors, so the frames holding the DataLoader iterators
-    are freed and their workers shut down before the process ends: their locals are cleared first, so an
-    epoch's iterator goes by reference counting, in order (left to the cycle collector, which the errors'
-    frames can form cycles for, its shutdown would wait out a join and a terminate per worker)."""
-    import gc
-
-    release_frames(e)
-    e.__traceback__ = e.__context__ = e.__cause__ = None
-    gc.collect()
-    return e
+    raise without_frames(failure)
