@@ -351,3 +351,50 @@ def test_acon_c_per_chunk_math_stays_inlined():
     out = subprocess.run(["nm", "-C", str(native.build())], capture_output=True, text=True, check=True).stdout
     called = {name for name in ("bwd_math", "fwd_math", "vexp_neg", "vsigmoid") if f"::{name}(" in out}
     assert not called, f"out of line in {native.build().name}: {sorted(called)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(4, 24, 7, 7), (3, 40, 14, 14), (1, 24, 5, 5)])
+def test_bn_fused_pair_runs_this_beta_network(served, monkeypatch, dtype, shape):
+    """The BatchNorm+Meta-ACON op (``fuse_bn_acon``) runs the β network on its spatial means through the same
+    C++ code (``NativeBetaNet``): values, every gradient and the running statistics against the two modules
+    in fp64 on the same values (fp32: the fused-op tolerances; a bf16 model: two bf16 ulps, four on dx)."""
+    from acon import fuse_bn_acon
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        fn = getattr(meta_native.NativeBetaNet, name)
+        monkeypatch.setattr(
+            meta_native.NativeBetaNet,
+            name,
+            lambda self, t, fn=fn, name=name: calls.update({name: calls[name] + 1}) or fn(self, t),
+        )
+    ref_act, _ = _pair(shape[1])
+    ref = nn.Sequential(nn.BatchNorm2d(shape[1]), ref_act)
+    with torch.no_grad():
+        ref[0].weight.uniform_(0.5, 1.5), ref[0].bias.uniform_(-0.5, 0.5)
+    fast = copy.deepcopy(ref).to(dtype)
+    fast[1].impl = "auto"
+    fused = fuse_bn_acon(fast)
+    assert type(fused[1]).__name__ == "FusedBNMetaAconC"
+    ref.load_state_dict(fused.state_dict())
+    ref.double()
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype)
+    tol = TOL[dtype]
+    for _ in range(2):
+        (y, dx, g), (ry, rdx, rg) = _step(fused, x), _step(ref, x.double())
+        torch.testing.assert_close(y.double(), ry, rtol=tol["rtol"], atol=tol["atol"] * ry.abs().max().item())
+        dz_rounding = 2 if dtype == torch.bfloat16 else 1  # the op keeps dz in x's dtype between its passes
+        atol = tol["atol"] * dz_rounding * rdx.abs().max().item()
+        torch.testing.assert_close(dx.double(), rdx, rtol=tol["rtol"] * dz_rounding, atol=atol)
+        scale = max(1.0, *(v.abs().max().item() for v in rg.values()))
+        many = 10 if dtype == torch.float32 else 1  # _assert_grads_close's factor for fp32
+        assert g.keys() == rg.keys() and len(g) == 12
+        for k in g:
+            assert g[k].dtype == dtype, k
+            torch.testing.assert_close(
+                g[k].double(), rg[k], rtol=tol["rtol"] * many, atol=tol["atol"] * many * scale, msg=k
+            )
+        for (k, a), b in zip(fused.state_dict().items(), ref.state_dict().values(), strict=True):
+            torch.testing.assert_close(a.double(), b.double(), rtol=tol["rtol"], atol=tol["atol"], msg=k)
+    assert calls == {"forward": 2, "backward": 2}

@@ -31,9 +31,13 @@ def leaf_beta_net_params(meta: nn.Module) -> list[Tensor] | None:
 
 def run_beta_net(ctx, beta_fn, zbar: Tensor, x: Tensor) -> Tensor:
     """β (detached) from ``beta_fn`` on z's spatial mean ``zbar`` (N, C); the graph and ``zbar`` are kept on
-    ``ctx`` for :func:`beta_net_grads`."""
+    ``ctx`` for :func:`beta_net_grads`. ``beta_fn`` may instead be a β network with its own backward
+    (``acon.fused.meta_native.NativeBetaNet``, the C++ one): then it keeps what its backward needs."""
+    if hasattr(beta_fn, "backward"):  # takes zbar in fp32 (not rounded to x's dtype first)
+        ctx.beta_net = beta_fn
+        return beta_fn.forward(zbar).view(x.shape[:2] + (1,) * (x.dim() - 2)).to(x.dtype)
     with torch.enable_grad():
-        zbar = zbar.detach().requires_grad_()
+        zbar = zbar.detach().to(x.dtype).requires_grad_()
         ctx.beta_graph = beta_fn(zbar, x)
     ctx.zbar = zbar
     return ctx.beta_graph.detach()
@@ -42,6 +46,10 @@ def run_beta_net(ctx, beta_fn, zbar: Tensor, x: Tensor) -> Tensor:
 def beta_net_grads(ctx, dbeta: Tensor, beta_params: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
     """Backward of the β network given dβ: the gradient of z's spatial mean (N, C) and those of the β
     network's parameters (None where one needs none)."""
+    net = getattr(ctx, "beta_net", None)
+    if net is not None:
+        dzbar, grads = net.backward(dbeta)
+        return dzbar, [g if p.requires_grad else None for g, p in zip(grads, beta_params, strict=True)]
     wanted = [ctx.zbar] + [p for p in beta_params if p.requires_grad]
     # retained: small (N, C) tensors, freed with ctx; the outer graph may be run again (retain_graph)
     grads = torch.autograd.grad(ctx.beta_graph, wanted, dbeta, retain_graph=True, allow_unused=True)

@@ -44,6 +44,7 @@ from acon.functional import spatial_mean
 from acon.fused import bn_native, native
 from acon.fused.beta_net import beta_net_grads, beta_net_params, run_beta_net
 from acon.fused.layout import dense, same_layout, typed_like
+from acon.fused.meta_native import native_beta_net
 from acon.fused.ops import acon_c_backward_op, acon_c_op, native_serves, triton_importable, triton_on_cpu
 from acon.syncbn import global_grad_means, global_moments, sync_bn_grads, update_running
 
@@ -268,7 +269,7 @@ class _BNAconC(torch.autograd.Function):
             mean, invstd, count = batch_statistics(x, st)
             z = normalise(x, mean, invstd, weight, bias)
         if beta_fn is not None:
-            zbar = (ctx.row_mean * scale + shift).to(x.dtype) if ctx.rows else spatial_mean(z)
+            zbar = ctx.row_mean * scale + shift if ctx.rows else spatial_mean(z)  # float64 from the rows
             beta = run_beta_net(ctx, beta_fn, zbar, x)
         y = (
             bn_native.bn_acon_forward(x, scale, shift, p1, p2, beta)
@@ -353,7 +354,10 @@ def bn_meta_acon_c(x: Tensor, st: BNState, meta: nn.Module) -> Tensor:
     if not torch.is_grad_enabled():
         return _inference(x, st, meta.p1, meta.p2, None, meta)
     params = beta_net_params(meta)
-    return _BNAconC.apply(x, st.weight, st.bias, meta.p1, meta.p2, None, st, meta.beta_from_mean, *params)
+    net = native_beta_net(meta, x)  # the C++ β network where it serves, else autograd over the module's
+    return _BNAconC.apply(
+        x, st.weight, st.bias, meta.p1, meta.p2, None, st, net or meta.beta_from_mean, *params
+    )
 
 
 __all__ = ["BNState", "batch_statistics", "bn_acon_c", "bn_meta_acon_c", "normalise", "single_pass"]

@@ -47,6 +47,10 @@ def _kernels(lib: ctypes.CDLL) -> dict[str, object]:
         bwd = getattr(lib, f"meta_bwd_{name}")
         bwd.argtypes = [ptr, i32] + [ptr] * 8 + [i32, i32, ptr, i64, i64, i64, i64, i32]
         out[("fwd", dtype)], out[("bwd", dtype)] = fwd, bwd
+    net = lib.meta_net_fwd
+    net.argtypes = [ptr] * 3 + [ptr, ptr, *bn, ptr, ptr, *bn, i64, i64, i64]
+    lib.meta_net_bwd.argtypes = [ptr] * 9 + [i32, i32, ptr, i64, i64, i64]
+    out["net_fwd"], out["net_bwd"] = net, lib.meta_net_bwd
     lib.meta_beta.argtypes = [ptr] * 4 + [i64, i64, i64]
     lib.meta_saved_floats.argtypes = [i64, i64, i64]
     lib.meta_saved_floats.restype = i64
@@ -167,10 +171,60 @@ class NativeMetaAconC(torch.autograd.Function):
         )
 
 
+class NativeBetaNet:
+    """Meta-ACON's β network on given (N, C) spatial means, in C++ (``meta_net_fwd``/``meta_net_bwd``), for the
+    BatchNorm+ACON op (``acon.fused.bn_act``), which takes the means from its statistics: :meth:`forward`
+    gives β, :meth:`backward` the means' gradient and the eight parameters' from dβ. Serves what
+    :func:`served_params` serves; one instance per call (it keeps that call's saved buffer)."""
+
+    def __init__(self, meta: nn.Module, params: list[Tensor]) -> None:
+        self.meta, self.params = meta, params
+
+    def forward(self, zbar: Tensor) -> Tensor:
+        """β (N, C) in fp32 from the spatial means ``zbar`` (N, C), moving the BatchNorms' running statistics."""
+        n, c = zbar.shape
+        w1, b1, g1, e1, w2, b2, g2, e2 = _fp32(self.params)
+        k, mods = _kernels(native.library()), self.meta._modules
+        bn1_args, batch1, back1 = _bn_call_args(mods["bn1"], n, g1, e1)
+        bn2_args, batch2, back2 = _bn_call_args(mods["bn2"], n, g2, e2)
+        mean = zbar.detach().float().contiguous()
+        self.h, self.batch = w1.shape[0], (batch1, batch2)
+        self.saved, self.beta = torch.empty(k["saved_floats"](n, c, self.h)), torch.empty(n, c)
+        k["net_fwd"](
+            mean.data_ptr(), self.beta.data_ptr(), self.saved.data_ptr(), w1.data_ptr(), b1.data_ptr(),
+            *bn1_args, w2.data_ptr(), b2.data_ptr(), *bn2_args, n, c, self.h,
+        )  # fmt: skip
+        for buffer, copy in back1 + back2:
+            buffer.copy_(copy)
+        return self.beta
+
+    def backward(self, dbeta: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(the means' gradient (N, C) fp32, the eight parameters' gradients in their dtypes) from dβ (N, C)."""
+        n, c = self.beta.shape
+        w1, _, g1, e1, w2, _, g2, _ = p32 = _fp32(self.params)
+        grads = [torch.empty_like(p) for p in p32]
+        table = (ctypes.c_void_p * 8)(*(g.data_ptr() for g in grads))
+        dzbar, db = torch.empty(n, c), dbeta.float().reshape(n, c).contiguous()
+        _kernels(native.library())["net_bwd"](
+            dzbar.data_ptr(), db.data_ptr(), self.beta.data_ptr(), self.saved.data_ptr(), w1.data_ptr(),
+            g1.data_ptr(), e1.data_ptr(), w2.data_ptr(), g2.data_ptr(), *(int(b) for b in self.batch), table,
+            n, c, self.h,
+        )  # fmt: skip
+        return dzbar, [typed_like(g, p) for g, p in zip(grads, self.params, strict=True)]
+
+
+def native_beta_net(meta: nn.Module, x: Tensor) -> NativeBetaNet | None:
+    """The C++ β network for ``meta`` on eager-mode ``x`` where :func:`served_params` serves them (the
+    module's own BatchNorms without hooks, fp32/bf16 CPU x, dense fp32/bf16 parameters), else None."""
+    plain = getattr(meta, "_plain_batchnorms", None)
+    params = served_params(meta, x) if plain is not None and plain() else None
+    return None if params is None else NativeBetaNet(meta, params)
+
+
 def meta_acon_c(meta: nn.Module, x: Tensor, params: list[Tensor]) -> Tensor:
     """Meta-ACON-C of a dense x with ``meta``'s p1, p2 and β network, whose parameters :func:`served_params`
     returned."""
     return NativeMetaAconC.apply(x, meta.p1, meta.p2, *params, meta)
 
 
-__all__ = ["NativeMetaAconC", "meta_acon_c", "served_params"]
+__all__ = ["NativeBetaNet", "NativeMetaAconC", "meta_acon_c", "native_beta_net", "served_params"]

@@ -151,20 +151,14 @@ META_COLD void beta_rows(const Mat& xh2, const float* g2, const float* e2, float
   }
 }
 
-template <class IO>
-META_COLD void meta_forward(const void* x, bool nsc, float* beta, float* save, const float* w1, const float* b1,
-                            const float* w2, const float* b2, const BnArgs& bn1, const BnArgs& bn2, int64_t N,
-                            int64_t C, int64_t S, int64_t H, int threads) {
+// The β network on the (N × C) spatial means `mean` (compact rows): β (compact N × C) and what backward needs
+// (`save`); the running statistics moved as `bn1` and `bn2` ask.
+META_COLD void net_forward(const float* mean, float* beta, float* save, const float* w1, const float* b1,
+                           const float* w2, const float* b2, const BnArgs& bn1, const BnArgs& bn2, int64_t N,
+                           int64_t C, int64_t H) {
   const Saved sv(save, N, C, H);
-  std::vector<float> sums(N * C);
-  spatial_sums<IO>(x, nsc, sums.data(), N, C, S, threads);
   std::memset(save, 0, saved_floats(N, C, H) * sizeof(float));
-  const float inv = float(1.0 / double(S));  // the mean as torch's sum·(1/S)
-  for (int64_t n = 0; n < N; ++n) {
-    float* __restrict__ mn = sv.mean.row(n);
-    const float* __restrict__ sn = sums.data() + n * C;
-    for (int64_t c = 0; c < C; ++c) mn[c] = sn[c] * inv;
-  }
+  for (int64_t n = 0; n < N; ++n) std::memcpy(sv.mean.row(n), mean + n * C, C * sizeof(float));
   dot_rows(sv.mean, padded_copy(w1, H, C), b1, sv.xh1, N, H);  // h1, normalised in place below
   bn_rows_stats(sv.xh1, bn1, sv.mu1, sv.is1, N, H);
   normalise_rows(sv.xh1, sv.mu1, sv.is1, N, H);
@@ -174,14 +168,23 @@ META_COLD void meta_forward(const void* x, bool nsc, float* beta, float* save, c
   beta_rows(sv.xh2, bn2.w, bn2.b, beta, N, C);
 }
 
-// Gradients of the β network's parameters from dβ and β (compact N × C), and dx (if not null) += dmean/S.
-// grads: fc1 weight (H × C), fc1 bias, bn1 weight, bn1 bias (H), fc2 weight (C × H), fc2 bias, bn2 weight,
-// bn2 bias (C).
 template <class IO>
-META_COLD void meta_backward(void* dx, bool nsc, const float* dbeta, const float* beta, const float* save,
-                             const float* w1, const float* w2, const float* g1, const float* e1, const float* g2,
-                             int batch1, int batch2, float* const* grads, int64_t N, int64_t C, int64_t S, int64_t H,
-                             int threads) {
+META_COLD void meta_forward(const void* x, bool nsc, float* beta, float* save, const float* w1, const float* b1,
+                            const float* w2, const float* b2, const BnArgs& bn1, const BnArgs& bn2, int64_t N,
+                            int64_t C, int64_t S, int64_t H, int threads) {
+  std::vector<float> mean(N * C);
+  spatial_sums<IO>(x, nsc, mean.data(), N, C, S, threads);
+  const float inv = float(1.0 / double(S));  // the mean as torch's sum·(1/S)
+  for (float& m : mean) m *= inv;
+  net_forward(mean.data(), beta, save, w1, b1, w2, b2, bn1, bn2, N, C, H);
+}
+
+// Backward of net_forward given dβ and β (compact N × C): the parameters' gradients (grads: fc1 weight (H × C),
+// fc1 bias, bn1 weight, bn1 bias (H), fc2 weight (C × H), fc2 bias, bn2 weight, bn2 bias (C)) and, if dmean is not
+// null, the gradient of the mean rows (compact N × C).
+META_COLD void net_backward(float* dmean, const float* dbeta, const float* beta, const float* save, const float* w1,
+                            const float* w2, const float* g1, const float* e1, const float* g2, int batch1, int batch2,
+                            float* const* grads, int64_t N, int64_t C, int64_t H) {
   const Saved sv((float*)save, N, C, H);
   const Rows w1p = padded_copy(w1, H, C), w2p = padded_copy(w2, C, H), o1 = affine_rows(sv.xh1, g1, e1, N, H);
   Rows dz2(N, C);
@@ -206,16 +209,23 @@ META_COLD void meta_backward(void* dx, bool nsc, const float* dbeta, const float
     copy_unpadded(dw, grads[0], H, C);
     column_sums(dz1, grads[1], N, H);
   }
+  if (!dmean) return;
+  Rows dm(N, C);
+  axpy_rows(dz1.p, dz1.ld, 1, N, H, w1p, dm);
+  for (int64_t n = 0; n < N; ++n) std::memcpy(dmean + n * C, dm.row(n), C * sizeof(float));
+}
+
+// net_backward on the spatial mean of x, and dx (if not null) += dmean/S.
+template <class IO>
+META_COLD void meta_backward(void* dx, bool nsc, const float* dbeta, const float* beta, const float* save,
+                             const float* w1, const float* w2, const float* g1, const float* e1, const float* g2,
+                             int batch1, int batch2, float* const* grads, int64_t N, int64_t C, int64_t S, int64_t H,
+                             int threads) {
+  std::vector<float> g(dx ? N * C : 0);
+  net_backward(dx ? g.data() : nullptr, dbeta, beta, save, w1, w2, g1, e1, g2, batch1, batch2, grads, N, C, H);
   if (!dx) return;
-  Rows dmean(N, C);
-  axpy_rows(dz1.p, dz1.ld, 1, N, H, w1p, dmean);
   const float inv = float(1.0 / double(S));  // torch's sum·(1/S): the sum's gradient is dmean·(1/S)
-  std::vector<float> g(N * C);
-  for (int64_t n = 0; n < N; ++n) {
-    float* __restrict__ gn = g.data() + n * C;
-    const float* __restrict__ dn = dmean.row(n);
-    for (int64_t c = 0; c < C; ++c) gn[c] = dn[c] * inv;
-  }
+  for (float& v : g) v *= inv;
   add_row_values<IO>(dx, nsc, g.data(), N, C, S, threads);
 }
 
@@ -252,3 +262,21 @@ extern "C" void meta_beta(const float* save, const float* g2, const float* e2, f
 }
 
 extern "C" int64_t meta_saved_floats(int64_t N, int64_t C, int64_t H) { return saved_floats(N, C, H); }
+
+// The β network alone on given (N × C) spatial means (the BatchNorm+ACON op takes them from its statistics):
+// meta_fwd/meta_bwd without the pass over x, with the mean's gradient written to dmean (compact N × C).
+extern "C" void meta_net_fwd(const float* mean, float* beta, float* save, const float* w1, const float* b1,
+                             const float* g1, const float* e1, float* rm1, float* rv1, int batch1, double momentum1,
+                             double eps1, const float* w2, const float* b2, const float* g2, const float* e2,
+                             float* rm2, float* rv2, int batch2, double momentum2, double eps2, int64_t N, int64_t C,
+                             int64_t H) {
+  const BnArgs bn1{g1, e1, rm1, rv1, batch1 != 0, momentum1, eps1};
+  const BnArgs bn2{g2, e2, rm2, rv2, batch2 != 0, momentum2, eps2};
+  net_forward(mean, beta, save, w1, b1, w2, b2, bn1, bn2, N, C, H);
+}
+
+extern "C" void meta_net_bwd(float* dmean, const float* dbeta, const float* beta, const float* save, const float* w1,
+                             const float* g1, const float* e1, const float* w2, const float* g2, int batch1,
+                             int batch2, float* const* grads, int64_t N, int64_t C, int64_t H) {
+  net_backward(dmean, dbeta, beta, save, w1, w2, g1, e1, g2, batch1, batch2, grads, N, C, H);
+}
