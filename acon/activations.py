@@ -259,8 +259,7 @@ class MetaAconC(nn.Module):
             beta = torch.sigmoid(self.bn2(self.fc2(h)))
             p1, p2 = scripted_channel_view(self.p1, x), scripted_channel_view(self.p2, x)
             return acon_c_reference(x, p1, p2, scripted_channel_view(beta, x))
-        plain = self.impl != "reference" and self._plain_batchnorms()
-        params = meta_native.served_params(self, x) if plain else None
+        params = meta_native.served_params(self, x) if self.impl != "reference" else None
         if params is not None:  # the C++ kernels serve x: one op for the mean, β network and ACON-C
             check_channels(x, self.channels)
             return meta_native.meta_acon_c(self, dense(x), params)

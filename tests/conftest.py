@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -110,6 +111,16 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300, check:
             f"{args} exited {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
         )
     return proc
+
+
+@pytest.fixture
+def no_cycle_collector():
+    """Python's cycle collector off for the test (after one collection): what a test then finds dead was
+    freed by reference counting alone, so no reference cycle held it."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
 
 
 @pytest.fixture

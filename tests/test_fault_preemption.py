@@ -194,7 +194,9 @@ def test_loader_workers_of_each_cpu_pipeline_ignore_stop_signals(tiny_imagenet, 
 
 
 @pytest.mark.parametrize("pipeline", ["reference", "fast"])
-def test_a_dropped_loader_is_freed_without_the_cycle_collector(tiny_imagenet, tmp_path, pipeline):
+def test_a_dropped_loader_is_freed_without_the_cycle_collector(
+    tiny_imagenet, tmp_path, pipeline, no_cycle_collector
+):
     """The loader builders leave no reference cycle holding their loaders: dropped, a loader is freed at once.
     (Left to the cycle collector, persistent workers are shut down out of order: their queues are finalised
     first, so each worker costs a 5 s join and a terminate that it ignores, and stays.)"""
@@ -204,18 +206,13 @@ def test_a_dropped_loader_is_freed_without_the_cycle_collector(tiny_imagenet, tm
     cfg = compose(
         tiny_overrides(tiny_imagenet, tmp_path) + [f"data.pipeline={pipeline}", "data.num_workers=2"]
     )
-    gc.collect()
-    gc.disable()
-    try:
-        if pipeline == "reference":
-            loader = build_train_loader(build_datasets(cfg.data)[0], cfg.data, 4, 0, 1, 0)
-        else:
-            loader = build_pipeline_loaders(cfg.data, 4, 4, 0, 1, 0, torch.device("cpu"))[0]
-        alive = weakref.ref(loader)
-        del loader
-        assert alive() is None, gc.get_referrers(alive())
-    finally:
-        gc.enable()
+    if pipeline == "reference":
+        loader = build_train_loader(build_datasets(cfg.data)[0], cfg.data, 4, 0, 1, 0)
+    else:
+        loader = build_pipeline_loaders(cfg.data, 4, 4, 0, 1, 0, torch.device("cpu"))[0]
+    alive = weakref.ref(loader)
+    del loader
+    assert alive() is None, gc.get_referrers(alive())
 
 
 def test_ctrl_c_sets_the_flag_a_second_one_interrupts_and_exit_is_130(monkeypatch, capsys):

@@ -364,11 +364,12 @@ def test_bn_fused_pair_runs_this_beta_network(served, monkeypatch, dtype, shape)
     calls = {"forward": 0, "backward": 0}
     for name in calls:
         fn = getattr(meta_native.NativeBetaNet, name)
-        monkeypatch.setattr(
-            meta_native.NativeBetaNet,
-            name,
-            lambda self, t, fn=fn, name=name: calls.update({name: calls[name] + 1}) or fn(self, t),
-        )
+
+        def counting(self, t, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(self, t)
+
+        monkeypatch.setattr(meta_native.NativeBetaNet, name, counting)
     ref_act, _ = _pair(shape[1])
     ref = nn.Sequential(nn.BatchNorm2d(shape[1]), ref_act)
     with torch.no_grad():

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 import weakref
 
-import pytest
 import torch
 from omegaconf import OmegaConf
 from test_fault_checkpoints import descendants
@@ -17,14 +15,6 @@ from acon.release import end_workers, optional, release_frames
 
 class Held:
     """Stands for a model or a loader held in a local."""
-
-
-@pytest.fixture
-def no_cycle_collector():
-    gc.collect()
-    gc.disable()
-    yield
-    gc.enable()
 
 
 def test_optional_reads_a_struct_node_and_keeps_no_frame_alive(no_cycle_collector):

@@ -258,7 +258,9 @@ def test_trains_with_each_input_pipeline(tiny_imagenet, tmp_path, pipeline):
 
 
 @pytest.mark.parametrize("task", ["classification", "detection"])
-def test_in_process_train_leaves_nothing_for_the_cycle_collector(tiny_imagenet, tmp_path, task):
+def test_in_process_train_leaves_nothing_for_the_cycle_collector(
+    tiny_imagenet, tmp_path, task, no_cycle_collector
+):
     """When an in-process ``train()`` returns, its model and loaders are already freed: no reference cycle
     holds them (a GPU gets their memory back at once) and the persistent loader workers have ended. Left to
     the cycle collector, those workers would be shut down out of order, costing 10 s each. Detection covers
@@ -281,17 +283,12 @@ def test_in_process_train_leaves_nothing_for_the_cycle_collector(tiny_imagenet, 
         ov += ["recipe.batch_size=4", "recipe.base_batch_size=4", "trainer.eval_batch_size=4"]
         ov += [f"out_dir={tmp_path / 'runs'}", "trainer.progress=false"]
     cfg = compose(ov + workers)
-    gc.collect()
-    gc.disable()
-    try:
-        before = {id(o) for o in gc.get_objects() if isinstance(o, kept)}
-        children = set(descendants(os.getpid()))
-        assert train(cfg)["status"] == "complete"
-        left = {type(o).__name__ for o in gc.get_objects() if isinstance(o, kept) and id(o) not in before}
-        assert left == set(), sorted(left)
-        assert set(descendants(os.getpid())) - children == set()
-    finally:
-        gc.enable()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, kept)}
+    children = set(descendants(os.getpid()))
+    assert train(cfg)["status"] == "complete"
+    left = {type(o).__name__ for o in gc.get_objects() if isinstance(o, kept) and id(o) not in before}
+    assert left == set(), sorted(left)
+    assert set(descendants(os.getpid())) - children == set()
 
 
 @pytest.mark.parametrize("compile_model", [False, pytest.param(True, marks=pytest.mark.slow)])

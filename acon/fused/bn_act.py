@@ -353,8 +353,8 @@ def bn_meta_acon_c(x: Tensor, st: BNState, meta: nn.Module) -> Tensor:
         return op.bn_meta_acon_c(x, st, meta)
     if not torch.is_grad_enabled():
         return _inference(x, st, meta.p1, meta.p2, None, meta)
-    params = beta_net_params(meta)
     net = native_beta_net(meta, x)  # the C++ β network where it serves, else autograd over the module's
+    params = net.params if net is not None else beta_net_params(meta)
     return _BNAconC.apply(
         x, st.weight, st.bias, meta.p1, meta.p2, None, st, net or meta.beta_from_mean, *params
     )

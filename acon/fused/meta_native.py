@@ -70,11 +70,11 @@ def _dense_float(tensors, dtype: torch.dtype | None = None) -> bool:
 
 
 def served_params(meta: nn.Module, x: Tensor) -> list[Tensor] | None:
-    """The β network's eight parameters when :func:`meta_acon_c` serves ``meta`` (an
-    :class:`acon.activations.MetaAconC` whose BatchNorms are its own, without hooks) on eager-mode ``x``:
-    the C++ kernels serve x, the parameters are contiguous fp32 or bf16 tensors of one dtype and so are the
-    running statistics (any of the two); else None."""
-    if not native_serves(x) or x.dim() < 2 or x.numel() == 0:
+    """The β network's eight parameters when :func:`meta_acon_c` and :class:`NativeBetaNet` serve ``meta`` (an
+    :class:`acon.activations.MetaAconC`) on eager-mode ``x``: the C++ kernels serve x, its BatchNorms are its
+    own without hooks, the parameters are contiguous fp32 or bf16 tensors of one dtype and so are the running
+    statistics (any of the two); else None."""
+    if not native_serves(x) or x.dim() < 2 or x.numel() == 0 or not meta._plain_batchnorms():
         return None
     params = leaf_beta_net_params(meta)
     if params is None or params[0].dtype not in _FLOATS or not _dense_float(params, params[0].dtype):
@@ -112,6 +112,41 @@ def _bn_call_args(bn: nn.Module, n: int, weight: Tensor, bias: Tensor) -> tuple[
     return args, use_batch, back
 
 
+def _net_args(meta: nn.Module, p32: list[Tensor], n: int) -> tuple[list, tuple[bool, bool], list]:
+    """The β network's forward arguments for n rows (fc1 weight and bias, bn1's, fc2 weight and bias, bn2's:
+    ``_bn_call_args``, bookkeeping done), the two batch-statistics flags, and the (buffer, fp32 copy) pairs
+    to copy back after the call (:func:`_write_back`). Pointers into ``p32``: the caller holds it (and the
+    copy-back pairs) until the call returns."""
+    w1, b1, g1, e1, w2, b2, g2, e2 = p32
+    mods = meta._modules
+    bn1_args, batch1, back1 = _bn_call_args(mods["bn1"], n, g1, e1)
+    bn2_args, batch2, back2 = _bn_call_args(mods["bn2"], n, g2, e2)
+    args = [w1.data_ptr(), b1.data_ptr(), *bn1_args, w2.data_ptr(), b2.data_ptr(), *bn2_args]
+    return args, (batch1, batch2), back1 + back2
+
+
+def _write_back(back: list) -> None:
+    for buffer, copy in back:
+        buffer.copy_(copy)
+
+
+def _net_grad_args(p32: list[Tensor], batch: tuple[bool, bool]) -> tuple[list, list[Tensor]]:
+    """The β network's backward arguments after the saved buffer (fc1 weight, bn1 weight and bias, fc2 weight,
+    bn2 weight, the batch-statistics flags, the table of the eight gradient arrays) and those arrays."""
+    w1, _, g1, e1, w2, _, g2, _ = p32
+    grads = [torch.empty_like(p) for p in p32]
+    table = (ctypes.c_void_p * 8)(*(g.data_ptr() for g in grads))
+    args = [
+        w1.data_ptr(),
+        g1.data_ptr(),
+        e1.data_ptr(),
+        w2.data_ptr(),
+        g2.data_ptr(),
+        *(int(b) for b in batch),
+    ]
+    return [*args, table], grads
+
+
 class NativeMetaAconC(torch.autograd.Function):
     """y = ACON-C(x; p1, p2, β(x)) with β from Meta-ACON's β network on x's spatial mean (see the module
     docstring); gradients for x, p1, p2 and the β network's eight parameters (in their dtype)."""
@@ -121,22 +156,17 @@ class NativeMetaAconC(torch.autograd.Function):
         *params, meta = params_and_meta
         n, c = x.shape[0], x.shape[1]
         s, h = x.numel() // (n * c), params[0].shape[0]
-        w1, b1, g1, e1, w2, b2, g2, e2 = _fp32(params)
         k = _kernels(native.library())
-        mods = meta._modules
-        bn1_args, batch1, back1 = _bn_call_args(mods["bn1"], n, g1, e1)
-        bn2_args, batch2, back2 = _bn_call_args(mods["bn2"], n, g2, e2)
+        p32 = _fp32(params)  # held until the call returns: the pointers may be into fp32 copies
+        net_args, ctx.batch, back = _net_args(meta, p32, n)
         saved = torch.empty(k["saved_floats"](n, c, h))
         beta = torch.empty((n, c) + (1,) * (x.dim() - 2))
         k[("fwd", x.dtype)](
-            x.data_ptr(), int(layout_of(x) == NSC), beta.data_ptr(), saved.data_ptr(),
-            w1.data_ptr(), b1.data_ptr(), *bn1_args, w2.data_ptr(), b2.data_ptr(), *bn2_args,
+            x.data_ptr(), int(layout_of(x) == NSC), beta.data_ptr(), saved.data_ptr(), *net_args,
             n, c, s, h, torch.get_num_threads(),
         )  # fmt: skip
-        for buffer, copy in back1 + back2:
-            buffer.copy_(copy)
+        _write_back(back)
         y = native.forward(x, p1, p2, beta)
-        ctx.batch = (batch1, batch2)
         ctx.save_for_backward(x, p1, p2, *params, saved)
         return y
 
@@ -146,18 +176,18 @@ class NativeMetaAconC(torch.autograd.Function):
         x, p1, p2, *params, saved = ctx.saved_tensors
         n, c = x.shape[0], x.shape[1]
         s, h = x.numel() // (n * c), params[0].shape[0]
-        w1, b1, g1, e1, w2, b2, g2, e2 = p32 = _fp32(params)
+        p32 = _fp32(params)
         k = _kernels(native.library())
         beta = torch.empty((n, c) + (1,) * (x.dim() - 2))
-        k["beta"](saved.data_ptr(), g2.data_ptr(), e2.data_ptr(), beta.data_ptr(), n, c, h)
+        k["beta"](
+            saved.data_ptr(), p32[6].data_ptr(), p32[7].data_ptr(), beta.data_ptr(), n, c, h
+        )  # bn2's γ, β
         dx, dp1, dp2, dbeta = native.backward(same_layout(dy, x), x, p1, p2, beta)
         need = ctx.needs_input_grad
-        grads = [torch.empty_like(p) for p in p32]
-        table = (ctypes.c_void_p * 8)(*(g.data_ptr() for g in grads))
+        grad_args, grads = _net_grad_args(p32, ctx.batch)
         k[("bwd", x.dtype)](
             dx.data_ptr() if need[0] else None, int(layout_of(x) == NSC), dbeta.data_ptr(), beta.data_ptr(),
-            saved.data_ptr(), w1.data_ptr(), g1.data_ptr(), e1.data_ptr(), w2.data_ptr(), g2.data_ptr(),
-            *(int(b) for b in ctx.batch), table, n, c, s, h, torch.get_num_threads(),
+            saved.data_ptr(), *grad_args, n, c, s, h, torch.get_num_threads(),
         )  # fmt: skip
         return (
             dx if need[0] else None,
@@ -183,41 +213,33 @@ class NativeBetaNet:
     def forward(self, zbar: Tensor) -> Tensor:
         """β (N, C) in fp32 from the spatial means ``zbar`` (N, C), moving the BatchNorms' running statistics."""
         n, c = zbar.shape
-        w1, b1, g1, e1, w2, b2, g2, e2 = _fp32(self.params)
-        k, mods = _kernels(native.library()), self.meta._modules
-        bn1_args, batch1, back1 = _bn_call_args(mods["bn1"], n, g1, e1)
-        bn2_args, batch2, back2 = _bn_call_args(mods["bn2"], n, g2, e2)
+        k = _kernels(native.library())
+        p32 = _fp32(self.params)  # held until the call returns: the pointers may be into fp32 copies
+        net_args, self.batch, back = _net_args(self.meta, p32, n)
         mean = zbar.detach().float().contiguous()
-        self.h, self.batch = w1.shape[0], (batch1, batch2)
+        self.h = self.params[0].shape[0]
         self.saved, self.beta = torch.empty(k["saved_floats"](n, c, self.h)), torch.empty(n, c)
         k["net_fwd"](
-            mean.data_ptr(), self.beta.data_ptr(), self.saved.data_ptr(), w1.data_ptr(), b1.data_ptr(),
-            *bn1_args, w2.data_ptr(), b2.data_ptr(), *bn2_args, n, c, self.h,
+            mean.data_ptr(), self.beta.data_ptr(), self.saved.data_ptr(), *net_args, n, c, self.h
         )  # fmt: skip
-        for buffer, copy in back1 + back2:
-            buffer.copy_(copy)
+        _write_back(back)
         return self.beta
 
     def backward(self, dbeta: Tensor) -> tuple[Tensor, list[Tensor]]:
         """(the means' gradient (N, C) fp32, the eight parameters' gradients in their dtypes) from dβ (N, C)."""
         n, c = self.beta.shape
-        w1, _, g1, e1, w2, _, g2, _ = p32 = _fp32(self.params)
-        grads = [torch.empty_like(p) for p in p32]
-        table = (ctypes.c_void_p * 8)(*(g.data_ptr() for g in grads))
+        p32 = _fp32(self.params)  # held until the call returns: the pointers may be into fp32 copies
+        grad_args, grads = _net_grad_args(p32, self.batch)
         dzbar, db = torch.empty(n, c), dbeta.float().reshape(n, c).contiguous()
         _kernels(native.library())["net_bwd"](
-            dzbar.data_ptr(), db.data_ptr(), self.beta.data_ptr(), self.saved.data_ptr(), w1.data_ptr(),
-            g1.data_ptr(), e1.data_ptr(), w2.data_ptr(), g2.data_ptr(), *(int(b) for b in self.batch), table,
-            n, c, self.h,
+            dzbar.data_ptr(), db.data_ptr(), self.beta.data_ptr(), self.saved.data_ptr(), *grad_args, n, c, self.h
         )  # fmt: skip
         return dzbar, [typed_like(g, p) for g, p in zip(grads, self.params, strict=True)]
 
 
 def native_beta_net(meta: nn.Module, x: Tensor) -> NativeBetaNet | None:
-    """The C++ β network for ``meta`` on eager-mode ``x`` where :func:`served_params` serves them (the
-    module's own BatchNorms without hooks, fp32/bf16 CPU x, dense fp32/bf16 parameters), else None."""
-    plain = getattr(meta, "_plain_batchnorms", None)
-    params = served_params(meta, x) if plain is not None and plain() else None
+    """The C++ β network for ``meta`` on eager-mode ``x`` where :func:`served_params` serves them, else None."""
+    params = served_params(meta, x)
     return None if params is None else NativeBetaNet(meta, params)
 
 
