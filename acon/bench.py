@@ -19,6 +19,17 @@ from pathlib import Path
 
 import torch
 
+# The activation benchmarks' input shapes: ShuffleNetV2 1.0x stages at batch 64, ResNet-50 stages at batch 32.
+ACTIVATION_SHAPES = {
+    "shufflenetv2 s2 [64,116,28,28]": (64, 116, 28, 28),
+    "shufflenetv2 s3 [64,232,14,14]": (64, 232, 14, 14),
+    "shufflenetv2 s4 [64,464,7,7]": (64, 464, 7, 7),
+    "resnet50 s1 [32,64,56,56]": (32, 64, 56, 56),
+    "resnet50 s2 [32,128,28,28]": (32, 128, 28, 28),
+    "resnet50 s3 [32,256,14,14]": (32, 256, 14, 14),
+    "resnet50 s4 [32,512,7,7]": (32, 512, 7, 7),
+}
+
 STEADY_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 

@@ -31,20 +31,20 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acon import AconC, MetaAconC  # noqa: E402
-from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script, sync  # noqa: E402
+from acon.bench import (  # noqa: E402
+    ACTIVATION_SHAPES,
+    add_run_args,
+    apply_run_args,
+    finish_table,
+    malloc_note,
+    run_script,
+    sync,
+)
 from acon.fused import cpu as fused_cpu  # noqa: E402
 from acon.fused import native as fused_native  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
 
-SHAPES = {
-    "shufflenetv2 s2 [64,116,28,28]": (64, 116, 28, 28),
-    "shufflenetv2 s3 [64,232,14,14]": (64, 232, 14, 14),
-    "shufflenetv2 s4 [64,464,7,7]": (64, 464, 7, 7),
-    "resnet50 s1 [32,64,56,56]": (32, 64, 56, 56),
-    "resnet50 s2 [32,128,28,28]": (32, 128, 28, 28),
-    "resnet50 s3 [32,256,14,14]": (32, 256, 14, 14),
-    "resnet50 s4 [32,512,7,7]": (32, 512, 7, 7),
-}
+SHAPES = ACTIVATION_SHAPES
 QUICK = ("shufflenetv2 s2 [64,116,28,28]", "resnet50 s3 [32,256,14,14]")
 MODE_LABEL = {"native": "C++ kernels", "compiled": "Inductor", "eager": "eager formulas"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

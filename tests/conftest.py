@@ -66,6 +66,16 @@ def pytest_runtest_call(item):
     return result
 
 
+def load_script(name: str):
+    """The module of ``scripts/<name>.py``, loaded from its file (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def compose(overrides: list[str], config_name: str = "train"):
     """Compose the real configs with ``overrides`` (no Hydra run dir is created)."""
     from hydra import compose as hydra_compose

@@ -4,20 +4,14 @@ op (Inductor's partitioner, no code generation)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_compile_memory.py"
+from conftest import load_script
 
 
 @pytest.mark.slow
 def test_traced_formula_saves_what_relu_saves(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_compile_memory", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_compile_memory")
     threads = torch.get_num_threads()
     out = tmp_path / "mem.md"
     try:

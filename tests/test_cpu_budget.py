@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, compose, run_cli, tiny_overrides
+from conftest import ROOT, compose, load_script, run_cli, tiny_overrides
 
 from acon import cpu_budget
 from acon.cpu_budget import Cores, processes_on_node, resolve
@@ -172,11 +172,7 @@ def test_doctor_warns_on_a_busy_machine():
 
 
 def test_bench_cpu_load_ends_its_busy_processes():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_cpu_load", ROOT / "scripts" / "bench_cpu_load.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_cpu_load")
     bench.start_load(2)
     procs = list(bench._busy)
     assert len(procs) == 2 and all(p.poll() is None for p in procs)

@@ -4,14 +4,13 @@ the converter's errors."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, compose, run_cli, tiny_overrides
+from conftest import compose, load_script, run_cli, tiny_overrides
 
 import models
 from acon.evaluation import run_eval
@@ -60,11 +59,7 @@ def test_eval_on_a_sweep_dir_with_only_a_validation_folder(sweep, val_only, tmp_
 
 
 def _script():
-    path = ROOT / "scripts" / "convert_official_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_official_checkpoint", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("convert_official_checkpoint")
 
 
 def _released(name: str, activation: str, path, num_classes: int = 1000):

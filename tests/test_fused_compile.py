@@ -10,6 +10,7 @@ import functools
 import pytest
 import test_fused_fuzz_cases as fuzz_cases
 import torch
+from conftest import load_script
 from test_fused_fuzz_cases import SEED, cases, check_case
 from torch import nn
 
@@ -183,14 +184,7 @@ def test_traced_backward_is_the_fused_kernels_bit_for_bit(monkeypatch):
 
 def _partition_backend():
     """``scripts/bench_compile_memory.py``'s backend: Inductor's decompositions and min-cut partitioner."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_compile_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_compile_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench.partition_backend()
+    return load_script("bench_compile_memory").partition_backend()
 
 
 def _block(act) -> nn.Module:

@@ -22,7 +22,8 @@ from acon.fused import cpu, native
 pytestmark = pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
 
 # S = H·W below, at and above one vector (4/8/16 lanes), rows crossing chunk boundaries, C = 1, H·W = 1,
-# C above and below the vector width for channels-last.
+# C above and below the vector width for channels-last; rows of whole vectors plus a tail of 1 or 2 values
+# (the aligned walker: 7×7, 3×6 and 33×17 at 16 lanes), with groups of rows that cross a sample's end.
 SHAPES = [
     (2, 5, 3, 4),
     (2, 1, 3, 5),
@@ -35,6 +36,8 @@ SHAPES = [
     (2, 20, 5, 4),
     (2, 37, 3, 3),
     (5, 17, 4, 5),
+    (3, 20, 3, 6),
+    (2, 37, 7, 7),
 ]
 
 
@@ -74,20 +77,30 @@ def test_fp64_uses_the_torch_formulas(native_mode, counted, monkeypatch):
     assert counted == {"forward": 0, "backward": 0}
 
 
+@pytest.mark.parametrize("hw", [(5, 5), (7, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nan_and_inf_propagate_like_the_reference(native_mode, dtype):
+def test_nan_and_inf_propagate_like_the_reference(native_mode, dtype, hw):
+    """Special values inside rows and in the last value of a row (at 7×7 the tail the aligned walker
+    gathers across rows) come out as the reference's, and the rows around them stay finite."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 20, 5, 5, generator=g)
+    x = torch.randn(2, 20, *hw, generator=g)
+    h, w = hw[0] - 1, hw[1] - 1
     x[0, 3, 1, 1], x[1, 4, 2, 2], x[1, 5, 0, 0], x[0, 6, 0, 0] = (
         float("nan"),
         float("inf"),
         -float("inf"),
         1e30,
     )
+    # channels 4 and 5 hold ±inf where the paper form gives them too (elsewhere it can give NaN for ±inf·σ)
+    x[0, 8, h, w], x[1, 9, h, w] = float("nan"), -1e30
+    x[0, 4, h, w], x[0, 5, h, w] = float("inf"), -float("inf")
     x[0, 7, 2, 2] = 1e30 if dtype == torch.float32 else 3e38  # large but finite in both dtypes
     x = x.to(dtype)
     p1, p2, beta = (torch.randn(1, 20, 1, 1, generator=g) for _ in range(3))
+    # |p1 - p2|, |p2| <= 1: channel 7's fp32 intermediates stay finite at x = 3e38
+    p1[0, 7], p2[0, 7] = 0.75, -0.25
     y = acon.fused.acon_c(x, p1, p2, beta)
+    assert y[:, 10:17].isfinite().all()
     ref = acon_c_reference(x.double(), p1.double(), p2.double(), beta.double()).to(dtype)
     assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
     fin = ref.isfinite()
@@ -95,12 +108,13 @@ def test_nan_and_inf_propagate_like_the_reference(native_mode, dtype):
     torch.testing.assert_close(y[fin].double(), ref[fin].double(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("hw", [(5, 5), (7, 7)])
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_beta_gradient_where_x_squared_overflows(native_mode, per_sample):
+def test_beta_gradient_where_x_squared_overflows(native_mode, per_sample, hw):
     """The contiguous backward sums x·x·σ'(z) terms, scaled by d² afterwards; where those overflow but the
     reference's (d·x)² terms do not (p1 = p2, or a small d, with |x| ~ 1e20), dβ is still the reference's."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64) * 1e20
+    x = torch.randn(2, 3, *hw, generator=g, dtype=torch.float64) * 1e20
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
     p1, p2 = (torch.randn(1, 3, 1, 1, generator=g, dtype=torch.float64) for _ in range(2))
     p2[0, 0] = p1[0, 0]  # d = 0: dβ is exactly 0
@@ -117,11 +131,14 @@ def test_beta_gradient_where_x_squared_overflows(native_mode, per_sample):
     torch.testing.assert_close(fused[:, 1], ref[:, 1], rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("hw", [(4, 4), (5, 7), (7, 7)])
+@pytest.mark.parametrize("hw", [(4, 4), (5, 7), (7, 7), (3, 6)])
 def test_short_rows_at_any_thread_count(native_mode, counted, hw):
-    """Short rows (16-63 values) cross chunk boundaries at every row, where the walker blends two rows'
-    parameters and splits their sums: at 1, 2 and 3 threads the gradients repeat bit for bit and match the
-    reference (the module's gradients against the paper form in fp64)."""
+    """Short rows (16-63 values) cross chunk boundaries (5×7: the row walker blends two rows' parameters and
+    splits their sums) or end in a tail of 1-2 values run with other rows' tails (7×7, 3×6: the aligned
+    walker); the rows are split into blocks by the thread count. At 1, 2 and 3 threads the gradients repeat
+    bit for bit, run after run, and match the reference (the module's gradients against the paper form in
+    fp64); where the aligned walker runs, they are also the same bit for bit whatever the thread count (the
+    row walker's chunks start at each block's first row, so its sums follow the blocks)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 37, *hw, generator=g)
     dy = torch.randn(x.shape, generator=g)
@@ -131,20 +148,24 @@ def test_short_rows_at_any_thread_count(native_mode, counted, hw):
     ref(xr).backward(dy.double())
     want = [xr.grad] + [p.grad for p in ref.parameters()]
     old = torch.get_num_threads()
+    runs = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            runs = []
             for _ in range(2):
                 m.zero_grad()
                 xi = x.clone().requires_grad_()
                 m(xi).backward(dy)
                 runs.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
-            for a, b, w in zip(*runs, want, strict=True):
-                assert torch.equal(a, b)
-                torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-4)
     finally:
         torch.set_num_threads(old)
+    s, lanes = hw[0] * hw[1], native.vector_width()
+    aligned = s >= lanes and s % lanes <= 2
+    for i, run in enumerate(runs):
+        for a, b in zip(run, runs[0 if aligned else i - i % 2], strict=True):
+            assert torch.equal(a, b)
+    for a, w in zip(runs[0], want, strict=True):
+        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-4)
     assert counted["backward"] == 6
 
 

@@ -4,6 +4,7 @@ import functools
 
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
 import models
@@ -217,13 +218,7 @@ def test_meta_acon_r(name, r):
 
 
 def test_model_table_script_prints_golden_numbers(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "model_table.py"
-    spec = importlib.util.spec_from_file_location("model_table", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("model_table")
     assert script.main([]) == 0
     out = capsys.readouterr().out
     assert "| resnet50 | 3.858G | 25.584M |" in out

@@ -1,11 +1,9 @@
 """Released-checkpoint import: the authors' layouts (re-stated in official_reference.py) with random
 weights, converted, must give the same logits as the reference to 1e-4."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
 import models
@@ -121,10 +119,7 @@ def test_unwrap_rejects_non_mappings():
 
 
 def test_convert_script(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "convert_official_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_official_checkpoint", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("convert_official_checkpoint")
     ref, x = _reference("shufflenetv2_x0_5", "meta_acon")
     src, dst = tmp_path / "released.pth.tar", tmp_path / "converted.pth"
     torch.save(_released(ref), src)

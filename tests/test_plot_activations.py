@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import load_script
 from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_activations.py"
@@ -37,9 +37,7 @@ def test_script_cli_writes_pngs(tmp_path):
 
 
 def test_main_argv_and_dpi(tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_activations", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("plot_activations")
     paths = module.main(["--out", str(tmp_path), "--dpi", "50"])
     assert [p.name for p in paths] == list(NAMES)
     (w, h), _ = _check_pngs(tmp_path, 200, 150)

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose, tiny_overrides
+from conftest import compose, load_script, tiny_overrides
 
 from acon.checkpoint import load_checkpoint
 from acon.tables import find_run_dirs
@@ -119,9 +119,5 @@ def test_resume_of_a_finished_checkpoint_into_a_new_run_dir_writes_last_and_best
 
 
 def test_curves_plot_only_the_validated_epochs(finished):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("plot_curves", ROOT / "scripts" / "plot_curves.py")
-    plot_curves = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_curves)
+    plot_curves = load_script("plot_curves")
     assert sorted(plot_curves.read_curve(finished)) == [2, 3]

@@ -15,17 +15,20 @@
 // Layouts (x viewed as 3-D, dense):
 //   "ncs": rows of S contiguous values, one row per (n, c). Work is cut into chunks of one vector (VB
 //          values) laid end to end over the rows, so short rows cost no scalar tail: a chunk that crosses
-//          a row boundary blends the two rows' parameters. Rows shorter than a vector (S < VB) run as
-//          "nsc" with one position of C·S channels, on parameters repeated S times.
+//          a row boundary blends the two rows' parameters. Rows of whole vectors and a tail of at most two
+//          values (7×7 and 9×9 at 16 lanes, any multiple of VB) run row by row instead, their tails gathered
+//          across VB rows (acon_rows_aligned.h). Rows shorter than a vector (S < VB) run as "nsc" with one
+//          position of C·S channels, on parameters repeated S times.
 //   "nsc": rows of C contiguous channels, one row per (n, s). Parameters are read from arrays of length
 //          C + VB that repeat the channels, so a chunk crossing a row boundary needs one plain load.
 // Reductions are per row (ncs; VB finished rows at a time) or per (n, block of s) (nsc) in a fixed order,
-// so results do not depend on thread timing. The "ncs" row walker is in acon_rows.h; BatchNorm followed by
+// so results do not depend on thread timing. The "ncs" row walkers are in acon_rows.h and acon_rows_aligned.h; BatchNorm followed by
 // ACON-C (acon.fused.bn_act) in bn_acon_cpu.h, included at the end. Portable GCC/Clang vector extensions sized to the ISA (AVX-512, AVX2, SSE or NEON).
 // No fast-math: NaN and ±Inf propagate as IEEE arithmetic of these formulas gives them (see vexp_neg and
 // vsigmoid; acon.fused.native's docstring states the convention against the reference formula).
 
 #include "acon_rows.h"
+#include "acon_rows_aligned.h"
 
 namespace {
 
@@ -42,6 +45,10 @@ struct AconFwdRows {  // y = ACON-C(x)
     store_chunk<IO, FULL>(y + i, fwd_math(load_chunk<IO, FULL>(x + i, n), q[0], q[1], q[2]), n);
     return {};
   }
+  Vecs<NQ> lanes(int64_t o, vi idx, int64_t n, const Vecs<NP>& q) const {
+    scatter_lanes<IO>(y + o, idx, n, fwd_math(gather_lanes<IO>(x + o, idx, n), q[0], q[1], q[2]));
+    return {};
+  }
 };
 
 template <class IO>
@@ -53,6 +60,12 @@ struct AconBwdRows {  // dx, and the row sums Σ gx·g, Σ gx·t', Σ gx (see bw
   Vecs<NQ> chunk(int64_t i, int64_t n, const Vecs<NP>& q) const {
     const Grads g = bwd_math_bd(load_chunk<IO, FULL>(dy + i, n), load_chunk<IO, FULL>(x + i, n), q[0], q[1], q[2]);
     store_chunk<IO, FULL>(dx + i, g.dx, n);
+    return {g.gs, g.gt, g.gx};
+  }
+  Vecs<NQ> lanes(int64_t o, vi idx, int64_t n, const Vecs<NP>& q) const {
+    const vf dyv = gather_lanes<IO>(dy + o, idx, n), xv = gather_lanes<IO>(x + o, idx, n);
+    const Grads g = bwd_math_bd(dyv, xv, q[0], q[1], q[2]);
+    scatter_lanes<IO>(dx + o, idx, n, g.dx);
     return {g.gs, g.gt, g.gx};
   }
 };
@@ -166,7 +179,9 @@ void fwd_ncs_rows(const void* x, void* y, const float* p1, const float* p, const
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
   const RowParams<3> P{{d.data(), p, b}, {false, false, per_sample != 0}};
-  walk_blocks(AconFwdRows<IO>{(const T*)x, (T*)y}, P, nullptr, N * C, C, S, blocks, threads);
+  const AconFwdRows<IO> k{(const T*)x, (T*)y};
+  if (aligned_rows_serve(S)) walk_blocks_aligned(k, P, nullptr, N * C, C, S, blocks, threads);
+  else walk_blocks(k, P, nullptr, N * C, C, S, blocks, threads);
 }
 
 template <class IO>
@@ -181,7 +196,9 @@ void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2,
   const RowParams<3> P{{d.data(), p, bd.data()}, {false, false, per_sample != 0}};
   const int64_t R = N * C;
   float* sums[3] = {scratch(3 * R), sums[0] + R, sums[1] + R};  // every row's sums are written before being read
-  walk_blocks(AconBwdRows<IO>{(const T*)dy, (const T*)x, (T*)dx}, P, sums, R, C, S, blocks, threads);
+  const AconBwdRows<IO> k{(const T*)dy, (const T*)x, (T*)dx};
+  if (aligned_rows_serve(S)) walk_blocks_aligned(k, P, sums, R, C, S, blocks, threads);
+  else walk_blocks(k, P, sums, R, C, S, blocks, threads);
   // Σ gx·t = d·Σ gx·t' per row; where that is not finite (x·x overflowed where d·x·x need not, or a NaN),
   // the row's sum in bwd_math's own form, so NaN and ±Inf come out as the reference formula gives them
   // (a vectorised pass without a division per row, then a search only when something is not finite)

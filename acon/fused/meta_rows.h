@@ -17,6 +17,7 @@
 
 #pragma once
 
+#include "acon_rows_aligned.h"
 #include "meta_net.h"
 
 namespace {
@@ -30,6 +31,10 @@ struct AddRows {  // dx += g of the row
   template <bool FULL>
   Vecs<NQ> chunk(int64_t i, int64_t n, const Vecs<NP>& q) const {
     store_chunk<IO, FULL>(dx + i, load_chunk<IO, FULL>(dx + i, n) + q[0], n);
+    return {};
+  }
+  Vecs<NQ> lanes(int64_t o, vi idx, int64_t n, const Vecs<NP>& q) const {  // walk_rows_aligned's tails
+    scatter_lanes<IO>(dx + o, idx, n, gather_lanes<IO>(dx + o, idx, n) + q[0]);
     return {};
   }
 };
@@ -117,8 +122,10 @@ META_COLD void add_row_values(void* dxp, bool nsc, const float* g, int64_t N, in
     for (int64_t r = 0; r < R; ++r)
       for (int64_t k = 0; k < S; ++k) IO::store(dx + r * S + k, IO::load(dx + r * S + k, 1) + splat(g[r]), 1);
   } else {
-    walk_blocks(AddRows<IO>{dx}, RowParams<1>{{g}, {true}}, nullptr, R, C, S, std::min<int64_t>(R, 4 * threads),
-                threads);
+    const RowParams<1> P{{g}, {true}};
+    const int64_t blocks = std::min<int64_t>(R, 4 * threads);
+    if (aligned_rows_serve(S)) walk_blocks_aligned(AddRows<IO>{dx}, P, nullptr, R, C, S, blocks, threads);
+    else walk_blocks(AddRows<IO>{dx}, P, nullptr, R, C, S, blocks, threads);
   }
 }
 

@@ -37,7 +37,8 @@ from acon.fused.layout import NCS, layout_of
 
 SOURCE = Path(__file__).with_name("acon_cpu.cpp")
 # Included by SOURCE: part of the build key.
-HEADERS = tuple(Path(__file__).with_name(h) for h in ("acon_math.h", "acon_rows.h", "bn_acon_cpu.h"))
+HEADERS = tuple(Path(__file__).with_name(h) for h in ("acon_math.h", "acon_rows.h", "acon_rows_aligned.h"))
+HEADERS += (Path(__file__).with_name("bn_acon_cpu.h"),)
 HEADERS += tuple(Path(__file__).with_name(h) for h in ("meta_net.h", "meta_rows.h"))  # acon.fused.meta_native
 ABI_VERSION = 4
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
