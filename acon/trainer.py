@@ -405,6 +405,11 @@ def train(cfg: DictConfig) -> dict | None:
         if trainer is not None:
             end_workers(trainer.train_loader, trainer.val_loader)
         trainer = None
+    except Exception:  # raised on with its traceback, which a caller may keep, and the loaders with it (not
+        # SystemExit: a stalled run exits at once, without waiting for its stuck workers)
+        if trainer is not None:
+            end_workers(trainer.train_loader, trainer.val_loader)
+        raise
     finally:
         distributed.teardown()
     raise without_frames(failure)

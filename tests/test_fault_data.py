@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import sys
 
@@ -175,6 +176,27 @@ def test_skip_policy_counts_bad_images_and_completes(messy_imagenet, tmp_path):
     assert results["status"] == "complete" and results["bad_images_skipped"] == 2 * (3 + 1)
     saved = json.loads((tmp_path / RUN / "results.json").read_text())
     assert saved["bad_images_skipped"] == 8 and saved["steps"] == 12
+
+
+def test_in_process_train_that_raises_ends_its_workers_at_once(messy_imagenet, tmp_path, no_cycle_collector):
+    """An in-process ``train()`` stopped by a bad image (raise policy) ends its persistent loader workers
+    before the error reaches the caller, so a caller that keeps the error (a notebook's ``except ... as
+    err``, pytest's ``raises``) does not keep them: left to the cycle collector, the error's frames would
+    hold the epoch's iterator, and its out-of-order shutdown costs 10 s per worker."""
+    from test_fault_checkpoints import descendants
+
+    from acon.trainer import train
+
+    cfg = compose(
+        tiny_overrides(messy_imagenet, tmp_path)
+        + ["model=resnet18_small", "activation=relu", "data.num_workers=2", "data.persistent_workers=true"]
+    )
+    children = set(descendants(os.getpid()))
+    with pytest.raises(BadImageError) as caught:
+        train(cfg)
+    assert "n00000001" in str(caught.value)  # the error itself, with its traceback, is still the caller's
+    assert caught.value.__traceback__ is not None
+    assert set(descendants(os.getpid())) - children == set()
 
 
 @pytest.mark.parametrize("pipeline", ["reference", pytest.param("fast", marks=pytest.mark.slow)])
