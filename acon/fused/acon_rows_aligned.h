@@ -1,8 +1,8 @@
 // The "aligned" row walker of the C++ CPU kernels (acon_cpu.cpp), for rows of S = Q·VB + T values (S >= VB).
 // Each row's first Q·VB values run as Q whole chunks on the row's own parameters: no chunk holds two rows, so
 // there are none of the row walker's parameter blends and sum splits (acon_rows.h), which cost about a third
-// of the time per value at 7×7 with 16 lanes, and more with 8 (whose row-ending chunks also run short of
-// registers). The T values left at the end of VB consecutive rows run together as T chunks whose lane l is row
+// of the time per value at 7×7 with 16 lanes, and more with 8 (where the row walker's loop is slower even on
+// long rows). The T values left at the end of VB consecutive rows run together as T chunks whose lane l is row
 // g0 + l, on per-lane parameters (fp32 with AVX-512: one hardware gather per input and one scatter; else lane
 // by lane). A row's sum is the transpose-and-add tree of its Q chunks' lanes plus its T tail terms in order:
 // the same whichever rows share its group, so the sums depend on S alone, not on the blocks or the threads
