@@ -159,8 +159,7 @@ def test_short_rows_at_any_thread_count(native_mode, counted, hw):
                 runs.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
     finally:
         torch.set_num_threads(old)
-    s, lanes = hw[0] * hw[1], native.vector_width()
-    aligned = s >= lanes and s % lanes <= 2
+    aligned = native.aligned_rows(hw[0] * hw[1], torch.float32, backward=True)
     for i, run in enumerate(runs):
         for a, b in zip(run, runs[0 if aligned else i - i % 2], strict=True):
             assert torch.equal(a, b)
@@ -197,19 +196,33 @@ def test_modules_use_the_native_kernels_by_default(counted):
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector-width flags")
 @pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx"])
 def test_narrower_vector_builds_match_reference(native_mode, counted, monkeypatch, flags):
-    """Rebuild at 8 (AVX2) and 4 (SSE) lanes and rerun the shape matrix in fp32 and bf16. The builds go to the
+    """Rebuild at 8 (AVX2) and 4 (SSE) lanes and rerun the shape matrix in fp32 and bf16, and a 7×7 backward
+    (the aligned walker's at these widths) at 1 and 3 threads, the same bit for bit. The builds go to the
     shared kernel cache (keyed by the flags), where the fuzz tests' builds at these widths find them."""
     monkeypatch.setenv("ACON_KERNEL_CFLAGS", flags)
     native.library.cache_clear()
+    threads = torch.get_num_threads()
     try:
         assert native.available()
         assert native.vector_width() == {"-mno-avx512f": 8, "-mno-avx": 4}[flags]
+        assert native.aligned_rows(49, torch.float32, backward=True)
         for shape in SHAPES:
             for dtype in (torch.float32, torch.bfloat16):
                 check_against_reference(acon.fused.acon_c, shape, dtype, True, channels_last=len(shape) == 4)
+        g = torch.Generator().manual_seed(0)
+        x, dy = torch.randn(5, 37, 7, 7, generator=g), torch.randn(5, 37, 7, 7, generator=g)
+        m, grads = AconC(37, impl="fused"), []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            m.zero_grad()
+            xi = x.clone().requires_grad_()
+            m(xi).backward(dy)
+            grads.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     finally:
+        torch.set_num_threads(threads)
         native.library.cache_clear()
-    assert counted["backward"] == 2 * len(SHAPES)
+    assert counted["backward"] == 2 * len(SHAPES) + 2
 
 
 def test_build_is_cached_and_atomic(monkeypatch, tmp_path):

@@ -15,10 +15,10 @@
 // Layouts (x viewed as 3-D, dense):
 //   "ncs": rows of S contiguous values, one row per (n, c). Work is cut into chunks of one vector (VB
 //          values) laid end to end over the rows, so short rows cost no scalar tail: a chunk that crosses
-//          a row boundary blends the two rows' parameters. Rows of whole vectors and a tail of at most two
-//          values (7×7 and 9×9 at 16 lanes, any multiple of VB) run row by row instead, their tails gathered
-//          across VB rows (acon_rows_aligned.h). Rows shorter than a vector (S < VB) run as "nsc" with one
-//          position of C·S channels, on parameters repeated S times.
+//          a row boundary blends the two rows' parameters. Most rows run row by row instead, their tails
+//          gathered across VB rows (acon_rows_aligned.h says which: all with 8 lanes, whole vectors and 7×7
+//          with 16). Rows shorter than a vector (S < VB) run as "nsc" with one position of C·S channels, on
+//          parameters repeated S times.
 //   "nsc": rows of C contiguous channels, one row per (n, s). Parameters are read from arrays of length
 //          C + VB that repeat the channels, so a chunk crossing a row boundary needs one plain load.
 // Reductions are per row (ncs; VB finished rows at a time) or per (n, block of s) (nsc) in a fixed order,
@@ -180,7 +180,7 @@ void fwd_ncs_rows(const void* x, void* y, const float* p1, const float* p, const
   const std::vector<float> d = difference(p1, p, C);
   const RowParams<3> P{{d.data(), p, b}, {false, false, per_sample != 0}};
   const AconFwdRows<IO> k{(const T*)x, (T*)y};
-  if (aligned_rows_serve(S)) walk_blocks_aligned(k, P, nullptr, N * C, C, S, blocks, threads);
+  if (aligned_rows_serve<IO>(S, false)) walk_blocks_aligned(k, P, nullptr, N * C, C, S, blocks, threads);
   else walk_blocks(k, P, nullptr, N * C, C, S, blocks, threads);
 }
 
@@ -197,7 +197,7 @@ void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2,
   const int64_t R = N * C;
   float* sums[3] = {scratch(3 * R), sums[0] + R, sums[1] + R};  // every row's sums are written before being read
   const AconBwdRows<IO> k{(const T*)dy, (const T*)x, (T*)dx};
-  if (aligned_rows_serve(S)) walk_blocks_aligned(k, P, sums, R, C, S, blocks, threads);
+  if (aligned_rows_serve<IO>(S, true)) walk_blocks_aligned(k, P, sums, R, C, S, blocks, threads);
   else walk_blocks(k, P, sums, R, C, S, blocks, threads);
   // Σ gx·t = d·Σ gx·t' per row; where that is not finite (x·x overflowed where d·x·x need not, or a NaN),
   // the row's sum in bwd_math's own form, so NaN and ±Inf come out as the reference formula gives them
@@ -323,7 +323,12 @@ ACON_EXPORT(ncs_bf16, ncs, BF16)
 ACON_EXPORT(nsc_f32, nsc, F32)
 ACON_EXPORT(nsc_bf16, nsc, BF16)
 
-extern "C" int acon_abi_version() { return 4; }
+extern "C" int acon_abi_version() { return 5; }
+// Whether rows of S values take the aligned walker (acon_rows_aligned.h) in the fp32 or bf16, forward or
+// backward kernels of this build.
+extern "C" int acon_aligned_rows(int64_t S, int bf16, int backward) {
+  return bf16 ? aligned_rows_serve<BF16>(S, backward != 0) : aligned_rows_serve<F32>(S, backward != 0);
+}
 extern "C" int acon_vector_width() { return int(VB); }  // floats per vector chunk: 16, 8 or 4
 
 #include "bn_acon_cpu.h"  // BatchNorm + ACON-C (acon.fused.bn_act): its kernels and exports

@@ -1,14 +1,14 @@
-// The "aligned" row walker of the C++ CPU kernels (acon_cpu.cpp), for rows of S = Q·VB + T values with a
-// short tail (T <= ALIGNED_MAX_TAIL, e.g. 7×7 = 3·16 + 1 or any S that is a multiple of VB). Each row's
-// first Q·VB values run as Q whole chunks on the row's own parameters: no chunk holds two rows, so there are
-// none of the row walker's parameter blends and sum splits (acon_rows.h), which cost about a third of the
-// time per value at 7×7. The T values left at the end of VB consecutive rows run together as T chunks
-// whose lane l is row g0 + l, on per-lane parameters (fp32 with AVX-512: one hardware gather per input and
-// one scatter; else lane by lane). A row's sum is the transpose-and-add tree of its Q chunks' lanes plus its
-// T tail terms in order: the same whichever rows share its group, so the sums depend on S alone, not on the
-// blocks or the threads (the row walker's chunks start at each block's first row, so its sums follow the
-// blocks). Against the row walker the sums are in another order, or differently contracted: the last bits differ.
-// Included by acon_cpu.cpp.
+// The "aligned" row walker of the C++ CPU kernels (acon_cpu.cpp), for rows of S = Q·VB + T values (S >= VB).
+// Each row's first Q·VB values run as Q whole chunks on the row's own parameters: no chunk holds two rows, so
+// there are none of the row walker's parameter blends and sum splits (acon_rows.h), which cost about a third
+// of the time per value at 7×7 with 16 lanes, and more with 8 (where the row walker's loop is slower even on
+// long rows). The T values left at the end of VB consecutive rows run together as T chunks whose lane l is row
+// g0 + l, on per-lane parameters (fp32 with AVX-512: one hardware gather per input and one scatter; else lane
+// by lane). A row's sum is the transpose-and-add tree of its Q chunks' lanes plus its T tail terms in order:
+// the same whichever rows share its group, so the sums depend on S alone, not on the blocks or the threads
+// (the row walker's chunks start at each block's first row, so its sums follow the blocks). Against the row
+// walker the sums are in another order, or differently contracted: the last bits differ.
+// aligned_rows_serve says which rows take it. Included by acon_cpu.cpp.
 
 #pragma once
 
@@ -18,12 +18,24 @@
 
 namespace {
 
-// Tails longer than this take the row walker: each tail chunk's gathers and scatter cost about three
-// chunks' time, which the per-row savings pay for only where a group of rows has one or two of them.
-constexpr int64_t ALIGNED_MAX_TAIL = 2;
-
-// Whether walk_rows_aligned serves rows of S values (lane offsets within a group must fit in 32 bits).
-inline bool aligned_rows_serve(int64_t S) { return S >= VB && S % VB <= ALIGNED_MAX_TAIL && S < (int64_t(1) << 26); }
+// Which rows take the aligned walker, by vector width, dtype and kernel, as measured against the row walker
+// (benchmarks/cpu_2026-12-07_aligned_rows.md): rows of whole vectors always; with 16 lanes, fp32 tails of one
+// or two values with AVX-512's gather and scatter (four, at 14×14, are 15 % slower) and no bf16 tails (lane
+// by lane they cost more than the blends); with 8 lanes (AVX2) every row (7×7 40 %, 14×14 16 % faster); with
+// 4, every row in backward kernels (5–10 % faster) and none in forward ones (7×7 13 %, whole vectors 1–2 %
+// slower). Lane offsets within a group must fit in 32 bits.
+template <class IO>
+inline bool aligned_rows_serve(int64_t S, bool backward) {
+  if (S < VB || S >= (int64_t(1) << 26)) return false;
+  if (VB == 4) return backward;
+  const int64_t T = S % VB;
+  if (T == 0) return true;
+#if ACON_VB == 16 && defined(__AVX512F__)
+  return std::is_same_v<IO, F32> && T <= 2;
+#else
+  return true;
+#endif
+}
 
 // Rows r0..r1-1 (channel r % C) of S values, for a row kernel K as walk_rows takes (acon_rows.h) that also
 // provides `lanes(o, idx, n, q)`: the chunk whose lane l < n is value o + idx[l], on the per-lane parameters

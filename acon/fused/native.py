@@ -40,7 +40,7 @@ SOURCE = Path(__file__).with_name("acon_cpu.cpp")
 HEADERS = tuple(Path(__file__).with_name(h) for h in ("acon_math.h", "acon_rows.h", "acon_rows_aligned.h"))
 HEADERS += (Path(__file__).with_name("bn_acon_cpu.h"),)
 HEADERS += tuple(Path(__file__).with_name(h) for h in ("meta_net.h", "meta_rows.h"))  # acon.fused.meta_native
-ABI_VERSION = 4
+ABI_VERSION = 5
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _BASE_FLAGS = [
     "-O3",
@@ -121,6 +121,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"bn_acon_bwd_ncs_{dt}").argtypes = [ptr] * 15 + [i64, i64, i64, i32, i64, i32]
         getattr(lib, f"bn_input_grad_ncs_{dt}").argtypes = [ptr] * 7 + [i64, i64, i64, i64, i32]
     lib.bn_finish_stats.argtypes = [ptr] * 4 + [ctypes.c_double] * 3 + [ptr] * 3 + [i64]
+    lib.acon_aligned_rows.argtypes = [i64, i32, i32]
+    lib.acon_aligned_rows.restype = i32
     lib.acon_abi_version.restype = i32
     lib.acon_vector_width.restype = i32
 
@@ -175,6 +177,13 @@ def vector_width() -> int | None:
     """Floats per vector chunk of the loaded kernels (16: AVX-512, 8: AVX/AVX2, 4: SSE/NEON), or ``None``."""
     lib = library()
     return None if lib is None else int(lib.acon_vector_width())
+
+
+def aligned_rows(s: int, dtype: torch.dtype, backward: bool) -> bool:
+    """Whether contiguous rows of ``s`` values take the kernels' aligned walker (``acon_rows_aligned.h``), whose
+    results do not depend on the thread count, in this build's ``dtype`` forward or backward kernel."""
+    lib = library()
+    return lib is not None and bool(lib.acon_aligned_rows(s, int(dtype == torch.bfloat16), int(backward)))
 
 
 def supports(x: torch.Tensor) -> bool:
