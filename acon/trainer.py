@@ -400,16 +400,12 @@ def train(cfg: DictConfig) -> dict | None:
             return results
         finally:
             run.close()
-    except REFUSALS as e:
-        failure = e  # raised below, once the loaders are gone
-        if trainer is not None:
+    except Exception as e:  # the loaders end before the error leaves, whoever keeps it (not on SystemExit: a
+        if trainer is not None:  # stalled run exits at once, without waiting for its stuck workers)
             end_workers(trainer.train_loader, trainer.val_loader)
-        trainer = None
-    except Exception:  # raised on with its traceback, which a caller may keep, and the loaders with it (not
-        # SystemExit: a stalled run exits at once, without waiting for its stuck workers)
-        if trainer is not None:
-            end_workers(trainer.train_loader, trainer.val_loader)
-        raise
+        if not isinstance(e, REFUSALS):
+            raise  # with its traceback
+        failure, trainer = e, None  # raised below without its frames
     finally:
         distributed.teardown()
     raise without_frames(failure)
