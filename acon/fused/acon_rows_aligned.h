@@ -49,7 +49,8 @@ void walk_rows_aligned(const K& kernel, const RowParams<K::NP>& P, float* const*
   for (int64_t g0 = r0; g0 < r1; g0 += VB) {
     const int64_t G = std::min<int64_t>(VB, r1 - g0);
     std::array<std::array<vf, VB>, NQ> slot{};
-    int64_t c = g0 % C;
+    const int64_t c0 = g0 % C;  // the group's first channel
+    int64_t c = c0;
     for (int64_t l = 0; l < G; ++l) {
       const int64_t r = g0 + l;
       const Vecs<NP> cur = P.at(r, c);
@@ -67,7 +68,6 @@ void walk_rows_aligned(const K& kernel, const RowParams<K::NP>& P, float* const*
       rows[q] = slot[q][0];
     }
     if (T > 0) {
-      const int64_t c0 = g0 % C;
       Vecs<NP> lanes_p;
       if (c0 + G <= C) {  // channels c0 .. c0 + G - 1 (and rows g0 .. g0 + G - 1): one load per parameter
         for (int j = 0; j < NP; ++j) lanes_p[j] = F32::load(P.src[j] + (P.by_row[j] ? g0 : c0), G);

@@ -36,10 +36,16 @@ import torch
 from acon.fused.layout import NCS, layout_of
 
 SOURCE = Path(__file__).with_name("acon_cpu.cpp")
-# Included by SOURCE: part of the build key.
-HEADERS = tuple(Path(__file__).with_name(h) for h in ("acon_math.h", "acon_rows.h", "acon_rows_aligned.h"))
-HEADERS += (Path(__file__).with_name("bn_acon_cpu.h"),)
-HEADERS += tuple(Path(__file__).with_name(h) for h in ("meta_net.h", "meta_rows.h"))  # acon.fused.meta_native
+# Included by SOURCE: part of the build key (meta_net.h and meta_rows.h: acon.fused.meta_native's kernels).
+_HEADER_NAMES = (
+    "acon_math.h",
+    "acon_rows.h",
+    "acon_rows_aligned.h",
+    "bn_acon_cpu.h",
+    "meta_net.h",
+    "meta_rows.h",
+)
+HEADERS = tuple(Path(__file__).with_name(h) for h in _HEADER_NAMES)
 ABI_VERSION = 5
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _BASE_FLAGS = [
