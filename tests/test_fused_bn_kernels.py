@@ -121,27 +121,49 @@ def test_bf16_is_as_accurate_as_the_multi_pass_path(row_calls, act, mode):
     assert row_calls["backward"] >= 2
 
 
-@pytest.mark.parametrize("act", [AconC, MetaAconC])
-def test_results_are_bit_deterministic_at_any_thread_count(row_calls, act):
-    """Rerun at a thread count: bit-identical (sums in fixed slots, fixed order); across thread counts the
-    work split moves chunk boundaries, so only rounding differs."""
-    net = fused_copy(model(act, "train", 24), torch.float32)
-    torch.manual_seed(0)
-    x, dy = torch.randn(5, 24, 6, 7), torch.randn(5, 24, 6, 7)
+def served_by_aligned_rows(s: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether every pass of the row kernels walks rows of ``s`` values with the aligned walker in this build
+    (the statistics and input-gradient passes take the forward rule, the dz pass the backward one)."""
+    return native.aligned_rows(s, dtype, backward=False) and native.aligned_rows(s, dtype, backward=True)
+
+
+def thread_runs(
+    net: nn.Module, x: torch.Tensor, dy: torch.Tensor, counts=(1, 3, 2)
+) -> list[list[torch.Tensor]]:
+    """:func:`results` at each thread count, each checked bit-identical on a rerun at that count."""
     old = torch.get_num_threads()
     runs = []
     try:
-        for threads in (1, 3, 2):
+        for threads in counts:
             torch.set_num_threads(threads)
             runs.append(results(copy.deepcopy(net), x, dy))
             again = results(copy.deepcopy(net), x, dy)
             assert all(torch.equal(a, b) for a, b in zip(runs[-1], again, strict=True))
     finally:
         torch.set_num_threads(old)
+    return runs
+
+
+@pytest.mark.parametrize("act", [AconC, MetaAconC])
+@pytest.mark.parametrize("shape", [(5, 24, 6, 7), (5, 37, 7, 7)])
+def test_results_are_bit_deterministic_at_any_thread_count(row_calls, act, shape):
+    """Rerun at a thread count: bit-identical (sums in fixed slots, fixed order). Across thread counts: where
+    the aligned walker runs every pass (7×7 at 16 and 8 lanes; 6×7 at 8), a row's sums are in an order fixed
+    by its length, so results are bit-identical too (groups of rows here cross a sample's end); on the row
+    walker the work split moves chunk boundaries, so only rounding differs."""
+    net = fused_copy(model(act, "train", shape[1]), torch.float32)
+    torch.manual_seed(0)
+    x, dy = torch.randn(shape), torch.randn(shape)
+    runs = thread_runs(net, x, dy)
+    aligned = served_by_aligned_rows(shape[2] * shape[3])
     scale = max(float(t.abs().max()) for t in runs[0][2:] if t.is_floating_point())  # grads, buffers
     for other in runs[1:]:
         for i, (a, b) in enumerate(zip(runs[0], other, strict=True)):
+            if aligned:
+                assert torch.equal(a, b), i
             assert close(b.double(), a.double(), torch.float32, None if i < 2 else scale)
+    if shape[2:] == (7, 7):
+        assert aligned == (native.vector_width() in (8, 16))
 
 
 @pytest.mark.parametrize("act", [AconC, MetaAconC])
@@ -250,10 +272,19 @@ def test_nan_and_inf_follow_the_unfused_modules_many(row_calls, seed):
 @pytest.mark.skipif(not X86, reason="x86 vector-width flags")
 @pytest.mark.parametrize("width", ["avx2", "sse"])
 def test_narrower_vector_builds(row_calls, width):
-    """Rebuilt at 8 (AVX2) and 4 (SSE) lanes: rows of exactly one vector and rows crossing chunks."""
+    """Rebuilt at 8 (AVX2) and 4 (SSE) lanes: rows of exactly one vector and rows crossing chunks, and at 8
+    lanes (where the aligned walker runs every pass) a 7×7 training step the same bit for bit at 1 and 3
+    threads."""
     with native_build(width) as lanes:
         for act in (AconC, MetaAconC):
             compare(act, "train", (2, 5, 1, lanes))
             compare(act, "eval", (3, 4, 3, lanes - 1))
             compare(act, "train", (2, 3, 3, 3), torch.bfloat16)
+        assert served_by_aligned_rows(49) == (lanes == 8)
+        if lanes == 8:
+            torch.manual_seed(0)
+            x, dy = torch.randn(5, 37, 7, 7), torch.randn(5, 37, 7, 7)
+            net = fused_copy(model(MetaAconC, "train", 37), torch.float32)
+            one, three = thread_runs(net, x, dy, counts=(1, 3))
+            assert all(torch.equal(a, b) for a, b in zip(one, three, strict=True))
     assert row_calls["backward"] >= 6

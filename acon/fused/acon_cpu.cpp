@@ -180,8 +180,7 @@ void fwd_ncs_rows(const void* x, void* y, const float* p1, const float* p, const
   const std::vector<float> d = difference(p1, p, C);
   const RowParams<3> P{{d.data(), p, b}, {false, false, per_sample != 0}};
   const AconFwdRows<IO> k{(const T*)x, (T*)y};
-  if (aligned_rows_serve<IO>(S, false)) walk_blocks_aligned(k, P, nullptr, N * C, C, S, blocks, threads);
-  else walk_blocks(k, P, nullptr, N * C, C, S, blocks, threads);
+  walk_blocks_by_rule<IO, false>(k, P, nullptr, N * C, C, S, blocks, threads);
 }
 
 template <class IO>
@@ -197,8 +196,7 @@ void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2,
   const int64_t R = N * C;
   float* sums[3] = {scratch(3 * R), sums[0] + R, sums[1] + R};  // every row's sums are written before being read
   const AconBwdRows<IO> k{(const T*)dy, (const T*)x, (T*)dx};
-  if (aligned_rows_serve<IO>(S, true)) walk_blocks_aligned(k, P, sums, R, C, S, blocks, threads);
-  else walk_blocks(k, P, sums, R, C, S, blocks, threads);
+  walk_blocks_by_rule<IO, true>(k, P, sums, R, C, S, blocks, threads);
   // Σ gx·t = d·Σ gx·t' per row; where that is not finite (x·x overflowed where d·x·x need not, or a NaN),
   // the row's sum in bwd_math's own form, so NaN and ±Inf come out as the reference formula gives them
   // (a vectorised pass without a division per row, then a search only when something is not finite)

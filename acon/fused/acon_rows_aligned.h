@@ -8,7 +8,7 @@
 // the same whichever rows share its group, so the sums depend on S alone, not on the blocks or the threads
 // (the row walker's chunks start at each block's first row, so its sums follow the blocks). Against the row
 // walker the sums are in another order, or differently contracted: the last bits differ.
-// aligned_rows_serve says which rows take it. Included by acon_cpu.cpp.
+// aligned_rows_serve says which rows take it. Included by acon_cpu.cpp and bn_acon_cpu.h.
 
 #pragma once
 
@@ -23,7 +23,10 @@ namespace {
 // or two values with AVX-512's gather and scatter (four, at 14×14, are 15 % slower) and no bf16 tails (lane
 // by lane they cost more than the blends); with 8 lanes (AVX2) every row (7×7 40 %, 14×14 16 % faster); with
 // 4, every row in backward kernels (5–10 % faster) and none in forward ones (7×7 13 %, whole vectors 1–2 %
-// slower). Lane offsets within a group must fit in 32 bits.
+// slower). The BatchNorm+ACON passes (bn_acon_cpu.h) follow the same rules: `backward` for the one that
+// stores dz and sums, the forward rule for the statistics (sums only) and the input-gradient pass (stores
+// only), which at 4 lanes were 10 % and 30 % slower at 7×7 on this walker. Lane offsets within a group must
+// fit in 32 bits.
 template <class IO>
 inline bool aligned_rows_serve(int64_t S, bool backward) {
   if (S < VB || S >= (int64_t(1) << 26)) return false;
@@ -98,6 +101,15 @@ void walk_blocks_aligned(const K& k, const RowParams<K::NP>& P, float* const* su
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b)
     walk_rows_aligned(k, P, sums_out, C, S, R * b / blocks, R * (b + 1) / blocks);
+}
+
+// walk_blocks_aligned where aligned_rows_serve<IO>(S, BACKWARD) says so (BACKWARD: the backward rule, for kernels
+// that store and sum), else walk_blocks.
+template <class IO, bool BACKWARD, class K>
+void walk_blocks_by_rule(const K& k, const RowParams<K::NP>& P, float* const* sums_out, int64_t R, int64_t C,
+                         int64_t S, int64_t blocks, int threads) {
+  if (aligned_rows_serve<IO>(S, BACKWARD)) walk_blocks_aligned(k, P, sums_out, R, C, S, blocks, threads);
+  else walk_blocks(k, P, sums_out, R, C, S, blocks, threads);
 }
 
 // Values p[idx[l]] for lanes l < n (0 past n), and the store of a vector's first n lanes to p[idx[l]]: with

@@ -12,16 +12,19 @@
 //   backward 2: dx = (dz - G - (x - m)·k)·w·v in place over dz, with G = Σdz/count (minus Meta-ACON's
 //               per-row spatial-mean gradient) and k = v²·Σdz·(x - m)/count: torch's BatchNorm backward
 //               (eval BatchNorm: no x term).
-// Per-row sums land in fixed slots and are combined over rows in a fixed order (float64 for BatchNorm's),
-// so results do not depend on thread timing (a rerun at the same thread count is bit-identical). NaN and ±Inf propagate as IEEE arithmetic of these formulas gives
-// them; the shift h is 0 for a non-finite first value, so an infinite x gives the statistics torch's do
-// (an infinite mean and a NaN variance) rather than NaN from ∞ - ∞.
+// The passes walk rows as the ACON-C kernels do (walk_blocks_by_rule: the aligned walker where
+// aligned_rows_serve allows, with the backward rule for backward 1 and the forward rule for the others, which
+// store or sum but not both), else the row walker. Per-row sums land in fixed slots and are combined over
+// rows in a fixed order (float64 for BatchNorm's), so results do not depend on thread timing; where the
+// aligned walker runs they do not depend on the thread count either. NaN and ±Inf propagate as IEEE
+// arithmetic of these formulas gives them; the shift h is 0 for a non-finite first value, so an infinite x
+// gives the statistics torch's do (an infinite mean and a NaN variance) rather than NaN from ∞ - ∞.
 
 #pragma once
 
 #include <cmath>
 
-#include "acon_rows.h"
+#include "acon_rows_aligned.h"
 
 namespace {
 
@@ -32,6 +35,10 @@ struct MomentRows {  // Σ(x - h), Σ(x - h)²
   template <bool FULL>
   Vecs<NQ> chunk(int64_t i, int64_t n, const Vecs<NP>& q) const {
     const vf v = load_chunk<IO, FULL>(x + i, n) - q[0];
+    return {v, v * v};
+  }
+  Vecs<NQ> lanes(int64_t o, vi idx, int64_t n, const Vecs<NP>& q) const {  // walk_rows_aligned's tails
+    const vf v = gather_lanes<IO>(x + o, idx, n) - q[0];
     return {v, v * v};
   }
 };
@@ -45,6 +52,11 @@ struct BnAconFwdRows {  // parameters a, b, d, p2, β: y = ACON-C(a·x + b)
   Vecs<NQ> chunk(int64_t i, int64_t n, const Vecs<NP>& q) const {
     const vf z = q[0] * load_chunk<IO, FULL>(x + i, n) + q[1];
     store_chunk<IO, FULL>(y + i, fwd_math(z, q[2], q[3], q[4]), n);
+    return {};
+  }
+  Vecs<NQ> lanes(int64_t o, vi idx, int64_t n, const Vecs<NP>& q) const {
+    const vf z = q[0] * gather_lanes<IO>(x + o, idx, n) + q[1];
+    scatter_lanes<IO>(y + o, idx, n, fwd_math(z, q[2], q[3], q[4]));
     return {};
   }
 };
@@ -61,6 +73,12 @@ struct BnAconBwdRows {  // parameters a, b, m, scale, d, p2, β: dz·scale, and 
     store_chunk<IO, FULL>(dz + i, g.dx * q[3], n);
     return {g.gs, g.gt, g.gx, g.dx, g.dx * (xv - q[2])};
   }
+  Vecs<NQ> lanes(int64_t o, vi idx, int64_t n, const Vecs<NP>& q) const {
+    const vf xv = gather_lanes<IO>(x + o, idx, n);
+    const Grads g = bwd_math(gather_lanes<IO>(dy + o, idx, n), q[0] * xv + q[1], q[4], q[5], q[6]);
+    scatter_lanes<IO>(dz + o, idx, n, g.dx * q[3]);
+    return {g.gs, g.gt, g.gx, g.dx, g.dx * (xv - q[2])};
+  }
 };
 
 template <class IO, bool WITH_X>
@@ -73,6 +91,12 @@ struct BnInputGradRows {  // parameters G, m, k, w·v: dx = (dz - G - (x - m)·k
     vf v = load_chunk<IO, FULL>(dz + i, n) - q[0];
     if constexpr (WITH_X) v = v - (load_chunk<IO, FULL>(x + i, n) - q[1]) * q[2];
     store_chunk<IO, FULL>(dz + i, v * q[3], n);
+    return {};
+  }
+  Vecs<NQ> lanes(int64_t o, vi idx, int64_t n, const Vecs<NP>& q) const {
+    vf v = gather_lanes<IO>(dz + o, idx, n) - q[0];
+    if constexpr (WITH_X) v = v - (gather_lanes<IO>(x + o, idx, n) - q[1]) * q[2];
+    scatter_lanes<IO>(dz + o, idx, n, v * q[3]);
     return {};
   }
 };
@@ -91,7 +115,8 @@ void bn_moments(const void* xp, double* row_mean, double* mean, double* var, int
     h[r] = first - first == 0.0f ? first : 0.0f;  // finite
   }
   float* sums[2] = {s1, s2};
-  walk_blocks(MomentRows<IO>{x}, RowParams<1>{{h}, {true}}, sums, R, C, S, blocks, threads);
+  const RowParams<1> P{{h}, {true}};
+  walk_blocks_by_rule<IO, false>(MomentRows<IO>{x}, P, sums, R, C, S, blocks, threads);
   for (int64_t c = 0; c < C; ++c) mean[c] = var[c] = 0.0;
   for (int64_t n = 0, r = 0; n < N; ++n)  // rows r = n·C + c, walked without a division per row
     for (int64_t c = 0; c < C; ++c, ++r) {
@@ -115,7 +140,8 @@ void bn_acon_fwd(const void* x, void* y, const float* a, const float* b, const f
   using T = typename IO::T;
   const std::vector<float> d = difference(p1, p, C);
   const RowParams<5> P{{a, b, d.data(), p, beta}, {false, false, false, false, per_sample != 0}};
-  walk_blocks(BnAconFwdRows<IO>{(const T*)x, (T*)y}, P, nullptr, N * C, C, S, blocks, threads);
+  const BnAconFwdRows<IO> k{(const T*)x, (T*)y};
+  walk_blocks_by_rule<IO, false>(k, P, nullptr, N * C, C, S, blocks, threads);
 }
 
 // ACON gradients g1, g2, gb as acon_bwd; BatchNorm's Σdz and Σdz·(x - m) per channel (float64).
@@ -131,7 +157,8 @@ void bn_acon_bwd(const void* dy, const void* x, void* dz, float* g1, float* g2, 
   const int64_t R = N * C;
   float* sums[5] = {scratch(5 * R)};
   for (int q = 1; q < 5; ++q) sums[q] = sums[q - 1] + R;  // every row's sums are written before being read
-  walk_blocks(BnAconBwdRows<IO>{(const T*)dy, (const T*)x, (T*)dz}, P, sums, R, C, S, blocks, threads);
+  const BnAconBwdRows<IO> k{(const T*)dy, (const T*)x, (T*)dz};
+  walk_blocks_by_rule<IO, true>(k, P, sums, R, C, S, blocks, threads);
   finish(sums[0], sums[1], sums[2], d.data(), g1, g2, gb, N, 1, C, per_sample != 0);
   for (int64_t c = 0; c < C; ++c) sum_dz[c] = sum_dzx[c] = 0.0;
   for (int64_t n = 0, r = 0; n < N; ++n)
@@ -154,8 +181,10 @@ void bn_input_grad(void* dz, const void* x, const double* means, const double* r
       G[r] = float(row_grad ? g - row_grad[r] : g);
     }
   const RowParams<4> P{{G.data(), m, k.data(), scale}, {row_grad != nullptr, false, false, false}};
-  if (x) walk_blocks(BnInputGradRows<IO, true>{(T*)dz, (const T*)x}, P, nullptr, R, C, S, blocks, threads);
-  else walk_blocks(BnInputGradRows<IO, false>{(T*)dz, nullptr}, P, nullptr, R, C, S, blocks, threads);
+  if (x) walk_blocks_by_rule<IO, false>(BnInputGradRows<IO, true>{(T*)dz, (const T*)x}, P, nullptr, R, C, S,
+                                        blocks, threads);
+  else walk_blocks_by_rule<IO, false>(BnInputGradRows<IO, false>{(T*)dz, nullptr}, P, nullptr, R, C, S, blocks,
+                                      threads);
 }
 
 // Per-channel mean, 1/std, scale = w/std and shift = b - mean·scale (out: 4·C floats, w, b null: 1, 0)

@@ -124,8 +124,7 @@ META_COLD void add_row_values(void* dxp, bool nsc, const float* g, int64_t N, in
   } else {
     const RowParams<1> P{{g}, {true}};
     const int64_t blocks = std::min<int64_t>(R, 4 * threads);
-    if (aligned_rows_serve<IO>(S, false)) walk_blocks_aligned(AddRows<IO>{dx}, P, nullptr, R, C, S, blocks, threads);
-    else walk_blocks(AddRows<IO>{dx}, P, nullptr, R, C, S, blocks, threads);
+    walk_blocks_by_rule<IO, false>(AddRows<IO>{dx}, P, nullptr, R, C, S, blocks, threads);
   }
 }
 
