@@ -16,18 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acon.budget_table import budget_markdown, load_reference_results  # noqa: E402
+from acon.table_hparams import write_hparams  # noqa: E402
+from acon.table_render import to_csv, to_latex, to_markdown  # noqa: E402
 from acon.table_views import se_markdown, tfnet_markdown  # noqa: E402
-from acon.tables import (  # noqa: E402
-    PAPER_CSV,
-    TableError,
-    build_cells,
-    collect,
-    load_paper_results,
-    to_csv,
-    to_latex,
-    to_markdown,
-    write_hparams,
-)
+from acon.tables import PAPER_CSV, TableError, build_cells, collect, load_paper_results  # noqa: E402
 
 VIEWS = ("activations", "tfnet", "se", "budget")
 

@@ -19,7 +19,9 @@ from torch import nn
 import models
 from acon import AconFReLU, FReLU, convert_activations, create_activation, resolve_activation
 from acon.params import param_groups
-from acon.tables import ADDED_ACTIVATIONS, PAPER_ACTIVATIONS, Run, build_cells, to_markdown, write_hparams
+from acon.table_hparams import write_hparams
+from acon.table_render import to_markdown
+from acon.tables import ADDED_ACTIVATIONS, PAPER_ACTIVATIONS, Run, build_cells
 from models.golden import EXACT, FRELU_EXACT, LIGHT_EXACT, PARAMETER_FREE_ADDED
 
 ADDED = ("gelu", "mish", "hard_swish", "prelu", "silu", "celu", "frelu")

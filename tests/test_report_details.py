@@ -14,7 +14,8 @@ from torch import nn
 
 from acon import checkpoint as ckpt
 from acon.console import eval_line, summary_lines
-from acon.tables import Cell, to_csv, to_latex, to_markdown
+from acon.table_render import to_csv, to_latex, to_markdown
+from acon.tables import Cell
 from acon.tasks import get_task
 
 

@@ -148,7 +148,7 @@ def _fake_run(folder, model, act, seed, err, recipe="resnet"):
 
 
 def test_imagenet_cells_get_paper_values_and_deltas(tmp_path):
-    from acon.tables import to_latex, to_markdown
+    from acon.table_render import to_latex, to_markdown
 
     for seed, (relu, meta) in enumerate([(23.8, 21.9), (24.2, 22.3)]):
         _fake_run(tmp_path / f"r50-relu-{seed}", "resnet50", "relu", seed, relu)
