@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from acon.config_schema import NON_NEGATIVE, POSITIVE_INT, OneOf, Range
+from acon.config_rules import NON_NEGATIVE, POSITIVE_INT, OneOf, Range
 from acon.errors import ConfigError
 
 __all__ = [
