@@ -58,6 +58,22 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
 
 
+def add_shapes_arg(ap: argparse.ArgumentParser) -> None:
+    """``--shapes TEXT ...``: the activation benchmarks' filter on :data:`ACTIVATION_SHAPES` names."""
+    ap.add_argument("--shapes", nargs="+", metavar="TEXT", help="only shapes whose name contains a TEXT")
+
+
+def select_shapes(ap: argparse.ArgumentParser, names, texts: list[str] | None) -> tuple[str, ...]:
+    """The ``names`` that contain one of ``texts`` (all of them without ``--shapes``); none: a usage error
+    (exit 2) that lists every shape of :data:`ACTIVATION_SHAPES`."""
+    if not texts:
+        return tuple(names)
+    picked = tuple(n for n in names if any(t in n for t in texts))
+    if not picked:
+        ap.error(f"--shapes {' '.join(texts)} matches none of: {', '.join(ACTIVATION_SHAPES)}")
+    return picked
+
+
 def apply_run_args(args: argparse.Namespace) -> None:
     """Apply the options of :func:`add_run_args` that act on this process (``--threads``)."""
     if args.threads:

@@ -34,10 +34,12 @@ from acon import AconC, MetaAconC  # noqa: E402
 from acon.bench import (  # noqa: E402
     ACTIVATION_SHAPES,
     add_run_args,
+    add_shapes_arg,
     apply_run_args,
     finish_table,
     malloc_note,
     run_script,
+    select_shapes,
     sync,
 )
 from acon.fused import cpu as fused_cpu  # noqa: E402
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> str:
         choices=tuple(STATS),
         help="per row: median round, or fastest round (min; a loaded CPU preempts long rows more often)",
     )
-    ap.add_argument("--shapes", nargs="+", metavar="TEXT", help="only shapes whose name contains a TEXT")
+    add_shapes_arg(ap)
     ap.add_argument(
         "--inductor-simdlen", type=int, help="vector width in bits for Inductor's CPU code (e.g. 256: AVX2)"
     )
@@ -219,11 +221,7 @@ def main(argv: list[str] | None = None) -> str:
     args.inner = args.inner or (20 if args.device == "cuda" else 1)
     if args.quick:
         args.repeats = min(args.repeats, 7)
-    names = QUICK if args.quick else tuple(SHAPES)
-    if args.shapes:
-        names = tuple(n for n in names if any(t in n for t in args.shapes))
-        if not names:
-            ap.error(f"--shapes {' '.join(args.shapes)} matches none of: {', '.join(SHAPES)}")
+    names = select_shapes(ap, QUICK if args.quick else SHAPES, args.shapes)
     fmt = "channels_last" if args.channels_last else "contiguous"
     lines = [
         f"# bench_activation: {args.device}, {args.dtype}, {fmt}, {torch.get_num_threads()} CPU threads, "

@@ -29,10 +29,12 @@ from acon import AconC, MetaAconC  # noqa: E402
 from acon.bench import (  # noqa: E402
     ACTIVATION_SHAPES,
     add_run_args,
+    add_shapes_arg,
     apply_run_args,
     finish_table,
     malloc_note,
     run_script,
+    select_shapes,
 )
 from acon.fused import meta_native, native  # noqa: E402
 
@@ -137,15 +139,13 @@ def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print a markdown table and return it."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--shapes", nargs="+", metavar="TEXT", help="only shapes whose name contains a TEXT")
+    add_shapes_arg(ap)
     add_run_args(ap)
     args = ap.parse_args(argv)
     apply_run_args(args)
     if not native.available():
         ap.error("the C++ kernels are not available here (no compiler, or ACON_FUSED_NO_NATIVE=1)")
-    names = [n for n in ACTIVATION_SHAPES if not args.shapes or any(t in n for t in args.shapes)]
-    if not names:
-        ap.error(f"--shapes {' '.join(args.shapes)} matches none of: {', '.join(ACTIVATION_SHAPES)}")
+    names = select_shapes(ap, ACTIVATION_SHAPES, args.shapes)
     lines = [
         f"# bench_meta_parts: cpu, fp32, {torch.get_num_threads()} CPU threads, median of {args.repeats} "
         f"interleaved rounds, {malloc_note()}",
