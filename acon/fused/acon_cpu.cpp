@@ -22,8 +22,9 @@
 //   "nsc": rows of C contiguous channels, one row per (n, s). Parameters are read from arrays of length
 //          C + VB that repeat the channels, so a chunk crossing a row boundary needs one plain load.
 // Reductions are per row (ncs; VB finished rows at a time) or per (n, block of s) (nsc) in a fixed order,
-// so results do not depend on thread timing. The "ncs" row walkers are in acon_rows.h and acon_rows_aligned.h; BatchNorm followed by
-// ACON-C (acon.fused.bn_act) in bn_acon_cpu.h, included at the end. Portable GCC/Clang vector extensions sized to the ISA (AVX-512, AVX2, SSE or NEON).
+// so results do not depend on thread timing. The "ncs" row walkers are in acon_rows.h and acon_rows_aligned.h;
+// BatchNorm followed by ACON-C (acon.fused.bn_act) in bn_acon_cpu.h, included at the end. Portable GCC/Clang
+// vector extensions sized to the ISA (AVX-512, AVX2, SSE or NEON).
 // No fast-math: NaN and ±Inf propagate as IEEE arithmetic of these formulas gives them (see vexp_neg and
 // vsigmoid; acon.fused.native's docstring states the convention against the reference formula).
 
