@@ -343,6 +343,33 @@ def test_invalid_impl_is_rejected():
         AconC(4, impl="triton")
 
 
+@pytest.mark.skipif(not acon.fused.native.available(), reason="C++ kernels not built here")
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_native_path_serves_aconc_directly(monkeypatch, impl):
+    """On the CPU AconC runs the C++ kernels' autograd op without the general dispatch, with the same results
+    and gradients as acon.fused.acon_c, and still names a wrong channel count."""
+    applied = []
+    real_apply = acon.activations.NativeAconC.apply
+    monkeypatch.setattr(
+        acon.activations.NativeAconC, "apply", lambda *a: applied.append(a[4]) or real_apply(*a)
+    )
+    monkeypatch.setattr(acon.fused, "available", lambda *a: pytest.fail("general dispatch consulted"))
+    act = AconC(C, impl=impl)
+    x = torch.randn(3, C, 5, 5, requires_grad=True)
+    y = act(x)
+    y.backward(torch.ones_like(y))
+    assert len(applied) == 1 and applied[0].c == C and applied[0].s == 25
+    x2 = x.detach().requires_grad_()
+    p = [t.detach().requires_grad_() for t in (act.p1, act.p2, act.beta)]
+    y2 = acon.fused.acon_c(x2, *p)
+    y2.backward(torch.ones_like(y2))
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+    for mine, theirs in zip((act.p1, act.p2, act.beta), p, strict=True):
+        assert torch.equal(mine.grad, theirs.grad)
+    with pytest.raises(ValueError, match=f"activation has {C} channels but its input has shape"):
+        act(torch.randn(2, C + 1, 3, 3))
+
+
 def test_reference_impl_never_asks_fused(monkeypatch):
     def boom(*args):
         raise AssertionError("fused path consulted for impl='reference'")
@@ -363,8 +390,10 @@ def test_auto_impl_dispatches_to_fused_with_contract_shapes(monkeypatch, cls):
         return acon_c_reference(x, p1, p2, beta)
 
     monkeypatch.setattr(acon.fused, "acon_c", fake)
-    # MetaAconC's one-op path on the C++ kernels (tests/test_meta_native.py) off: the module path's dispatch
+    # the C++ kernels' direct paths off (AconC: test_native_path_serves_aconc_directly below; MetaAconC's
+    # one op: tests/test_meta_native.py): the general dispatch through acon.fused.acon_c
     monkeypatch.setattr(acon.fused.meta_native, "served_params", lambda meta, x: None)
+    monkeypatch.setattr(acon.activations, "native_plan", lambda *args: None)
     act = cls(C, r=2) if cls is MetaAconC else cls(C)
     act.eval()
     x = torch.randn(3, C, 4, 4)

@@ -68,9 +68,10 @@ def test_relu_match_error_bound_holds_elementwise():
 
 def test_converted_model_trains_channels_last_and_uses_the_fused_op(resnet18_pair, monkeypatch):
     _, converted, x = resnet18_pair
-    calls = []
-    real = acon.fused.acon_c
+    calls = []  # the fused op, by either entry: the C++ kernels' own (CPU) or the general acon.fused.acon_c
+    real, real_native = acon.fused.acon_c, acon.fused.ops.NativeAconC.apply
     monkeypatch.setattr(acon.fused, "acon_c", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(acon.fused.ops.NativeAconC, "apply", lambda *a: calls.append(1) or real_native(*a))
     converted.train()
     out = converted(x.contiguous(memory_format=torch.channels_last))
     out.sum().backward()

@@ -163,7 +163,7 @@ def _traced_everywhere(monkeypatch) -> None:
     import acon.fused
 
     def acon_c(x, p1, p2, beta):
-        acon.fused._check_shapes(x, p1, p2, beta)
+        acon.fused.check_shapes(x, p1, p2, beta)
         return acon.fused.traced_acon_c(x, p1, p2, beta)
 
     monkeypatch.setattr(acon.fused, "acon_c", acon_c)

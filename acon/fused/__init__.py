@@ -56,7 +56,8 @@ def available(x: torch.Tensor, impl: str) -> bool:
     return False
 
 
-def _check_shapes(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> None:
+def check_shapes(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> None:
+    """Raise a clear error unless p1, p2 are (1, C, 1, ...) and β (1 or N, C, 1, ...) for x (N, C, ...)."""
     if x.dim() < 2:
         raise ValueError(f"acon.fused.acon_c: x must be (N, C, ...), got shape {tuple(x.shape)}")
     n, c = x.shape[0], x.shape[1]
@@ -77,10 +78,10 @@ def traced_acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: tor
 
 
 def _check_shapes_once(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor) -> None:
-    """:func:`_check_shapes`, remembered per combination of shapes (eager calls repeat a few dozen)."""
+    """:func:`check_shapes`, remembered per combination of shapes (eager calls repeat a few dozen)."""
     key = (x.dim(), *x.shape[:2], tuple(p1.shape), tuple(p2.shape), tuple(beta.shape))
     if key not in _SHAPES_OK:
-        _check_shapes(x, p1, p2, beta)
+        check_shapes(x, p1, p2, beta)
         if len(_SHAPES_OK) >= 1024:
             _SHAPES_OK.clear()
         _SHAPES_OK.add(key)
@@ -94,13 +95,21 @@ def acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tens
 
     Under ``torch.compile`` this is :func:`traced_acon_c`, visible to Inductor (see there)."""
     if torch.compiler.is_compiling():
-        _check_shapes(x, p1, p2, beta)
+        check_shapes(x, p1, p2, beta)
         return traced_acon_c(x, p1, p2, beta)
-    plan = native_plan(x, p1, p2, beta, _check_shapes)
+    plan = native_plan(x, p1, p2, beta, check_shapes)
     if plan is not None:
         return NativeAconC.apply(x, p1, p2, beta, plan)
     _check_shapes_once(x, p1, p2, beta)
     return acon_c_op(dense(x), p1, p2, beta)
 
 
-__all__ = ["AUTO_MIN_NUMEL_CPU", "acon_c", "acon_c_backward_op", "acon_c_op", "available", "traced_acon_c"]
+__all__ = [
+    "AUTO_MIN_NUMEL_CPU",
+    "acon_c",
+    "check_shapes",
+    "acon_c_backward_op",
+    "acon_c_op",
+    "available",
+    "traced_acon_c",
+]

@@ -208,7 +208,8 @@ void bwd_ncs_rows(const void* dy, const void* x, void* dx, float* g1, float* g2,
   }
   const RowParams<3> Pb{{d.data(), p, b}, {false, false, per_sample != 0}};
   for (int64_t r = 0; !finite && r < R; ++r)
-    if (!std::isfinite(sums[1][r])) walk_rows(AconBetaRows<IO>{(const T*)dy, (const T*)x}, Pb, sums + 1, C, S, r, r + 1);
+    if (!std::isfinite(sums[1][r]))
+      walk_rows(AconBetaRows<IO>{(const T*)dy, (const T*)x}, Pb, sums + 1, C, S, r, r + 1);
   finish(sums[0], sums[1], sums[2], d.data(), g1, g2, gb, N, 1, C, per_sample != 0);
 }
 

@@ -142,7 +142,8 @@ constexpr float EXP_LO = -88.0f, EXP_HI = 88.3f;
 // range reduction e^-z = 2^n·e^r and a degree-5 minimax polynomial for e^r (1.9e-7 relative in fp32
 // arithmetic). The kernels' x·σ(x) is then within 5.5e-7 relative of fp64 for |x| <= 87 (3.2e-7 for |x| <= 5;
 // the earlier Cephes degree-7 form with a two-constant ln 2 gave 2.1e-7): the tests' tolerance is 1e-5, and
-// the two fused multiply-adds saved are about 8% of the backward kernel's time where it is compute-bound. n = round(-z·log2 e) comes from adding 1.5·2^23, which leaves n in the low mantissa bits
+// the two fused multiply-adds saved are about 8% of the backward kernel's time where it is compute-bound.
+// n = round(-z·log2 e) comes from adding 1.5·2^23, which leaves n in the low mantissa bits
 // (no float/int conversion); r = -z - n·ln 2 lies in [-ln2/2, ln2/2]. The code works with q = -r = z + n·ln 2,
 // formed with one fused multiply-add on fp32 ln 2 (its rounding, 2e-9 per unit of n, adds at most 2.4e-7
 // relative at |z| = 88 and about 1e-8 at |z| < 5), and P's odd coefficients negated, so -z is never
