@@ -87,11 +87,12 @@ def sync(device: str) -> None:
 
 
 def finish_table(lines: list[str], out: Path | None) -> str:
-    """The markdown table as text, also written to ``out`` when given."""
+    """The markdown table as text, also written to ``out`` when given (and a line saying where)."""
     text = "\n".join(lines) + "\n"
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
+        print(f"table written to {out}", flush=True)
     return text
 
 

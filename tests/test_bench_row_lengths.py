@@ -51,3 +51,17 @@ def test_bad_options_are_usage_errors_naming_the_value(bench, capsys, argv, mess
         bench.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_out_says_where_the_table_went(bench, tmp_path, capsys):
+    out = tmp_path / "sub" / "rows.md"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(
+            ["--lengths", "49", "--channels", "8", "--values", "400", "--repeats", "1", "--threads", "1"]
+            + ["--out", str(out)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"table written to {out}" and out.read_text().startswith("# bench_row_lengths")
