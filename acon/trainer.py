@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from acon import checkpoint as ckpt
 from acon import console, distributed
-from acon.builders import run_identity
 from acon.data.bad_images import BadImageError, SkipLog
 from acon.data.watchdog import BatchWait, WaitedLoader
 from acon.engine import HostFlags, StepContext, StepGuard, optimizer_step
@@ -22,17 +20,18 @@ from acon.preempt import PreemptionFlag, requeue_and_exit
 from acon.release import end_workers, without_frames
 from acon.resume import ResumeState
 from acon.run_end import RunEnd
+from acon.run_save import RunSave
 from acon.run_state import Progression, configure_determinism, seed_process
-from acon.rundir import REFUSALS, RunDir, raise_on_every_rank
+from acon.rundir import REFUSALS, RunDir
 from acon.stopping import EarlyStop, StopChecks
-from acon.storage import HeldRefusals, WriteFailed
+from acon.storage import HeldRefusals
 from acon.syncbn import convert_sync_batchnorm
 from acon.tasks import task_of
 from acon.tasks.base import best_entry, is_better
 from acon.validate import check_train_config
 
 
-class Trainer(ResumeState, StopChecks, RunEnd):
+class Trainer(ResumeState, RunSave, StopChecks, RunEnd):
     """Holds one run's objects; :meth:`fit` runs it to completion, preemption or ``max_steps``."""
 
     def __init__(self, cfg: DictConfig, info: distributed.DistInfo, run: RunDir | None = None) -> None:
@@ -93,52 +92,6 @@ class Trainer(ResumeState, StopChecks, RunEnd):
         else:  # streaming shards: each worker starts at its first unconsumed batch
             loader.dataset.set_position(epoch, batches_done)
         return iter(self.train_loader)
-
-    # ---------------------------------------------------------------- checkpoints
-    def checkpoint_state(self, rng_all: list) -> dict:
-        """The full state: everything needed to continue exactly where the run is."""
-        c = self.ctx
-        return {
-            "format": ckpt.FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": c.optimizer.state_dict(),
-            "scheduler": c.scheduler.state_dict(),
-            "scaler": c.scaler.state_dict(),
-            "ema": c.ema.state_dict() if c.ema is not None else None,
-            "progress": vars(self.state).copy(),
-            "rng": rng_all,
-            "world_size": self.info.world_size,
-            "identity": run_identity(self.cfg),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-        }
-
-    def record_wall_time(self) -> None:
-        """Update this process's segment (its wall time so far) in the progress state."""
-        self.state.wall_segments_s[self.segment :] = [time.perf_counter() - self.segment_start]
-
-    def sync_bn_buffers(self) -> None:
-        """Every rank takes rank 0's BatchNorm statistics (model and EMA) before validating or saving."""
-        distributed.sync_bn_buffers(self.model, self.ctx.ema.module if self.ctx.ema is not None else None)
-
-    def save(self, best: bool = False) -> None:
-        """Write last.pt atomically on rank 0 (all ranks contribute their RNG states); best.pt if asked.
-
-        A write the filesystem refuses ends every rank with rank 0's :class:`WriteFailed`; last.pt is
-        then still the previous complete checkpoint.
-        """
-        self.sync_bn_buffers()
-        self.record_wall_time()
-        rng_all = distributed.all_gather_object(ckpt.capture_rng())
-        failure = None
-        if self.info.is_main:
-            failure = self.held_write_failure()  # a refused metrics write: no checkpoint, every rank ends
-        if self.info.is_main and failure is None:
-            ckpt.assert_finite(self.model)
-            try:
-                self.rundir.write_checkpoints(self.checkpoint_state(rng_all), self.state.step, best)
-            except WriteFailed as e:
-                failure = e
-        raise_on_every_rank(failure)  # also the barrier after the save
 
     def record_skips(self, split: str, files) -> None:
         """Add the bad files every rank skipped (a collective) to the run's list; raise past the budget."""
