@@ -182,6 +182,11 @@ def stop_quietly_if_echo(e: BaseException) -> None:
 # ---------------------------------------------------------------- which checkpoint, and may it
 
 
+def keys_differ(keys: list[str]) -> str:
+    """``"a differs"`` or ``"a, b differ"``: the keys of an identity difference, for an error message."""
+    return f"{', '.join(keys)} {'differs' if len(keys) == 1 else 'differ'}"
+
+
 def identity_diff(mine: dict, theirs) -> list[str]:
     """The identity keys in which a checkpoint differs from this run (recipe keys as ``recipe.<key>``)."""
     if not isinstance(theirs, dict):
@@ -254,7 +259,7 @@ def _check_mode(cfg: DictConfig, path: Path, diff: list[str], theirs: dict) -> N
     if mode == "extend" and other:
         raise ConfigError(
             f"resume_mode=extend changes only the schedule length (recipe.epochs / recipe.iterations), but "
-            f"{', '.join(other)} differ from {path}; use resume_mode=finetune for a new recipe"
+            f"{keys_differ(other)} from {path}; use resume_mode=finetune for a new recipe"
         )
     if mode == "extend":
         (unit, new), (old_unit, old) = _length(cfg.recipe), _length(theirs["recipe"])
@@ -301,7 +306,7 @@ def check_resume(cfg: DictConfig) -> Path | None:
         ckpt.load_model_state(model, state["model"], f"resume checkpoint {path}")
     if mode == "strict":
         raise ckpt.CheckpointError(
-            f"refusing to resume from {path}: its {', '.join(diff)} differ from this run's config; "
+            f"refusing to resume from {path}: its {keys_differ(diff)} from this run's config; "
             f"use a different run dir (out_dir/run_name) or resume=none, or on purpose resume_mode=extend "
             f"(a longer schedule) or resume_mode=finetune (its weights, a fresh optimiser and schedule)"
         )

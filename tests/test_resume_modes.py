@@ -32,10 +32,10 @@ def finished(tiny_imagenet, tmp_path_factory):
 def test_extend_a_finished_run_with_a_longer_schedule(tiny_imagenet, finished):
     out, copy = finished
     longer = small(tiny_imagenet, out, f"resume={copy}", "run_name=longer", "recipe.epochs=2")
-    with pytest.raises(CheckpointError, match="recipe.epochs differ.*resume_mode=extend"):
+    with pytest.raises(CheckpointError, match="recipe.epochs differs from this run.*resume_mode=extend"):
         run_recording(longer)  # refused without the flag, as before
     assert not (out / "longer").exists()
-    with pytest.raises(ConfigError, match=r"recipe.lr differ .*resume_mode=finetune"):
+    with pytest.raises(ConfigError, match=r"recipe.lr differs from .*resume_mode=finetune"):
         run_recording([*longer, "resume_mode=extend", "recipe.lr=0.05"])
     with pytest.raises(ConfigError, match="needs a longer schedule"):
         run_recording([*longer, "resume_mode=extend", "recipe.epochs=1"])
@@ -82,3 +82,10 @@ def test_resume_mode_without_a_checkpoint_is_refused(tiny_imagenet, tmp_path):
     with pytest.raises(ConfigError, match="resume_mode=finetune needs a checkpoint.*resume=none"):
         run_recording(small(tiny_imagenet, tmp_path, "resume_mode=finetune", "resume=none"))
     assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_identity_difference_reads_as_a_sentence():
+    from acon.rundir import keys_differ
+
+    assert keys_differ(["recipe.lr"]) == "recipe.lr differs"
+    assert keys_differ(["model", "recipe.lr"]) == "model, recipe.lr differ"
