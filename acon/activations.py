@@ -46,9 +46,10 @@ def _acon_c(
     x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, impl: str
 ) -> torch.Tensor:
     """ACON-C on parameters as the modules hold them ((1, C, 1, 1); β also (N, C, 1, 1)): a fused kernel
-    when one serves x (see ``acon.fused``), else the reference form. The C++ kernels' case is tried first,
-    as one cached lookup: the module checks ran from Python on every call cost about 30 µs per forward."""
-    if impl != "reference":  # the C++ kernels first: one cached lookup (shapes checked once per geometry)
+    when one serves x (see ``acon.fused``), else the reference form. The C++ kernels' case comes first, as
+    one cached lookup that checks shapes once per geometry (the checks run on every call cost about 30 µs
+    per forward)."""
+    if impl != "reference":
         plan = native_plan(x, p1, p2, beta, _check_fused_shapes)
         if plan is not None:
             return NativeAconC.apply(x, p1, p2, beta, plan)
