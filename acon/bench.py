@@ -86,6 +86,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def require_native(ap: argparse.ArgumentParser) -> None:
+    """A usage error (exit 2) unless the C++ CPU kernels are built and loaded here."""
+    from acon.fused import native
+
+    if not native.available():
+        ap.error("the C++ kernels are not available here (no compiler, or ACON_FUSED_NO_NATIVE=1)")
+
+
+def add_row(lines: list[str], line: str) -> None:
+    """Append a table row and print it at once (long benchmarks show each row as it is measured)."""
+    lines.append(line)
+    print(line, flush=True)
+
+
 def finish_table(lines: list[str], out: Path | None) -> str:
     """The markdown table as text, also written to ``out`` when given (and a line saying where)."""
     text = "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from acon import AconC, MetaAconC  # noqa: E402
 from acon.bench import (  # noqa: E402
     ACTIVATION_SHAPES,
+    add_row,
     add_run_args,
     add_shapes_arg,
     apply_run_args,
@@ -237,8 +238,7 @@ def main(argv: list[str] | None = None) -> str:
                 line = f"| {name} | {row} | {ms:.3f} | {100 * ratio:.0f}% of copy | – | – |"
             else:
                 line = f"| {name} | {row} | {ms:.2f} | {ratio:.2f} | {saved:.2f} | {flt:.0f} |"
-            print(line, flush=True)
-            lines.append(line)
+            add_row(lines, line)
     return finish_table(lines, args.out)
 
 

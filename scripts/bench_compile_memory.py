@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import acon.fused  # noqa: E402
-from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script  # noqa: E402
+from acon.bench import add_row, add_run_args, apply_run_args, finish_table, malloc_note, run_script  # noqa: E402
 from acon.fused.layout import dense  # noqa: E402
 from acon.fused.traced import formula  # noqa: E402
 from acon.memory import saved_tensor_bytes  # noqa: E402
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> str:
     for label in VARIANTS:
         eager, compiled = measure(label, args, backend)
         base = base or (eager, compiled)
-        lines.append(
+        add_row(
+            lines,
             f"| {args.model} | {label} | {eager / 2**20:.1f} | {eager / base[0]:.2f} "
-            f"| {compiled / 2**20:.1f} | {compiled / base[1]:.2f} |"
+            f"| {compiled / 2**20:.1f} | {compiled / base[1]:.2f} |",
         )
-        print(lines[-1], flush=True)
     return finish_table(lines, args.out)
 
 

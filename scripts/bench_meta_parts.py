@@ -28,11 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from acon import AconC, MetaAconC  # noqa: E402
 from acon.bench import (  # noqa: E402
     ACTIVATION_SHAPES,
+    add_row,
     add_run_args,
     add_shapes_arg,
     apply_run_args,
     finish_table,
     malloc_note,
+    require_native,
     run_script,
     select_shapes,
 )
@@ -143,8 +145,7 @@ def main(argv: list[str] | None = None) -> str:
     add_run_args(ap)
     args = ap.parse_args(argv)
     apply_run_args(args)
-    if not native.available():
-        ap.error("the C++ kernels are not available here (no compiler, or ACON_FUSED_NO_NATIVE=1)")
+    require_native(ap)
     names = select_shapes(ap, ACTIVATION_SHAPES, args.shapes)
     lines = [
         f"# bench_meta_parts: cpu, fp32, {torch.get_num_threads()} CPU threads, median of {args.repeats} "
@@ -157,10 +158,8 @@ def main(argv: list[str] | None = None) -> str:
     for name in names:
         rows = dict(bench_shape(ACTIVATION_SHAPES[name], args.repeats))
         for row, ms in rows.items():
-            lines.append(f"| {name} | {row} | {ms:.3f} | {ms / rows['SiLU']:.2f} |")
-            print(lines[-1], flush=True)
-        lines.append(f"| {name} | {summary(rows)} | | |")
-        print(lines[-1], flush=True)
+            add_row(lines, f"| {name} | {row} | {ms:.3f} | {ms / rows['SiLU']:.2f} |")
+        add_row(lines, f"| {name} | {summary(rows)} | | |")
     return finish_table(lines, args.out)
 
 

@@ -22,7 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script  # noqa: E402
+from acon.bench import (  # noqa: E402
+    add_row,
+    add_run_args,
+    apply_run_args,
+    finish_table,
+    malloc_note,
+    require_native,
+    run_script,
+)
 from acon.fused import native  # noqa: E402
 
 DEFAULT_LENGTHS = "32,48,49,50,64,96,196,784"
@@ -96,8 +104,7 @@ def main(argv: list[str] | None = None) -> str:
             f"--channels {args.channels} --values {args.values}: need channels >= 1 and values >= channels·S"
         )
     apply_run_args(args)
-    if not native.available():
-        ap.error("the C++ kernels are not available here (no compiler, or ACON_FUSED_NO_NATIVE=1)")
+    require_native(ap)
     lines = [
         f"# bench_row_lengths: cpu, fp32, {torch.get_num_threads()} CPU threads, {native.vector_width()}-lane "
         f"kernels, fastest of {args.repeats} rounds, about {args.values:,} values per tensor, {malloc_note()}",
@@ -112,12 +119,11 @@ def main(argv: list[str] | None = None) -> str:
         calls, values = kernel_calls(s, args.channels, args.values)
         ns = {k: v / values * 1e9 for k, v in fastest(calls, args.repeats).items()}
         ratio = (ns["fwd"] + ns["bwd"]) / (silu_ns["fwd"] + silu_ns["bwd"])
-        lines.append(
-            f"| {s} | {values // s:,} | {walker(s)} | {ns['fwd']:.3f} | {ns['bwd']:.3f} | {ratio:.2f} |"
+        add_row(
+            lines,
+            f"| {s} | {values // s:,} | {walker(s)} | {ns['fwd']:.3f} | {ns['bwd']:.3f} | {ratio:.2f} |",
         )
-        print(lines[-1], flush=True)
-    lines.append(f"| SiLU (ATen) | | | {silu_ns['fwd']:.3f} | {silu_ns['bwd']:.3f} | 1.00 |")
-    print(lines[-1], flush=True)
+    add_row(lines, f"| SiLU (ATen) | | | {silu_ns['fwd']:.3f} | {silu_ns['bwd']:.3f} | 1.00 |")
     return finish_table(lines, args.out)
 
 

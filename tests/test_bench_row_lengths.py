@@ -65,3 +65,11 @@ def test_out_says_where_the_table_went(bench, tmp_path, capsys):
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1] == f"table written to {out}" and out.read_text().startswith("# bench_row_lengths")
+
+
+def test_without_the_kernels_it_is_a_usage_error(bench, monkeypatch, capsys):
+    monkeypatch.setattr(native, "available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--lengths", "49"])
+    assert e.value.code == 2
+    assert "the C++ kernels are not available here" in capsys.readouterr().err
