@@ -1,5 +1,6 @@
 """The eager shortcuts of ACON-C and Meta-ACON against the paths they shortcut: the β network's BatchNorms on
-(N, C) rows vs the module call, the cached kernel plans and shape checks, and fp32 copies of parameters."""
+(N, C) rows vs the module call, the cached kernel plans and shape checks, fp32 copies of parameters, and
+AconC's direct call of the C++ kernels' op vs the general dispatch."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import acon.fused
-from acon import MetaAconC
+from acon import AconC, MetaAconC
 from acon.activations import BatchNorm2dB1
 from acon.fused import native
 
@@ -127,3 +128,30 @@ def test_fused_shape_check_is_per_shape_combination():
         acon.fused.acon_c(x, p, p, torch.ones(3, 4, 1, 1))
     with pytest.raises(ValueError, match="p1 must be"):
         acon.fused.acon_c(x, torch.randn(1, 5, 1, 1), p, torch.ones(1, 4, 1, 1))
+
+
+@needs_native
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_native_path_serves_aconc_directly(monkeypatch, impl):
+    """On the CPU AconC runs the C++ kernels' autograd op without the general dispatch, with the same results
+    and gradients as acon.fused.acon_c, and still names a wrong channel count."""
+    c, applied = 4, []
+    real_apply = acon.activations.NativeAconC.apply
+    monkeypatch.setattr(
+        acon.activations.NativeAconC, "apply", lambda *a: applied.append(a[4]) or real_apply(*a)
+    )
+    monkeypatch.setattr(acon.fused, "available", lambda *a: pytest.fail("general dispatch consulted"))
+    act = AconC(c, impl=impl)
+    x = torch.randn(3, c, 5, 5, requires_grad=True)
+    y = act(x)
+    y.backward(torch.ones_like(y))
+    assert len(applied) == 1 and applied[0].c == c and applied[0].s == 25
+    x2 = x.detach().requires_grad_()
+    p = [t.detach().requires_grad_() for t in (act.p1, act.p2, act.beta)]
+    y2 = acon.fused.acon_c(x2, *p)
+    y2.backward(torch.ones_like(y2))
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+    for mine, theirs in zip((act.p1, act.p2, act.beta), p, strict=True):
+        assert torch.equal(mine.grad, theirs.grad)
+    with pytest.raises(ValueError, match=f"activation has {c} channels but its input has shape"):
+        act(torch.randn(2, c + 1, 3, 3))

@@ -343,33 +343,6 @@ def test_invalid_impl_is_rejected():
         AconC(4, impl="triton")
 
 
-@pytest.mark.skipif(not acon.fused.native.available(), reason="C++ kernels not built here")
-@pytest.mark.parametrize("impl", ["auto", "fused"])
-def test_native_path_serves_aconc_directly(monkeypatch, impl):
-    """On the CPU AconC runs the C++ kernels' autograd op without the general dispatch, with the same results
-    and gradients as acon.fused.acon_c, and still names a wrong channel count."""
-    applied = []
-    real_apply = acon.activations.NativeAconC.apply
-    monkeypatch.setattr(
-        acon.activations.NativeAconC, "apply", lambda *a: applied.append(a[4]) or real_apply(*a)
-    )
-    monkeypatch.setattr(acon.fused, "available", lambda *a: pytest.fail("general dispatch consulted"))
-    act = AconC(C, impl=impl)
-    x = torch.randn(3, C, 5, 5, requires_grad=True)
-    y = act(x)
-    y.backward(torch.ones_like(y))
-    assert len(applied) == 1 and applied[0].c == C and applied[0].s == 25
-    x2 = x.detach().requires_grad_()
-    p = [t.detach().requires_grad_() for t in (act.p1, act.p2, act.beta)]
-    y2 = acon.fused.acon_c(x2, *p)
-    y2.backward(torch.ones_like(y2))
-    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
-    for mine, theirs in zip((act.p1, act.p2, act.beta), p, strict=True):
-        assert torch.equal(mine.grad, theirs.grad)
-    with pytest.raises(ValueError, match=f"activation has {C} channels but its input has shape"):
-        act(torch.randn(2, C + 1, 3, 3))
-
-
 def test_reference_impl_never_asks_fused(monkeypatch):
     def boom(*args):
         raise AssertionError("fused path consulted for impl='reference'")
