@@ -107,6 +107,22 @@ META_COLD void axpy_rows(const float* a, int64_t ai, int64_t ak, int64_t rows, i
   }
 }
 
+// The (K × rows) transpose of src (rows × K), its rows padded: fc2's weight for row updates (axpy_rows).
+META_COLD Rows transposed_copy(const float* src, int64_t rows, int64_t K) {
+  Rows m(K, rows);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; ++k) m.row(k)[r] = src[r * K + k];
+  return m;
+}
+
+// out[n][m] += bias[m] for m < M.
+META_COLD void add_bias_rows(const Mat& out, const float* __restrict__ bias, int64_t N, int64_t M) {
+  for (int64_t n = 0; n < N; ++n) {
+    float* __restrict__ o = out.row(n);
+    for (int64_t m = 0; m < M; ++m) o[m] += bias[m];
+  }
+}
+
 // ---- BatchNorm on rows ---------------------------------------------------------------------------------
 
 struct BnArgs {  // one BatchNorm's parameters and mode (torch.batch_norm's arguments)
