@@ -86,6 +86,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def fwd_bwd(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+    """One forward+backward of ``m`` on ``x`` (a leaf whose gradient is dropped first), as the activation
+    benchmarks time it."""
+    x.grad = None
+    m(x).backward(dy)
+
+
 def require_native(ap: argparse.ArgumentParser) -> None:
     """A usage error (exit 2) unless the C++ CPU kernels are built and loaded here."""
     from acon.fused import native

@@ -38,6 +38,7 @@ from acon.bench import (  # noqa: E402
     add_shapes_arg,
     apply_run_args,
     finish_table,
+    fwd_bwd,
     malloc_note,
     run_script,
     select_shapes,
@@ -88,11 +89,6 @@ def timing_order(rows: dict) -> list[str]:
         light.remove("ReLU")
         light.insert(0, "ReLU")
     return heavy + light
-
-
-def fwd_bwd(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
-    x.grad = None
-    m(x).backward(dy)
 
 
 def saved_bytes(m: nn.Module, x: torch.Tensor) -> int:

@@ -39,6 +39,7 @@ from acon.bench import (  # noqa: E402
     add_shapes_arg,
     apply_run_args,
     finish_table,
+    fwd_bwd,
     malloc_note,
     require_native,
     run_script,
@@ -82,11 +83,6 @@ class CppAconC(AconC):
                 plan.threads,
             ]
         return self.op.acon_c(x, self.p1, self.p2, self.beta, self.plan_args)
-
-
-def fwd_bwd(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
-    x.grad = None
-    m(x).backward(dy)
 
 
 def check_same(a: nn.Module, b: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
