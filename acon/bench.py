@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,6 +94,29 @@ def fwd_bwd(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
     benchmarks time it."""
     x.grad = None
     m(x).backward(dy)
+
+
+def interleaved_rounds(
+    calls: dict[str, Callable[[], object]],
+    repeats: int,
+    before: Callable[[Callable[[], object]], object],
+    warmup: int = 0,
+    stat: Callable[[list[float]], float] = statistics.median,
+) -> dict[str, float]:
+    """Seconds per call: ``stat`` (median, or min for the fastest round) of ``repeats`` rounds in which every
+    call runs once in order, after ``warmup`` untimed calls of each; ``before(fn)`` runs untimed ahead of each
+    timed ``fn()`` (``fn`` itself: warm data; another call: the caches it leaves)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            before(fn)
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: stat(v) for name, v in times.items()}
 
 
 def require_native(ap: argparse.ArgumentParser) -> None:

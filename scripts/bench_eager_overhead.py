@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,6 +38,7 @@ from acon.bench import (  # noqa: E402
     apply_run_args,
     finish_table,
     fwd_bwd,
+    interleaved_rounds,
     malloc_note,
     require_native,
     run_script,
@@ -129,32 +128,14 @@ def calls(shape: tuple[int, ...], cpp_op) -> tuple[dict, object]:
     return rows, lambda: fwd_bwd(reference, x, dy)
 
 
-def median_times(rows: dict, churn, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per row over ``repeats`` interleaved rounds; ``churn()`` runs untimed before each call."""
-    for fn in rows.values():
-        for _ in range(warmup):
-            churn()
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in rows}
-    for _ in range(repeats):
-        for name, fn in rows.items():
-            churn()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def summary(med: dict[str, float]) -> str:
     """Each module's time outside its kernels, µs."""
-    silu = med["SiLU module"] - med["SiLU kernels alone"]
-    parts = [
-        f"SiLU {silu * 1e6:.0f} µs",
-        f"ACON-C {(med['ACON-C module'] - med['ACON-C kernels alone']) * 1e6:.0f} µs",
-    ]
-    if "ACON-C, C++ autograd op" in med:
-        cpp = med["ACON-C, C++ autograd op"] - med["ACON-C kernels alone"]
-        parts.append(f"ACON-C through the C++ autograd op {cpp * 1e6:.0f} µs")
+    pairs = {
+        "SiLU": ("SiLU module", "SiLU kernels alone"),
+        "ACON-C": ("ACON-C module", "ACON-C kernels alone"),
+        "ACON-C through the C++ autograd op": ("ACON-C, C++ autograd op", "ACON-C kernels alone"),
+    }
+    parts = [f"{label} {(med[m] - med[k]) * 1e6:.0f} µs" for label, (m, k) in pairs.items() if m in med]
     return "outside the kernels: " + ", ".join(parts)
 
 
@@ -183,7 +164,10 @@ def main(argv: list[str] | None = None) -> str:
     print("\n".join(lines), flush=True)
     for name in names:
         rows, churn = calls(ACTIVATION_SHAPES[name], cpp_op)
-        med = median_times(rows, churn, args.repeats, args.warmup)
+        churn()
+        med = interleaved_rounds(
+            rows, args.repeats, before=lambda fn, churn=churn: churn(), warmup=args.warmup
+        )
         for row, sec in med.items():
             add_row(lines, f"| {name} | {row} | {sec * 1e3:.3f} | {sec / med['SiLU module']:.2f} |")
         add_row(lines, f"| {name} | {summary(med)} | | |")

@@ -15,9 +15,8 @@ and dx again backward; SiLU 5), which set the ratio when the tensors do not fit 
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,8 @@ from acon.bench import (  # noqa: E402
     add_shapes_arg,
     apply_run_args,
     finish_table,
+    fwd_bwd,
+    interleaved_rounds,
     malloc_note,
     require_native,
     run_script,
@@ -41,16 +42,6 @@ from acon.bench import (  # noqa: E402
 from acon.fused import meta_native, native  # noqa: E402
 
 MODULES = ("SiLU", "ACON-C", "Meta-ACON")
-
-
-def module_step(m: nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    """One forward+backward of ``m`` as bench_activation.py times it."""
-
-    def step() -> None:
-        x.grad = None
-        m(x).backward(dy)
-
-    return step
 
 
 def meta_kernel_calls(meta: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict:
@@ -104,26 +95,18 @@ def bench_shape(shape: tuple, repeats: int) -> list[tuple[str, float]]:
     xd = x.detach()
     acon_p = [t.detach() for t in (acon.p1, acon.p2, acon.beta)]
     calls = {
-        "SiLU": module_step(silu, x, dy),
-        "ACON-C": module_step(acon, x, dy),
-        "Meta-ACON": module_step(meta, x, dy),
+        "SiLU": functools.partial(fwd_bwd, silu, x, dy),
+        "ACON-C": functools.partial(fwd_bwd, acon, x, dy),
+        "Meta-ACON": functools.partial(fwd_bwd, meta, x, dy),
         "SiLU: forward kernel": lambda: torch.ops.aten.silu(xd),
         "SiLU: backward kernel": lambda: torch.ops.aten.silu_backward(dy, xd),
         "ACON-C: forward kernel": lambda: native.forward(xd, *acon_p),
         "ACON-C: backward kernel": lambda: native.backward(dy, xd, *acon_p),
         **meta_kernel_calls(meta, x, dy),
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for fn in calls.values():  # warm-up
-        for _ in range(3):
-            fn()
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            fn()  # the row's own data warm, as for a kernel inside a network
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return [(name, statistics.median(v) * 1e3) for name, v in times.items()]
+    # each timed call right after an untimed one: the row's own data warm, as for a kernel inside a network
+    med = interleaved_rounds(calls, repeats, before=lambda fn: fn(), warmup=3)
+    return [(name, sec * 1e3) for name, sec in med.items()]
 
 
 def summary(rows: dict[str, float]) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from acon.bench import (  # noqa: E402
     add_run_args,
     apply_run_args,
     finish_table,
+    interleaved_rounds,
     malloc_note,
     require_native,
     run_script,
@@ -71,14 +71,7 @@ def silu_calls(total: int) -> dict:
 
 def fastest(calls: dict, repeats: int) -> dict[str, float]:
     """Fastest of ``repeats`` rounds per call, seconds; each timed call follows an untimed one (warm data)."""
-    best = {k: float("inf") for k in calls}
-    for _ in range(repeats):
-        for k, fn in calls.items():
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+    return interleaved_rounds(calls, repeats, before=lambda fn: fn(), stat=min)
 
 
 def walker(s: int) -> str:

@@ -107,9 +107,9 @@ def acon_c(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tens
 __all__ = [
     "AUTO_MIN_NUMEL_CPU",
     "acon_c",
-    "check_shapes",
     "acon_c_backward_op",
     "acon_c_op",
     "available",
+    "check_shapes",
     "traced_acon_c",
 ]
