@@ -51,6 +51,11 @@ def hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def rate_text(per_s: float) -> str:
+    """A rate for a log line: whole numbers from 10 up, two significant digits below (``0.13``, not ``0``)."""
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
+
+
 def activation_impl(model, device) -> str:
     """Which ACON-C implementation the model's activations run on ``device`` (empty for other ones)."""
     import torch
@@ -141,6 +146,11 @@ def run_facts(
     )
 
 
+def macs_text(macs: float) -> str:
+    """``299.4 M``; ``155.1 G`` from 10 G up (a full-size segmentation input)."""
+    return f"{macs / 1e9:.1f} G" if macs >= 1e10 else f"{macs / 1e6:.1f} M"
+
+
 def size_text(size: int | tuple[int, int]) -> str:
     """An image size in words: ``224`` for a square side, ``1024x2048`` for (H, W)."""
     return str(size) if isinstance(size, int) else "x".join(str(int(v)) for v in size)
@@ -154,7 +164,7 @@ def banner_lines(facts: RunFacts, schedule: str | None = None) -> list[str]:
     """The start banner; ``schedule`` (the recipe's schedule in words) gets its own line when given."""
     lines = [
         f"acon: model {facts.model}, activation {facts.activation}",
-        f"  {facts.params / 1e6:.2f} M params, {facts.macs / 1e6:.1f} M MACs at {size_text(facts.img_size)} px",
+        f"  {facts.params / 1e6:.2f} M params, {macs_text(facts.macs)} MACs at {size_text(facts.img_size)} px",
         f"  data: {_count(facts.train_size)} train / {_count(facts.val_size)} val images",
         f"  {facts.world_size} process(es) on {facts.device}, {facts.precision}, global batch "
         f"{facts.global_batch}, {facts.total_steps:,} steps",
@@ -213,7 +223,7 @@ def epoch_line(
     return (
         f"epoch {epoch_text(record['epoch'])}/{total_epochs}  step {record['step']}/{clock.total_steps}  "
         f"train loss {record['train_loss']:.4f}  {_val_text(record, task)}  {best_txt}  lr {record['lr']:.4g}  "
-        f"{images_per_s:.0f} img/s  elapsed {hms(clock.elapsed())}  "
+        f"{rate_text(images_per_s)} img/s  elapsed {hms(clock.elapsed())}  "
         f"ETA {hms(eta) if not math.isnan(eta) else '-'}"
     )
 

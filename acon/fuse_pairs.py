@@ -7,9 +7,13 @@ ResNet blocks (``bn1 → act1``), the ``torch.fx.GraphModule`` that ``convert_ac
 that calls one ``relu`` module several times, ``nn.Sequential`` stacks. The BatchNorms and activations are
 traced as leaves (``nn.Identity`` is traced through, so timm's absent drop-block does not hide a pair).
 
-A model ``torch.fx`` cannot trace keeps the layout rule: consecutive ``nn.Sequential`` children and the
-``(bn, act)`` attribute names a block lists in ``bn_act_pairs``. The same rule covers pairs hidden inside
-a module the tracer keeps opaque (timm's untraceable layers), where the graph shows neither module.
+A model ``torch.fx`` cannot trace as a whole (a detection or segmentation model: its forward iterates
+over shapes and dicts) is traced part by part: each child that traces gives its graph, and a child that does
+not is split into its own children, down to the leaves. Where no graph shows the modules, the layout rule
+holds: consecutive ``nn.Sequential`` children and the ``(bn, act)`` attribute names a block lists in
+``bn_act_pairs``. The same rule covers pairs hidden inside a module the tracer keeps opaque (timm's
+untraceable layers). A graph of a part is as safe as the model's: a BatchNorm output used outside its part
+is that part's output in its graph, so it has a second reader there and is not paired.
 """
 
 from __future__ import annotations
@@ -81,29 +85,54 @@ def graph_pairs(graph: fx.Graph, model: nn.Module, is_bn: Callable, is_act: Call
     return pairs
 
 
+def _first_sentence(err: Exception) -> str:
+    """``TypeName: the first sentence of the message`` (tracer errors run to several sentences)."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    end = text.find(". ")
+    return f"{type(err).__name__}: {text if end < 0 else text[: end + 1]}"
+
+
+def _traced_parts(
+    module: nn.Module, is_leaf: Callable[[nn.Module], bool]
+) -> tuple[list[tuple[nn.Module, fx.Graph]], str | None]:
+    """(part, graph) for ``module`` when it traces, else for its largest parts that do (children, their
+    children, ...), and why ``module`` did not trace (None when it did)."""
+    try:
+        return [(module, trace_graph(module, is_leaf, through=(nn.Identity,)))], None
+    except Exception as err:  # any failure of user code under tracing: the parts and the layout rule are safe
+        release_frames(err)  # its traceback would keep the callers' frames (the model, the loaders) alive
+        reason = _first_sentence(err)
+    parts = []
+    for child in module.children():
+        if not is_leaf(child) and next(child.children(), None) is not None:
+            parts += _traced_parts(child, is_leaf)[0]
+    return parts, reason
+
+
 def find_pairs(model: nn.Module, is_bn: Callable, is_act: Callable) -> FoundPairs:
     """The pairs ``fuse_bn_acon`` may fuse (see the module docstring); ``is_bn``/``is_act`` pick the
     candidate modules, which are traced as leaves."""
-    try:
-        graph = trace_graph(model, lambda m: is_bn(m) or is_act(m), through=(nn.Identity,))
-    except Exception as err:  # any failure of user code under tracing: the layout rule is still safe
-        release_frames(err)  # its traceback would keep the callers' frames (the model, the loaders) alive
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        return FoundPairs(
-            list(layout_pairs(model)),
-            f"torch.fx cannot trace the model ({reason[:160]}); "
-            "nn.Sequential neighbours and declared bn_act_pairs only",
-        )
-    seen = {id(model.get_submodule(n.target)) for n in graph.nodes if n.op == "call_module"}
-    pairs = graph_pairs(graph, model, is_bn, is_act)
+    parts, reason = _traced_parts(model, lambda m: is_bn(m) or is_act(m))
+    seen = {
+        id(part.get_submodule(n.target))
+        for part, graph in parts
+        for n in graph.nodes
+        if n.op == "call_module"
+    }
+    pairs = [pair for part, graph in parts for pair in graph_pairs(graph, part, is_bn, is_act)]
     hidden = [
         (b, a)
         for b, a in layout_pairs(model)
         if id(b) not in seen and id(a) not in seen and is_bn(b) and is_act(a)
     ]
-    how = "found in the torch.fx graph"
-    if hidden:
-        how += f", {len(hidden)} inside modules kept opaque by the tracer"
+    if reason is None:
+        how = "found in the torch.fx graph"
+        if hidden:
+            how += f", {len(hidden)} inside modules kept opaque by the tracer"
+    else:
+        how = f"torch.fx cannot trace the model ({reason}); {len(pairs)} found in the graphs of its parts"
+        if hidden:
+            how += f", {len(hidden)} by nn.Sequential neighbours and declared bn_act_pairs"
     return FoundPairs(pairs + hidden, how)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from acon.activations import MetaAconC
+from acon.console import rate_text
 from acon.params import activation_parameters
 from acon.storage import is_write_refusal, refused_writes, write_failed
 
@@ -190,7 +191,7 @@ class Progress:
         self.images += images
         rate = self.rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
         if self.bar is not None:
-            self.bar.set_postfix({"img/s": f"{rate:.0f}", **postfix}, refresh=False)
+            self.bar.set_postfix({"img/s": rate_text(rate), **postfix}, refresh=False)
             self.bar.update(1)
         return rate
 

@@ -37,6 +37,12 @@ def test_banner_has_a_schedule_slot_and_the_resume_point():
                  "schedule: linear to 0", "run dir: runs/x", "resumed from step 1200 (runs/x/last.pt)"):  # fmt: skip
         assert part in text, part
     assert not any("schedule" in line for line in console.banner_lines(facts))
+    assert console.macs_text(155_089_500_000) == "155.1 G" and console.macs_text(2_733_184) == "2.7 M"
+
+
+def test_slow_rates_keep_two_significant_digits():
+    rates = (0.1333, 5.67, 9.99, 10.4, 558.2)
+    assert [console.rate_text(r) for r in rates] == ["0.13", "5.7", "10", "10", "558"]
 
 
 def _messages(caplog) -> list[str]:
@@ -65,7 +71,7 @@ def test_run_logs_banner_epochs_summary_and_resume_point(tiny_imagenet, tmp_path
     epochs = [m for m in lines if m.startswith("epoch ")]
     assert len(epochs) == 1 and re.match(
         r"epoch 2/2  step 12/12  train loss \d+\.\d{4}  val top-1 err \d+\.\d\d%  "  # 3 classes: no top-5
-        r"best \d+\.\d\d% \(epoch [12]\)  lr \S+  \d+ img/s  elapsed \d:\d\d:\d\d  ETA 0:00:00$",
+        r"best \d+\.\d\d% \(epoch [12]\)  lr \S+  [\d.]+ img/s  elapsed \d:\d\d:\d\d  ETA 0:00:00$",
         epochs[0],
     ), epochs[0]
     assert any(m.startswith("schedule: linear, 12 steps") for m in first)

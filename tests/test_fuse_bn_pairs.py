@@ -211,3 +211,38 @@ def test_timm_batchnorm_act_fuses_only_without_a_drop_block_and_unfuses():
     grads_close(ref, fused, torch.float32)
     unfuse_bn_acon(fused)
     assert fused_names(fused) == set() and type(fused[1]) is BatchNormAct2d
+
+
+class UntraceableAroundParts(nn.Module):
+    """A forward torch.fx cannot trace (iterating over a shape, as detection models do) around parts it can:
+    a converted timm ResNet (its blocks' bn1 → drop-block → act1 pairs are neither nn.Sequential neighbours
+    nor declared), and a part that returns its BatchNorm's output to an ACON the top level applies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = convert_activations(
+            timm.create_model("resnet18", num_classes=0), "acon_c", example_input=torch.randn(1, 3, 32, 32)
+        )
+        self.neck = nn.ModuleDict({"conv": nn.Conv2d(512, 4, 1), "bn": nn.BatchNorm2d(4)})
+        self.act = AconC(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in x.shape[:1]:  # a Proxy cannot be iterated
+            feat = self.backbone.forward_features(x)
+        return self.act(self.neck["bn"](self.neck["conv"](feat)))
+
+
+@pytest.mark.usefixtures("eager_fp64")
+def test_an_untraceable_model_is_traced_part_by_part():
+    torch.manual_seed(0)
+    ref = UntraceableAroundParts().double()
+    fused = copy.deepcopy(ref)
+    line = fuse_for_run(fused, "auto", CPU, False)
+    assert fused_names(fused) == {f"backbone.{n}" for n in RESNET18_PAIRS}  # not the top level's act
+    assert "torch.fx cannot trace the model (TraceError: Proxy object cannot be iterated.); 9 found" in line
+    assert "graphs of its parts" in line and "See the" not in line, line  # the reason's first sentence
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)  # batch 4: see the converted models' test
+    ya, yb = ref(x), fused(x)
+    ya.sum().backward(), yb.sum().backward()
+    assert close(yb, ya, torch.float64)
+    grads_close(ref, fused, torch.float64)
