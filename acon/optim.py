@@ -142,15 +142,24 @@ def step_lrs(recipe: DictConfig, total_steps: int, steps: list[int]) -> list[flo
 
 
 def schedule_warnings(recipe: DictConfig, total_steps: int) -> list[str]:
-    """Schedules that cannot do what the recipe means (a warm-up that never ends)."""
-    warm = warmup_steps(recipe, total_steps)
+    """Schedules that cannot do what the recipe means: a warm-up that never ends, or one that starts above
+    the lr it warms up to (``warmup_lr`` is absolute; the lr scales with the batch)."""
+    warm, lr, warmup_lr = warmup_steps(recipe, total_steps), scaled_lr(recipe), float(recipe.warmup_lr)
+    warnings = []
     if warm and warm >= total_steps:
-        return [
+        warnings.append(
             f"recipe.warmup_steps={warm} is not shorter than the run ({total_steps} steps): the lr rises "
             f"to the last step and never decays; lower recipe.warmup_steps (e.g. to "
             f"{max(1, total_steps // 5)}) or train longer"
-        ]
-    return []
+        )
+    if warm and warmup_lr > lr:
+        same_ratio = warmup_lr * lr / float(recipe.lr)
+        warnings.append(
+            f"recipe.warmup_lr={warmup_lr:g} is above the run's lr {lr:g} ({recipe.lr} × "
+            f"{recipe.batch_size}/{recipe.base_batch_size}): the warm-up lowers the lr instead of raising it; "
+            f"set recipe.warmup_lr={same_ratio:.3g} (the recipe's ratio to its lr) or lower"
+        )
+    return warnings
 
 
 def describe_schedule(recipe: DictConfig, total_steps: int, batches_per_epoch: int) -> str:

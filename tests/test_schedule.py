@@ -86,3 +86,22 @@ def test_single_step_linear_schedule_has_no_timm_warning(caplog):
     with caplog.at_level(logging.WARNING):
         build_scheduler(probe, recipe, total_steps(recipe, 22))
     assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_warmup_starting_above_a_batch_scaled_lr_warns(caplog):
+    """warmup_lr is absolute while the lr scales with the batch: the digits recipe at batch 4 would warm up
+    from 0.01 down to 0.00625."""
+    recipe = compose(["recipe.batch_size=4"]).recipe
+    with caplog.at_level(logging.INFO, logger="acon.optim"):
+        log_schedule(recipe, 5000, 350)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "recipe.warmup_lr=0.01 is above the run's lr 0.00625 (0.1 × 4/64): the warm-up lowers the lr instead "
+        "of raising it; set recipe.warmup_lr=0.000625 (the recipe's ratio to its lr) or lower"
+    ]
+    lrs = step_lrs(recipe, 5000, [1, 66])
+    assert lrs[0] > lrs[1]  # falling, as the warning says
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="acon.optim"):
+        log_schedule(compose(["recipe.batch_size=4", "recipe.warmup_lr=0.000625"]).recipe, 5000, 350)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
