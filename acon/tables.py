@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from acon.console import epoch_text
 from acon.recipes import group_by_cell, is_budget_recipe, mixed_families_message, mixed_recipes_message
 from acon.runlock import LOCK_NAME, describe, running_holder
 
@@ -181,12 +182,17 @@ def _incomplete(path: Path, reason: str) -> Incomplete:
 
 
 def _progress_note(path: Path) -> str:
+    """Where the run's last metrics.jsonl record stands: an epoch end, a ``val_every_steps`` point or a
+    ``max_steps`` stop (fractional epochs)."""
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
         lines = [x for x in metrics.read_text().splitlines() if x.strip()]
         if lines:
-            return f"; last finished epoch {json.loads(lines[-1]).get('epoch', '?')}"
-    return "; no epoch finished"
+            last = json.loads(lines[-1])
+            epoch, step = last.get("epoch"), last.get("step", "?")
+            where = "?" if epoch is None else epoch_text(epoch)
+            return f"; last record at epoch {where} (step {step})"
+    return "; no record in metrics.jsonl"
 
 
 def collect(roots: list[str | Path]) -> tuple[list[Run], list[Incomplete]]:

@@ -118,6 +118,23 @@ def test_crashed_run_is_listed_not_averaged(proxy_sweep, tmp_path):
     assert "Incomplete or crashed runs (not averaged)" in md
     assert f"`{crashed}` (shufflenetv2_x0_5_small, relu, seed 0): no results.json" in md
     assert f"`{failed}`" in md and "status='failed'" in md
+    last = json.loads((crashed / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (
+        f"no results.json; last record at epoch {last['epoch']} (step {last['step']})" in md
+    )  # whole epochs
+
+
+def test_a_run_stopped_mid_epoch_gives_its_position_rounded(tmp_path):
+    from acon.tables import collect
+
+    run = tmp_path / "digits-shufflenetv2_x0_5_small-relu-s0"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"status": "stopped at max_steps"}))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1.3636, "step": 30, "stopped_at_max_steps": True})
+    )
+    _, incomplete = collect([tmp_path])
+    assert incomplete[0].reason == "status='stopped at max_steps'; last record at epoch 1.36 (step 30)"
 
 
 def test_mixed_recipes_in_one_cell_is_an_error(proxy_sweep, tmp_path, capsys):
