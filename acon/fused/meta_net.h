@@ -107,11 +107,20 @@ META_COLD void axpy_rows(const float* a, int64_t ai, int64_t ak, int64_t rows, i
   }
 }
 
-// The (K × rows) transpose of src (rows × K), its rows padded: fc2's weight for row updates (axpy_rows).
+// The (K × rows) transpose of src (rows × K), its rows padded: fc2's weight for row updates (axpy_rows). In
+// tiles of T × T whose source and destination lines stay in L1: row by row, a power-of-two row length (C = 512)
+// maps every destination line to the same few cache sets, and the copy took a third of the β network's time.
 META_COLD Rows transposed_copy(const float* src, int64_t rows, int64_t K) {
+  constexpr int64_t T = 16;
   Rows m(K, rows);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < K; ++k) m.row(k)[r] = src[r * K + k];
+  for (int64_t r0 = 0; r0 < rows; r0 += T)
+    for (int64_t k0 = 0; k0 < K; k0 += T) {
+      const int64_t r1 = std::min(r0 + T, rows), k1 = std::min(k0 + T, K);
+      for (int64_t k = k0; k < k1; ++k) {
+        float* __restrict__ d = m.row(k);
+        for (int64_t r = r0; r < r1; ++r) d[r] = src[r * K + k];
+      }
+    }
   return m;
 }
 
