@@ -18,6 +18,7 @@ is that part's output in its graph, so it has a second reader there and is not p
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -92,13 +93,27 @@ def _first_sentence(err: Exception) -> str:
     return f"{type(err).__name__}: {text if end < 0 else text[: end + 1]}"
 
 
+@contextlib.contextmanager
+def _attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Every submodule's attributes as they were before: a forward run on tracer proxies (a part of a detection
+    model, say) may assign some, e.g. a cache of anchors, before it fails."""
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:  # not compared first: a proxy's == is traced, not answered
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+
+
 def _traced_parts(
     module: nn.Module, is_leaf: Callable[[nn.Module], bool]
 ) -> tuple[list[tuple[nn.Module, fx.Graph]], str | None]:
     """(part, graph) for ``module`` when it traces, else for its largest parts that do (children, their
     children, ...), and why ``module`` did not trace (None when it did)."""
     try:
-        return [(module, trace_graph(module, is_leaf, through=(nn.Identity,)))], None
+        with _attributes_kept(module):
+            return [(module, trace_graph(module, is_leaf, through=(nn.Identity,)))], None
     except Exception as err:  # any failure of user code under tracing: the parts and the layout rule are safe
         release_frames(err)  # its traceback would keep the callers' frames (the model, the loaders) alive
         reason = _first_sentence(err)

@@ -246,3 +246,26 @@ def test_an_untraceable_model_is_traced_part_by_part():
     ya.sum().backward(), yb.sum().backward()
     assert close(yb, ya, torch.float64)
     grads_close(ref, fused, torch.float64)
+
+
+class CachesOnProxies(nn.Module):
+    """A part that stores what its forward computed on the module (as anchor generators cache anchors)
+    before it fails under tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), AconC(4))
+        self.sizes = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes = x.shape[-2:]
+        return self.body(x) if x.sum() > 0 else self.body(-x)
+
+
+def test_tracing_leaves_no_proxy_behind():
+    model = nn.ModuleDict({"head": CachesOnProxies()})
+    line = fuse_for_run(model, True, CPU, False)
+    assert fused_names(model) == {"head.body.2"} and "graphs of its parts" in line, line
+    assert model["head"].sizes is None
+    model["head"](torch.randn(1, 3, 4, 4))
+    assert model["head"].sizes == (4, 4)
