@@ -29,7 +29,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acon import AconC  # noqa: E402
-from acon.activations import _check_fused_shapes  # noqa: E402
 from acon.bench import (  # noqa: E402
     ACTIVATION_SHAPES,
     add_row,
@@ -44,7 +43,7 @@ from acon.bench import (  # noqa: E402
     run_script,
     select_shapes,
 )
-from acon.fused import native  # noqa: E402
+from acon.fused import check_shapes, native  # noqa: E402
 from acon.fused.ops import native_plan  # noqa: E402
 
 CPP_SOURCE = Path(__file__).with_name("cpp") / "acon_autograd_op.cpp"
@@ -69,7 +68,7 @@ class CppAconC(AconC):
         self.op, self.plan_args = op, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = native_plan(x, self.p1, self.p2, self.beta, _check_fused_shapes)
+        plan = native_plan(x, self.p1, self.p2, self.beta, check_shapes)
         if self.plan_args is None:  # one geometry per benchmark row
             kernels = [ctypes.cast(k, ctypes.c_void_p).value for k in (plan.fwd, plan.bwd)]
             self.plan_args = [
@@ -108,7 +107,7 @@ def calls(shape: tuple[int, ...], cpp_op) -> tuple[dict, object]:
     frozen.requires_grad_(False)
     xd = x.detach()
     p1, p2, beta = (t.detach() for t in (acon.p1, acon.p2, acon.beta))
-    plan = native_plan(xd, p1, p2, beta, _check_fused_shapes)
+    plan = native_plan(xd, p1, p2, beta, check_shapes)
     rows = {
         "SiLU module": lambda: fwd_bwd(silu, x, dy),
         "ACON-C module": lambda: fwd_bwd(acon, x, dy),
