@@ -112,9 +112,10 @@ class StepGuard:
     in one transfer at the points that synchronise anyway (logging intervals, saves, validation): the
     first bad step is named exactly, and it is read before anything is saved or validated.
 
-    Under ``skip`` (:meth:`masked`) the update of a bad step is undone on the device: every parameter,
-    optimiser state, EMA and GradScaler tensor is put back with ``torch.where`` on the step's flag; state
-    the step created (e.g. the first momentum buffer) is zeroed, which is what a fresh one starts from.
+    Under ``skip`` (:meth:`masked`) a bad step is undone on the device: every parameter, model buffer
+    (BatchNorm's running statistics, moved by the forward), optimiser state, EMA and GradScaler tensor is
+    put back with ``torch.where`` on the step's flag; state the step created is reset to what a fresh one
+    starts from (a zero momentum buffer, the GradScaler's initial scale).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -149,21 +150,26 @@ class StepGuard:
         return (None if first < 0 else int(first)), int(bad), total, int(count)
 
     @staticmethod
-    def masked(ctx: StepContext, bad: torch.Tensor, update) -> None:
-        """Run ``update()``; then restore every state tensor it changed where ``bad`` is set."""
+    def masked(ctx: StepContext, step) -> torch.Tensor:
+        """Run ``step()`` (forward, :meth:`observe`, update), which returns the step's flag; then restore every
+        state tensor it changed where the flag is set: the model's buffers too, which the forward moves
+        (BatchNorm's running statistics would keep a NaN forward's values)."""
         before = {id(t): (t, t.detach().clone()) for t in _state_tensors(ctx)}
-        update()
+        bad = step()
         with torch.no_grad():
             for t in _state_tensors(ctx):
                 if id(t) in before and before[id(t)][0] is t:
                     t.copy_(torch.where(bad, before[id(t)][1], t))
-                else:  # created by this step
-                    t.masked_fill_(bad, 0)
+                else:  # created by this step: what a fresh one starts from
+                    t.masked_fill_(bad, _fresh_value(ctx, t))
+        return bad
 
 
 def _state_tensors(ctx: StepContext) -> list[torch.Tensor]:
-    """The tensors an optimisation step updates: parameters, optimiser state, EMA, GradScaler state."""
+    """The tensors an optimisation step updates: parameters, the model's buffers, optimiser state, EMA,
+    GradScaler state."""
     out = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+    out += list((ctx.raw_model or ctx.model).buffers())
     for state in ctx.optimizer.state.values():
         out += [v for v in state.values() if torch.is_tensor(v)]
     if ctx.ema is not None:
@@ -174,6 +180,15 @@ def _state_tensors(ctx: StepContext) -> list[torch.Tensor]:
         if torch.is_tensor(t):
             out.append(t)
     return out
+
+
+def _fresh_value(ctx: StepContext, t: torch.Tensor) -> float:
+    """The value a state tensor created by a skipped step is reset to: the GradScaler's initial scale for
+    its scale (created at the first step of a process, resumed runs included; 0 would zero every later
+    gradient), 0 for the rest (a zero momentum buffer acts as a fresh one, a growth tracker starts at 0)."""
+    if t is getattr(ctx.scaler, "_scale", None):
+        return float(ctx.scaler._init_scale)
+    return 0.0
 
 
 @torch.no_grad()

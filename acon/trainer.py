@@ -219,12 +219,18 @@ class Trainer(ResumeState, RunSave, StopChecks, RunEnd):
         s, c = self.state, self.ctx
         loss = None
         if not empty:
-            loss = self.task.loss(c, images, targets)
-            bad = self.guard.observe(loss, s.step)
-            if self.cfg.trainer.nan_policy == "skip":
-                self.guard.masked(c, bad, lambda: optimizer_step(c, loss, s.step))
-            else:
+
+            def step() -> torch.Tensor:
+                nonlocal loss
+                loss = self.task.loss(c, images, targets)
+                bad = self.guard.observe(loss, s.step)
                 optimizer_step(c, loss, s.step)
+                return bad
+
+            if self.cfg.trainer.nan_policy == "skip":
+                self.guard.masked(c, step)
+            else:
+                step()
         s.step += 1
         s.batch_in_epoch += 1
         return loss

@@ -126,14 +126,19 @@ def test_masked_update_restores_weights_and_optimizer_state_exactly(bad):
         opt.step()
 
     flag = torch.tensor(bad)
-    StepGuard.masked(ctx, flag, update)  # creates the momentum buffers
+
+    def step() -> torch.Tensor:
+        update()
+        return flag
+
+    StepGuard.masked(ctx, step)  # creates the momentum buffers
     assert all(bool((opt.state[p]["momentum_buffer"] == 0).all()) == bad for p in model.parameters())
     update()
     before = [
         t.clone()
         for t in [*model.parameters(), *(opt.state[p]["momentum_buffer"] for p in model.parameters())]
     ]
-    StepGuard.masked(ctx, flag, update)
+    StepGuard.masked(ctx, step)
     after = [*model.parameters(), *(opt.state[p]["momentum_buffer"] for p in model.parameters())]
     assert all(torch.equal(a, b) == bad for a, b in zip(after, before, strict=True))
 
@@ -252,3 +257,54 @@ def test_bad_image_budget_stop_is_written_to_the_log_file(messy_imagenet, tmp_pa
         "error: 2 bad images in the train split, more than the default"
         in (tmp_path / "train.log").read_text()
     )
+
+
+def _bn_net(scaler: torch.amp.GradScaler):
+    """(model, step) for a conv → BatchNorm net; ``step(x, n, poison)`` runs the forward, the flag and the
+    update under :meth:`StepGuard.masked`, with a NaN in the input (the forward goes non-finite, not only
+    the loss) when ``poison``; returns the flag."""
+    from acon.engine import StepContext, StepGuard, optimizer_step
+
+    class NoSchedule:
+        def step_update(self, step: int) -> None:
+            pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctx = StepContext(model, opt, NoSchedule(), scaler, None, torch.device("cpu"), raw_model=model)
+    guard = StepGuard(torch.device("cpu"))
+
+    def step(x: torch.Tensor, n: int, poison: bool) -> bool:
+        def one() -> torch.Tensor:
+            loss = model(x * float("nan") if poison else x).pow(2).mean()
+            bad = guard.observe(loss, n)
+            optimizer_step(ctx, loss, n)
+            return bad
+
+        return bool(StepGuard.masked(ctx, one))
+
+    return model, step
+
+
+def test_a_skipped_nan_forward_leaves_batchnorm_statistics_as_they_were():
+    """The forward moves the running statistics before the loss is known: a skipped step puts them back
+    (before, running_mean/var kept the NaN and the next save was refused)."""
+    model, step = _bn_net(torch.amp.GradScaler("cpu", enabled=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert step(torch.randn(8, 3, 2, 2), 0, poison=True)
+    after = model.state_dict()
+    assert [k for k, v in before.items() if not torch.equal(after[k], v)] == []
+
+
+def test_a_skipped_first_step_leaves_the_gradscaler_at_its_initial_scale():
+    """fp16's GradScaler creates its scale at the first step of a process (after a resume too): a skipped
+    first step left it at 0, which zeroed every later gradient and unscaled them to NaN weights."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    model, step = _bn_net(scaler)
+    assert step(torch.randn(8, 3, 2, 2), 0, poison=True)
+    assert scaler.get_scale() == 1024.0
+    weights = [p.detach().clone() for p in model.parameters()]
+    assert not step(torch.randn(8, 3, 2, 2), 1, poison=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not any(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
