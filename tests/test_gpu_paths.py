@@ -119,15 +119,28 @@ def _encoded(mode: str = "RGB", fmt: str = "JPEG", seed: int = 0) -> torch.Tenso
     return torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8)
 
 
+class _SyncRecorder:
+    """A stand-in for the current CUDA stream: its synchronize() is logged in ``events``."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def synchronize(self) -> None:
+        self.events.append("sync")
+
+
 def test_one_cmyk_or_png_file_leaves_the_rest_in_one_nvjpeg_batch(monkeypatch):
-    """nvJPEG (a stand-in that, like it, rejects a list holding a CMYK JPEG or a PNG) gets one call."""
+    """nvJPEG (a stand-in that, like it, rejects a list holding a CMYK JPEG or a PNG) gets one call, after
+    the current stream's queued work (nvJPEG writes without waiting for it: pytorch/vision#9606)."""
     import torchvision.io
 
     from acon.data import decode_check, gpu
 
-    real, calls = torchvision.io.decode_jpeg, []
+    real, calls, events = torchvision.io.decode_jpeg, [], []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _SyncRecorder(events))
 
     def fake_nvjpeg(data, mode, device):
+        events.append("decode")
         calls.append(len(data) if isinstance(data, list) else 1)
         items = data if isinstance(data, list) else [data]
         if not all(gpu.nvjpeg_decodable(d) for d in items):
@@ -149,6 +162,7 @@ def test_one_cmyk_or_png_file_leaves_the_rest_in_one_nvjpeg_batch(monkeypatch):
     ]
     out = gpu.decode_batch(data, torch.device("cuda"))
     assert calls == [4]  # the four JPEGs nvJPEG takes, in one batch; CMYK and PNG on the CPU
+    assert events == ["sync", "decode"]
     want = gpu.decode_batch(data, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(out, want, strict=True))
 
@@ -391,3 +405,38 @@ def test_nvjpeg_batch_with_cmyk_and_png_matches_cpu():
     cpu = decode_batch(data, torch.device("cpu"))
     for a, b in zip(gpu, cpu, strict=True):
         assert a.is_cuda and a.shape == b.shape and (a.cpu().float() - b.float()).abs().mean() < 3
+
+
+class _Stream:
+    """A stand-in for a CUDA stream: records what waits on it."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class _DeviceBatch:
+    """A stand-in for a CUDA tensor of a batch: ``.to`` keeps it, ``record_stream`` is counted."""
+
+    recorded = 0
+
+    def to(self, *args, **kwargs) -> _DeviceBatch:
+        return self
+
+    def record_stream(self, stream) -> None:
+        _DeviceBatch.recorded += 1
+
+
+def test_device_loader_on_cuda_passes_a_batch_whose_images_were_all_skipped(monkeypatch):
+    """data.bad_image_policy=skip: a batch whose every image failed to decode is (None, None, skipped); on
+    CUDA the loader used to call record_stream on None and end the run with an AttributeError."""
+    import contextlib
+
+    from acon.data.gpu import DeviceLoader
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _Stream())
+    good = (_DeviceBatch(), _DeviceBatch(), 0)
+    batches = list(DeviceLoader([good, (None, None, 4), good], None, "cuda"))
+    assert [b[2] for b in batches] == [0, 4, 0] and batches[1][:2] == (None, None)
+    assert _DeviceBatch.recorded == 4  # images and targets of the two readable batches

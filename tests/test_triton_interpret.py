@@ -90,6 +90,20 @@ def test_kernels_2d_3d(count_kernel_calls, shape):
 
 @inner
 @pytest.mark.parametrize("channels_last", [False, True])
+def test_empty_inputs_give_empty_and_zero_gradients(channels_last):
+    """An empty spatial axis: the backward's block sizes were 0 (ZeroDivisionError)."""
+    shape = (2, 3, 0, 4)
+    x = torch.randn(shape)
+    x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    p1, p2, beta = (torch.randn(1, shape[1], 1, 1, requires_grad=True) for _ in range(3))
+    y = acon.fused.acon_c(x, p1, p2, beta)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert all(t.grad is not None and not t.grad.any() for t in (p1, p2, beta))
+
+
+@inner
+@pytest.mark.parametrize("channels_last", [False, True])
 def test_multi_tile_and_split_paths(monkeypatch, channels_last):
     """S beyond one tile, C beyond one channel block, and several tiles per split (TARGET_PROGRAMS=1)."""
     monkeypatch.setattr(triton_kernels, "TARGET_PROGRAMS", 1)

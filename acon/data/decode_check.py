@@ -40,6 +40,17 @@ def _decode_on_cpu(data: torch.Tensor, index: int) -> torch.Tensor:
         return torch.full((3, 8, 8), 128, dtype=torch.uint8)
 
 
+def _nvjpeg(data: torch.Tensor | list[torch.Tensor], device: torch.device):
+    """``decode_jpeg`` to RGB on CUDA once the current stream's queued work is done: nvJPEG writes its outputs,
+    blocks the caching allocator may have just recycled on that stream, without waiting for it
+    (pytorch/vision#9606), which could overwrite the previous batch's augmentation inputs. The decode blocks
+    the host anyway, so the wait costs little."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    torch.cuda.current_stream(device).synchronize()
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
 def decode_batch(data: Iterable[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Decode encoded images to uint8 RGB CHW on ``device``: one batched nvJPEG call on CUDA.
 
@@ -47,19 +58,17 @@ def decode_batch(data: Iterable[torch.Tensor], device: torch.device) -> list[tor
     CPU and copied over, the rest of the batch still in one nvJPEG call; a file nothing can decode
     becomes a grey image, with a warning.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     data = list(data)
     out: list[torch.Tensor | None] = [None] * len(data)
     batched = [i for i, d in enumerate(data) if nvjpeg_decodable(d)] if device.type == "cuda" else []
     if batched:
         try:
-            imgs = decode_jpeg([data[i] for i in batched], mode=ImageReadMode.RGB, device=device)
+            imgs = _nvjpeg([data[i] for i in batched], device)
         except RuntimeError:  # a file whose header looked fine: decode these one by one
             imgs = [None] * len(batched)
             for k, i in enumerate(batched):
                 try:
-                    imgs[k] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device)
+                    imgs[k] = _nvjpeg(data[i], device)
                 except RuntimeError:
                     pass
         for i, img in zip(batched, imgs, strict=True):

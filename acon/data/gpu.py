@@ -238,7 +238,8 @@ class DeviceLoader:
                 yield pending
             torch.cuda.current_stream(self.device).wait_stream(stream)
             for t in ready[:2]:
-                t.record_stream(torch.cuda.current_stream(self.device))
+                if t is not None:  # None, None: every image of the batch was skipped
+                    t.record_stream(torch.cuda.current_stream(self.device))
             pending = ready
         if pending is not None:
             yield pending

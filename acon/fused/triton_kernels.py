@@ -100,7 +100,9 @@ def _acon_c_bwd_kernel(
 
 
 def _blocks(layout: str, c: int, s: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_S): a ~TILE-element tile, long along the contiguous axis."""
+    """(BLOCK_C, BLOCK_S): a ~TILE-element tile, long along the contiguous axis (at least 1 × 1: an empty
+    axis would give a zero-size block)."""
+    c, s = max(c, 1), max(s, 1)
     if layout == NCS:
         bs = min(triton.next_power_of_2(s), TILE)
         return max(1, min(triton.next_power_of_2(c), TILE // bs)), bs
