@@ -51,6 +51,23 @@ def test_nan_skip_skips_and_counts(tiny_imagenet, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_nan_skip_of_a_nan_forward_keeps_batchnorm_statistics(tiny_imagenet, tmp_path, monkeypatch):
+    """A NaN in the forward itself (an overflow, say), not only in the loss: the BatchNorm running
+    statistics it moved are put back, so the run completes and saves (before: NaN statistics, and the
+    next save was refused)."""
+    real, calls = ClassificationTask.loss, []
+
+    def nan_images(self, ctx, images, targets):
+        calls.append(len(calls))
+        return real(self, ctx, images * float("nan") if calls[-1] == 1 else images, targets)
+
+    monkeypatch.setattr(ClassificationTask, "loss", nan_images)
+    results = acon.trainer.train(_cfg(tiny_imagenet, tmp_path, "trainer.nan_policy=skip"))
+    assert results["nonfinite_steps_skipped"] == 1 and results["steps"] == 6
+    state = load_checkpoint(tmp_path / RUN / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
 def test_nonfinite_weights_are_never_saved(tmp_path):
     model = torch.nn.Linear(2, 2)
     assert_finite(model)
