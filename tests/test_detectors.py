@@ -66,3 +66,22 @@ def test_builder_refuses_unknown_kinds_and_plain_classifiers():
         build_detector("yolo", models.create_model("resnet18", features_only=True), 3)
     with pytest.raises(ValueError, match="features_only"):
         build_detector("fasterrcnn", models.create_model("resnet18"), 3)
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "fasterrcnn"])
+def test_boxes_are_decoded_and_suppressed_in_fp32_under_bf16_autocast(kind):
+    """torchvision decodes boxes in its heads' dtype and offsets them by class (or level) before NMS: in
+    bf16 those offsets are 512 px apart near class 80, and NMS stops suppressing (the paper detection
+    experiments run in bf16). The heads' outputs are fp32; the backbone still runs in bf16."""
+    torch.manual_seed(0)
+    body = models.create_model("resnet18", "acon_c", features_only=True, out_indices=(2, 3, 4))
+    det = build_detector(kind, body, num_classes=81, min_size=64, max_size=64, fpn_channels=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = _train_step(det)
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+        det.eval()
+        with torch.no_grad():
+            [pred] = det([torch.rand(3, 64, 64)])
+            features = det.backbone(torch.rand(1, 3, 64, 64))
+    assert pred["boxes"].dtype == torch.float32 and pred["scores"].dtype == torch.float32
+    assert all(f.dtype == torch.bfloat16 for f in features.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from models.features import FPNBackbone
@@ -68,16 +69,36 @@ def build_detector(
     if kind == "retinanet":
         from torchvision.models.detection import RetinaNet
 
-        return RetinaNet(backbone, num_classes=num_classes, **common)
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.ops import MultiScaleRoIAlign
+        net = RetinaNet(backbone, num_classes=num_classes, **common)
+        heads = [net.head]
+    else:
+        from torchvision.models.detection import FasterRCNN
+        from torchvision.ops import MultiScaleRoIAlign
 
-    names = [str(i) for i in range(len(strides) - 1)]  # the body's levels; the pooled one is for the RPN
-    roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
-    return FasterRCNN(
-        backbone,
-        num_classes=num_classes,
-        rpn_anchor_generator=common.pop("anchor_generator"),
-        box_roi_pool=roi_pool,
-        **common,
-    )
+        names = [str(i) for i in range(len(strides) - 1)]  # the body's levels; the pooled one is for the RPN
+        roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+        net = FasterRCNN(
+            backbone,
+            num_classes=num_classes,
+            rpn_anchor_generator=common.pop("anchor_generator"),
+            box_roi_pool=roi_pool,
+            **common,
+        )
+        heads = [net.rpn.head, net.roi_heads.box_predictor]
+    for head in heads:
+        head.register_forward_hook(_float_outputs)
+    return net
+
+
+def _float_outputs(module: nn.Module, args, output):
+    """A forward hook: the head's outputs in fp32, so boxes are decoded, and offset by class or level for
+    NMS, in fp32 under bf16/fp16 autocast (in bf16 those offsets are 512 px apart near class 80, and NMS
+    stops suppressing; Detectron2 likewise runs its NMS on float boxes). The convolutions stay in
+    autocast's dtype."""
+    if torch.is_tensor(output):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, dict):
+        return type(output)((k, _float_outputs(module, args, v)) for k, v in output.items())
+    if isinstance(output, list | tuple):
+        return type(output)(_float_outputs(module, args, v) for v in output)
+    return output
