@@ -179,8 +179,8 @@ def capture_rng() -> dict:
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CPU run leaves every GPU untouched
+        state["cuda_device"] = torch.cuda.get_rng_state()  # this rank's GPU (distributed.setup set it)
     return state
 
 
@@ -198,7 +198,12 @@ def restore_rng(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, _host(keys).numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_host(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:  # this rank's GPU, whichever index it has in this job's layout
+        torch.cuda.set_rng_state(_host(state["cuda_device"]))
+    elif "cuda" in state and len(state["cuda"]) == torch.cuda.device_count():
+        # an older checkpoint's state of every visible GPU, restorable by index only in the same layout
         torch.cuda.set_rng_state_all([_host(t) for t in state["cuda"]])
 
 

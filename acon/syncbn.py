@@ -147,19 +147,35 @@ class SyncBatchNormB1(nn.SyncBatchNorm):
         return _running_stats(self, x) if _one_value_per_channel(self, x) else super().forward(x)
 
 
+class GlooSyncBatchNormAct(GlooSyncBatchNorm):
+    """:class:`GlooSyncBatchNorm` for timm's ``BatchNormAct2d``: its ``drop`` and ``act`` children after the
+    normalisation, as timm's ``SyncBatchNormAct`` on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
 def _sync_class(bn: _BatchNorm, device: torch.device) -> type[_BatchNorm]:
+    from timm.layers import BatchNormAct2d
+    from timm.layers.norm_act import SyncBatchNormAct
+
     if isinstance(bn, BatchNorm2dB1):
         return SyncBatchNormB1 if device.type == "cuda" else GlooSyncBatchNormB1
+    if isinstance(bn, BatchNormAct2d):
+        return SyncBatchNormAct if device.type == "cuda" else GlooSyncBatchNormAct
     return nn.SyncBatchNorm if device.type == "cuda" else GlooSyncBatchNorm
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Every BatchNorm made synced: torch's SyncBatchNorm on CUDA, :class:`GlooSyncBatchNorm` elsewhere
-    (same keys, same stats); Meta-ACON's ``BatchNorm2dB1`` keeps its batch-of-one behaviour."""
+    (same keys, same stats); Meta-ACON's ``BatchNorm2dB1`` keeps its batch-of-one behaviour, and timm's
+    ``BatchNormAct2d`` its dropout and activation (converted in turn: a Meta-ACON's own BatchNorms)."""
     if isinstance(module, _BatchNorm) and not isinstance(module, GlooSyncBatchNorm | nn.SyncBatchNorm):
         new = _sync_class(module, device)(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
+        for name, child in module.named_children():  # BatchNormAct2d: drop, act
+            new.add_module(name, convert_sync_batchnorm(child, device))
         ref = next(iter(module.state_dict().values()), None)
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)

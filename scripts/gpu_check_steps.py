@@ -160,6 +160,7 @@ def step_deterministic(args: argparse.Namespace) -> bool:
     names = {}
     for name in list_models():
         names.setdefault(get_entry(name).family, name)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as a deterministic=true run sets it
     torch.use_deterministic_algorithms(True)
     ok = True
     for family, name in sorted(names.items()):

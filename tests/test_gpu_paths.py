@@ -33,6 +33,49 @@ def test_resume_restores_rng_from_a_device_map_location(tmp_path):
     assert _draws() == expected
 
 
+class _CudaRng:
+    """A stand-in for torch.cuda's RNG calls on a job that sees ``visible`` GPUs and uses ``current``."""
+
+    def __init__(self, monkeypatch, visible: int, current: int) -> None:
+        self.set: list[tuple[int, int]] = []  # (device, state's first byte)
+        self.current = current
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.state(self.current))
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.state(i) for i in range(visible)])
+        monkeypatch.setattr(
+            torch.cuda, "set_rng_state", lambda t, device="cuda": self.set.append((self.current, int(t[0])))
+        )
+
+        def set_all(states):
+            if len(states) > visible:
+                raise IndexError("list index out of range")  # torch's default_generators[i]
+            self.set.extend((i, int(t[0])) for i, t in enumerate(states))
+
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+
+    @staticmethod
+    def state(device: int) -> torch.Tensor:
+        return torch.full((16,), 10 + device, dtype=torch.uint8)
+
+
+def test_cuda_rng_state_is_this_ranks_gpu_and_restores_in_another_gpu_layout(monkeypatch):
+    """Saved under torchrun (8 GPUs visible, rank 3 on cuda:3), resumed under SLURM with one GPU per task
+    (cuda:0): the rank's own GPU state goes to the GPU it now uses. Before, all 8 states were saved and
+    restored by index: an IndexError on every rank."""
+    rng = _CudaRng(monkeypatch, visible=8, current=3)
+    state = ckpt.capture_rng()
+    assert "cuda" not in state and int(state["cuda_device"][0]) == 13
+    rng2 = _CudaRng(monkeypatch, visible=1, current=0)
+    ckpt.restore_rng(state)
+    assert rng2.set == [(0, 13)] and rng.set == []
+    old = {**state, "cuda": [_CudaRng.state(i) for i in range(8)]}
+    del old["cuda_device"]
+    ckpt.restore_rng(old)  # an older checkpoint from another layout: its GPU states are left alone
+    assert rng2.set == [(0, 13)]
+
+
 def test_restore_rng_refuses_states_without_values_with_a_clear_error():
     state = ckpt.capture_rng()
     state["torch"] = state["torch"].to("meta")
@@ -296,6 +339,30 @@ def test_sync_bn_keeps_meta_acon_batch_of_one(device):
     torch.testing.assert_close(synced(x), ref(x))  # a real batch: batch statistics, as before
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("activation", ["relu", "meta_acon"])
+def test_sync_bn_keeps_the_activation_of_timm_batchnorm_act(device, activation):
+    """timm's BatchNormAct2d (a BatchNorm subclass holding its activation) stays BatchNorm, then activation:
+    before, it became a plain SyncBatchNorm without the activation (ReLU: a linear network between the
+    convolutions; ACON: a refused state dict)."""
+    import copy
+
+    import timm
+
+    from acon import convert_activations
+    from acon.syncbn import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    ref = timm.create_model("mobilenetv3_small_100", num_classes=10).eval()
+    if activation != "relu":
+        ref = convert_activations(ref, activation, example_input=torch.randn(2, 3, 32, 32)).eval()
+    synced = convert_sync_batchnorm(copy.deepcopy(ref), torch.device(device)).eval()
+    assert synced.state_dict().keys() == ref.state_dict().keys()
+    assert not any(type(m).__name__ in ("BatchNormAct2d", "BatchNorm2dB1") for m in synced.modules())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(synced(x), ref(x))
+
+
 @pytest.mark.parametrize(
     ("visible", "local_rank", "expected"),
     [(1, 3, "cuda:0"), (1, 0, "cuda:0"), (8, 3, "cuda:3"), (4, 0, "cuda:0"), (2, 3, "error")],
@@ -380,6 +447,17 @@ def test_triton_kernels_run_on_a_non_current_gpu():
     y.sum().backward()
     ref = acon.fused.acon_c(x.detach().cpu(), p1.detach().cpu(), p2.detach().cpu(), beta.detach().cpu())
     torch.testing.assert_close(y.detach().cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_rng_round_trip_on_this_gpu():
+    torch.cuda.manual_seed(5)
+    state = ckpt.capture_rng()
+    first = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(6)
+    ckpt.restore_rng(state)
+    assert torch.equal(torch.rand(4, device="cuda"), first)
 
 
 @pytest.mark.gpu
