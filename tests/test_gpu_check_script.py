@@ -8,7 +8,17 @@ import subprocess
 from tests.conftest import ROOT
 
 SCRIPT = (ROOT / "scripts" / "gpu_check.sh").read_text()
-ORDER = ["resume", "triton", "pipeline", "deterministic", "doctor", "activation", "train_step", "smoke"]
+ORDER = [
+    "resume",
+    "triton",
+    "pipeline",
+    "deterministic",
+    "doctor",
+    "activation",
+    "train_step",
+    "compiled",
+    "smoke",
+]
 
 
 def _branch(mode: str) -> str:
@@ -41,8 +51,9 @@ def test_steps_fit_eight_minutes_on_a_gpu_and_three_on_a_cpu():
 
 def test_the_key_checks_come_first_in_both_modes():
     for mode in ("cpu", "gpu"):
-        names = re.findall(r"run_step (\w+) ", _branch(mode))
+        names = re.findall(r"(?:run_step|skip_step) (\w+) ", _branch(mode))
         assert names == ORDER, (mode, names)
+    assert re.findall(r"skip_step (\w+) ", _branch("cpu")) == ["compiled"]  # Inductor: minutes on a CPU
     gpu = _branch("gpu")
     assert "ulimit -n 1024" in gpu and "-m gpu" in gpu and "--open-files 1024" in gpu
     assert "TRITON_INTERPRET=1 ACON_FUSED_CPU_BACKEND=triton" in _branch("cpu")
@@ -51,3 +62,19 @@ def test_the_key_checks_come_first_in_both_modes():
 def test_each_step_writes_its_file_when_it_ends():
     assert 'tee -a "$file"' in SCRIPT and '| tee -a "$summary"' in SCRIPT
     assert 'file="${out}_${n}_${name}.md"' in SCRIPT
+
+
+def test_benchmark_variants_are_bench_train_steps():
+    """The train_step and compiled steps' --variants are bench_train_step's names, with ReLU (the ratios'
+    base), compile-only ones only under --compile, and not the CPU-only multi-pass pair (one CUDA op twice)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_train_step
+
+    for var in ("eager_variants", "compiled_variants"):
+        names = re.search(rf'^{var}="([^"]+)"', SCRIPT, re.M).group(1).split(",")
+        assert "ReLU" in names and set(names) <= set(bench_train_step.VARIANTS), (var, names)
+        assert not any("multi-pass" in n for n in names), names
+        assert var == "compiled_variants" or not set(names) & set(bench_train_step.COMPILE_ONLY)
+    assert '--compile --models shufflenetv2_x1_0 \\\n    --variants "${compiled_variants}"' in SCRIPT
