@@ -69,17 +69,50 @@ def adopt_slurm_env() -> None:
         WORLD_SIZE=os.environ["SLURM_NTASKS"],
         LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
     )
-    os.environ.setdefault("MASTER_PORT", "29500")
+    # the port as the SLURM launcher's setup exports it: two jobs on one node, two ports
+    job = os.environ.get("SLURM_JOB_ID", "")
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000) if job.isdigit() else "29500")
     if "MASTER_ADDR" not in os.environ:
-        import subprocess
+        os.environ["MASTER_ADDR"] = master_host(os.environ.get("SLURM_JOB_NODELIST", ""))
 
-        nodes = subprocess.run(
-            ["scontrol", "show", "hostnames", os.environ.get("SLURM_JOB_NODELIST", "")],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.split()
-        os.environ["MASTER_ADDR"] = nodes[0] if nodes else "127.0.0.1"
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, expanded in Python: ``node[01-04,07],gpu1`` -> ``node01``."""
+    head, depth = "", 0
+    for ch in nodelist:
+        if ch == "," and depth == 0:
+            break
+        depth += (ch == "[") - (ch == "]")
+        head += ch
+    while "[" in head:  # each bracket: its first number, zero padding kept
+        pre, rest = head.split("[", 1)
+        inside, post = rest.split("]", 1)
+        head = pre + inside.split(",")[0].split("-")[0] + post
+    return head
+
+
+def master_host(nodelist: str) -> str:
+    """Rank 0's host for env:// under plain SLURM tasks: the node list's first host (``scontrol show
+    hostnames`` where it runs, else expanded here: containers often lack scontrol); ``127.0.0.1`` only
+    for a job on one node. A multi-node list that cannot be read is an error, not a silent localhost."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+        )
+        nodes = out.stdout.split() if out.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError):
+        nodes = []
+    host = nodes[0] if nodes else first_host(nodelist)
+    if host:
+        return host
+    if int(os.environ.get("SLURM_NNODES", "1")) > 1:
+        raise RuntimeError(
+            f"SLURM_JOB_NODELIST={nodelist!r} names no host for MASTER_ADDR on a "
+            f"{os.environ['SLURM_NNODES']}-node job: export MASTER_ADDR (rank 0's host) before srun"
+        )
+    return "127.0.0.1"
 
 
 def world_size_from_env() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 from dataclasses import dataclass, field
 
 import torch
@@ -89,11 +90,12 @@ class HostFlags:
     runs on a CPU (gloo) group: no device synchronisation. Without DDP it is the identity.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 600.0) -> None:
         self.on = dist.is_initialized() and dist.get_world_size() > 1
         self.group = None
-        if self.on and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")  # a collective: every rank builds it in fit
+        if self.on and dist.get_backend() != "gloo":  # a collective: every rank builds it in fit
+            # trainer.dist_timeout_s, as the default group (gloo's own default would hold ranks 30 min)
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
     def sum(self, values: list[float]) -> list[float]:
         """``values`` summed over ranks."""

@@ -23,7 +23,10 @@ import sys
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — torchrun --max-restarts and our SLURM wrapper rerun
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGUSR2")
+"""SIGUSR2 too: submitit's own time-limit signal (and ``scancel --signal=USR2``); left to submitit's handler
+it requeued and exited mid-step on rank 0, without a checkpoint, while the other ranks waited in a
+collective. The batch-wait watchdog's own SIGUSR2 is told apart (``acon.data.watchdog``)."""
 
 
 def _kill_daemonic_children() -> None:
@@ -173,8 +176,11 @@ def requeue_and_exit(reason: str, is_main: bool, received: str | None = None, no
     requeued = False
     if is_main and under_slurm_requeue():
         try:
-            subprocess.run(["scontrol", "requeue", job], check=False, timeout=30)
-            requeued = True
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
+            requeued = done.returncode == 0
+            if not requeued:
+                why = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+                print(f"acon: could not requeue SLURM job {job}: scontrol requeue: {why}", file=sys.stderr)
         except (OSError, subprocess.SubprocessError) as e:
             print(f"acon: could not requeue SLURM job {job}: {e}", file=sys.stderr)
     what = f"requeued SLURM job {job}" if requeued else "rerun the same command to resume"

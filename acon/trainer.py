@@ -264,7 +264,7 @@ class Trainer(ResumeState, RunSave, StopChecks, RunEnd):
         )
         bar = self.bar = Progress(self.total_steps, s.step, self.info.is_main and bool(t.progress))
         self.clock = console.RunClock(s.step, self.total_steps)
-        self.guard, self.flags = StepGuard(self.info.device), HostFlags()
+        self.guard, self.flags = StepGuard(self.info.device), HostFlags(float(t.dist_timeout_s))
         if self.info.enabled and t.data_timeout_s and t.data_timeout_s >= t.dist_timeout_s:
             raise ConfigError(  # the other ranks wait in the step's flag all-reduce meanwhile
                 f"trainer.data_timeout_s={t.data_timeout_s:g} must be below "

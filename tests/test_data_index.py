@@ -147,3 +147,29 @@ def test_class_subset_is_read_from_the_whole_split_index(tree, capsys):
     shutil.copy(next(cls.glob("*.JPEG")), cls / "new.JPEG")
     again = ImageFolderDataset(split, classes=subset, index_cache=True)
     assert again.index_source == "scan" and str(cls / "new.JPEG") in {p for p, _ in again.samples}
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSYS", "ENOLCK"])
+def test_a_file_system_without_locks_still_indexes(tree, tmp_path, monkeypatch, errno_name):
+    """Lustre mounted -o noflock (ENOSYS), NFSv3 without lockd (ENOLCK): flock fails; the index is built
+    and cached all the same (before: the run crashed with that OSError). Other errors still raise."""
+    import errno
+
+    from acon.data import index as index_mod
+
+    def no_locks(fh, op):
+        raise OSError(getattr(errno, errno_name), "flock")
+
+    monkeypatch.setattr(index_mod.fcntl, "flock", no_locks)
+    split = tree / "train"
+    classes = find_classes(split)
+    idx, source = index_mod.load_index(split, classes, cache_dir=tmp_path / "c")
+    assert source == "scan" and len(idx.names) == len(scan_samples(split, classes)[0])
+    assert index_mod.load_index(split, classes, cache_dir=tmp_path / "c")[1] == "cache"
+
+    def broken(fh, op):
+        raise OSError(errno.EIO, "flock")
+
+    monkeypatch.setattr(index_mod.fcntl, "flock", broken)
+    with pytest.raises(OSError, match="flock"):
+        index_mod.load_index(split, classes, cache_dir=tmp_path / "d")

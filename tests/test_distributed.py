@@ -30,6 +30,31 @@ def test_slurm_tasks_become_torch_env(monkeypatch):
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("5", "1", "node001")
 
 
+@pytest.mark.parametrize(
+    "nodelist,host",
+    [("node[01-04,07]", "node01"), ("gpu7,gpu9", "gpu7"), ("a-[3-5]-b,c", "a-3-b"), ("solo", "solo")],
+)
+def test_master_host_without_scontrol(monkeypatch, tmp_path, nodelist, host):
+    """Containers often lack scontrol (pyxis/enroot, Singularity): the node list is expanded here (before:
+    FileNotFoundError; and a failing scontrol gave 127.0.0.1 on every node of a multi-node job)."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
+    assert distributed.master_host(nodelist) == host
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    with pytest.raises(RuntimeError, match="names no host for MASTER_ADDR on a 4-node job"):
+        distributed.master_host("")
+
+
+def test_slurm_port_follows_the_job_id(monkeypatch):
+    """Two jobs sharing a node get different ports (the SLURM launcher's own setup line, 20000 + id % 20000)."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    monkeypatch.setattr(os, "environ", env)
+    env.update(SLURM_PROCID="0", SLURM_NTASKS="8", SLURM_JOB_ID="123457", MASTER_ADDR="node001")
+    distributed.world_size_from_env()
+    assert env["MASTER_PORT"] == "23457"
+
+
 def test_torchrun_env_wins_over_slurm(monkeypatch):
     monkeypatch.setattr(os, "environ", dict(os.environ))
     monkeypatch.setenv("RANK", "0")

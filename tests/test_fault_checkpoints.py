@@ -239,10 +239,15 @@ def group_signals_then_bit_exact_resume(
 
 
 @pytest.mark.parametrize(
-    "signals", [("SIGTERM",), pytest.param(("SIGTERM", "SIGINT"), marks=pytest.mark.slow)], ids="-".join
+    "signals",
+    [("SIGTERM",), ("SIGUSR2",), pytest.param(("SIGTERM", "SIGINT"), marks=pytest.mark.slow)],
+    ids="-".join,
 )
 def test_group_signal_with_workers_saves_and_resumes_bit_exact(tiny_imagenet, tmp_path, reference, signals):
-    """The reference pipeline with 2 DataLoader workers (the other CPU pipelines: test_fault_preemption)."""
+    """The reference pipeline with 2 DataLoader workers (the other CPU pipelines: test_fault_preemption).
+    SIGUSR2 (submitit's time-limit signal, ``scancel --signal=USR2``) is a stop signal too: before, it
+    went to submitit's handler (requeue and exit mid-step, no checkpoint) or, outside submitit, killed
+    the run and its workers."""
     group_signals_then_bit_exact_resume(tiny_imagenet, tmp_path, reference, signals, "data.num_workers=2")
 
 

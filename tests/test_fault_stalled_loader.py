@@ -213,3 +213,25 @@ def test_the_timeout_names_the_worker_and_the_file_it_is_stuck_reading(tmp_path)
         del batches
     assert report.startswith(f"DataLoader worker 1 (pid {pids[1]}, S (sleeping)"), report
     assert f"reading {fifo}" in report, report
+
+
+def test_a_sigusr2_from_outside_is_a_stop_signal_and_a_late_watchdog_signal_is_not():
+    """The watchdog takes SIGUSR2 over from the stop-signal handler: one it did not send (SLURM, scancel)
+    stops the run; its own, arriving just after the batch came, ends nothing."""
+    import signal
+
+    from acon.data.watchdog import BatchWait
+    from acon.preempt import PreemptionFlag
+
+    flag = PreemptionFlag().install()
+    waiter = BatchWait(flag, timeout_s=60.0).install()
+    try:
+        waiter._sent += 1  # as the watchdog does right before it signals
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert not flag and waiter._seen == waiter._sent
+        assert waiter.next(iter([1, 2])) == 1  # nothing pending: batches still come
+        os.kill(os.getpid(), signal.SIGUSR2)  # from outside
+        assert flag.received == "SIGUSR2" and waiter.next(iter([3])) is None and waiter.ended == "SIGUSR2"
+    finally:
+        waiter.restore()
+        flag.restore()

@@ -518,3 +518,21 @@ def test_device_loader_on_cuda_passes_a_batch_whose_images_were_all_skipped(monk
     batches = list(DeviceLoader([good, (None, None, 4), good], None, "cuda"))
     assert [b[2] for b in batches] == [0, 4, 0] and batches[1][:2] == (None, None)
     assert _DeviceBatch.recorded == 4  # images and targets of the two readable batches
+
+
+def test_the_per_step_gloo_group_beside_nccl_has_the_run_timeout(monkeypatch):
+    """Under NCCL the per-step host flags go through a gloo group of their own; it takes
+    trainer.dist_timeout_s (before: gloo's 30-minute default, so a hung rank held the others 30 min)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from acon.engine import HostFlags
+
+    made = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 8)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or "gloo-group")
+    assert HostFlags(120.0).group == "gloo-group"
+    assert made == [{"backend": "gloo", "timeout": datetime.timedelta(seconds=120)}]

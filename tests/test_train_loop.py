@@ -239,6 +239,13 @@ def test_sigterm_line_says_rerun_outside_slurm_and_requeued_under_slurm(monkeypa
         requeue_and_exit("received SIGTERM", True, "SIGTERM")
     assert "exiting with status 75 (requeued SLURM job 42)" in capsys.readouterr().err
     assert (tmp_path / "asked").read_text().split() == ["requeue", "42"]
+    # scontrol refuses (a job not requeueable, a controller down): said so, not "requeued"
+    scontrol.write_text('#!/bin/sh\necho "scontrol: error: Requested operation is disabled" >&2\nexit 1\n')
+    with pytest.raises(SystemExit):
+        requeue_and_exit("received SIGTERM", True, "SIGTERM")
+    err = capsys.readouterr().err
+    assert "could not requeue SLURM job 42: scontrol requeue: scontrol: error: Requested operation" in err
+    assert "exiting with status 75 (rerun the same command to resume)" in err and "requeued" not in err
 
 
 def test_bad_image_budget_stop_is_written_to_the_log_file(messy_imagenet, tmp_path):  # noqa: F811

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from acon.runlock import NO_LOCKS
+
 FORMAT = 1
 RACY_S = 2.0  # a folder modified this close to being listed has its file count checked as well
 PROGRESS_EVERY_S = 5.0
@@ -208,12 +210,22 @@ def cache_file(root: Path, cache_dir: Path | None) -> Path:
 
 @contextmanager
 def _locked(lock):
-    """Hold an exclusive lock on the open file ``lock``: one process scans while the others wait."""
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    """Hold an exclusive lock on the open file ``lock``: one process scans while the others wait. On a
+    file system without locks (Lustre ``-o noflock``, NFSv3 without lockd) each process scans, as without
+    the cache's lock; the index is written atomically either way."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        held = True
+    except OSError as e:
+        if e.errno not in NO_LOCKS:
+            lock.close()
+            raise
+        held = False
     try:
         yield
     finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
+        if held:
+            fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
 
 

@@ -7,7 +7,8 @@ CUDA streams stay where they were), but the wait can be ended:
   the loader at once (``PreemptionFlag.interrupt``), so the trainer saves and exits instead of waiting for
   a batch that may never come;
 - a watchdog thread sends ``SIGUSR2`` to the main thread when one wait has lasted ``timeout_s``
-  (``trainer.data_timeout_s``), which ends the wait the same way. :func:`stall_report` then names the
+  (``trainer.data_timeout_s``), which ends the wait the same way. A ``SIGUSR2`` it did not send (SLURM,
+  ``scancel --signal=USR2``) goes on to the stop-signal handler it took the signal over from. :func:`stall_report` then names the
   loader worker that owes the batch: its pid, its state from ``/proc`` and the files it holds open.
 
 Ending the wait abandons the loader's iterator; the run stops right after (the batch it waited for was
@@ -45,6 +46,7 @@ class BatchWait:
         self.waited_s = 0.0
         self._deadline: float | None = None
         self._fired = False
+        self._sent = self._seen = 0  # SIGUSR2s the watchdog sent, and those the handler took as its own
         self._cond = threading.Condition()
         self._previous = None
         self._thread: threading.Thread | None = None
@@ -105,13 +107,17 @@ class BatchWait:
                     self._cond.wait(left)
                     continue
                 self._fired, self._deadline = True, None
+                self._sent += 1
                 signal.pthread_kill(self._main, TIMEOUT_SIGNAL)
 
     def _on_timeout_signal(self, signum, frame) -> None:
-        if self._fired and self.flag.interrupt:
-            self._fired, self.flag.interrupt = False, False
-            raise WaitEnded("timeout")
-        if callable(self._previous):
+        if self._sent > self._seen:  # the watchdog's own signal
+            self._seen = self._sent
+            if self._fired and self.flag.interrupt:
+                self._fired, self.flag.interrupt = False, False
+                raise WaitEnded("timeout")
+            return  # the batch came as the watchdog fired: nothing left to end
+        if callable(self._previous):  # from outside: a stop signal (acon.preempt.STOP_SIGNALS)
             self._previous(signum, frame)
 
 
