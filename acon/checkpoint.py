@@ -171,16 +171,20 @@ def load_model_state(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state)
 
 
-def capture_rng() -> dict:
-    """This process's python, numpy, torch and CUDA RNG states, in weights-only-loadable types."""
+def capture_rng(device: torch.device | None = None) -> dict:
+    """This process's python, numpy, torch and CUDA RNG states, in weights-only-loadable types: the CUDA
+    state of ``device`` when it is a GPU (none for a CPU run: no GPU is touched), of the current GPU when
+    ``device`` is None and CUDA is available."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CPU run leaves every GPU untouched
-        state["cuda_device"] = torch.cuda.get_rng_state()  # this rank's GPU (distributed.setup set it)
+    if device is None and torch.cuda.is_available():
+        state["cuda_device"] = torch.cuda.get_rng_state()  # the current GPU
+    elif device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)  # this rank's GPU
     return state
 
 

@@ -49,7 +49,7 @@ class RunSave:
         """
         self.sync_bn_buffers()
         self.record_wall_time()
-        rng_all = distributed.all_gather_object(ckpt.capture_rng())
+        rng_all = distributed.all_gather_object(ckpt.capture_rng(self.info.device))
         failure = None
         if self.info.is_main:
             failure = self.held_write_failure()  # a refused metrics write: no checkpoint, every rank ends

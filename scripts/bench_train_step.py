@@ -33,7 +33,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import acon.fused  # noqa: E402
-from acon.bench import add_run_args, apply_run_args, finish_table, malloc_note, run_script, sync  # noqa: E402
+from acon.bench import (  # noqa: E402
+    add_row,
+    add_run_args,
+    apply_run_args,
+    finish_table,
+    malloc_note,
+    run_script,
+    sync,
+)
 from acon.fuse_bn import fuse_bn_acon  # noqa: E402
 from acon.fused.bn_act import single_pass  # noqa: E402
 from acon.fused.traced import formula  # noqa: E402
@@ -126,11 +134,11 @@ def bench_model(name: str, variants: list[str], args) -> list[str]:
         t = statistics.median(times)
         with single_pass("multi-pass" not in label), traced_as(label):
             mem = saved_activation_bytes(m, x, amp)
-        rows.append(
+        add_row(
+            rows,
             f"| {name} | {label} | {1e3 * t:.1f} | {args.batch / t:.1f} | {t / base_t:.2f} "
-            f"| {mem / 2**20:.0f} | {mem / base_m:.2f} |"
+            f"| {mem / 2**20:.0f} | {mem / base_m:.2f} |",
         )
-        print(rows[-1], flush=True)
     return rows
 
 

@@ -7,9 +7,10 @@ CUDA streams stay where they were), but the wait can be ended:
   the loader at once (``PreemptionFlag.interrupt``), so the trainer saves and exits instead of waiting for
   a batch that may never come;
 - a watchdog thread sends ``SIGUSR2`` to the main thread when one wait has lasted ``timeout_s``
-  (``trainer.data_timeout_s``), which ends the wait the same way. A ``SIGUSR2`` it did not send (SLURM,
-  ``scancel --signal=USR2``) goes on to the stop-signal handler it took the signal over from. :func:`stall_report` then names the
-  loader worker that owes the batch: its pid, its state from ``/proc`` and the files it holds open.
+  (``trainer.data_timeout_s``), which ends the wait the same way. :func:`stall_report` then names the
+  loader worker that owes the batch: its pid, its state from ``/proc`` and the files it holds open. A
+  ``SIGUSR2`` the watchdog did not send (SLURM, ``scancel --signal=USR2``) goes on to the stop-signal
+  handler it took the signal over from.
 
 Ending the wait abandons the loader's iterator; the run stops right after (the batch it waited for was
 never used, so the saved position is exact).
