@@ -240,7 +240,11 @@ def group_signals_then_bit_exact_resume(
 
 @pytest.mark.parametrize(
     "signals",
-    [("SIGTERM",), ("SIGUSR2",), pytest.param(("SIGTERM", "SIGINT"), marks=pytest.mark.slow)],
+    [
+        ("SIGTERM",),
+        pytest.param(("SIGUSR2",), marks=pytest.mark.slow),  # default suite: the watchdog's unit test
+        pytest.param(("SIGTERM", "SIGINT"), marks=pytest.mark.slow),
+    ],
     ids="-".join,
 )
 def test_group_signal_with_workers_saves_and_resumes_bit_exact(tiny_imagenet, tmp_path, reference, signals):
