@@ -115,7 +115,7 @@ else
   run_step triton "${limits[1]}" bash -c "$steps triton --device cuda; a=\$?; python -m pytest -q -m gpu \
     -p no:cacheprovider tests/test_fused.py tests/test_fused_bn_acon.py tests/test_fused_compile.py \
     tests/test_gpu_paths.py tests/test_gpu_data_paths.py tests/test_data_fast.py tests/test_budget_recipes.py \
-    tests/test_triton_bn_cuda.py; \
+    tests/test_activations.py tests/test_triton_bn_cuda.py; \
     exit \$((a | \$?))"
   run_step pipeline "${limits[2]}" bash -c "ulimit -n 1024 && $steps pipeline --device cuda --open-files 1024 \
     --workers 8 --batch 256 --out $work"

@@ -78,3 +78,12 @@ def test_benchmark_variants_are_bench_train_steps():
         assert not any("multi-pass" in n for n in names), names
         assert var == "compiled_variants" or not set(names) & set(bench_train_step.COMPILE_ONLY)
     assert '--compile --models shufflenetv2_x1_0 \\\n    --variants "${compiled_variants}"' in SCRIPT
+
+
+def test_every_gpu_marked_test_file_runs_in_the_gpu_branch():
+    """Each test file with ``-m gpu`` tests is named in a ``pytest -m gpu`` line of the GPU branch, so a lent
+    GPU runs every CUDA test (``gpu`` marks without a file here would run on no machine)."""
+    decorated = re.compile(r"^@pytest\.mark\.gpu$", re.M)
+    marked = sorted(p.name for p in (ROOT / "tests").glob("test_*.py") if decorated.search(p.read_text()))
+    named = set(re.findall(r"tests/(test_\w+\.py)", _branch("gpu")))
+    assert marked and not set(marked) - named, sorted(set(marked) - named)
