@@ -7,7 +7,8 @@
 #
 # The cluster uses its own config (DIR/slurm.conf) and ports (16817, 16818), so it leaves a system's own
 # SLURM alone; clients reach it through SLURM_CONF=DIR/slurm.conf. Partitions: `debug` (default), and
-# `low` (GraceTime 10 s) that jobs in `high` preempt, with PreemptMode=CANCEL as on many shared clusters.
+# `low` (GraceTime 10 s) that jobs in `high` preempt, with PreemptMode=CANCEL and KillOnBadExit=1 as on many
+# shared clusters.
 set -euo pipefail
 cmd=${1:-} dir=${2:-}
 if [[ -z $cmd || -z $dir ]]; then
@@ -58,6 +59,7 @@ ReturnToService=2
 JobRequeue=1
 KillWait=30
 MinJobAge=600
+KillOnBadExit=1
 MpiDefault=none
 PreemptType=preempt/partition_prio
 PreemptMode=CANCEL

@@ -1,6 +1,6 @@
 """train.py on a real one-node SLURM cluster (``scripts/local_slurm.sh``, started here as root where Slurm's
 daemons are installed; skipped elsewhere; ``-m slow``): ``scancel`` stops the run for good, while
-``scancel --signal=USR1`` and a preemption requeue it, each after a checkpoint."""
+``scancel --signal=USR1`` and a preemption requeue it, each after a checkpoint, also for a two-rank DDP job."""
 
 from __future__ import annotations
 
@@ -31,10 +31,13 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     subprocess.run(["bash", script, "stop", str(state)], capture_output=True)
 
 
-def _sbatch(slurm: dict, tiny_imagenet: Path, out: Path, *options: str) -> tuple[str, Path]:
-    """Submit a long train.py run; (job id, its run dir)."""
+def _sbatch(
+    slurm: dict, tiny_imagenet: Path, out: Path, *options: str, launch: str = "exec"
+) -> tuple[str, Path]:
+    """Submit a long train.py run (``launch``: ``exec`` in the batch script, or ``srun`` for one DDP rank per
+    task); (job id, its run dir)."""
     args = tiny_overrides(tiny_imagenet, out) + ["recipe.epochs=500", "trainer.ckpt_every_steps=1000"]
-    command = f"cd {ROOT} && exec python train.py " + " ".join(args)
+    command = f"cd {ROOT} && {launch} python train.py " + " ".join(args)
     log = out / "slurm-%j.out"
     done = subprocess.run(
         ["sbatch", "--parsable", "--exclusive", "-o", str(log), *options, "--wrap", command],
@@ -108,3 +111,17 @@ def test_a_preempted_job_is_requeued(slurm, tiny_imagenet, tmp_path):
     subprocess.run(["scancel", job], env=slurm)
     assert fields["JobState"] == "PENDING" and fields["Restarts"] == "1", fields
     assert f"exiting with status 75 (requeued SLURM job {job})" in _stopped_run(out, job)
+
+
+def test_a_two_rank_job_is_requeued_under_kill_on_bad_exit(slurm, tiny_imagenet, tmp_path):
+    """Two srun tasks, one DDP rank each (gloo), on a cluster with KillOnBadExit=1, where the first task to
+    exit non-zero gets the others killed: rank 0 still saves and requeues before any rank exits 75."""
+    job, out = _sbatch(slurm, tiny_imagenet, tmp_path, "-n", "2", launch="srun")
+    _wait("training", lambda: _training(out))
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)  # srun's tasks get it
+    fields = _ended(slurm, job)
+    subprocess.run(["scancel", job], env=slurm)
+    assert fields["JobState"] == "PENDING" and fields["Restarts"] == "1", fields
+    log = _stopped_run(out, job)
+    assert f"exiting with status 75 (requeued SLURM job {job})" in log
+    assert "tasks 0-1: Exited with exit code 75" in log
