@@ -1,7 +1,8 @@
 """Stop signals become a checkpoint at the next step boundary; DataLoader workers leave them to the trainer.
 
 SIGTERM/SIGUSR1 (what SLURM, ``scancel``, ``timeout`` and torchrun send before a stop) end in a checkpoint,
-``scontrol requeue`` under SLURM and exit 75; SIGINT (Ctrl-C) in a checkpoint and exit 130. A stalled input
+``scontrol requeue`` under SLURM (unless the job was cancelled: :func:`slurm_job_cancelled`) and exit 75;
+SIGINT (Ctrl-C) in a checkpoint and exit 130. A stalled input
 pipeline (``trainer.data_timeout_s``) also ends in a checkpoint and exit 75: a requeue may well find the
 file system healthy again. A signal that arrives while the loop waits for a batch ends the wait at once
 (``PreemptionFlag.interrupt``, ``acon.data.watchdog``). The signal
@@ -139,6 +140,43 @@ def under_slurm_requeue() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID")) and os.environ.get("ACON_SLURM_REQUEUE", "1") == "1"
 
 
+def slurm_job_cancelled(job: str) -> bool:
+    """Whether SLURM is ending job ``job`` because someone cancelled it (``scancel``), read from
+    ``scontrol show job``: COMPLETING or CANCELLED, with no reason and no preemption time.
+
+    ``scontrol requeue`` also requeues a cancelled job (Slurm 22.05 and later), so without this check a
+    ``scancel`` came back two minutes later. A time limit (``Reason=TimeLimit``), a preemption
+    (``PreemptTime`` set), a running job (``--signal``, ``scancel --signal``) or a state that cannot be read
+    is not a cancel: those jobs are requeued."""
+    try:
+        done = subprocess.run(
+            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    fields = dict(word.partition("=")[::2] for word in done.stdout.split())
+    ending = fields.get("JobState") in ("COMPLETING", "CANCELLED")
+    return (
+        done.returncode == 0
+        and ending
+        and fields.get("Reason") == "None"
+        and fields.get("PreemptTime") == "None"
+    )
+
+
+def _requeue(job: str) -> bool:
+    """``scontrol requeue job``; False, with one line giving scontrol's error, when it fails."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"acon: could not requeue SLURM job {job}: {e}", file=sys.stderr)
+        return False
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+        print(f"acon: could not requeue SLURM job {job}: scontrol requeue: {why}", file=sys.stderr)
+    return done.returncode == 0
+
+
 def stop_line(message: str) -> None:
     """One line on stderr and in the run's log files (train.log), where every stop reason is kept."""
     from acon.console import to_log_files
@@ -173,17 +211,12 @@ def requeue_and_exit(reason: str, is_main: bool, received: str | None = None, no
             )
         _exit(INTERRUPT_EXIT_CODE, now)
     job = os.environ.get("SLURM_JOB_ID")
-    requeued = False
-    if is_main and under_slurm_requeue():
-        try:
-            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
-            requeued = done.returncode == 0
-            if not requeued:
-                why = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
-                print(f"acon: could not requeue SLURM job {job}: scontrol requeue: {why}", file=sys.stderr)
-        except (OSError, subprocess.SubprocessError) as e:
-            print(f"acon: could not requeue SLURM job {job}: {e}", file=sys.stderr)
+    ask = is_main and under_slurm_requeue()
+    cancelled = ask and slurm_job_cancelled(job)
+    requeued = ask and not cancelled and _requeue(job)
     what = f"requeued SLURM job {job}" if requeued else "rerun the same command to resume"
+    if cancelled:
+        what = f"SLURM job {job} was cancelled, so it is not requeued; {what}"
     if is_main:
         stop_line(f"acon: {reason}: checkpoint saved, exiting with status {REQUEUE_EXIT_CODE} ({what})")
     _exit(REQUEUE_EXIT_CODE, now)

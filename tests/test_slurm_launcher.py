@@ -112,7 +112,8 @@ def _preempt_and_resume(tiny_imagenet, tmp_path, sig: signal.Signals, multirun: 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
     assert f"received {sig.name}" in err
-    assert calls.read_text().split() == ["requeue", "4242"]  # rank 0 asked SLURM to requeue the job
+    # rank 0 read the job's state (a running job, not a cancel) and asked SLURM to requeue the job
+    assert calls.read_text().splitlines() == ["show job -o 4242", "requeue 4242"]
     assert not (run_dir / "results.json").exists()
     state = load_checkpoint(run_dir / "last.pt")
     stopped_at = state["progress"]["step"]

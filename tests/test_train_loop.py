@@ -248,6 +248,43 @@ def test_sigterm_line_says_rerun_outside_slurm_and_requeued_under_slurm(monkeypa
     assert "exiting with status 75 (rerun the same command to resume)" in err and "requeued" not in err
 
 
+# `scontrol show job -o N` as Slurm 22.05 printed it in a job's SIGTERM handler (fields cut to those read)
+SCANCELLED = "JobId=42 JobName=train JobState=COMPLETING Reason=None Requeue=1 Restarts=0 PreemptTime=None"
+SHOW_JOB = {
+    "scancel": (SCANCELLED, False),
+    "time limit": (SCANCELLED.replace("Reason=None", "Reason=TimeLimit"), True),
+    "preempted": (SCANCELLED.replace("PreemptTime=None", "PreemptTime=2026-12-07T14:53:45"), True),
+    "scancel --signal": (SCANCELLED.replace("COMPLETING", "RUNNING"), True),
+    "no scontrol show": ("", True),
+}
+
+
+@pytest.mark.parametrize("case", SHOW_JOB)
+def test_a_cancelled_slurm_job_is_not_requeued(monkeypatch, tmp_path, capsys, case):
+    """scancel sends SIGTERM, and `scontrol requeue` requeues even a cancelled job (Slurm 22.05, seen on a
+    real cluster): before, a cancelled run came back two minutes later. Only a cancel skips the requeue."""
+    from acon.preempt import requeue_and_exit
+
+    show, requeue = SHOW_JOB[case]
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path / "asked"}\n[ "$1" = show ] && echo "{show}"\nexit 0\n'
+    )
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with pytest.raises(SystemExit) as stop:
+        requeue_and_exit("received SIGTERM", True, "SIGTERM")
+    err = capsys.readouterr().err
+    asked = (tmp_path / "asked").read_text().splitlines()
+    assert stop.value.code == 75 and asked[0] == "show job -o 42"
+    if requeue:
+        assert asked[1:] == ["requeue 42"] and "exiting with status 75 (requeued SLURM job 42)" in err
+    else:
+        assert asked[1:] == [] and "(requeued SLURM" not in err
+        assert "(SLURM job 42 was cancelled, so it is not requeued; rerun the same command to resume)" in err
+
+
 def test_bad_image_budget_stop_is_written_to_the_log_file(messy_imagenet, tmp_path):  # noqa: F811
     """The budget's error line reaches train.log, not only the console (before: console only)."""
     from acon.data.bad_images import BadImageError
