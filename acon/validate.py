@@ -35,32 +35,41 @@ def not_allowed(key: str, value, allowed: Range | OneOf) -> ConfigError:
     return ConfigError(f"{key}={value!r} is not allowed: must be {allowed.describe()}")
 
 
-def _check_node(node: DictConfig, prefix: str) -> None:
+def _imports(allowed: Range | OneOf | None) -> bool:
+    """Whether checking a value against ``allowed`` imports a module (a choice read from a registry)."""
+    return isinstance(allowed, OneOf) and allowed.source is not None
+
+
+def _check_node(node: DictConfig, prefix: str, registries: bool) -> None:
     schema = OmegaConf.get_type(node)
     if not dataclasses.is_dataclass(schema):
         return
     for f in dataclasses.fields(schema):
-        key = f"{prefix}{f.name}"
+        key, allowed = f"{prefix}{f.name}", f.metadata.get("allowed")
         if OmegaConf.is_missing(node, f.name):
-            if f.metadata.get("allowed") is not None:
-                raise ConfigError(f"{key} is not set: pass {key}=<{f.metadata['allowed'].describe()}>")
+            if allowed is not None:
+                raise ConfigError(f"{key} is not set: pass {key}=<{allowed.describe()}>")
             continue
         value = node[f.name]
         if isinstance(value, DictConfig):
-            _check_node(value, f"{key}.")
+            _check_node(value, f"{key}.", registries)
             continue
-        allowed = f.metadata.get("allowed")
+        if _imports(allowed) != registries:
+            continue
         if allowed is not None and value is not None and not allowed.accepts(value):
             raise not_allowed(key, value, allowed)
 
 
 def check_schema(cfg: DictConfig) -> None:
-    """Every range and choice declared in ``acon.config_schema`` (and ``NESTED_RULES``), in config order."""
-    _check_node(cfg, "")
+    """Every range and choice declared in ``acon.config_schema`` (and ``NESTED_RULES``), in config order:
+    first those that import nothing, then the choices read from registries (models, data kinds), which
+    import torch, so a value out of range is reported within a second of the command."""
+    _check_node(cfg, "", registries=False)
     for key, allowed in NESTED_RULES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not allowed.accepts(value):
             raise not_allowed(key, value, allowed)
+    _check_node(cfg, "", registries=True)
 
 
 def check_combinations(cfg: DictConfig, world_size: int) -> None:
@@ -88,9 +97,9 @@ def check_combinations(cfg: DictConfig, world_size: int) -> None:
 
 def check_train_command(cfg: DictConfig) -> None:
     """train.py's checks of one composed command line, before Hydra starts the run."""
+    check_schema(cfg)  # before torch loads (acon.distributed): a value out of range is reported in a second
     from acon.distributed import world_size_from_env
 
-    check_schema(cfg)
     check_combinations(cfg, world_size_from_env())
     check_resume_value(cfg)
 

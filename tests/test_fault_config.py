@@ -123,3 +123,38 @@ def test_resume_from_other_architecture_lists_keys(tiny_imagenet, tmp_path, monk
             and "unexpected keys: bn1.bias" in msg
         ), msg
     assert ckpt.stat().st_mtime_ns == stamp and not (tmp_path / "other").exists()
+
+
+# run a command's script in-process and say, when it exits (errors leave through os._exit), whether torch
+# was ever imported
+_PROBE = """import os, runpy, sys
+def report(status=0, leave=os._exit):
+    print("torch loaded" if "torch" in sys.modules else "torch not loaded", flush=True)
+    leave(status)
+os._exit = report
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as stop:
+    report(stop.code if isinstance(stop.code, int) else 1)
+"""
+
+
+@pytest.mark.parametrize(
+    "args, first_words",
+    [
+        (["train.py", "actvation=relu"], "error: unknown key 'actvation' in actvation=relu"),
+        (["train.py", "recipe.batch_size=-5"], "error: recipe.batch_size=-5 is not allowed"),
+        (["train.py", "model=resnet18", "data.img_size=0"], "error: data.img_size=0 is not allowed"),
+        (["train.py", "model=nope"], "error: model='nope' is not one of: "),
+        (["eval.py", "runs/x/best.pt"], "error: 'runs/x/best.pt' is not key=value"),
+    ],
+)
+def test_mistyped_keys_and_values_are_reported_before_torch_loads(tmp_path, args, first_words):
+    """A mistyped key, option or value is one line within a second of the command, not after the four
+    seconds torch, torchvision and timm take to import (before: ``acon``'s package imported them all)."""
+    out = [f"out_dir={tmp_path}"] if args[0] == "train.py" else []
+    proc = run_cli([sys.executable, "-c", _PROBE, *args, *out], check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(first_words), proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "torch not loaded"
+    assert not any(tmp_path.iterdir())
