@@ -314,6 +314,11 @@ def test_available_contract():
     big = torch.empty(2, 64, 32, 32)
     assert acon.fused.available(big, "auto") == (cpu.mode() in ("native", "compiled"))
     assert acon.fused.available(big.int(), "auto") is False
+    # dtypes the C++ kernels do not serve run Inductor's formulas: a tiny one keeps the reference form (its
+    # first call no longer compiles for 5-15 s), a large one takes them
+    for dtype in (torch.float64, torch.float16):
+        assert acon.fused.available(x.to(dtype), "auto") is False
+        assert acon.fused.available(big.to(dtype), "auto") == (cpu.mode() in ("native", "compiled"))
     with pytest.raises(TypeError, match="floating-point"):
         acon.fused.available(big.int(), "fused")
     with pytest.raises(RuntimeError, match="no fused ACON-C path for device 'meta'"):

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from acon.fused import cpu, traced
+from acon.fused import cpu, native, traced
 from acon.fused.layout import dense
 from acon.fused.ops import NativeAconC, acon_c_backward_op, acon_c_op, native_plan, triton_importable
 
 # "auto" on CPU: the C++ kernels are faster than the reference form at every size measured (96 elements:
-# 88 vs 134 µs forward+backward, one thread), so they serve any tensor. Inductor's compiled formulas
-# (mode "compiled") only win from about 64k elements, so below that "auto" keeps the reference form there.
+# 88 vs 134 µs forward+backward, one thread), so they serve any fp32/bf16 tensor. Inductor's compiled
+# formulas (mode "compiled", and fp64/fp16 in mode "native") only win from about 64k elements, and their
+# first call compiles (5-15 s), so below that "auto" keeps the reference form.
 AUTO_MIN_NUMEL_CPU = 0
 AUTO_MIN_NUMEL_CPU_COMPILED = 1 << 16
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -51,6 +52,8 @@ def available(x: torch.Tensor, impl: str) -> bool:
     if dev == "cpu":
         mode = cpu.mode()
         if mode == "native":  # C++ kernels (Inductor's formulas if they fail to build: decided at run time)
+            if x.dtype not in native.DTYPES:  # fp64, fp16: Inductor's formulas, a compile per shape family
+                return x.numel() >= AUTO_MIN_NUMEL_CPU_COMPILED
             return x.numel() >= AUTO_MIN_NUMEL_CPU
         return mode == "compiled" and x.numel() >= AUTO_MIN_NUMEL_CPU_COMPILED
     return False
