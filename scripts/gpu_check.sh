@@ -112,7 +112,7 @@ if [[ $mode == cpu ]]; then
     --workers 0 --activations relu --pipelines gpu --out "$work/smoke" --timeout 25
 else
   run_step resume "${limits[0]}" $steps resume --device cuda --out "$work/resume"
-  run_step triton "${limits[1]}" bash -c "$steps triton --device cuda; a=\$?; python -m pytest -q -m gpu \
+  run_step triton "${limits[1]}" bash -c "$steps triton --device cuda; a=\$?; python -m pytest -q -n 0 -m gpu \
     -p no:cacheprovider tests/test_fused.py tests/test_fused_bn_acon.py tests/test_fused_compile.py \
     tests/test_gpu_paths.py tests/test_gpu_data_paths.py tests/test_data_fast.py tests/test_budget_recipes.py \
     tests/test_activations.py tests/test_triton_bn_cuda.py; \
@@ -120,7 +120,7 @@ else
   run_step pipeline "${limits[2]}" bash -c "ulimit -n 1024 && $steps pipeline --device cuda --open-files 1024 \
     --workers 8 --batch 256 --out $work"
   run_step deterministic "${limits[3]}" bash -c "$steps deterministic --device cuda; a=\$?; \
-    python -m pytest -q -m gpu -p no:cacheprovider tests/test_deterministic_models.py \
+    python -m pytest -q -n 0 -m gpu -p no:cacheprovider tests/test_deterministic_models.py \
     tests/test_segmentation_deterministic.py; exit \$((a | \$?))"
   run_step doctor "${limits[4]}" python -m acon.doctor out_dir="$work/runs"
   run_step activation "${limits[5]}" bash -c "python scripts/bench_activation.py --device cuda --dtype bf16 \

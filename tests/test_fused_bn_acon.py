@@ -311,7 +311,7 @@ def test_fused_pairs_on_the_triton_kernels_in_the_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", ACON_FUSED_CPU_BACKEND="triton")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", __file__, "-k", "values_gradients and fp32"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", "values_gradients and fp32"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
 

@@ -168,7 +168,7 @@ def _interpreter_run(selection: str, marks: str) -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", ACON_FUSED_CPU_BACKEND="triton")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", marks, "-k", selection, __file__]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", marks, "-k", selection, __file__]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert re.search(r"\b1 passed", res.stdout.strip().splitlines()[-1]), res.stdout[-2000:]

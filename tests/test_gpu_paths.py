@@ -236,7 +236,7 @@ def test_gpu_tests_fail_on_a_recorded_fallback(tmp_path):
 
     (tmp_path / "conftest.py").write_text("from tests.conftest import pytest_runtest_call  # noqa: F401\n")
     (tmp_path / "test_gpu_like.py").write_text(GPU_TESTS)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly"]
     cmd += ["-W", "ignore::UserWarning", "--rootdir", str(tmp_path), str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -30,7 +30,16 @@ def test_triton_kernels_in_interpreter():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     # one interpreter process for the ACON-C kernels and the BatchNorm+ACON kernels' default tests
     # (their -m slow set has its own launcher in tests/test_triton_bn_act.py)
-    cmd = [sys.executable, "-m", "pytest", "-q", __file__, str(ROOT / "tests" / "test_triton_bn_act.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-n",
+        "0",
+        __file__,
+        str(ROOT / "tests" / "test_triton_bn_act.py"),
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     summary = res.stdout.strip().splitlines()[-1]
