@@ -7,8 +7,38 @@ from pathlib import Path
 
 from acon import checkpoint as ckpt
 from acon import console
+from acon.distributed import all_gather_object
 from acon.run_state import Progression, seed_process
 from acon.rundir import check_extended_length
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    shown = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+    return f"rank{'s' if len(ranks) > 1 else ''} {shown}"
+
+
+def check_same_resume(path: Path | None, step: int | None) -> None:
+    """Raise ``CheckpointError`` unless every rank resumes from the same file at the same step (or every
+    rank starts fresh).
+
+    Each rank finds and reads the run dir's ``last.pt`` itself. On a shared file system whose clients
+    cache names and attributes (NFS's ``actimeo``), a node can still see the file that an atomic save
+    replaced, or none, shortly after another node wrote it; ranks would then continue from different steps
+    and stop at different steps, with a collective left waiting. One small gather per resume checks it."""
+    views = all_gather_object((str(path) if path is not None else None, step))
+    if len(set(views)) == 1:
+        return
+    groups: dict[tuple, list[int]] = {}
+    for rank, view in enumerate(views):
+        groups.setdefault(view, []).append(rank)
+    seen = "; ".join(
+        f"{_ranks_text(ranks)}: {'a fresh start' if p is None else f'{p} at step {s}'}"
+        for (p, s), ranks in groups.items()
+    )
+    raise ckpt.CheckpointError(
+        f"the ranks see different resume checkpoints ({seen}): the run dir's file system showed the nodes "
+        "different versions of it (a shared file system's attribute cache); rerun the same command"
+    )
 
 
 class ResumeState:
@@ -22,9 +52,10 @@ class ResumeState:
         Its model, activation and recipe were already checked against this run when the run dir opened.
         """
         path = self.rundir.resume_from
+        state = None if path is None else ckpt.load_checkpoint(path, map_location=self.info.device)
+        check_same_resume(path, None if state is None else state["progress"]["step"])
         if path is None:
             return None
-        state = ckpt.load_checkpoint(path, map_location=self.info.device)
         ckpt.load_model_state(self.model, state["model"], str(path))
         c, how = self.ctx, self.rundir.resume_kind(state)
         origin = {"resume_mode": how, "checkpoint": str(path), "step": state["progress"]["step"]}
