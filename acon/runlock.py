@@ -7,7 +7,8 @@ processes on other hosts too. The file names the holder (host, pid, start time) 
 process's message and for readers (tables), which look at the lock (``F_GETLK``) without taking it.
 A file whose lock is free is a dead run's: the next run takes it over. Where the filesystem has no
 locks at all (``ENOLCK``, Lustre ``-o noflock``) only the file is left: a holder on this host is
-checked by its pid; a holder on another host cannot be checked, and a warning says so.
+checked by its pid; a holder on another host cannot be checked, and a warning says so. A requeued SLURM
+job that finds its own previous run's lock still held (a lost node's NFS lease) waits for it to end.
 """
 
 from __future__ import annotations
@@ -47,14 +48,58 @@ def _proc_start(pid: int) -> str | None:
 
 
 def this_process() -> dict:
-    """Who holds a lock: host, pid, start time, and the command line."""
+    """Who holds a lock: host, pid, start time, the command line, and under SLURM the job and its run."""
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "pid_start": _proc_start(os.getpid()),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(sys.argv),
+        **_slurm_run(),
     }
+
+
+EARLIER_RUN_WAIT_S = 300.0
+"""How long a requeued SLURM job waits for the lock its own previous run still holds. SLURM starts a
+requeued job only after its previous run ended, so such a lock is a lost node's: the file server keeps it
+until that client's lease runs out (NFSv4: 90 s by default, plus the server's grace period)."""
+
+
+def _slurm_run() -> dict:
+    """This SLURM job and how many times it was requeued (``SLURM_RESTART_COUNT``); empty outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)} if job else {}
+
+
+def earlier_run_of_this_job(holder: dict | None) -> bool:
+    """Whether ``holder`` is an earlier run of this same SLURM job (requeued since)."""
+    mine = _slurm_run()
+    return bool(mine and holder) and (
+        holder.get("slurm_job") == mine["slurm_job"]
+        and int(holder.get("slurm_restart", mine["slurm_restart"])) < mine["slurm_restart"]
+    )
+
+
+def wait_out_earlier_run(run_dir: Path, holder: dict | None, holder_now) -> dict | None:
+    """``holder`` when it is not an earlier run of this SLURM job; else wait up to
+    :data:`EARLIER_RUN_WAIT_S` for its lock to end, asking ``holder_now()`` once a second (``None``: free),
+    and return the holder left at the end (``None`` when the lock came free)."""
+    if not earlier_run_of_this_job(holder):
+        return holder
+    print(
+        f"acon: run dir {run_dir} is still locked by this job's previous run ({describe(holder)}, SLURM job "
+        f"{holder['slurm_job']} before its requeue): a lost node's lock lasts until its lease ends; waiting up "
+        f"to {EARLIER_RUN_WAIT_S:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    t0 = time.monotonic()
+    while earlier_run_of_this_job(holder) and time.monotonic() - t0 < EARLIER_RUN_WAIT_S:
+        time.sleep(min(1.0, EARLIER_RUN_WAIT_S))
+        holder = holder_now()
+    if holder is None:
+        print(f"acon: the previous run's lock ended after {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return holder
 
 
 def describe(holder: dict | None) -> str:
@@ -149,7 +194,12 @@ class RunLock:
             return
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise self.busy(self._holder_of_locked(fd)) from None
+                holder = wait_out_earlier_run(
+                    self.run_dir, self._holder_of_locked(fd), lambda: self._retry(fd)
+                )
+                if holder is None:
+                    return
+                raise self.busy(holder) from None
             if e.errno not in NO_LOCKS:
                 raise
         holder = _read(fd)  # no OS locks on this filesystem: only the file is left
@@ -165,6 +215,16 @@ class RunLock:
             file=sys.stderr,
             flush=True,
         )
+
+    def _retry(self, fd: int) -> dict | None:
+        """Try the lock again: ``None`` when taken, else its holder."""
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return self._holder_of_locked(fd)
 
     @staticmethod
     def _holder_of_locked(fd: int) -> dict | None:
@@ -211,7 +271,7 @@ def running_holder(run_dir: str | os.PathLike) -> dict | None:
 
 def refuse_if_busy(run_dir: str | os.PathLike) -> None:
     """Raise :class:`RunDirBusy` when a live run holds ``run_dir``; never takes or changes the lock."""
-    holder = running_holder(run_dir)
+    holder = wait_out_earlier_run(Path(run_dir), running_holder(run_dir), lambda: running_holder(run_dir))
     if holder is not None:
         raise RunLock(run_dir).busy(holder)
 
