@@ -6,13 +6,14 @@ import csv
 import json
 import os
 import socket
+import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import compose, run_cli, tiny_overrides
+from conftest import ROOT, compose, run_cli, tiny_overrides
 
 from acon import distributed
 from acon.checkpoint import load_checkpoint
@@ -135,3 +136,30 @@ def test_ddp_logged_validation_equals_eval_of_the_saved_checkpoints(tiny_imagene
         ema = evaluate_checkpoint(path, cfg, distributed.DistInfo())
         assert ema["top1_err"] == val["val_ema_top1_err"], name
         assert ema["loss"] == pytest.approx(val["val_ema_loss"], rel=1e-5), name
+
+
+@pytest.mark.slow  # two launches of two ranks: 20-40 s
+def test_two_torchrun_agents_train_as_one_node_of_two_ranks_does(tiny_imagenet, tmp_path):
+    """``torchrun --nnodes=2`` (two agents on loopback, one rank each, c10d rendezvous), as on two machines
+    sharing the run dir's file system: one run dir, each epoch logged once, and the weights bit for bit
+    those of ``--standalone --nproc_per_node=2``."""
+    args = [*tiny_overrides(tiny_imagenet, tmp_path), "model=shufflenetv2_x0_5_small", "activation=acon_c"]
+    args += ["recipe.epochs=2", "trainer.threads=1"]
+    module = [sys.executable, "-m", "torch.distributed.run"]
+    run_cli([*module, "--standalone", "--nproc_per_node=2", "train.py", *args, "run_name=one_node"])
+    agent = [*module, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", "--max-restarts=0"]
+    agent += [f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_id=two_nodes", "train.py", *args]
+    agents = [subprocess.Popen([*agent, "run_name=two_nodes"], cwd=ROOT, stderr=subprocess.PIPE, text=True)]
+    agents.append(
+        subprocess.Popen([*agent, "run_name=two_nodes"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    )
+    errs = [a.communicate(timeout=300)[1] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], errs
+    runs = sorted(p.parent.name for p in tmp_path.rglob("results.json"))
+    assert runs == ["one_node", "two_nodes"]
+    epochs = [
+        json.loads(r)["epoch"] for r in (tmp_path / "two_nodes" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [1, 2]
+    one, two = (load_checkpoint(tmp_path / r / "last.pt")["model"] for r in runs)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
