@@ -63,3 +63,17 @@ def test_no_module_lies_on_an_import_cycle():
     graph = import_graph()
     cycles = [" -> ".join(c) for m in sorted(graph) if (c := reaches(graph, m, m))]
     assert not cycles, "\n".join(cycles)
+
+
+def test_package_names_load_on_first_use():
+    """``acon``'s public names (loaded on first use, so that the command lines' checks run without torch)
+    are exactly ``__all__``, and each resolves to the object its module defines."""
+    import importlib
+
+    import acon
+
+    assert sorted(acon.__all__) == sorted(acon._SOURCES)
+    for name in acon.__all__:
+        assert getattr(acon, name) is getattr(importlib.import_module(acon._SOURCES[name]), name)
+    with pytest.raises(AttributeError, match="no attribute 'AconD'"):
+        acon.AconD  # noqa: B018
