@@ -1,5 +1,5 @@
 """train.py on a real one-node SLURM cluster (``scripts/local_slurm.sh``, started here as root where Slurm's
-daemons are installed; skipped elsewhere; ``-m slow``): ``scancel`` stops the run for good, while
+daemons are installed; skipped elsewhere; ``-m slow``; the script's own usage check runs in every suite): ``scancel`` stops the run for good, while
 ``scancel --signal=USR1`` and a preemption requeue it, each after a checkpoint, also for a two-rank DDP job."""
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ from conftest import ROOT, tiny_overrides
 
 from acon.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.slow
+SCRIPT = str(ROOT / "scripts" / "local_slurm.sh")
+
+
+def test_local_slurm_script_parses_and_explains_its_usage(tmp_path):
+    """The cluster script runs in every suite (the cluster tests below only where Slurm is installed)."""
+    assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
+    for args in ([], ["start"], ["restart", str(tmp_path)]):
+        done = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr)
+        assert done.stderr.startswith(("usage: ", "local_slurm: unknown command 'restart'")), done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +33,10 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     if not shutil.which("slurmctld") or not shutil.which("munged") or os.geteuid() != 0:
         pytest.skip("needs root and Slurm's daemons (apt install slurm-wlm munge)")
     state = tmp_path_factory.mktemp("slurm")
-    script = str(ROOT / "scripts" / "local_slurm.sh")
-    started = subprocess.run(["bash", script, "start", str(state)], capture_output=True, text=True)
+    started = subprocess.run(["bash", SCRIPT, "start", str(state)], capture_output=True, text=True)
     assert started.returncode == 0, started.stdout + started.stderr
     yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "PYTHONUNBUFFERED": "1"}
-    subprocess.run(["bash", script, "stop", str(state)], capture_output=True)
+    subprocess.run(["bash", SCRIPT, "stop", str(state)], capture_output=True)
 
 
 def _sbatch(
@@ -76,6 +84,7 @@ def _stopped_run(out: Path, job: str) -> str:
     return (out / f"slurm-{job}.out").read_text()
 
 
+@pytest.mark.slow
 def test_scancel_stops_the_run_without_a_requeue(slurm, tiny_imagenet, tmp_path):
     """Before: `scontrol requeue` requeued the cancelled job, which came back two minutes later."""
     job, out = _sbatch(slurm, tiny_imagenet, tmp_path)
@@ -87,6 +96,7 @@ def test_scancel_stops_the_run_without_a_requeue(slurm, tiny_imagenet, tmp_path)
     assert f"(SLURM job {job} was cancelled, so it is not requeued; rerun the same command to resume)" in log
 
 
+@pytest.mark.slow
 def test_a_usr1_signal_requeues_the_job(slurm, tiny_imagenet, tmp_path):
     """What `#SBATCH --signal=USR1@120` sends before the time limit; `--full` reaches a batch step."""
     job, out = _sbatch(slurm, tiny_imagenet, tmp_path)
@@ -98,6 +108,7 @@ def test_a_usr1_signal_requeues_the_job(slurm, tiny_imagenet, tmp_path):
     assert f"exiting with status 75 (requeued SLURM job {job})" in _stopped_run(out, job)
 
 
+@pytest.mark.slow
 def test_a_preempted_job_is_requeued(slurm, tiny_imagenet, tmp_path):
     """A job in `low` that a `high` job preempts (PreemptMode=CANCEL, GraceTime 10 s) gets SIGTERM, saves and
     is requeued: a preemption is not a cancel."""
@@ -113,6 +124,7 @@ def test_a_preempted_job_is_requeued(slurm, tiny_imagenet, tmp_path):
     assert f"exiting with status 75 (requeued SLURM job {job})" in _stopped_run(out, job)
 
 
+@pytest.mark.slow
 def test_a_two_rank_job_is_requeued_under_kill_on_bad_exit(slurm, tiny_imagenet, tmp_path):
     """Two srun tasks, one DDP rank each (gloo), on a cluster with KillOnBadExit=1, where the first task to
     exit non-zero gets the others killed: rank 0 still saves and requeues before any rank exits 75."""
