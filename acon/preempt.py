@@ -140,6 +140,11 @@ def under_slurm_requeue() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID")) and os.environ.get("ACON_SLURM_REQUEUE", "1") == "1"
 
 
+SHOW_JOB_TIMEOUT_S = 10.0
+"""How long rank 0 waits for ``scontrol show job`` before it treats the stop as not a cancel (and requeues):
+SLURM kills a stopping job KillWait (30 s by default) after its SIGTERM, and the requeue still has to run."""
+
+
 def slurm_job_cancelled(job: str) -> bool:
     """Whether SLURM is ending job ``job`` because someone cancelled it (``scancel``), read from
     ``scontrol show job``: COMPLETING or CANCELLED, with no reason and no preemption time.
@@ -150,7 +155,7 @@ def slurm_job_cancelled(job: str) -> bool:
     is not a cancel: those jobs are requeued."""
     try:
         done = subprocess.run(
-            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30
+            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=SHOW_JOB_TIMEOUT_S
         )
     except (OSError, subprocess.SubprocessError):
         return False

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,25 @@ def test_a_cancelled_slurm_job_is_not_requeued(monkeypatch, tmp_path, capsys, ca
     else:
         assert asked[1:] == [] and "(requeued SLURM" not in err
         assert "(SLURM job 42 was cancelled, so it is not requeued; rerun the same command to resume)" in err
+
+
+def test_a_slow_scontrol_show_job_does_not_hold_the_requeue(monkeypatch, tmp_path, capsys):
+    """A controller that does not answer `scontrol show job` within SHOW_JOB_TIMEOUT_S: not taken for a
+    cancel, so the job is still requeued, before SLURM's KillWait (30 s) ends the process."""
+    from acon import preempt
+
+    monkeypatch.setattr(preempt, "SHOW_JOB_TIMEOUT_S", 0.5)
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\n[ "$1" = show ] && exec sleep 20\necho "$@" >> {tmp_path / "asked"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit):
+        preempt.requeue_and_exit("received SIGTERM", True, "SIGTERM")
+    assert time.monotonic() - t0 < 15  # did not wait for the 20 s answer
+    assert (tmp_path / "asked").read_text().split() == ["requeue", "42"]
+    assert "exiting with status 75 (requeued SLURM job 42)" in capsys.readouterr().err
 
 
 def test_bad_image_budget_stop_is_written_to_the_log_file(messy_imagenet, tmp_path):  # noqa: F811
