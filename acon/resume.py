@@ -26,7 +26,7 @@ def check_same_resume(path: Path | None, step: int | None) -> None:
     replaced, or none, shortly after another node wrote it; ranks would then continue from different steps
     and stop at different steps, with a collective left waiting. One small gather per resume checks it."""
     views = all_gather_object((str(path) if path is not None else None, step))
-    if len(set(views)) == 1:
+    if len({s for _, s in views}) == 1:  # the steps decide: a path may be spelled per node (its mount)
         return
     groups: dict[tuple, list[int]] = {}
     for rank, view in enumerate(views):

@@ -19,6 +19,7 @@ CASES = {  # rank 0's and rank 1's (path, step)
     "older file": [("/r/last.pt", 120), ("/r/last.pt", 100)],
     "no file": [("/r/last.pt", 120), (None, None)],
     "fresh": [(None, None), (None, None)],
+    "same step, own mount": [("/r/last.pt", 120), ("/mnt/r/last.pt", 120)],
 }
 
 
@@ -48,7 +49,7 @@ def test_two_gloo_ranks_that_see_different_checkpoints_both_stop():
     for _ in range(2 * len(CASES)):
         name, _rank, error = queue.get()
         seen.setdefault(name, set()).add(error)
-    assert seen["same"] == {None} and seen["fresh"] == {None}
+    assert seen["same"] == seen["fresh"] == seen["same step, own mount"] == {None}
     (older,), (missing,) = seen["older file"], seen["no file"]  # both ranks: the same message
     assert "rank 0: /r/last.pt at step 120; rank 1: /r/last.pt at step 100" in older
     assert "rank 0: /r/last.pt at step 120; rank 1: a fresh start" in missing
