@@ -5,8 +5,9 @@
 #   scripts/local_slurm.sh start DIR   # config, state and logs in DIR; prints the SLURM_CONF to export
 #   scripts/local_slurm.sh stop DIR
 #
-# The cluster uses its own config (DIR/slurm.conf) and ports (16817, 16818), so it leaves a system's own
-# SLURM alone; clients reach it through SLURM_CONF=DIR/slurm.conf. Partitions: `debug` (default), and
+# The cluster uses its own config (DIR/slurm.conf) and ports (16817 and 16818, or LOCAL_SLURM_PORTS="CTLD D"),
+# so it leaves a system's own SLURM and other local clusters alone; clients reach it through
+# SLURM_CONF=DIR/slurm.conf. Partitions: `debug` (default), and
 # `low` (GraceTime 10 s) that jobs in `high` preempt, with PreemptMode=CANCEL and KillOnBadExit=1 as on many
 # shared clusters.
 set -euo pipefail
@@ -34,13 +35,14 @@ done
 [[ $(id -u) == 0 ]] || { echo "local_slurm: the daemons need root" >&2; exit 2; }
 
 node=$(hostname -s)
+read -r ctld_port slurmd_port <<< "${LOCAL_SLURM_PORTS:-16817 16818}"
 mem_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024))
 mkdir -p "$dir/state" "$dir/spool"
 cat > "$conf" << EOF
 ClusterName=acon-local
 SlurmctldHost=${node}(127.0.0.1)
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort=${ctld_port}
+SlurmdPort=${slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
