@@ -91,6 +91,7 @@ def test_two_gloo_ranks_one_with_an_all_bad_batch(tmp_path):
             "train.py",
             *overrides(root, tmp_path, 2),
             "trainer.dist_timeout_s=60",
+            "trainer.data_timeout_s=30",  # below dist_timeout_s, as DDP requires
             "trainer.threads=1",
         ],
         check=False,
