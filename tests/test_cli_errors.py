@@ -51,7 +51,7 @@ TRAIN_CASES = [
     (["data.train_transform.color_jitter=-0.5"], "color_jitter=-0.5 is not allowed: must be a number >= 0"),
     (["model.arch=nope"], "model.arch='nope' is not one of: shufflenetv2_x0_5, "),
     (["activation.layer.impl=fast"], "activation.layer.impl='fast' is not one of: auto, reference, fused"),
-    (["model=nope"], "model='nope' is not one of: resnet101"),
+    (["model=nope"], "model='nope' is not one of: mobilenetv1_x0_25, mobilenetv2_x0_17"),
     (["recipe.iterations=null", "recipe.epochs=null"], "recipe.iterations and recipe.epochs are both null"),
     (
         ["data=synthetic", "data.pipeline=fast"],

@@ -91,4 +91,4 @@ def test_smoke_run_on_cpu_two_steps(tmp_path, capsys):
 @pytest.mark.slow
 def test_gpu_check_cpu_mode():
     proc = run_cli(["bash", "scripts/gpu_check.sh", "--cpu"], timeout=1800)
-    assert "doctor: ready" in proc.stdout and "| gpu | acon_c |" in proc.stdout
+    assert "doctor: ready" in proc.stdout and "| gpu | relu |" in proc.stdout
