@@ -147,7 +147,15 @@ def test_one_stalled_rank_stops_every_rank_in_step(tiny_imagenet, tmp_path):
     run_dir = tmp_path / RUN
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py")
     proc = start(
-        cmd(tiny_imagenet, tmp_path, "trainer.data_timeout_s=3", "recipe.iterations=200", launcher=launcher),
+        cmd(
+            tiny_imagenet,
+            tmp_path,
+            "trainer.data_timeout_s=3",
+            "recipe.iterations=200",
+            "recipe.batch_size=2",
+            "recipe.base_batch_size=2",
+            launcher=launcher,
+        ),
         env={"SLURM_JOB_ID": ""},
     )
 
