@@ -190,18 +190,16 @@ class RunLock:
 
     def _lock(self, fd: int) -> None:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            holder = self._try_lock(fd)
         except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                holder = wait_out_earlier_run(
-                    self.run_dir, self._holder_of_locked(fd), lambda: self._retry(fd)
-                )
-                if holder is None:
-                    return
-                raise self.busy(holder) from None
             if e.errno not in NO_LOCKS:
                 raise
+        else:
+            if holder is not None:
+                holder = wait_out_earlier_run(self.run_dir, holder, lambda: self._try_lock(fd))
+            if holder is None:
+                return
+            raise self.busy(holder)
         holder = _read(fd)  # no OS locks on this filesystem: only the file is left
         alive = alive_on_this_host(holder)
         if alive and holder.get("pid") != os.getpid():
@@ -216,8 +214,8 @@ class RunLock:
             flush=True,
         )
 
-    def _retry(self, fd: int) -> dict | None:
-        """Try the lock again: ``None`` when taken, else its holder."""
+    def _try_lock(self, fd: int) -> dict | None:
+        """Take the lock without waiting: ``None`` when taken, else its holder (other errors raise)."""
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return None
