@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -108,6 +109,13 @@ def tiny_overrides(root: Path, out: Path, steps: int | None = None) -> list[str]
     if steps:
         ov.append(f"trainer.max_steps={steps}")
     return ov
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group or a daemon)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 300, check: bool = True):

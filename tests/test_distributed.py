@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, compose, run_cli, tiny_overrides
+from conftest import ROOT, compose, free_port, run_cli, tiny_overrides
 
 from acon import distributed
 from acon.checkpoint import load_checkpoint
@@ -65,12 +64,6 @@ def test_torchrun_env_wins_over_slurm(monkeypatch):
     assert distributed.world_size_from_env() == 2 and os.environ["RANK"] == "0"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _syncbn_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -104,7 +97,7 @@ def _syncbn_worker(rank: int, world: int, port: int, queue) -> None:
 def test_gloo_syncbn_equals_batchnorm_on_the_whole_batch():
     """2 ranks × 2 samples with GlooSyncBatchNorm give full-batch BatchNorm's outputs and gradients."""
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_syncbn_worker, args=(2, _free_port(), queue), nprocs=2)
+    mp.spawn(_syncbn_worker, args=(2, free_port(), queue), nprocs=2)
     for _ in range(2):
         rank, converted, errs = queue.get()
         assert converted
@@ -148,7 +141,7 @@ def test_two_torchrun_agents_train_as_one_node_of_two_ranks_does(tiny_imagenet, 
     module = [sys.executable, "-m", "torch.distributed.run"]
     run_cli([*module, "--standalone", "--nproc_per_node=2", "train.py", *args, "run_name=one_node"])
     agent = [*module, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", "--max-restarts=0"]
-    agent += [f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_id=two_nodes", "train.py", *args]
+    agent += [f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=two_nodes", "train.py", *args]
     agents = [subprocess.Popen([*agent, "run_name=two_nodes"], cwd=ROOT, stderr=subprocess.PIPE, text=True)]
     agents.append(
         subprocess.Popen([*agent, "run_name=two_nodes"], cwd=ROOT, stderr=subprocess.PIPE, text=True)

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from recording import run_recording, small_shufflenet
 
 from acon import resume
@@ -21,12 +21,6 @@ CASES = {  # rank 0's and rank 1's (path, step)
     "fresh": [(None, None), (None, None)],
     "same step, own mount": [("/r/last.pt", 120), ("/mnt/r/last.pt", 120)],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, queue) -> None:
@@ -44,7 +38,7 @@ def _worker(rank: int, port: int, queue) -> None:
 
 def test_two_gloo_ranks_that_see_different_checkpoints_both_stop():
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(_free_port(), queue), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), queue), nprocs=2)
     seen: dict[str, set] = {}
     for _ in range(2 * len(CASES)):
         name, _rank, error = queue.get()

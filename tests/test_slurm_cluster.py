@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, free_port, tiny_overrides
 
 from acon.checkpoint import load_checkpoint
 
@@ -34,19 +33,13 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     if not shutil.which("slurmctld") or not shutil.which("munged") or os.geteuid() != 0:
         pytest.skip("needs root and Slurm's daemons (apt install slurm-wlm munge)")
     state = tmp_path_factory.mktemp("slurm")
-    ports = {"LOCAL_SLURM_PORTS": f"{_free_port()} {_free_port()}"}  # one cluster per test process (xdist)
+    ports = {"LOCAL_SLURM_PORTS": f"{free_port()} {free_port()}"}  # one cluster per test process (xdist)
     started = subprocess.run(
         ["bash", SCRIPT, "start", str(state)], capture_output=True, text=True, env={**os.environ, **ports}
     )
     assert started.returncode == 0, started.stdout + started.stderr
     yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "PYTHONUNBUFFERED": "1"}
     subprocess.run(["bash", SCRIPT, "stop", str(state)], capture_output=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sbatch(
